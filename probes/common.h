@@ -1,0 +1,136 @@
+/* Maps and helpers shared by every probe file. */
+#ifndef EPTRACE_COMMON_H
+#define EPTRACE_COMMON_H
+
+#include <uapi/linux/bpf.h>
+#include <linux/socket.h>
+#include <linux/in.h>
+#include <linux/in6.h>
+#include "records.h"
+
+/* Stable ABI values (linux/net.h is not a UAPI header). */
+#ifndef SOCK_STREAM
+#define SOCK_STREAM 1
+#define SOCK_DGRAM 2
+#define SOCK_RAW 3
+#endif
+
+#ifndef RINGBUF_PAGES
+#define RINGBUF_PAGES 2048
+#endif
+#define MAX_CGROUP_LEVEL 32
+
+/* Episode cgroups registered by userspace: cgroup id -> 1. */
+BPF_HASH(episodes, __u64, __u32, 65536);
+/* [0], [1]: shallowest and deepest level of a registered episode cgroup, so
+ * the ancestor walk below tries only the levels that can match. */
+BPF_ARRAY(episode_levels, __u32, 2);
+
+/* tid -> cookie of the socket whose connect() is in flight; read at syscall exit. */
+BPF_HASH(connects_in_flight, __u64, __u64, 16384);
+
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_PERCPU_ARRAY(lost, __u64, LOSS_REASONS);
+
+/* Per-socket state: the owner, recorded in task context, plus flow counters.
+ * BPF_F_CLONE lets an accepted socket inherit its listener's owner. */
+struct sock_state {
+    struct owner owner;
+    struct endpoints ep;
+    struct counters c;
+    __u64 start_ns;
+    __u32 flags;
+    __u32 pad;
+};
+BPF_F_TABLE("sk_storage", int, struct sock_state, sockets, 0,
+            BPF_F_NO_PREALLOC | BPF_F_CLONE);
+
+static __always_inline void count_lost(__u32 reason)
+{
+    __u64 *n = lost.lookup(&reason);
+    if (n)
+        (*n)++;
+}
+
+/* Reserve a record, counting a failure as a loss. One function per record
+ * type: the size must be a constant, and bcc does not expand map calls in macros. */
+static __always_inline struct net_record *reserve_net(void)
+{
+    struct net_record *r = events.ringbuf_reserve(sizeof(struct net_record));
+    if (!r)
+        count_lost(LOST_RINGBUF_FULL);
+    return r;
+}
+
+static __always_inline struct socket_record *reserve_socket(void)
+{
+    struct socket_record *r = events.ringbuf_reserve(sizeof(struct socket_record));
+    if (!r)
+        count_lost(LOST_RINGBUF_FULL);
+    return r;
+}
+
+static __always_inline struct process_record *reserve_process(void)
+{
+    struct process_record *r = events.ringbuf_reserve(sizeof(struct process_record));
+    if (!r)
+        count_lost(LOST_RINGBUF_FULL);
+    return r;
+}
+
+static __always_inline int is_episode(__u64 cgid)
+{
+    return cgid && episodes.lookup(&cgid) != NULL;
+}
+
+/* The episode cgroup of the current task: its own cgroup or an ancestor. */
+static __always_inline __u64 current_episode(void)
+{
+    __u64 id = bpf_get_current_cgroup_id();
+    if (is_episode(id))
+        return id;
+    __u32 k0 = 0, k1 = 1;
+    __u32 *lo = episode_levels.lookup(&k0), *hi = episode_levels.lookup(&k1);
+    if (!lo || !hi)
+        return 0;
+    for (__u32 level = 0; level < MAX_CGROUP_LEVEL; level++) {
+        if (level < *lo)
+            continue;
+        if (level > *hi)
+            break;
+        __u64 anc = bpf_get_current_ancestor_cgroup_id(level);
+        if (!anc)
+            break;
+        if (is_episode(anc))
+            return anc;
+    }
+    return 0;
+}
+
+static __always_inline void fill_current_owner(struct owner *o, __u64 episode)
+{
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    o->cgroup_id = bpf_get_current_cgroup_id();
+    o->episode_cgroup_id = episode;
+    o->tgid = pid_tgid >> 32;
+    o->pid = (__u32)pid_tgid;
+    bpf_get_current_comm(o->comm, sizeof(o->comm));
+}
+
+static __always_inline void fill_header(struct record_header *h, __u32 type, __u32 size,
+                                        __u64 cookie, const struct owner *o)
+{
+    h->type = type;
+    h->size = size;
+    h->ts_ns = bpf_ktime_get_ns();
+    h->cookie = cookie;
+    __builtin_memcpy(&h->owner, o, sizeof(*o));
+}
+
+static __always_inline void copy_ip6(__u8 *dst, const __u32 *src)
+{
+    __u32 *d = (__u32 *)dst;
+    d[0] = src[0]; d[1] = src[1]; d[2] = src[2]; d[3] = src[3];
+}
+
+#endif

@@ -1,0 +1,100 @@
+/* Records sent from the probes to userspace through the ring buffer.
+ * This header is the one definition of the binary layout; tracer/decoding.py
+ * mirrors it and tests/kernel checks that both agree. */
+#ifndef EPTRACE_RECORDS_H
+#define EPTRACE_RECORDS_H
+
+#define COMM_LEN 16
+#define PATH_LEN 256
+#define ARGS_LEN 1024   /* argv bytes kept per exec, NUL-separated */
+#define ARG_CHUNK 256   /* longest single argument read; slack after ARGS_LEN */
+#define MAX_ARGS 32
+
+enum record_type {
+    REC_SOCKET_CREATED = 1,
+    REC_CONNECT = 2,          /* connect() seen by cgroup/connect4/6 */
+    REC_CONNECT_RESULT = 3,   /* the connect syscall returned */
+    REC_UDP_SENT = 4,         /* first datagram to a new destination */
+    REC_LISTENING = 5,        /* TCP listen() or UDP bind() to a port */
+    REC_ESTABLISHED = 6,      /* active TCP handshake done */
+    REC_ACCEPTED = 7,         /* passive TCP handshake done */
+    REC_FLOW_ENDED = 8,       /* TCP reached CLOSE, or a UDP socket was released */
+    REC_PROCESS_FORKED = 9,
+    REC_PROCESS_ARGS = 10,    /* argv at execve() entry */
+    REC_PROCESS_EXEC = 11,
+    REC_PROCESS_EXITED = 12,
+};
+
+/* Who did it: true at task-context hooks, copied from socket storage elsewhere. */
+struct owner {
+    __u64 cgroup_id;          /* the task's (or socket's) own cgroup */
+    __u64 episode_cgroup_id;  /* the registered episode cgroup it lies under */
+    __u32 tgid;
+    __u32 pid;
+    char comm[COMM_LEN];
+};
+
+struct record_header {
+    __u32 type;
+    __u32 size;               /* whole record, header included */
+    __u64 ts_ns;              /* CLOCK_MONOTONIC */
+    __u64 cookie;             /* socket cookie, 0 for process records */
+    struct owner owner;
+};
+
+struct endpoints {
+    __u8 saddr[16];           /* IPv4 in the first 4 bytes */
+    __u8 daddr[16];
+    __u16 sport;              /* host byte order */
+    __u16 dport;
+    __u16 family;             /* AF_INET / AF_INET6 */
+    __u8 protocol;            /* IPPROTO_* */
+    __u8 socktype;            /* SOCK_STREAM, SOCK_DGRAM, SOCK_RAW... */
+};
+
+struct counters {
+    __u64 bytes_out;          /* payload bytes, sandbox -> peer */
+    __u64 bytes_in;
+    __u64 packets_out;
+    __u64 packets_in;
+};
+
+struct socket_record {        /* REC_SOCKET_CREATED */
+    struct record_header h;
+    __u32 family;
+    __u32 type;
+    __u32 protocol;
+    __s32 ret;                /* socket() result when seen at the syscall, else 0 */
+};
+
+struct net_record {           /* CONNECT, UDP_SENT, LISTENING, ESTABLISHED, ACCEPTED, FLOW_ENDED */
+    struct record_header h;
+    struct endpoints ep;
+    struct counters c;
+    __u64 start_ns;           /* when the socket's flow began (FLOW_ENDED) */
+    __u32 flags;              /* FLOW_* */
+    __s32 ret;                /* CONNECT_RESULT: syscall return */
+};
+
+#define FLOW_INITIATED   1    /* the sandbox connected out */
+#define FLOW_ESTABLISHED 2    /* the handshake completed */
+#define FLOW_ACCEPTED    4    /* inbound connection to a sandbox listener */
+#define FLOW_FAILED      8    /* closed before it was established */
+
+struct process_record {       /* FORKED, ARGS, EXEC, EXITED */
+    struct record_header h;
+    __u32 parent_tgid;        /* FORKED: the parent; EXEC: old pid */
+    __u32 child_pid;          /* FORKED */
+    __s32 exit_code;          /* EXITED, when known */
+    __u32 data_len;
+    char data[ARGS_LEN + ARG_CHUNK]; /* ARGS: argv NUL-separated; EXEC: filename */
+};
+
+/* Per-CPU counters of records that could not be sent, read by userspace. */
+enum loss_reason {
+    LOST_RINGBUF_FULL = 0,
+    LOST_NO_STORAGE = 1,
+    LOSS_REASONS = 2,
+};
+
+#endif

@@ -1,0 +1,207 @@
+/* Cgroup socket hooks, attached to each episode cgroup. They run in the
+ * calling task's context (for io_uring too), so the owner is true here. */
+#include "common.h"
+
+/* (cookie, destination) pairs already reported by udp_sent. */
+struct udp_dest {
+    __u64 cookie;
+    __u8 daddr[16];
+    __u16 dport;
+    __u16 family;
+    __u32 pad;
+};
+BPF_TABLE("lru_hash", struct udp_dest, __u8, udp_dests_seen, 65536);
+
+static __always_inline int ordinary_inet(__u32 type, __u32 protocol)
+{
+    return (type == SOCK_STREAM && (protocol == 0 || protocol == IPPROTO_TCP)) ||
+           (type == SOCK_DGRAM && (protocol == 0 || protocol == IPPROTO_UDP));
+}
+
+static __always_inline struct sock_state *owned_state(struct bpf_sock *sk, __u64 episode)
+{
+    struct sock_state *st = sockets.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!st) {
+        count_lost(LOST_NO_STORAGE);
+        return 0;
+    }
+    fill_current_owner(&st->owner, episode);
+    return st;
+}
+
+int on_sock_create(struct bpf_sock *sk)
+{
+    __u64 episode = current_episode();
+    if (!episode)
+        return 1;
+    struct sock_state *st = owned_state(sk, episode);
+    if (st)
+        st->start_ns = bpf_ktime_get_ns();
+    /* Ordinary TCP/UDP sockets are reported when they connect, bind or send. */
+    if (ordinary_inet(sk->type, sk->protocol))
+        return 1;
+    struct socket_record *r = reserve_socket();
+    if (!r)
+        return 1;
+    struct owner o = {};
+    fill_current_owner(&o, episode);
+    fill_header(&r->h, REC_SOCKET_CREATED, sizeof(*r), bpf_get_socket_cookie(sk), &o);
+    r->family = sk->family;
+    r->type = sk->type;
+    r->protocol = sk->protocol;
+    r->ret = 0;
+    events.ringbuf_submit(r, 0);
+    return 1;
+}
+
+/* A UDP socket that saw traffic ends here; TCP ends in sock_ops. */
+int on_sock_release(struct bpf_sock *sk)
+{
+    if (sk->protocol == IPPROTO_TCP)
+        return 1;
+    struct sock_state *st = sockets.sk_storage_get(sk, 0, 0);
+    if (!st || !st->owner.episode_cgroup_id ||
+        !(st->flags & FLOW_INITIATED) && st->c.packets_out + st->c.packets_in == 0)
+        return 1;
+    struct net_record *r = reserve_net();
+    if (!r)
+        return 1;
+    fill_header(&r->h, REC_FLOW_ENDED, sizeof(*r), bpf_get_socket_cookie(sk), &st->owner);
+    r->ep = st->ep;
+    r->ep.family = sk->family;
+    r->ep.protocol = sk->protocol;
+    r->ep.socktype = sk->type;
+    r->c = st->c;
+    r->start_ns = st->start_ns;
+    r->flags = st->flags;
+    r->ret = 0;
+    events.ringbuf_submit(r, 0);
+    return 1;
+}
+
+static __always_inline void addr_from_ctx(struct bpf_sock_addr *ctx, __u8 *addr, __u16 family)
+{
+    if (family == AF_INET) {
+        __u32 a = ctx->user_ip4;
+        __builtin_memcpy(addr, &a, 4);
+    } else {
+        __u32 a[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
+        __builtin_memcpy(addr, a, 16);
+    }
+}
+
+static __always_inline int on_connect(struct bpf_sock_addr *ctx, __u16 family)
+{
+    __u64 episode = current_episode();
+    if (!episode)
+        return 1;
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return 1;
+    struct sock_state *st = owned_state(sk, episode);
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    struct net_record *r = reserve_net();
+    if (r) {
+        __builtin_memset(&r->ep, 0, sizeof(r->ep));
+        __builtin_memset(&r->c, 0, sizeof(r->c));
+        struct owner o = {};
+        fill_current_owner(&o, episode);
+        fill_header(&r->h, REC_CONNECT, sizeof(*r), cookie, &o);
+        addr_from_ctx(ctx, r->ep.daddr, family);
+        r->ep.dport = bpf_ntohs(ctx->user_port);
+        r->ep.family = family;
+        r->ep.protocol = ctx->protocol;
+        r->ep.socktype = ctx->type;
+        r->start_ns = r->h.ts_ns;
+        r->flags = FLOW_INITIATED;
+        r->ret = 0;
+        if (st) {
+            st->ep = r->ep;
+            st->flags |= FLOW_INITIATED;
+            st->start_ns = r->h.ts_ns;
+        }
+        events.ringbuf_submit(r, 0);
+    }
+    __u64 tid = bpf_get_current_pid_tgid();
+    connects_in_flight.update(&tid, &cookie);
+    return 1;
+}
+
+int on_connect4(struct bpf_sock_addr *ctx) { return on_connect(ctx, AF_INET); }
+int on_connect6(struct bpf_sock_addr *ctx) { return on_connect(ctx, AF_INET6); }
+
+static __always_inline int on_sendmsg(struct bpf_sock_addr *ctx, __u16 family)
+{
+    __u64 episode = current_episode();
+    if (!episode)
+        return 1;
+    struct udp_dest key = {};
+    key.cookie = bpf_get_socket_cookie(ctx);
+    addr_from_ctx(ctx, key.daddr, family);
+    key.dport = bpf_ntohs(ctx->user_port);
+    key.family = family;
+    __u8 one = 1;
+    if (udp_dests_seen.lookup(&key))
+        return 1;
+    udp_dests_seen.update(&key, &one);
+    struct bpf_sock *sk = ctx->sk;
+    if (sk) {
+        struct sock_state *st = sockets.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+        if (st && !st->owner.episode_cgroup_id) {
+            fill_current_owner(&st->owner, episode);
+            st->start_ns = bpf_ktime_get_ns();
+        }
+    }
+    struct net_record *r = reserve_net();
+    if (!r)
+        return 1;
+    __builtin_memset(&r->ep, 0, sizeof(r->ep));
+    __builtin_memset(&r->c, 0, sizeof(r->c));
+    struct owner o = {};
+    fill_current_owner(&o, episode);
+    fill_header(&r->h, REC_UDP_SENT, sizeof(*r), key.cookie, &o);
+    __builtin_memcpy(r->ep.daddr, key.daddr, 16);
+    r->ep.dport = key.dport;
+    r->ep.family = family;
+    r->ep.protocol = ctx->protocol;
+    r->ep.socktype = ctx->type;
+    r->start_ns = r->h.ts_ns;
+    r->flags = FLOW_INITIATED;
+    r->ret = 0;
+    events.ringbuf_submit(r, 0);
+    return 1;
+}
+
+int on_sendmsg4(struct bpf_sock_addr *ctx) { return on_sendmsg(ctx, AF_INET); }
+int on_sendmsg6(struct bpf_sock_addr *ctx) { return on_sendmsg(ctx, AF_INET6); }
+
+/* UDP servers show up at bind(); TCP listeners at listen(), in sock_ops. */
+static __always_inline int on_bind(struct bpf_sock_addr *ctx, __u16 family)
+{
+    if (ctx->type != SOCK_DGRAM || ctx->user_port == 0)
+        return 1;
+    __u64 episode = current_episode();
+    if (!episode)
+        return 1;
+    struct net_record *r = reserve_net();
+    if (!r)
+        return 1;
+    __builtin_memset(&r->ep, 0, sizeof(r->ep));
+    __builtin_memset(&r->c, 0, sizeof(r->c));
+    struct owner o = {};
+    fill_current_owner(&o, episode);
+    fill_header(&r->h, REC_LISTENING, sizeof(*r), bpf_get_socket_cookie(ctx), &o);
+    addr_from_ctx(ctx, r->ep.saddr, family);
+    r->ep.sport = bpf_ntohs(ctx->user_port);
+    r->ep.family = family;
+    r->ep.protocol = ctx->protocol;
+    r->ep.socktype = ctx->type;
+    r->start_ns = r->h.ts_ns;
+    r->flags = 0;
+    r->ret = 0;
+    events.ringbuf_submit(r, 0);
+    return 1;
+}
+
+int on_bind4(struct bpf_sock_addr *ctx) { return on_bind(ctx, AF_INET); }
+int on_bind6(struct bpf_sock_addr *ctx) { return on_bind(ctx, AF_INET6); }

@@ -1,0 +1,84 @@
+/* TCP lifecycle from sock_ops. These callbacks often run in softirq context,
+ * where the current task is unrelated: the owner comes from socket storage. */
+#include "common.h"
+
+#define TCP_CLOSE 7
+
+static __always_inline void endpoints_from_ops(struct bpf_sock_ops *ops, struct endpoints *ep)
+{
+    ep->family = ops->family;
+    ep->protocol = IPPROTO_TCP;
+    ep->socktype = SOCK_STREAM;
+    ep->sport = ops->local_port;
+    ep->dport = bpf_ntohl(ops->remote_port);
+    if (ops->family == AF_INET) {
+        __u32 l = ops->local_ip4, r = ops->remote_ip4;
+        __builtin_memcpy(ep->saddr, &l, 4);
+        __builtin_memcpy(ep->daddr, &r, 4);
+    } else {
+        __u32 l[4] = {ops->local_ip6[0], ops->local_ip6[1], ops->local_ip6[2], ops->local_ip6[3]};
+        __u32 r[4] = {ops->remote_ip6[0], ops->remote_ip6[1], ops->remote_ip6[2], ops->remote_ip6[3]};
+        __builtin_memcpy(ep->saddr, l, 16);
+        __builtin_memcpy(ep->daddr, r, 16);
+    }
+}
+
+static __always_inline void emit(struct bpf_sock_ops *ops, struct sock_state *st, __u32 type)
+{
+    struct net_record *r = reserve_net();
+    if (!r)
+        return;
+    fill_header(&r->h, type, sizeof(*r), bpf_get_socket_cookie(ops), &st->owner);
+    r->ep = st->ep;
+    r->c = st->c;
+    r->start_ns = st->start_ns;
+    r->flags = st->flags;
+    r->ret = 0;
+    events.ringbuf_submit(r, 0);
+}
+
+int on_sock_ops(struct bpf_sock_ops *ops)
+{
+    struct bpf_sock *sk = ops->sk;
+    if (!sk)
+        return 1;
+    __u32 op = ops->op;
+    struct sock_state *st = sockets.sk_storage_get(sk, 0, 0);
+    if (!st || !st->owner.episode_cgroup_id)
+        return 1;   /* not created under a registered episode */
+
+    switch (op) {
+    case BPF_SOCK_OPS_TCP_CONNECT_CB:
+        /* Ask for state changes so that failed handshakes are seen too. */
+        bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+        break;
+    case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+        endpoints_from_ops(ops, &st->ep);
+        st->flags |= FLOW_INITIATED | FLOW_ESTABLISHED;
+        bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+        emit(ops, st, REC_ESTABLISHED);
+        break;
+    case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+        /* The storage was cloned from the listener: start this flow afresh. */
+        endpoints_from_ops(ops, &st->ep);
+        __builtin_memset(&st->c, 0, sizeof(st->c));
+        st->start_ns = bpf_ktime_get_ns();
+        st->flags = FLOW_ACCEPTED | FLOW_ESTABLISHED;
+        bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+        emit(ops, st, REC_ACCEPTED);
+        break;
+    case BPF_SOCK_OPS_TCP_LISTEN_CB:
+        endpoints_from_ops(ops, &st->ep);
+        emit(ops, st, REC_LISTENING);
+        break;
+    case BPF_SOCK_OPS_STATE_CB:
+        if (ops->args[1] != TCP_CLOSE)
+            break;
+        if (!(st->flags & FLOW_ESTABLISHED)) {
+            st->flags |= FLOW_FAILED;
+        }
+        emit(ops, st, REC_FLOW_ENDED);
+        break;
+    }
+    return 1;
+}
