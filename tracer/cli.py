@@ -1,0 +1,231 @@
+"""The eptrace command."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import click
+
+from . import __version__
+
+# Exit statuses, documented in --help.
+EXIT_BAD_INPUT = 2
+EXIT_NOT_ROOT = 4
+EXIT_KERNEL = 5
+
+log = logging.getLogger("eptrace")
+
+
+class Failure(click.ClickException):
+    """A one-line error with its own exit status; never a traceback."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"eptrace: error: {self.message}", err=True)
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise Failure("eptrace loads eBPF programs and must run as root: try again with sudo", EXIT_NOT_ROOT)
+
+
+def _outputs(specs: tuple[str, ...]):
+    from .outputs import Fanout, OutputSpecError, parse_output_specs
+    try:
+        return Fanout(parse_output_specs(list(specs)))
+    except (OutputSpecError, OSError) as e:
+        raise Failure(str(e), EXIT_BAD_INPUT) from None
+
+
+def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
+    from .registry import RegistryError, parse_labels
+    try:
+        return parse_labels(pairs)
+    except RegistryError as e:
+        raise Failure(str(e), EXIT_BAD_INPUT) from None
+
+
+OUTPUT_HELP = "Where events go: '-' (stdout, the default) or 'file:PATH[?max_mb=N&keep=K]'. Repeat for several."
+
+EPILOG = """\b
+Exit status:
+  0   success (run: the command's own status is passed through)
+  2   bad input: an invalid episode id, label, output or cgroup
+  4   not running as root
+  5   the kernel refused the probes (see: eptrace doctor)
+"""
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="eptrace")
+@click.option("-v", "--verbose", count=True, help="More diagnostics on stderr (-vv for debug).")
+@click.option("--state-dir", envvar="EPTRACE_STATE_DIR", type=click.Path(file_okay=False), default=None,
+              help="Where registrations are kept [default: /var/lib/eptrace; env EPTRACE_STATE_DIR].")
+def cli(verbose: int, state_dir: str | None) -> None:
+    """Trace the network activity of AI-agent sandboxes, tagged by episode.
+
+    eptrace attaches eBPF programs to the cgroups of sandbox episodes and streams one ECS JSON
+    document per line for every socket, connection, flow and process inside them.
+
+    \b
+    Examples:
+      sudo eptrace doctor                                   # can this host run eptrace?
+      sudo eptrace run --episode ep-42 -- python3 agent.py  # trace one command as an episode
+      sudo eptrace episode add --id ep-43 --cgroup /sys/fs/cgroup/unified/sandbox/ep-43
+      sudo eptrace watch --output file:/var/log/eptrace/events.ndjson
+    """
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
+                        format="eptrace: %(levelname)s: %(message)s")
+    if state_dir:
+        os.environ["EPTRACE_STATE_DIR"] = state_dir
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.option("--episode", "episode_id", required=True, metavar="ID",
+              help="Episode id: 1-128 characters of A-Z a-z 0-9 . _ : -")
+@click.option("--output", "outputs", multiple=True, metavar="SPEC", help=OUTPUT_HELP)
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Extra labels.* on every event.")
+@click.option("--grace", default=10.0, show_default=True, type=click.FloatRange(0, 3600), metavar="SECONDS",
+              help="After CMD exits, how long to wait for its children and flows to finish.")
+@click.option("--stats-interval", default=10.0, show_default=True, type=click.FloatRange(0.1, 86400),
+              metavar="SECONDS", help="How often health metrics are emitted (and always at exit).")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(episode_id, outputs, labels, grace, stats_interval, command) -> None:
+    """Run CMD as a traced episode, in a fresh cgroup of its own.
+
+    Events stream until CMD and its children have exited and their flows are closed (at most
+    --grace seconds after CMD). The cgroup is then removed and eptrace exits with CMD's status.
+    When events go to stdout, CMD's own stdout is sent to stderr so that the stream stays clean.
+
+    \b
+    Examples:
+      sudo eptrace run --episode ep-42 -- python3 agent.py --task 7
+      sudo eptrace run --episode ep-42 --output file:/tmp/ep-42.ndjson -- curl -s http://198.51.100.1/
+      sudo eptrace run --episode ep-42 --label run=ppo-7 -- bash -c 'pip download requests'
+    """
+    from .registry import RegistryError, validate_id
+    try:
+        validate_id(episode_id)
+    except RegistryError as e:
+        raise Failure(str(e), EXIT_BAD_INPUT) from None
+    label_map = _labels(labels)
+    _require_root()
+    fanout = _outputs(outputs)
+    from .kernel.cgroups import CgroupError
+    from .kernel.loader import ProbeError
+    from .session import run_episode
+    try:
+        status = run_episode(episode_id, list(command), fanout, labels=label_map, grace_s=grace,
+                             stats_interval_s=stats_interval)
+    except ProbeError as e:
+        raise Failure(str(e), EXIT_KERNEL) from None
+    except CgroupError as e:
+        raise Failure(str(e), EXIT_KERNEL) from None
+    sys.exit(status)
+
+
+@cli.command()
+@click.option("--output", "outputs", multiple=True, metavar="SPEC", help=OUTPUT_HELP)
+@click.option("--stats-interval", default=10.0, show_default=True, type=click.FloatRange(0.1, 86400),
+              metavar="SECONDS", help="How often health metrics are emitted (and always at exit).")
+def watch(outputs, stats_interval) -> None:
+    """Trace every registered episode, as a daemon, until SIGINT or SIGTERM.
+
+    Episodes are registered with 'eptrace episode add'; a registration made while watch runs
+    takes effect within a second, and registrations survive a restart of watch.
+
+    \b
+    Examples:
+      sudo eptrace watch
+      sudo eptrace watch --output file:/var/log/eptrace/events.ndjson?max_mb=100&keep=10
+    """
+    _require_root()
+    fanout = _outputs(outputs)
+    from .kernel.loader import ProbeError
+    from .registry import Registry
+    from .session import watch as watch_episodes
+    try:
+        sys.exit(watch_episodes(fanout, Registry(), stats_interval_s=stats_interval))
+    except ProbeError as e:
+        raise Failure(str(e), EXIT_KERNEL) from None
+
+
+@cli.group()
+def episode() -> None:
+    """Register the cgroups of episodes for 'eptrace watch'.
+
+    \b
+    Examples:
+      sudo eptrace episode add --id ep-43 --cgroup /sys/fs/cgroup/unified/sandbox/ep-43 --label run=ppo-7
+      sudo eptrace episode ls
+      sudo eptrace episode rm --id ep-43
+    """
+
+
+@episode.command("add")
+@click.option("--id", "episode_id", required=True, metavar="ID", help="1-128 characters of A-Z a-z 0-9 . _ : -")
+@click.option("--cgroup", required=True, metavar="PATH",
+              help="An existing cgroup v2 directory (absolute, or relative to the cgroup2 mount).")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Extra labels.* on every event.")
+def episode_add(episode_id, cgroup, labels) -> None:
+    """Register an existing cgroup as an episode. Its descendants belong to it too."""
+    from .registry import Registry, RegistryError, validate_id
+    try:
+        validate_id(episode_id)
+        label_map = _labels(labels)
+        _require_root()
+        reg = Registry().add(episode_id, cgroup, label_map)
+    except RegistryError as e:
+        raise Failure(str(e), EXIT_BAD_INPUT) from None
+    click.echo(f"registered episode {reg.id} for cgroup {reg.cgroup}", err=True)
+
+
+@episode.command("rm")
+@click.option("--id", "episode_id", required=True, metavar="ID")
+def episode_rm(episode_id) -> None:
+    """Stop tracing an episode (within a second, if watch runs)."""
+    from .registry import Registry, RegistryError, validate_id
+    try:
+        validate_id(episode_id)
+        _require_root()
+        Registry().remove(episode_id)
+    except RegistryError as e:
+        raise Failure(str(e), EXIT_BAD_INPUT) from None
+    click.echo(f"removed episode {episode_id}", err=True)
+
+
+@episode.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def episode_ls(as_json) -> None:
+    """List registered episodes: id, cgroup and labels."""
+    from .registry import Registry
+    for reg in Registry().list():
+        if as_json:
+            click.echo(json.dumps(reg.__dict__))
+        else:
+            labels = " ".join(f"{k}={v}" for k, v in sorted(reg.labels.items()))
+            click.echo(f"{reg.id}\t{reg.cgroup}\t{labels}".rstrip())
+
+
+@cli.command()
+def doctor() -> None:
+    """Check that this host can run eptrace, and say how to fix what is missing."""
+    from .doctor import can_run, format_report, run_checks
+    checks = run_checks()
+    click.echo(format_report(checks))
+    if not can_run(checks):
+        sys.exit(EXIT_KERNEL if os.geteuid() == 0 else EXIT_NOT_ROOT)
+
+
+def main() -> None:
+    cli(prog_name="eptrace")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Ring-buffer records -> typed records. The one Python place that knows the
+binary layout of probes/records.h; tests/kernel check that the two agree."""
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+
+class RecordType(IntEnum):
+    SOCKET_CREATED = 1
+    CONNECT = 2
+    CONNECT_RESULT = 3
+    UDP_SENT = 4
+    LISTENING = 5
+    ESTABLISHED = 6
+    ACCEPTED = 7
+    FLOW_ENDED = 8
+    PROCESS_FORKED = 9
+    PROCESS_ARGS = 10
+    PROCESS_EXEC = 11
+    PROCESS_EXITED = 12
+
+
+# Flow flags (FLOW_* in records.h).
+FLOW_INITIATED = 1
+FLOW_ESTABLISHED = 2
+FLOW_ACCEPTED = 4
+FLOW_FAILED = 8
+
+# struct record_header: type, size, ts_ns, cookie, owner{cgroup_id, episode_cgroup_id, tgid, pid, comm[16]}
+HEADER = struct.Struct("<IIQQQQII16s")
+# struct endpoints + counters + start_ns, flags, ret
+NET_BODY = struct.Struct("<16s16sHHHBB QQQQ QIi")
+SOCKET_BODY = struct.Struct("<IIIi")
+PROCESS_BODY = struct.Struct("<IIiI")
+ARGS_BUF = 1024 + 256   # ARGS_LEN + ARG_CHUNK
+
+NET_RECORD_SIZE = HEADER.size + NET_BODY.size
+SOCKET_RECORD_SIZE = HEADER.size + SOCKET_BODY.size
+PROCESS_RECORD_SIZE = HEADER.size + PROCESS_BODY.size + ARGS_BUF
+
+PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp", 136: "udplite", 255: "raw"}
+SOCKET_TYPES = {1: "SOCK_STREAM", 2: "SOCK_DGRAM", 3: "SOCK_RAW", 4: "SOCK_RDM", 5: "SOCK_SEQPACKET",
+                10: "SOCK_PACKET"}
+
+
+class DecodeError(ValueError):
+    pass
+
+
+@dataclass(slots=True)
+class Owner:
+    cgroup_id: int
+    episode_cgroup_id: int
+    tgid: int
+    pid: int
+    comm: str
+
+
+@dataclass(slots=True)
+class Header:
+    type: RecordType
+    ts_ns: int            # CLOCK_MONOTONIC
+    cookie: int
+    owner: Owner
+
+
+@dataclass(slots=True)
+class NetRecord:
+    header: Header
+    family: int
+    protocol: int
+    socktype: int
+    local_ip: str | None
+    local_port: int
+    remote_ip: str | None
+    remote_port: int
+    bytes_out: int
+    bytes_in: int
+    packets_out: int
+    packets_in: int
+    start_ns: int
+    flags: int
+    ret: int
+
+
+@dataclass(slots=True)
+class SocketRecord:
+    header: Header
+    family: int
+    type: int
+    protocol: int
+    ret: int
+
+
+@dataclass(slots=True)
+class ProcessRecord:
+    header: Header
+    parent_tgid: int      # FORKED: parent; EXEC: old pid
+    child_pid: int
+    exit_code: int
+    data: bytes           # ARGS: NUL-separated argv; EXEC: filename
+
+    @property
+    def args(self) -> list[str]:
+        return [a.decode(errors="replace") for a in self.data.split(b"\0") if a] if self.data else []
+
+    @property
+    def text(self) -> str:
+        return self.data.split(b"\0", 1)[0].decode(errors="replace")
+
+
+Record = NetRecord | SocketRecord | ProcessRecord
+
+_NET_TYPES = {RecordType.CONNECT, RecordType.CONNECT_RESULT, RecordType.UDP_SENT, RecordType.LISTENING,
+              RecordType.ESTABLISHED, RecordType.ACCEPTED, RecordType.FLOW_ENDED}
+_PROCESS_TYPES = {RecordType.PROCESS_FORKED, RecordType.PROCESS_ARGS, RecordType.PROCESS_EXEC,
+                  RecordType.PROCESS_EXITED}
+
+
+def ip_text(raw: bytes, family: int) -> str | None:
+    """Address text; IPv4-mapped IPv6 shows as IPv4, as on the wire. None when unset."""
+    if family == socket.AF_INET:
+        raw = raw[:4]
+        return None if raw == b"\0\0\0\0" else socket.inet_ntop(socket.AF_INET, raw)
+    if family == socket.AF_INET6:
+        if raw == bytes(16):
+            return None
+        addr = ipaddress.IPv6Address(raw)
+        return str(addr.ipv4_mapped) if addr.ipv4_mapped else str(addr)
+    return None
+
+
+def decode(raw: bytes) -> Record:
+    if len(raw) < HEADER.size:
+        raise DecodeError(f"record of {len(raw)} bytes is shorter than its header")
+    rtype, size, ts, cookie, cgid, epid, tgid, pid, comm = HEADER.unpack_from(raw)
+    try:
+        kind = RecordType(rtype)
+    except ValueError:
+        raise DecodeError(f"unknown record type {rtype}") from None
+    if size != len(raw):
+        raise DecodeError(f"record type {kind.name} says {size} bytes but has {len(raw)}")
+    header = Header(kind, ts, cookie, Owner(cgid, epid, tgid, pid, comm.split(b"\0", 1)[0].decode(errors="replace")))
+    off = HEADER.size
+    if kind in _NET_TYPES:
+        (saddr, daddr, sport, dport, family, proto, stype,
+         b_out, b_in, p_out, p_in, start, flags, ret) = NET_BODY.unpack_from(raw, off)
+        return NetRecord(header, family, proto, stype, ip_text(saddr, family), sport, ip_text(daddr, family), dport,
+                         b_out, b_in, p_out, p_in, start, flags, ret)
+    if kind == RecordType.SOCKET_CREATED:
+        family, stype, proto, ret = SOCKET_BODY.unpack_from(raw, off)
+        return SocketRecord(header, family, stype, proto, ret)
+    parent, child, exit_code, data_len = PROCESS_BODY.unpack_from(raw, off)
+    off += PROCESS_BODY.size
+    data = raw[off:off + min(data_len, ARGS_BUF)]
+    return ProcessRecord(header, parent, child, exit_code, data)

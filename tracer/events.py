@@ -1,0 +1,82 @@
+"""Typed events: what decoding and state produce, and what schema turns into documents.
+
+Times are nanoseconds since the Unix epoch (wall clock), already converted
+from the kernel's monotonic clock by decoding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class Episode:
+    id: str
+    cgroup_path: str          # absolute path under the cgroup2 mount
+    cgroup_id: int            # inode number of the cgroup directory
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Process:
+    pid: int
+    name: str = ""            # comm
+    executable: str = ""
+    args: list[str] = field(default_factory=list)
+    parent_pid: int | None = None
+    thread_id: int | None = None
+    start_ns: int | None = None
+    exit_code: int | None = None
+
+
+@dataclass(slots=True)
+class Endpoint:
+    ip: str
+    port: int
+
+
+@dataclass(slots=True)
+class NetworkEvent:
+    """One network lifecycle event of a sandbox; action is an event.action value."""
+    action: str               # socket_created, connection_attempted, connection_established,
+                              # connection_accepted, listening, udp_sent, flow_updated, flow_ended
+    timestamp_ns: int
+    episode: Episode
+    cgroup_id: int            # the process's (or socket's) own cgroup, maybe a descendant
+    cgroup_path: str
+    process: Process | None
+    cookie: int               # socket cookie, 0 when unknown
+    network_type: str | None  # ipv4 / ipv6
+    transport: str | None     # tcp, udp, icmp, ipv6-icmp, raw, packet, ...
+    direction: str | None     # egress / ingress, seen from the sandbox
+    source: Endpoint | None = None
+    destination: Endpoint | None = None
+    outcome: str | None = None          # success / failure / unknown
+    error_message: str | None = None
+    duration_ns: int | None = None
+    source_bytes: int | None = None
+    destination_bytes: int | None = None
+    source_packets: int | None = None
+    destination_packets: int | None = None
+    socket_family: str | None = None    # socket_created: AF_PACKET, AF_INET, ...
+    socket_type: str | None = None      # SOCK_RAW, SOCK_DGRAM, ...
+    socket_protocol: int | None = None
+
+
+@dataclass(slots=True)
+class ProcessEvent:
+    action: str               # process_started / process_ended
+    timestamp_ns: int
+    episode: Episode
+    cgroup_id: int
+    cgroup_path: str
+    process: Process
+
+
+@dataclass(slots=True)
+class Metric:
+    """Tracer health: counters and gauges under eptrace.stats.*."""
+    timestamp_ns: int
+    stats: dict[str, int]
+
+
+Event = NetworkEvent | ProcessEvent | Metric

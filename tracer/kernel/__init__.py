@@ -1,0 +1,1 @@
+"""The kernel side: cgroup v2 helpers and the bcc loader for probes/."""

@@ -1,0 +1,147 @@
+"""Compile probes/ with bcc, attach them to episode cgroups, and read the ring buffer.
+
+Cgroup programs are attached through BPF links: the kernel detaches them when
+this process's link fds close, so a crashed tracer leaves nothing attached.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+from . import cgroups
+
+log = logging.getLogger(__name__)
+
+PROBES_DIR = Path(__file__).resolve().parents[2] / "probes"
+PROBE_FILES = ("sockets.c", "tcp.c", "packets.c", "processes.c")
+LOSS_REASONS = ("ringbuf_full", "no_socket_storage")   # enum loss_reason in records.h
+
+
+class ProbeError(Exception):
+    """The probes could not be compiled, loaded or attached."""
+
+
+def probe_source() -> str:
+    """One translation unit: bcc rewrites map calls only in the main file, so
+    common.h is inlined here instead of being #included by each probe file."""
+    common = (PROBES_DIR / "common.h").read_text()
+    parts = [common]
+    for name in PROBE_FILES:
+        parts.append(f"/* ---- {name} ---- */\n")
+        parts.append((PROBES_DIR / name).read_text().replace('#include "common.h"', ""))
+    return "\n".join(parts)
+
+
+def _libbpf() -> ctypes.CDLL:
+    lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    lib.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.bpf_link_create.restype = ctypes.c_int
+    return lib
+
+
+class Probes:
+    """The loaded probes. Tracepoints are live from construction; cgroup
+    programs run only for the cgroups passed to attach()."""
+
+    def __init__(self, ringbuf_pages: int = 2048):
+        from bcc import BPF, BPFAttachType, BPFProgType  # Debian's python3-bpfcc
+
+        self._BPF = BPF
+        try:
+            self.bpf = BPF(text=probe_source(),
+                           cflags=[f"-I{PROBES_DIR}", f"-DRINGBUF_PAGES={ringbuf_pages}",
+                                   "-Wno-macro-redefined", "-Wno-unused-function"])
+        except Exception as e:  # bcc raises bare Exceptions
+            raise ProbeError(f"cannot compile or load the probes: {e} "
+                             "(run 'eptrace doctor' to see which kernel feature is missing)") from e
+        A, P = BPFAttachType, BPFProgType
+        programs = [
+            ("on_sock_create", P.CGROUP_SOCK, A.CGROUP_INET_SOCK_CREATE),
+            ("on_sock_release", P.CGROUP_SOCK, A.CGROUP_INET_SOCK_RELEASE),
+            ("on_connect4", P.CGROUP_SOCK_ADDR, A.CGROUP_INET4_CONNECT),
+            ("on_connect6", P.CGROUP_SOCK_ADDR, A.CGROUP_INET6_CONNECT),
+            ("on_sendmsg4", P.CGROUP_SOCK_ADDR, A.CGROUP_UDP4_SENDMSG),
+            ("on_sendmsg6", P.CGROUP_SOCK_ADDR, A.CGROUP_UDP6_SENDMSG),
+            ("on_bind4", P.CGROUP_SOCK_ADDR, A.CGROUP_INET4_BIND),
+            ("on_bind6", P.CGROUP_SOCK_ADDR, A.CGROUP_INET6_BIND),
+            ("on_sock_ops", P.SOCK_OPS, A.CGROUP_SOCK_OPS),
+            ("on_egress", P.CGROUP_SKB, A.CGROUP_INET_EGRESS),
+            ("on_ingress", P.CGROUP_SKB, A.CGROUP_INET_INGRESS),
+        ]
+        try:
+            self._cgroup_programs = [(self.bpf.load_func(name, prog_type, attach_type=attach_type), attach_type)
+                                     for name, prog_type, attach_type in programs]
+        except Exception as e:
+            raise ProbeError(f"cannot load a cgroup program: {e}") from e
+        self._lib = _libbpf()
+        self._links: dict[int, list[int]] = {}          # cgroup id -> link fds
+        self._levels: dict[int, int] = {}               # episode cgroup id -> level
+
+    # -- episodes -------------------------------------------------------------
+    def attach(self, cgroup_path: Path) -> int:
+        """Trace a cgroup and its descendants as one episode; returns its cgroup id."""
+        cgid = cgroups.cgroup_id(cgroup_path)
+        if cgid in self._links:
+            return cgid
+        fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
+        links: list[int] = []
+        try:
+            for fn, attach_type in self._cgroup_programs:
+                link = self._lib.bpf_link_create(fn.fd, fd, attach_type, None)
+                if link < 0:
+                    err = ctypes.get_errno() or -link
+                    raise ProbeError(f"cannot attach {fn.name.decode()} to {cgroup_path}: {os.strerror(err)}")
+                links.append(link)
+        except ProbeError:
+            for link in links:
+                os.close(link)
+            raise
+        finally:
+            os.close(fd)
+        self._links[cgid] = links
+        # Register only once every hook is in place, so no event is half-seen.
+        self.bpf["episodes"][ctypes.c_uint64(cgid)] = ctypes.c_uint32(1)
+        self._levels[cgid] = cgroups.level(cgroup_path)
+        self._write_levels()
+        return cgid
+
+    def detach(self, cgid: int) -> None:
+        try:
+            del self.bpf["episodes"][ctypes.c_uint64(cgid)]
+        except KeyError:
+            pass
+        for link in self._links.pop(cgid, []):
+            os.close(link)
+        self._levels.pop(cgid, None)
+        self._write_levels()
+
+    def _write_levels(self) -> None:
+        levels = self.bpf["episode_levels"]
+        lo, hi = (min(self._levels.values()), max(self._levels.values())) if self._levels else (1, 0)
+        levels[ctypes.c_int(0)] = ctypes.c_uint32(lo)
+        levels[ctypes.c_int(1)] = ctypes.c_uint32(hi)
+
+    # -- records ----------------------------------------------------------------
+    def open_records(self, handle: Callable[[bytes], None]) -> None:
+        """Call handle(raw_record) for every ring-buffer record from poll()."""
+        def callback(_ctx, data, size):
+            handle(ctypes.string_at(data, size))
+            return 0
+        self._callback = callback   # keep a reference: bcc holds only a C pointer
+        self.bpf["events"].open_ring_buffer(callback)
+
+    def poll(self, timeout_ms: int) -> None:
+        self.bpf.ring_buffer_poll(timeout_ms)
+
+    def lost(self) -> dict[str, int]:
+        """Records the kernel could not send, by reason, summed over CPUs."""
+        table = self.bpf["lost"]
+        return {reason: int(sum(table[ctypes.c_int(i)])) for i, reason in enumerate(LOSS_REASONS)}
+
+    def close(self) -> None:
+        for cgid in list(self._links):
+            self.detach(cgid)
+        self.bpf.cleanup()

@@ -1,0 +1,154 @@
+"""The tracer's main loop: records -> decoding -> state -> schema -> outputs."""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+from . import decoding
+from .decoding import NetRecord, ProcessRecord, RecordType, SocketRecord
+from .events import Episode, Metric, ProcessEvent
+from .kernel import cgroups
+from .kernel.loader import Probes
+from .state.episodes import Episodes
+from .state.flows import FlowTable
+from .state.processes import Processes
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL_S = 0.25
+
+
+class Clock:
+    """Converts the probes' CLOCK_MONOTONIC stamps to wall-clock nanoseconds."""
+
+    def __init__(self) -> None:
+        self.sync()
+
+    def sync(self) -> None:
+        self.offset = time.time_ns() - time.monotonic_ns()
+
+    def wall_ns(self, mono_ns: int) -> int:
+        return mono_ns + self.offset
+
+
+class Tracer:
+    def __init__(self, probes: Probes, encoder, outputs, stats_interval_s: float = 10.0):
+        self.probes = probes
+        self.encoder = encoder
+        self.outputs = outputs
+        self.stats_interval_s = stats_interval_s
+        self.clock = Clock()
+        self.stats: Counter[str] = Counter()
+        self.episodes = Episodes()
+        self.processes = Processes(wall_ns=self.clock.wall_ns)
+        self.flows = FlowTable(emit=self.emit, resolve=self._context, wall_ns=self.clock.wall_ns)
+        self._next_sweep = self._next_stats = time.monotonic()
+        self._next_stats += stats_interval_s
+        probes.open_records(self._on_record)
+
+    # -- episodes -------------------------------------------------------------------
+    def add_episode(self, episode_id: str, cgroup_path: Path, labels: dict[str, str] | None = None) -> Episode:
+        cgid = self.probes.attach(cgroup_path)
+        episode = Episode(id=episode_id, cgroup_path=cgroups.relative(cgroup_path), cgroup_id=cgid,
+                          labels=dict(labels or {}))
+        self.episodes.add(episode)
+        log.info("tracing episode %s (cgroup %s)", episode_id, episode.cgroup_path)
+        return episode
+
+    def remove_episode(self, cgroup_id: int) -> None:
+        self.probes.detach(cgroup_id)
+        episode = self.episodes.remove(cgroup_id)
+        if episode:
+            log.info("stopped tracing episode %s", episode.id)
+
+    # -- records --------------------------------------------------------------------
+    def _on_record(self, raw: bytes) -> None:
+        self.stats["records_received"] += 1
+        try:
+            rec = decoding.decode(raw)
+        except decoding.DecodeError as e:
+            self.stats["records_undecodable"] += 1
+            log.warning("dropped an undecodable record: %s", e)
+            return
+        if isinstance(rec, ProcessRecord):
+            self._process_record(rec)
+        else:
+            self.flows.handle(rec)
+
+    def _context(self, rec: NetRecord | SocketRecord | ProcessRecord):
+        """(episode, cgroup id, cgroup path, process) of a record's owner, or None."""
+        owner = rec.header.owner
+        episode = self.episodes.get(owner.episode_cgroup_id)
+        if episode is None:
+            self.stats["records_without_episode"] += 1
+            return None
+        cgroup_id = owner.cgroup_id or episode.cgroup_id
+        path = self.episodes.cgroup_path(cgroup_id, episode)
+        process = self.processes.get(owner) if owner.tgid else None
+        return episode, cgroup_id, path, process
+
+    def _process_record(self, rec: ProcessRecord) -> None:
+        kind = rec.header.type
+        if kind == RecordType.PROCESS_FORKED:
+            self.processes.on_fork(rec)
+        elif kind == RecordType.PROCESS_ARGS:
+            self.processes.on_args(rec)
+        elif kind in (RecordType.PROCESS_EXEC, RecordType.PROCESS_EXITED):
+            ctx = self._context(rec)
+            if ctx is None:
+                return
+            episode, cgroup_id, path, _ = ctx
+            if kind == RecordType.PROCESS_EXEC:
+                proc, action = self.processes.on_exec(rec), "process_started"
+            else:
+                proc, action = self.processes.on_exit(rec), "process_ended"
+            self.emit(ProcessEvent(action=action, timestamp_ns=self.clock.wall_ns(rec.header.ts_ns),
+                                   episode=episode, cgroup_id=cgroup_id, cgroup_path=path, process=proc))
+
+    def emit(self, event) -> None:
+        self.outputs.write(self.encoder.encode(event))
+        self.stats["events_emitted"] += 1
+
+    # -- loop -------------------------------------------------------------------------
+    def poll(self, timeout_ms: int = 100) -> None:
+        self.probes.poll(timeout_ms)
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_INTERVAL_S
+            self.flows.sweep(time.monotonic_ns())
+            self.outputs.flush()
+        if now >= self._next_stats:
+            self._next_stats = now + self.stats_interval_s
+            self.clock.sync()
+            self.emit_stats()
+
+    def drain(self) -> None:
+        """Read every record already in the ring buffer."""
+        self.probes.poll(0)
+
+    def stats_snapshot(self) -> dict:
+        lost = self.probes.lost()
+        stats: dict = {
+            "records_received": self.stats["records_received"],
+            "records_lost": sum(lost.values()),
+            "records_lost_by_reason": lost,
+            "records_undecodable": self.stats["records_undecodable"],
+            "records_without_episode": self.stats["records_without_episode"],
+            "events_emitted": self.stats["events_emitted"],
+            "episodes": len(self.episodes),
+            "flows_open": len(self.flows.flows),
+        }
+        stats["outputs"] = {o.name: {"sent": o.sent, "dropped": dict(o.dropped)} for o in self.outputs.outputs}
+        return stats
+
+    def emit_stats(self) -> None:
+        self.emit(Metric(timestamp_ns=time.time_ns(), stats=self.stats_snapshot()))
+
+    def finish(self) -> None:
+        """Resolve what is pending, report the final counters and flush."""
+        self.drain()
+        self.flows.sweep(time.monotonic_ns(), final=True)
+        self.emit_stats()
+        self.outputs.flush()

@@ -1,0 +1,164 @@
+"""The two ways to trace: one episode around a command (run), or every
+registered episode (watch)."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .kernel import cgroups
+from .kernel.loader import Probes
+from .pipeline import Tracer
+from .registry import Registry, validate_id
+
+log = logging.getLogger(__name__)
+
+RUN_PARENT = "eptrace"          # run's fresh cgroups live under <cgroup2>/eptrace/
+SYNC_INTERVAL_S = 0.5           # how often watch re-reads the registrations
+
+
+def make_tracer(outputs, stats_interval_s: float, ringbuf_pages: int = 2048) -> Tracer:
+    from .schema.ecs import EcsEncoder
+    probes = Probes(ringbuf_pages=ringbuf_pages)
+    return Tracer(probes, EcsEncoder(host_name=socket.gethostname(), agent_version=__version__), outputs,
+                  stats_interval_s=stats_interval_s)
+
+
+def _fresh_cgroup(episode_id: str) -> Path:
+    parent = cgroups.cgroup2_mount() / RUN_PARENT
+    parent.mkdir(exist_ok=True)
+    for attempt in range(100):
+        path = parent / f"{episode_id}.{os.getpid()}" if attempt == 0 else parent / f"{episode_id}.{os.getpid()}.{attempt}"
+        try:
+            return cgroups.create(path)
+        except FileExistsError:
+            continue
+    raise cgroups.CgroupError(f"cannot make a fresh cgroup for episode {episode_id} under {parent}")
+
+
+class _Stop:
+    """Turns SIGINT/SIGTERM into a flag, so the loop can flush before exiting."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        signal.signal(signal.SIGINT, self._set)
+        signal.signal(signal.SIGTERM, self._set)
+
+    def _set(self, signum, _frame) -> None:
+        self.signum = signum
+
+
+def run_episode(episode_id: str, argv: list[str], outputs, labels: dict[str, str] | None = None,
+                grace_s: float = 10.0, stats_interval_s: float = 10.0) -> int:
+    """Trace CMD in a fresh episode cgroup; returns CMD's exit status (128+N if killed by signal N)."""
+    validate_id(episode_id)
+    tracer = make_tracer(outputs, stats_interval_s)
+    cgroup = _fresh_cgroup(episode_id)
+    stop = _Stop()
+    try:
+        tracer.add_episode(episode_id, cgroup, labels)
+        procs_file = str(cgroup / "cgroup.procs")
+
+        def enter_cgroup() -> None:     # runs in the child before exec, so exec is traced
+            with open(procs_file, "w") as f:
+                f.write(str(os.getpid()))
+
+        # stdout carries the event stream when it is an output: CMD's stdout goes to stderr then.
+        child_stdout = sys.stderr if any(o.name == "stdout" for o in outputs.outputs) else None
+        try:
+            child = subprocess.Popen(argv, preexec_fn=enter_cgroup, stdout=child_stdout)
+        except OSError as e:
+            log.error("cannot start %s: %s", argv[0], e.strerror)
+            return 127 if isinstance(e, FileNotFoundError) else 126
+        status = _wait_for_command(tracer, child, stop)
+        _wait_for_descendants(tracer, cgroup, grace_s, stop)
+        _wait_for_flows(tracer, grace_s, stop)
+        tracer.finish()
+        return status
+    finally:
+        tracer.probes.close()
+        outputs.close()
+        try:
+            cgroups.kill_and_remove(cgroup)
+        except cgroups.CgroupError as e:
+            log.warning("%s", e)
+
+
+def _wait_for_command(tracer: Tracer, child: subprocess.Popen, stop: _Stop) -> int:
+    forwarded = False
+    while child.poll() is None:
+        if stop.signum is not None and not forwarded:
+            child.send_signal(stop.signum)
+            forwarded = True
+        tracer.poll(100)
+    return child.returncode if child.returncode >= 0 else 128 - child.returncode
+
+
+def _wait_for_descendants(tracer: Tracer, cgroup: Path, grace_s: float, stop: _Stop) -> None:
+    deadline = time.monotonic() + grace_s
+    while cgroups.pids(cgroup):
+        if time.monotonic() > deadline or stop.signum is not None:
+            log.warning("processes still running in episode cgroup %s after %.0fs: killing them", cgroup, grace_s)
+            (cgroup / "cgroup.kill").write_text("1")
+            break
+        tracer.poll(100)
+    while cgroups.pids(cgroup) and time.monotonic() < deadline + 5:
+        tracer.poll(50)
+
+
+def _wait_for_flows(tracer: Tracer, grace_s: float, stop: _Stop) -> None:
+    deadline = time.monotonic() + grace_s
+    while tracer.flows.open_flows() and time.monotonic() < deadline and stop.signum is None:
+        tracer.poll(100)
+    tracer.drain()
+    still_open = tracer.flows.open_flows()
+    if still_open:
+        log.warning("%d flow(s) still open %.0fs after the episode ended; not waiting longer", len(still_open), grace_s)
+
+
+def watch(outputs, registry: Registry, stats_interval_s: float = 10.0) -> int:
+    """Trace every registered episode until SIGINT/SIGTERM; registrations are re-read twice a second."""
+    tracer = make_tracer(outputs, stats_interval_s)
+    stop = _Stop()
+    attached: dict[str, int] = {}          # episode id -> cgroup id
+    warned: set[str] = set()
+    try:
+        next_sync = 0.0
+        while stop.signum is None:
+            if time.monotonic() >= next_sync:
+                next_sync = time.monotonic() + SYNC_INTERVAL_S
+                _sync(tracer, registry, attached, warned)
+            tracer.poll(100)
+        tracer.finish()
+        return 0
+    finally:
+        tracer.probes.close()
+        outputs.close()
+
+
+def _sync(tracer: Tracer, registry: Registry, attached: dict[str, int], warned: set[str]) -> None:
+    wanted = {reg.id: reg for reg in registry.list()}
+    for episode_id, cgid in list(attached.items()):
+        episode = tracer.episodes.get(cgid)
+        gone = episode is None or not (cgroups.cgroup2_mount() / episode.cgroup_path.lstrip("/")).is_dir()
+        if episode_id not in wanted or gone:
+            tracer.remove_episode(cgid)
+            del attached[episode_id]
+            if gone and episode_id in wanted:
+                log.warning("episode %s: its cgroup was removed; it stays registered", episode_id)
+                warned.add(episode_id)
+    for episode_id, reg in wanted.items():
+        if episode_id in attached or episode_id in warned:
+            continue
+        try:
+            path = cgroups.resolve(reg.cgroup)
+            attached[episode_id] = tracer.add_episode(episode_id, path, reg.labels).cgroup_id
+        except (cgroups.CgroupError, OSError) as e:
+            log.warning("episode %s: cannot trace cgroup %s: %s", episode_id, reg.cgroup, e)
+            warned.add(episode_id)

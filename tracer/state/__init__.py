@@ -1,0 +1,1 @@
+"""What the tracer knows between records: episodes, processes and flows."""

@@ -1,0 +1,231 @@
+"""Flows by socket cookie: turns network records into lifecycle events.
+
+A connect is reported as connection_attempted once its outcome is known: the
+handshake completed, the connect syscall failed, or the flow closed before it
+was established. An attempt still unresolved after ATTEMPT_GRACE_NS (a slow
+handshake, or an io_uring connect with no syscall result) goes out with
+outcome "unknown", so no attempt waits long.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..decoding import (FLOW_ACCEPTED, FLOW_FAILED, FLOW_INITIATED, PROTOCOLS, SOCKET_TYPES, NetRecord,
+                        RecordType, SocketRecord)
+from ..events import Endpoint, Episode, NetworkEvent, Process
+
+ATTEMPT_GRACE_NS = 1_000_000_000
+MAX_FLOWS = 262144
+EINPROGRESS = errno.EINPROGRESS
+
+FAMILIES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
+SOCKET_FAMILIES = {f.value: f.name for f in socket.AddressFamily}
+
+
+@dataclass
+class Flow:
+    cookie: int
+    start_ns: int
+    episode: Episode
+    cgroup_id: int
+    cgroup_path: str
+    process: Process
+    transport: str
+    network_type: str | None
+    remote: Endpoint | None = None
+    local: Endpoint | None = None
+    attempt: NetRecord | None = None          # connect record awaiting its outcome
+    failed_error: str | None = None
+    failed_at_ns: int | None = None           # closed before established; awaiting the errno
+    established: bool = False
+
+
+def transport_name(protocol: int, socktype: int) -> str:
+    if socktype == 3 and protocol not in (1, 58):   # SOCK_RAW
+        return "raw"
+    return PROTOCOLS.get(protocol, str(protocol))
+
+
+@dataclass
+class FlowTable:
+    """Holds open flows and emits NetworkEvents through `emit`."""
+    emit: Callable[[NetworkEvent], None]
+    resolve: Callable[[NetRecord | SocketRecord], tuple[Episode, int, str, Process] | None]
+    wall_ns: Callable[[int], int]
+    flows: dict[int, Flow] = field(default_factory=dict)
+
+    def _event(self, action: str, rec, flow: Flow | None, ctx, **fields) -> NetworkEvent:
+        episode, cgroup_id, cgroup_path, process = ctx
+        return NetworkEvent(action=action, timestamp_ns=self.wall_ns(rec.header.ts_ns), episode=episode,
+                            cgroup_id=cgroup_id, cgroup_path=cgroup_path, process=process,
+                            cookie=rec.header.cookie, **fields)
+
+    def handle(self, rec: NetRecord | SocketRecord) -> None:
+        ctx = self.resolve(rec)
+        if ctx is None:
+            return          # an episode that was removed while its records were in flight
+        if isinstance(rec, SocketRecord):
+            self._socket_created(rec, ctx)
+            return
+        kind = rec.header.type
+        if kind == RecordType.CONNECT:
+            self._connect(rec, ctx)
+        elif kind == RecordType.CONNECT_RESULT:
+            self._connect_result(rec)
+        elif kind == RecordType.ESTABLISHED:
+            self._established(rec, ctx)
+        elif kind == RecordType.ACCEPTED:
+            self._accepted(rec, ctx)
+        elif kind == RecordType.LISTENING:
+            self.emit(self._event("listening", rec, None, ctx, network_type=FAMILIES.get(rec.family),
+                                  transport=transport_name(rec.protocol, rec.socktype), direction="ingress",
+                                  destination=Endpoint(rec.local_ip or _any(rec.family), rec.local_port)))
+        elif kind == RecordType.UDP_SENT:
+            self.emit(self._event("udp_sent", rec, None, ctx, network_type=FAMILIES.get(rec.family),
+                                  transport=transport_name(rec.protocol, rec.socktype), direction="egress",
+                                  destination=Endpoint(rec.remote_ip or _any(rec.family), rec.remote_port)))
+        elif kind == RecordType.FLOW_ENDED:
+            self._ended(rec, ctx)
+
+    # -- outbound ----------------------------------------------------------------
+    def _connect(self, rec: NetRecord, ctx) -> None:
+        episode, cgroup_id, cgroup_path, process = ctx
+        old = self.flows.get(rec.header.cookie)
+        if old is not None and old.attempt is not None:
+            self._resolve_attempt(old, "unknown")     # a second connect() on the same socket
+        if len(self.flows) >= MAX_FLOWS:
+            self.flows.pop(next(iter(self.flows)))
+        flow = Flow(cookie=rec.header.cookie, start_ns=rec.header.ts_ns, episode=episode, cgroup_id=cgroup_id,
+                    cgroup_path=cgroup_path, process=process, transport=transport_name(rec.protocol, rec.socktype),
+                    network_type=FAMILIES.get(rec.family),
+                    remote=Endpoint(rec.remote_ip or _any(rec.family), rec.remote_port), attempt=rec)
+        self.flows[rec.header.cookie] = flow
+
+    def _connect_result(self, rec: NetRecord) -> None:
+        flow = self.flows.get(rec.header.cookie)
+        if flow is None or flow.attempt is None:
+            return
+        if rec.ret == 0:
+            if flow.transport != "tcp":
+                self._resolve_attempt(flow, "success")
+            # TCP: the established record already resolved it, or will.
+        elif rec.ret != -EINPROGRESS:
+            flow.failed_error = _errno_text(-rec.ret)
+            self._resolve_attempt(flow, "failure")
+            self.flows.pop(flow.cookie, None)     # a failed connect leaves no flow
+
+    def _established(self, rec: NetRecord, ctx) -> None:
+        flow = self.flows.get(rec.header.cookie)
+        if flow is None:       # a connect this tracer did not see (episode added later)
+            flow = self._flow_from(rec, ctx)
+        flow.local = Endpoint(rec.local_ip, rec.local_port)
+        flow.remote = Endpoint(rec.remote_ip, rec.remote_port)
+        flow.established = True
+        if flow.attempt is not None:
+            self._resolve_attempt(flow, "success")
+        self.emit(self._event("connection_established", rec, flow, ctx, network_type=flow.network_type,
+                              transport="tcp", direction="egress", outcome="success",
+                              source=flow.local, destination=flow.remote))
+
+    def _resolve_attempt(self, flow: Flow, outcome: str) -> None:
+        rec = flow.attempt
+        flow.attempt = None
+        ctx = (flow.episode, flow.cgroup_id, flow.cgroup_path, flow.process)
+        fields = dict(network_type=flow.network_type, transport=flow.transport, direction="egress",
+                      destination=flow.remote, outcome=outcome)
+        if flow.local and flow.local.ip:
+            fields["source"] = flow.local
+        if outcome == "failure":
+            fields["error_message"] = flow.failed_error or "connection failed"
+        self.emit(self._event("connection_attempted", rec, flow, ctx, **fields))
+
+    # -- inbound -----------------------------------------------------------------
+    def _accepted(self, rec: NetRecord, ctx) -> None:
+        flow = self._flow_from(rec, ctx)
+        flow.established = True
+        self.emit(self._event("connection_accepted", rec, flow, ctx, network_type=flow.network_type,
+                              transport="tcp", direction="ingress", outcome="success",
+                              source=flow.remote, destination=flow.local))
+
+    def _flow_from(self, rec: NetRecord, ctx) -> Flow:
+        episode, cgroup_id, cgroup_path, process = ctx
+        flow = Flow(cookie=rec.header.cookie, start_ns=rec.start_ns or rec.header.ts_ns, episode=episode,
+                    cgroup_id=cgroup_id, cgroup_path=cgroup_path, process=process, transport=transport_name(rec.protocol, rec.socktype),
+                    network_type=FAMILIES.get(rec.family), remote=Endpoint(rec.remote_ip, rec.remote_port),
+                    local=Endpoint(rec.local_ip, rec.local_port))
+        self.flows[rec.header.cookie] = flow
+        return flow
+
+    # -- end -----------------------------------------------------------------------
+    def _ended(self, rec: NetRecord, ctx) -> None:
+        flow = self.flows.pop(rec.header.cookie, None)
+        if rec.flags & FLOW_FAILED:
+            # The handshake never completed: the attempt carries the failure; no flow existed.
+            if flow is not None and flow.attempt is not None:
+                flow.failed_error = "connection refused, reset or timed out before it was established"
+                flow.failed_at_ns = rec.header.ts_ns
+                self.flows[rec.header.cookie] = flow   # the syscall result may still name the error
+            return
+        inbound = bool(rec.flags & FLOW_ACCEPTED)
+        local = Endpoint(rec.local_ip, rec.local_port) if rec.local_ip else (flow.local if flow else None)
+        remote = Endpoint(rec.remote_ip, rec.remote_port) if rec.remote_ip else (flow.remote if flow else None)
+        if flow is not None and flow.attempt is not None:
+            self._resolve_attempt(flow, "success" if rec.flags & FLOW_INITIATED else "unknown")
+        start = rec.start_ns or (flow.start_ns if flow else rec.header.ts_ns)
+        if inbound:
+            src, dst = remote, local
+            sb, db, sp, dp = rec.bytes_in, rec.bytes_out, rec.packets_in, rec.packets_out
+        else:
+            src, dst = local, remote
+            sb, db, sp, dp = rec.bytes_out, rec.bytes_in, rec.packets_out, rec.packets_in
+        self.emit(self._event("flow_ended", rec, flow, ctx, network_type=FAMILIES.get(rec.family),
+                              transport=transport_name(rec.protocol, rec.socktype),
+                              direction="ingress" if inbound else "egress", outcome="success",
+                              source=src if src and src.ip else None, destination=dst if dst and dst.ip else None,
+                              duration_ns=max(0, rec.header.ts_ns - start),
+                              source_bytes=sb, destination_bytes=db, source_packets=sp, destination_packets=dp))
+
+    def _socket_created(self, rec: SocketRecord, ctx) -> None:
+        failed = rec.ret < 0
+        self.emit(self._event("socket_created", rec, None, ctx, network_type=FAMILIES.get(rec.family),
+                              transport=_socket_transport(rec), direction=None,
+                              outcome="failure" if failed else "success",
+                              error_message=_errno_text(-rec.ret) if failed else None,
+                              socket_family=SOCKET_FAMILIES.get(rec.family, str(rec.family)),
+                              socket_type=SOCKET_TYPES.get(rec.type, str(rec.type)), socket_protocol=rec.protocol))
+
+    # -- sweeps --------------------------------------------------------------------
+    def sweep(self, now_mono_ns: int, final: bool = False) -> None:
+        """Resolve attempts whose outcome did not come in time."""
+        for flow in list(self.flows.values()):
+            if flow.attempt is None:
+                continue
+            failed_at = flow.failed_at_ns
+            waited = now_mono_ns - (failed_at if failed_at else flow.attempt.header.ts_ns)
+            grace = ATTEMPT_GRACE_NS // 5 if failed_at else ATTEMPT_GRACE_NS
+            if final or waited >= grace:
+                self._resolve_attempt(flow, "failure" if failed_at else "unknown")
+                if failed_at:
+                    self.flows.pop(flow.cookie, None)
+
+    def open_flows(self) -> list[Flow]:
+        return [f for f in self.flows.values() if f.established]
+
+
+def _any(family: int) -> str:
+    return "::" if family == socket.AF_INET6 else "0.0.0.0"
+
+
+def _errno_text(err: int) -> str:
+    name = errno.errorcode.get(err, f"errno {err}")
+    return f"{name}: {os.strerror(err)}"
+
+
+def _socket_transport(rec: SocketRecord) -> str:
+    if rec.family == socket.AF_PACKET:
+        return "packet"
+    return transport_name(rec.protocol, rec.type)

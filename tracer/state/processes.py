@@ -1,0 +1,87 @@
+"""Processes inside episodes, by pid: executable, argv and parent.
+
+Filled from fork/exec/exit records; a process that was already running when
+its episode was registered is read once from /proc.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Callable
+
+from ..decoding import Owner, ProcessRecord
+from ..events import Process
+
+MAX_PROCESSES = 65536          # bound memory against a fork flood
+EXITED_KEPT = 4096             # exited processes kept for flows that close after them
+
+
+class Processes:
+    def __init__(self, wall_ns: Callable[[int], int] = lambda ns: ns) -> None:
+        self._wall_ns = wall_ns                          # monotonic record stamps -> wall clock
+        self._live: dict[int, Process] = {}
+        self._exited: OrderedDict[int, Process] = OrderedDict()
+        self._pending_args: dict[int, list[str]] = {}   # tid -> argv seen at execve() entry
+
+    def on_fork(self, rec: ProcessRecord) -> None:
+        parent = self.get(rec.header.owner)
+        child = Process(pid=rec.child_pid, name=parent.name, executable=parent.executable,
+                        args=list(parent.args), parent_pid=parent.pid, start_ns=self._wall_ns(rec.header.ts_ns))
+        self._store(child)
+
+    def on_args(self, rec: ProcessRecord) -> None:
+        if len(self._pending_args) >= MAX_PROCESSES:
+            self._pending_args.clear()
+        self._pending_args[rec.header.owner.pid] = rec.args
+
+    def on_exec(self, rec: ProcessRecord) -> Process:
+        owner = rec.header.owner
+        proc = self.get(owner)
+        old_tid = rec.parent_tgid or owner.pid
+        proc.args = self._pending_args.pop(old_tid, None) or self._pending_args.pop(owner.pid, None) or proc.args
+        proc.executable = rec.text
+        proc.name = owner.comm
+        proc.start_ns = self._wall_ns(rec.header.ts_ns)
+        return proc
+
+    def on_exit(self, rec: ProcessRecord) -> Process:
+        owner = rec.header.owner
+        proc = self._live.pop(owner.tgid, None) or self.get(owner)
+        self._live.pop(owner.tgid, None)
+        proc.exit_code = rec.exit_code if rec.exit_code >= 0 else None
+        self._exited[proc.pid] = proc
+        while len(self._exited) > EXITED_KEPT:
+            self._exited.popitem(last=False)
+        return proc
+
+    def get(self, owner: Owner) -> Process:
+        """The process of a record's owner, creating it from /proc when unseen."""
+        pid = owner.tgid
+        proc = self._live.get(pid) or self._exited.get(pid)
+        if proc is None:
+            proc = _from_proc(pid) or Process(pid=pid, name=owner.comm)
+            self._store(proc)
+        if not proc.name:
+            proc.name = owner.comm
+        return proc
+
+    def _store(self, proc: Process) -> None:
+        if len(self._live) >= MAX_PROCESSES:
+            self._live.pop(next(iter(self._live)))
+        self._live[proc.pid] = proc
+
+
+def _from_proc(pid: int) -> Process | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        with open(f"/proc/{pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            exe = ""
+        return Process(pid=pid, name=status.get("Name", "").strip(), executable=exe, args=args,
+                       parent_pid=int(status.get("PPid", "0").strip() or 0) or None)
+    except (OSError, ValueError):
+        return None
