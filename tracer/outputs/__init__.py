@@ -1,0 +1,63 @@
+"""Outputs: where ECS documents go. `parse_output_spec` turns `--output` values into outputs."""
+from __future__ import annotations
+
+from tracer.outputs.base import Fanout, Output, OutputError
+from tracer.outputs.file import FileOutput
+from tracer.outputs.stdout import StdoutOutput
+
+__all__ = ["Fanout", "FileOutput", "Output", "OutputError", "OutputSpecError", "StdoutOutput",
+           "parse_output_spec", "parse_output_specs"]
+
+ACCEPTED_FORMS = "'-' (stdout), 'file:PATH', 'file:PATH?max_mb=N&keep=K'"
+
+
+class OutputSpecError(ValueError):
+    """An --output value that is not one of the accepted forms."""
+
+
+def parse_output_spec(spec: str) -> Output:
+    """'-' -> stdout; 'file:PATH[?max_mb=N&keep=K]' -> FileOutput (N, K positive integers)."""
+    if spec == "-":
+        return StdoutOutput()
+    if spec.startswith("file:"):
+        path, _, query = spec[len("file:"):].partition("?")
+        if not path:
+            raise OutputSpecError(f"output {spec!r} has no path; accepted forms: {ACCEPTED_FORMS}")
+        options = _parse_query(spec, query, allowed=("max_mb", "keep"))
+        return FileOutput(path, max_mb=options.get("max_mb"), keep=options.get("keep", 5))
+    raise OutputSpecError(f"unknown output {spec!r}; accepted forms: {ACCEPTED_FORMS}")
+
+
+def parse_output_specs(specs: list[str]) -> list[Output]:
+    """All outputs for a list of specs; no specs means stdout. The same sink twice is an error."""
+    if not specs:
+        return [StdoutOutput()]
+    outputs: list[Output] = []
+    try:
+        for spec in specs:
+            output = parse_output_spec(spec)
+            outputs.append(output)
+            if any(o.name == output.name for o in outputs[:-1]):
+                raise OutputSpecError(f"output {output.name} is given twice; give each sink once")
+    except Exception:
+        for output in outputs:
+            output.close()
+        raise
+    return outputs
+
+
+def _parse_query(spec: str, query: str, allowed: tuple[str, ...]) -> dict[str, int]:
+    options: dict[str, int] = {}
+    if not query:
+        return options
+    for item in query.split("&"):
+        key, sep, value = item.partition("=")
+        if key not in allowed or not sep:
+            raise OutputSpecError(f"output {spec!r}: unknown option {item!r} (options: {', '.join(allowed)});"
+                                  f" accepted forms: {ACCEPTED_FORMS}")
+        if key in options:
+            raise OutputSpecError(f"output {spec!r}: option {key} is given twice")
+        if not (value.isascii() and value.isdigit() and int(value) > 0):
+            raise OutputSpecError(f"output {spec!r}: {key} must be a positive integer, got {value!r}")
+        options[key] = int(value)
+    return options
