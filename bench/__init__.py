@@ -1,0 +1,1 @@
+"""make bench: what eptrace costs a sandbox, measured in one run."""
