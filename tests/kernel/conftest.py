@@ -1,0 +1,81 @@
+"""Fixtures for kernel tests (root, real BPF, real namespaces and cgroups). See harness.py."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+KERNEL_DIR = Path(__file__).resolve().parent
+REPO_ROOT = KERNEL_DIR.parents[1]
+for p in (str(REPO_ROOT), str(KERNEL_DIR)):  # `import tracer` and `import harness`
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import harness  # noqa: E402
+
+_TRIVIAL_PROG = b"TRACEPOINT_PROBE(sched, sched_process_fork) { return 0; }"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "kernel: needs root and a kernel that loads BPF programs")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if KERNEL_DIR in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.kernel)
+
+
+def _kernel_unavailable() -> str | None:
+    """Why kernel tests cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "kernel tests need root"
+    try:
+        from bcc import BPF
+    except ImportError as e:
+        return f"cannot import bcc ({e}): apt-get install python3-bpfcc, run with /usr/bin/python3"
+    try:
+        BPF(text=_TRIVIAL_PROG).cleanup()
+    except Exception as e:
+        return f"cannot load a BPF tracepoint program ({type(e).__name__}: {e}); did `make setup` run?"
+    return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def require_kernel():
+    """Kernel tests FAIL under CI=true when BPF is unavailable (never skip there); elsewhere they skip."""
+    reason = _kernel_unavailable()
+    if reason:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true and {reason}", pytrace=False)
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cleanup_stale(require_kernel):
+    harness.cleanup_stale()
+    yield
+
+
+@pytest.fixture
+def net():
+    with harness.TestNetwork() as n:
+        yield n
+
+
+@pytest.fixture
+def episode_cgroup():
+    """Factory: episode_cgroup(name) -> Path of a fresh cgroup, removed (processes killed) after the test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda name: stack.enter_context(harness.episode_cgroup(name))
+
+
+@pytest.fixture(scope="session")
+def uring_helper(tmp_path_factory):
+    try:
+        return harness.build_uring_helper(tmp_path_factory.mktemp("uring"))
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
