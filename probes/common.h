@@ -16,7 +16,7 @@
 #endif
 
 #ifndef RINGBUF_PAGES
-#define RINGBUF_PAGES 2048
+#define RINGBUF_PAGES 8192
 #endif
 #define MAX_CGROUP_LEVEL 32
 
@@ -26,8 +26,13 @@ BPF_HASH(episodes, __u64, __u32, 65536);
  * the ancestor walk below tries only the levels that can match. */
 BPF_ARRAY(episode_levels, __u32, 2);
 
-/* tid -> cookie of the socket whose connect() is in flight; read at syscall exit. */
-BPF_HASH(connects_in_flight, __u64, __u64, 16384);
+/* tid -> the socket whose connect() is in flight; its result is read at syscall exit. */
+struct connect_in_flight {
+    __u64 cookie;
+    __u32 protocol;
+    __u32 pad;
+};
+BPF_HASH(connects_in_flight, __u64, struct connect_in_flight, 16384);
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(lost, __u64, LOSS_REASONS);

@@ -155,6 +155,9 @@ TRACEPOINT_PROBE(syscalls, sys_exit_socket)
 }
 
 /* A connect made through the syscall reports its result here; io_uring's does not. */
+#ifndef EINPROGRESS
+#define EINPROGRESS 115
+#endif
 TRACEPOINT_PROBE(syscalls, sys_enter_connect)
 {
     __u64 tid = bpf_get_current_pid_tgid();
@@ -165,11 +168,15 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect)
 TRACEPOINT_PROBE(syscalls, sys_exit_connect)
 {
     __u64 tid = bpf_get_current_pid_tgid();
-    __u64 *cookie = connects_in_flight.lookup(&tid);
-    if (!cookie)
+    struct connect_in_flight *pending = connects_in_flight.lookup(&tid);
+    if (!pending)
         return 0;
-    __u64 c = *cookie;
+    __u64 c = pending->cookie;
+    __u32 protocol = pending->protocol;
     connects_in_flight.delete(&tid);
+    /* A TCP connect that succeeds, or is in progress, reports itself when established. */
+    if (protocol == IPPROTO_TCP && (args->ret == 0 || args->ret == -EINPROGRESS))
+        return 0;
     struct net_record *r = reserve_net();
     if (!r)
         return 0;

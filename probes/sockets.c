@@ -123,7 +123,8 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, __u16 family)
         events.ringbuf_submit(r, 0);
     }
     __u64 tid = bpf_get_current_pid_tgid();
-    connects_in_flight.update(&tid, &cookie);
+    struct connect_in_flight pending = {.cookie = cookie, .protocol = ctx->protocol};
+    connects_in_flight.update(&tid, &pending);
     return 1;
 }
 

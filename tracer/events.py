@@ -30,7 +30,7 @@ class Process:
 
 @dataclass(slots=True)
 class Endpoint:
-    ip: str
+    ip: str | None            # None: not known (an unconnected socket bound to any address)
     port: int
 
 

@@ -108,7 +108,7 @@ class Tracer:
                                    episode=episode, cgroup_id=cgroup_id, cgroup_path=path, process=proc))
 
     def emit(self, event) -> None:
-        self.outputs.write(self.encoder.encode(event))
+        self.outputs.write(self.encoder.encode_document(event))
         self.stats["events_emitted"] += 1
 
     # -- loop -------------------------------------------------------------------------

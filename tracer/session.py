@@ -23,9 +23,9 @@ RUN_PARENT = "eptrace"          # run's fresh cgroups live under <cgroup2>/eptra
 SYNC_INTERVAL_S = 0.5           # how often watch re-reads the registrations
 
 
-def make_tracer(outputs, stats_interval_s: float, ringbuf_pages: int = 2048) -> Tracer:
+def make_tracer(outputs, stats_interval_s: float) -> Tracer:
     from .schema.ecs import EcsEncoder
-    probes = Probes(ringbuf_pages=ringbuf_pages)
+    probes = Probes()
     return Tracer(probes, EcsEncoder(host_name=socket.gethostname(), agent_version=__version__), outputs,
                   stats_interval_s=stats_interval_s)
 

@@ -7,10 +7,15 @@ import pytest
 
 from tracer.outputs import (Fanout, FileOutput, Output, OutputError, OutputSpecError, StdoutOutput,
                             parse_output_spec, parse_output_specs)
+from tracer.schema import Document, to_json
 
 
-def doc(i: int) -> dict:
-    return {"event": {"sequence": i}, "message": f"document {i} " + "x" * (i % 50)}
+def doc(i: int) -> Document:
+    return as_doc({"event": {"sequence": i}, "message": f"document {i} " + "x" * (i % 50)})
+
+
+def as_doc(fields: dict) -> Document:
+    return Document(to_json(fields), "event")
 
 
 def read_lines(path: str) -> list[dict]:
@@ -184,8 +189,8 @@ def test_same_sink_twice_is_an_error(tmp_path):
 
 def test_stdout_writes_json_lines_on_flush(capsys):
     out = StdoutOutput()
-    out.write({"a": 1, "text": "ü"})
-    out.write({"b": 2})
+    out.write(as_doc({"a": 1, "text": "ü"}))
+    out.write(as_doc({"b": 2}))
     assert capsys.readouterr().out == ""  # buffered
     out.flush()
     assert capsys.readouterr().out == '{"a":1,"text":"ü"}\n{"b":2}\n'
@@ -199,10 +204,10 @@ class BrokenStream(io.StringIO):
 
 def test_stdout_broken_pipe_counts_drops_and_warns_once(caplog):
     out = StdoutOutput(stream=BrokenStream())
-    out.write({"a": 1})
-    out.write({"a": 2})
+    out.write(as_doc({"a": 1}))
+    out.write(as_doc({"a": 2}))
     out.flush()
-    out.write({"a": 3})
+    out.write(as_doc({"a": 3}))
     out.flush()
     out.close()
     assert out.dropped == {"broken_pipe": 3} and out.sent == 0

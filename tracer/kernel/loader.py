@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 PROBES_DIR = Path(__file__).resolve().parents[2] / "probes"
 PROBE_FILES = ("sockets.c", "tcp.c", "packets.c", "processes.c")
 LOSS_REASONS = ("ringbuf_full", "no_socket_storage")   # enum loss_reason in records.h
+# 32 MiB: absorbs a burst of ~200k records while userspace catches up (see make bench).
+RINGBUF_PAGES = 8192
 
 
 class ProbeError(Exception):
@@ -42,11 +44,19 @@ def _libbpf() -> ctypes.CDLL:
     return lib
 
 
+def _release_compiler_memory() -> None:
+    """Hand back to the OS what clang/LLVM freed after compiling (tens of MB)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class Probes:
     """The loaded probes. Tracepoints are live from construction; cgroup
     programs run only for the cgroups passed to attach()."""
 
-    def __init__(self, ringbuf_pages: int = 2048):
+    def __init__(self, ringbuf_pages: int = RINGBUF_PAGES):
         from bcc import BPF, BPFAttachType, BPFProgType  # Debian's python3-bpfcc
 
         self._BPF = BPF
@@ -57,6 +67,7 @@ class Probes:
         except Exception as e:  # bcc raises bare Exceptions
             raise ProbeError(f"cannot compile or load the probes: {e} "
                              "(run 'eptrace doctor' to see which kernel feature is missing)") from e
+        _release_compiler_memory()
         A, P = BPFAttachType, BPFProgType
         programs = [
             ("on_sock_create", P.CGROUP_SOCK, A.CGROUP_INET_SOCK_CREATE),

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import abc
 import logging
-from typing import Any
+
+from tracer.schema import Document
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ class Output(abc.ABC):
     def name(self) -> str: ...
 
     @abc.abstractmethod
-    def write(self, doc: dict[str, Any]) -> None: ...
+    def write(self, doc: Document) -> None: ...
 
     def flush(self) -> None:
         """Push buffered documents to the sink."""
@@ -47,7 +48,7 @@ class Fanout:
         self.outputs = list(outputs)
         self._warned: set[int] = set()  # ids of outputs already logged about
 
-    def write(self, doc: dict[str, Any]) -> None:
+    def write(self, doc: Document) -> None:
         for output in self.outputs:
             try:
                 output.write(doc)

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 from tracer.outputs.base import Output, OutputError
-from tracer.schema import to_json
+from tracer.schema import Document
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +46,12 @@ class FileOutput(Output):
     def name(self) -> str:
         return f"file:{self.path}"
 
-    def write(self, doc: dict[str, Any]) -> None:
+    def write(self, doc: Document) -> None:
         if self._fd < 0:
             self.count_drop("closed")
             return
         # "replace": a stray surrogate from a process name must not lose the document.
-        line = (to_json(doc) + "\n").encode("utf-8", "replace")
+        line = (doc.json + "\n").encode("utf-8", "replace")
         self._pending.append(line)
         self._pending_bytes += len(line)
         if self._pending_bytes >= FLUSH_BYTES:

@@ -4,10 +4,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any, TextIO
+from typing import TextIO
 
 from tracer.outputs.base import Output
-from tracer.schema import to_json
+from tracer.schema import Document
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +32,11 @@ class StdoutOutput(Output):
     def name(self) -> str:
         return "stdout"
 
-    def write(self, doc: dict[str, Any]) -> None:
+    def write(self, doc: Document) -> None:
         if self._broken:
             self.count_drop("broken_pipe")
             return
-        line = to_json(doc) + "\n"
+        line = doc.json + "\n"
         self._pending.append(line)
         self._pending_chars += len(line)
         if self._pending_chars >= FLUSH_BYTES:

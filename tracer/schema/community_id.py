@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ipaddress
+import socket
 import struct
 
 PROTO_ICMP = 1
@@ -28,6 +28,13 @@ _ICMPV6_COUNTERPART = {
 }
 
 
+def _packed(ip: str) -> bytes:
+    try:
+        return socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+    except (OSError, TypeError):
+        raise ValueError(f"not an IP address: {ip!r}") from None
+
+
 def community_id(src_ip: str, src_port: int | None, dst_ip: str, dst_port: int | None,
                  proto: int, seed: int = 0) -> str:
     """Return the Community ID v1 string ("1:" + base64 of a SHA-1) of a flow tuple.
@@ -35,8 +42,7 @@ def community_id(src_ip: str, src_port: int | None, dst_ip: str, dst_port: int |
     For ICMP (1) and ICMPv6 (58), src_port is the message type and dst_port the code.
     Ports are ignored for protocols that have none, and when either is None.
     """
-    saddr = ipaddress.ip_address(src_ip).packed
-    daddr = ipaddress.ip_address(dst_ip).packed
+    saddr, daddr = _packed(src_ip), _packed(dst_ip)
     if len(saddr) != len(daddr):
         raise ValueError(f"address families differ: {src_ip} and {dst_ip}")
     if not 0 <= proto <= 255:

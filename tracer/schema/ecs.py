@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from tracer.events import Episode, Metric, NetworkEvent, Process, ProcessEvent
@@ -37,6 +38,10 @@ PROCESS_ACTIONS: dict[str, tuple[list[str], list[str]]] = {
 METRIC_ACTION = "stats"
 METRIC_CATEGORY_TYPE: tuple[list[str], list[str]] = (["host"], ["info"])
 
+# The JSON of every category/type list above, by identity (they are constants).
+_LISTS = {id(lst): json.dumps(lst) for table in (NETWORK_ACTIONS, PROCESS_ACTIONS, {"": METRIC_CATEGORY_TYPE})
+          for pair in table.values() for lst in pair}
+
 # A connection that got this far did succeed, whether or not decoding said so.
 _IMPLIED_SUCCESS = frozenset({"connection_established", "connection_accepted"})
 
@@ -49,10 +54,17 @@ _PORT_TRANSPORTS = frozenset({"tcp", "udp", "sctp"})
 _ICMP_ECHO_TYPE = {"icmp": 8, "ipv6-icmp": 128}
 
 
+_last_second = -1
+_last_prefix = ""
+
+
 def format_timestamp(ns: int) -> str:
     """RFC 3339 UTC with microseconds, e.g. 2026-11-27T23:00:45.123456Z."""
+    global _last_second, _last_prefix
     seconds, rest = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{rest // 1000:06d}Z"
+    if seconds != _last_second:   # strftime is the slow part; events come many per second
+        _last_second, _last_prefix = seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{_last_prefix}.{rest // 1000:06d}Z"
 
 
 def to_json(doc: dict[str, Any]) -> str:
@@ -60,18 +72,27 @@ def to_json(doc: dict[str, Any]) -> str:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
 
 
-def _put(doc: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set doc[a][b][c] = value for "a.b.c", skipping unknown (None) and empty values."""
-    if value is None or value == "" or value == [] or value == {}:
-        return
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        doc = doc.setdefault(key, {})
-    doc[leaf] = value
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One ECS document, already serialized: outputs write `json` as it is."""
+    json: str          # one compact line, no newline
+    kind: str          # event.kind: event, metric, alert
+
+    def fields(self) -> dict[str, Any]:
+        return json.loads(self.json)
+
+
+# One encoder, built once: json.dumps with options would build a new one per call.
+_j = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 class EcsEncoder:
-    """Encodes the events of one tracer run, numbering them with event.sequence."""
+    """Encodes the events of one tracer run, numbering them with event.sequence.
+
+    This is the tracer's hot path, so a document is written as JSON text
+    directly, from parts that repeat (the run, an episode's labels, a process)
+    serialized once and cached. Only values that need escaping go through json.
+    """
 
     def __init__(self, host_name: str, agent_version: str, run_id: str | None = None) -> None:
         self.host_name = host_name
@@ -80,6 +101,12 @@ class EcsEncoder:
         self._id_prefix = uuid.uuid4().hex[:16]
         self.run_id = run_id or self._id_prefix
         self._sequence = 0
+        self._tail = (f',"host":{{"name":{_j(host_name)}}},"agent":{{"name":"{AGENT_NAME}","type":"{AGENT_NAME}",'
+                      f'"version":{_j(agent_version)}}}')
+        self._run = f'"run":{{"id":{_j(self.run_id)}}}'
+        self._community_ids: dict[tuple, str | None] = {}
+        self._contexts: dict[tuple, str] = {}     # (episode, cgroup) -> labels + eptrace prefix
+        self._processes: dict[tuple, str] = {}    # process state -> ,"process":{...}
 
     @property
     def sequence(self) -> int:
@@ -87,113 +114,161 @@ class EcsEncoder:
         return self._sequence
 
     def encode(self, event: NetworkEvent | ProcessEvent | Metric) -> dict[str, Any]:
+        """The document as a dict (tests, tools); the tracer uses encode_document."""
+        return self.encode_document(event).fields()
+
+    def encode_document(self, event: NetworkEvent | ProcessEvent | Metric) -> Document:
         if isinstance(event, NetworkEvent):
-            return self._network(event)
+            return Document(self._network(event), "event")
         if isinstance(event, ProcessEvent):
-            return self._process_event(event)
+            return Document(self._process_event(event), "event")
         if isinstance(event, Metric):
-            return self._metric(event)
+            return Document(self._metric(event), "metric")
         # Alerts (event.kind "alert", rule.*, threat.*, message, related.*) get their
         # branch here once tracer.detect defines them.
         raise TypeError(f"cannot encode {type(event).__name__} as ECS")
 
     # --- document kinds -------------------------------------------------------
 
-    def _network(self, ev: NetworkEvent) -> dict[str, Any]:
+    def _network(self, ev: NetworkEvent) -> str:
         category, types = _lookup(NETWORK_ACTIONS, ev.action)
         outcome = ev.outcome or ("success" if ev.action in _IMPLIED_SUCCESS else None)
-        doc = self._base(ev.timestamp_ns, "event", category, types, ev.action, "network", outcome)
-        self._sandbox(doc, ev.episode, ev.cgroup_id, ev.cgroup_path, ev.process)
-
-        for side, endpoint in (("source", ev.source), ("destination", ev.destination)):
+        extra = f',"duration":{int(ev.duration_ns)}' if ev.duration_ns is not None else ""
+        parts = [self._head(ev.timestamp_ns, "event", category, types, ev.action, "network", outcome, extra),
+                 self._context(ev.episode, ev.cgroup_id, ev.cgroup_path)]
+        sock = []
+        if ev.socket_family:
+            sock.append(f'"family":{_j(ev.socket_family)}')
+        if ev.socket_type:
+            sock.append(f'"type":{_j(ev.socket_type)}')
+        if ev.socket_protocol is not None:
+            sock.append(f'"protocol":{int(ev.socket_protocol)}')
+        if ev.cookie:
+            sock.append(f'"cookie":{int(ev.cookie)}')
+        if sock:
+            parts.append(',"socket":{' + ",".join(sock) + "}")
+        parts.append("}")    # closes eptrace
+        if ev.process is not None:
+            parts.append(self._process(ev.process))
+        for side, endpoint, nbytes, npackets in (("source", ev.source, ev.source_bytes, ev.source_packets),
+                                                 ("destination", ev.destination, ev.destination_bytes,
+                                                  ev.destination_packets)):
+            fields = []
             if endpoint is not None:
-                _put(doc, f"{side}.ip", endpoint.ip)
-                _put(doc, f"{side}.port", endpoint.port or None)  # 0 = not known (yet)
-        _put(doc, "network.transport", ev.transport)
-        iana = IANA_NUMBERS.get(ev.transport or "")
-        if iana is not None:
-            _put(doc, "network.iana_number", str(iana))  # ECS keyword
-        _put(doc, "network.type", ev.network_type)
-        _put(doc, "network.direction", ev.direction)
-        _put(doc, "network.community_id", _flow_community_id(ev))
-
-        _put(doc, "event.duration", ev.duration_ns)
-        _put(doc, "source.bytes", ev.source_bytes)
-        _put(doc, "destination.bytes", ev.destination_bytes)
-        _put(doc, "source.packets", ev.source_packets)
-        _put(doc, "destination.packets", ev.destination_packets)
+                if endpoint.ip:
+                    fields.append(f'"ip":"{endpoint.ip}"')     # address text needs no escaping
+                if endpoint.port:
+                    fields.append(f'"port":{int(endpoint.port)}')
+            if nbytes is not None:
+                fields.append(f'"bytes":{int(nbytes)}')
+            if npackets is not None:
+                fields.append(f'"packets":{int(npackets)}')
+            if fields:
+                parts.append(f',"{side}":{{' + ",".join(fields) + "}")
+        network = []
+        if ev.transport:
+            network.append(f'"transport":"{ev.transport}"')   # our own vocabulary, no escaping
+            iana = IANA_NUMBERS.get(ev.transport)
+            if iana is not None:
+                network.append(f'"iana_number":"{iana}"')   # ECS keyword
+        if ev.network_type:
+            network.append(f'"type":"{ev.network_type}"')
+        if ev.direction:
+            network.append(f'"direction":"{ev.direction}"')
+        cid = self._community_id(ev)
+        if cid:
+            network.append(f'"community_id":"{cid}"')
         if ev.source_bytes is not None and ev.destination_bytes is not None:
-            _put(doc, "network.bytes", ev.source_bytes + ev.destination_bytes)
+            network.append(f'"bytes":{int(ev.source_bytes + ev.destination_bytes)}')
         if ev.source_packets is not None and ev.destination_packets is not None:
-            _put(doc, "network.packets", ev.source_packets + ev.destination_packets)
-        _put(doc, "error.message", ev.error_message)
+            network.append(f'"packets":{int(ev.source_packets + ev.destination_packets)}')
+        if network:
+            parts.append(',"network":{' + ",".join(network) + "}")
+        if ev.error_message:
+            parts.append(f',"error":{{"message":{_j(ev.error_message)}}}')
+        parts.append("}")
+        return "".join(parts)
 
-        _put(doc, "eptrace.socket.family", ev.socket_family)
-        _put(doc, "eptrace.socket.type", ev.socket_type)
-        _put(doc, "eptrace.socket.protocol", ev.socket_protocol)
-        _put(doc, "eptrace.socket.cookie", ev.cookie or None)
-        return doc
-
-    def _process_event(self, ev: ProcessEvent) -> dict[str, Any]:
+    def _process_event(self, ev: ProcessEvent) -> str:
         category, types = _lookup(PROCESS_ACTIONS, ev.action)
         outcome = None
         if ev.action == "process_ended" and ev.process.exit_code is not None:
             outcome = "success" if ev.process.exit_code == 0 else "failure"
-        doc = self._base(ev.timestamp_ns, "event", category, types, ev.action, "process", outcome)
-        self._sandbox(doc, ev.episode, ev.cgroup_id, ev.cgroup_path, ev.process)
-        return doc
+        return (self._head(ev.timestamp_ns, "event", category, types, ev.action, "process", outcome)
+                + self._context(ev.episode, ev.cgroup_id, ev.cgroup_path) + "}" + self._process(ev.process) + "}")
 
-    def _metric(self, ev: Metric) -> dict[str, Any]:
+    def _metric(self, ev: Metric) -> str:
         category, types = METRIC_CATEGORY_TYPE
-        doc = self._base(ev.timestamp_ns, "metric", category, types, METRIC_ACTION, "health", None)
-        doc.setdefault("eptrace", {})["stats"] = dict(ev.stats)  # zeros matter: keep them all
-        return doc
+        # zeros matter: every counter is kept
+        return (self._head(ev.timestamp_ns, "metric", category, types, METRIC_ACTION, "health", None)
+                + f',"eptrace":{{{self._run},"stats":{_j(ev.stats)}}}}}')
 
     # --- shared parts ---------------------------------------------------------
 
-    def _base(self, ts_ns: int, kind: str, category: list[str], types: list[str],
-              action: str, dataset: str, outcome: str | None) -> dict[str, Any]:
+    def _head(self, ts_ns: int, kind: str, category: list[str], types: list[str], action: str,
+              dataset: str, outcome: str | None, extra: str = "") -> str:
+        """The document up to and including agent, without the closing brace."""
         self._sequence += 1
-        doc: dict[str, Any] = {"@timestamp": format_timestamp(ts_ns), "ecs": {"version": ECS_VERSION}}
-        _put(doc, "event.id", f"{self._id_prefix}-{self._sequence}")
-        _put(doc, "event.sequence", self._sequence)
-        _put(doc, "event.kind", kind)
-        _put(doc, "event.category", list(category))
-        _put(doc, "event.type", list(types))
-        _put(doc, "event.action", action)
-        _put(doc, "event.outcome", outcome)
-        _put(doc, "event.module", AGENT_NAME)
-        _put(doc, "event.dataset", f"{AGENT_NAME}.{dataset}")
-        _put(doc, "host.name", self.host_name)
-        _put(doc, "agent.name", AGENT_NAME)
-        _put(doc, "agent.type", AGENT_NAME)
-        _put(doc, "agent.version", self.agent_version)
-        _put(doc, "eptrace.run.id", self.run_id)
-        return doc
+        seq = self._sequence
+        out = f',"outcome":"{outcome}"' if outcome else ""
+        return (f'{{"@timestamp":"{format_timestamp(ts_ns)}","ecs":{{"version":"{ECS_VERSION}"}},'
+                f'"event":{{"id":"{self._id_prefix}-{seq}","sequence":{seq},"kind":"{kind}",'
+                f'"category":{_LISTS[id(category)]},"type":{_LISTS[id(types)]},"action":"{action}"{out},'
+                f'"module":"{AGENT_NAME}","dataset":"{AGENT_NAME}.{dataset}"{extra}}}{self._tail}')
 
-    @staticmethod
-    def _sandbox(doc: dict[str, Any], episode: Episode, cgroup_id: int, cgroup_path: str,
-                 process: Process | None) -> None:
-        labels = {str(k): str(v) for k, v in episode.labels.items()}
-        labels["episode_id"] = episode.id  # the episode id wins over a label of that name
-        doc["labels"] = labels
-        _put(doc, "eptrace.cgroup.id", cgroup_id)
-        _put(doc, "eptrace.cgroup.path", cgroup_path)
-        _put(doc, "eptrace.episode.cgroup.id", episode.cgroup_id)
-        _put(doc, "eptrace.episode.cgroup.path", episode.cgroup_path)
-        if process is None:
-            return
-        _put(doc, "process.pid", process.pid)
-        _put(doc, "process.name", process.name)
-        _put(doc, "process.executable", process.executable)
-        if process.args:
-            _put(doc, "process.args", list(process.args))
-            _put(doc, "process.args_count", len(process.args))
-        _put(doc, "process.parent.pid", process.parent_pid)
-        _put(doc, "process.thread.id", process.thread_id)
-        if process.start_ns is not None:
-            _put(doc, "process.start", format_timestamp(process.start_ns))
-        _put(doc, "process.exit_code", process.exit_code)
+    def _context(self, episode: Episode, cgroup_id: int, cgroup_path: str) -> str:
+        """labels and the open eptrace object (the caller closes it)."""
+        key = (episode.id, episode.cgroup_id, cgroup_id, cgroup_path)
+        text = self._contexts.get(key)
+        if text is None:
+            labels = {str(k): str(v) for k, v in episode.labels.items()}
+            labels["episode_id"] = episode.id  # the episode id wins over a label of that name
+            text = (f',"labels":{_j(labels)},"eptrace":{{{self._run},'
+                    f'"cgroup":{{"id":{int(cgroup_id)},"path":{_j(cgroup_path)}}},'
+                    f'"episode":{{"cgroup":{{"id":{int(episode.cgroup_id)},"path":{_j(episode.cgroup_path)}}}}}')
+            if len(self._contexts) >= 4096:
+                self._contexts.clear()
+            self._contexts[key] = text
+        return text
+
+    def _process(self, process: Process) -> str:
+        key = (process.pid, process.name, process.executable, process.parent_pid, process.thread_id,
+               process.start_ns, process.exit_code, tuple(process.args))
+        text = self._processes.get(key)
+        if text is None:
+            proc: dict[str, Any] = {"pid": process.pid}
+            if process.name:
+                proc["name"] = process.name
+            if process.executable:
+                proc["executable"] = process.executable
+            if process.args:
+                proc["args"] = list(process.args)
+                proc["args_count"] = len(process.args)
+            if process.parent_pid is not None:
+                proc["parent"] = {"pid": process.parent_pid}
+            if process.thread_id is not None:
+                proc["thread"] = {"id": process.thread_id}
+            if process.start_ns is not None:
+                proc["start"] = format_timestamp(process.start_ns)
+            if process.exit_code is not None:
+                proc["exit_code"] = process.exit_code
+            text = ',"process":' + _j(proc)
+            if len(self._processes) >= 16384:
+                self._processes.clear()
+            self._processes[key] = text
+        return text
+
+    def _community_id(self, ev: NetworkEvent) -> str | None:
+        """Community ID of the flow (cached: a flow's events share their tuple)."""
+        if ev.source is None or ev.destination is None:
+            return None
+        key = (ev.transport, ev.source.ip, ev.source.port, ev.destination.ip, ev.destination.port)
+        cid = self._community_ids.get(key, False)
+        if cid is False:
+            if len(self._community_ids) >= 8192:
+                self._community_ids.clear()
+            cid = self._community_ids[key] = _flow_community_id(ev)
+        return cid
 
 
 def _lookup(table: dict[str, tuple[list[str], list[str]]], action: str) -> tuple[list[str], list[str]]:
@@ -283,13 +358,14 @@ def _network_words(doc: dict[str, Any]) -> list[str]:
 
 
 def _address(side: dict[str, Any] | None) -> str:
-    if not side or "ip" not in side:
+    if not side or ("ip" not in side and "port" not in side):
         return ""
-    ip = side["ip"]
+    ip = side.get("ip", "*")
     if "port" not in side:
         return ip
     return f"[{ip}]:{side['port']}" if ":" in ip else f"{ip}:{side['port']}"
 
 
-def _shorten(text: str, limit: int = 200) -> str:
+def _shorten(text: str, limit: int = 120) -> str:
+    text = " ".join(text.split())     # one line, whatever the argv held
     return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -85,9 +85,7 @@ class FlowTable:
                                   transport=transport_name(rec.protocol, rec.socktype), direction="ingress",
                                   destination=Endpoint(rec.local_ip or _any(rec.family), rec.local_port)))
         elif kind == RecordType.UDP_SENT:
-            self.emit(self._event("udp_sent", rec, None, ctx, network_type=FAMILIES.get(rec.family),
-                                  transport=transport_name(rec.protocol, rec.socktype), direction="egress",
-                                  destination=Endpoint(rec.remote_ip or _any(rec.family), rec.remote_port)))
+            self._udp_sent(rec, ctx)
         elif kind == RecordType.FLOW_ENDED:
             self._ended(rec, ctx)
 
@@ -143,6 +141,17 @@ class FlowTable:
             fields["error_message"] = flow.failed_error or "connection failed"
         self.emit(self._event("connection_attempted", rec, flow, ctx, **fields))
 
+    def _udp_sent(self, rec: NetRecord, ctx) -> None:
+        remote = Endpoint(rec.remote_ip or _any(rec.family), rec.remote_port)
+        flow = self.flows.get(rec.header.cookie)
+        if flow is None:
+            flow = self._flow_from(rec, ctx)
+            flow.remote = remote
+        elif flow.remote != remote:
+            flow.remote = None       # several destinations: flow_ended names none of them
+        self.emit(self._event("udp_sent", rec, flow, ctx, network_type=flow.network_type, transport=flow.transport,
+                              direction="egress", destination=remote))
+
     # -- inbound -----------------------------------------------------------------
     def _accepted(self, rec: NetRecord, ctx) -> None:
         flow = self._flow_from(rec, ctx)
@@ -171,8 +180,9 @@ class FlowTable:
                 self.flows[rec.header.cookie] = flow   # the syscall result may still name the error
             return
         inbound = bool(rec.flags & FLOW_ACCEPTED)
-        local = Endpoint(rec.local_ip, rec.local_port) if rec.local_ip else (flow.local if flow else None)
-        remote = Endpoint(rec.remote_ip, rec.remote_port) if rec.remote_ip else (flow.remote if flow else None)
+        # An unconnected UDP socket knows only its local port, and its peer from udp_sent.
+        local = Endpoint(rec.local_ip, rec.local_port) if rec.local_ip or rec.local_port else (flow and flow.local)
+        remote = Endpoint(rec.remote_ip, rec.remote_port) if rec.remote_ip else (flow and flow.remote)
         if flow is not None and flow.attempt is not None:
             self._resolve_attempt(flow, "success" if rec.flags & FLOW_INITIATED else "unknown")
         start = rec.start_ns or (flow.start_ns if flow else rec.header.ts_ns)
@@ -185,7 +195,7 @@ class FlowTable:
         self.emit(self._event("flow_ended", rec, flow, ctx, network_type=FAMILIES.get(rec.family),
                               transport=transport_name(rec.protocol, rec.socktype),
                               direction="ingress" if inbound else "egress", outcome="success",
-                              source=src if src and src.ip else None, destination=dst if dst and dst.ip else None,
+                              source=src or None, destination=dst or None,
                               duration_ns=max(0, rec.header.ts_ns - start),
                               source_bytes=sb, destination_bytes=db, source_packets=sp, destination_packets=dp))
 

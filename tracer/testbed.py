@@ -1,0 +1,225 @@
+"""A throwaway test network for the demo, the tests and the bench.
+
+A "test host" namespace (198.51.100.1, TEST-NET-2, and the cloud-metadata
+address 169.254.169.254) and a "sandbox" namespace (198.51.100.2), joined by
+one veth pair. Neither has a link to the root namespace, so a workload run in
+the sandbox namespace can reach nothing outside the machine.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from pyroute2 import NetNS, netns
+
+
+PYTHON = "/usr/bin/python3"
+NETNS_DIR = Path("/run/netns")
+PREFIX = "ept-"
+# Who owns which namespace or test cgroup: so cleanup_stale() leaves alone a concurrent session's resources.
+OWNERS_DIR = Path("/run/eptrace-test")
+
+HOST_IP, SANDBOX_IP, METADATA_IP = "198.51.100.1", "198.51.100.2", "169.254.169.254"
+HOST_IP6, SANDBOX_IP6, METADATA_IP6 = "2001:db8::1", "2001:db8::2", "fd00:ec2::254"
+
+_CLONE_NEWNET = 0x40000000
+_IFA_F_NODAD = 0x02  # IPv6 addresses usable at once, no duplicate address detection wait
+_libc = ctypes.CDLL(None, use_errno=True)
+_cleanups: dict[str, callable] = {}  # key -> cleanup, run at exit if a test left something behind
+
+
+@atexit.register
+def _cleanup_at_exit() -> None:
+    for cleanup in list(_cleanups.values()):
+        with contextlib.suppress(Exception):
+            cleanup()
+
+
+# ---- ownership records ------------------------------------------------------------------------------
+
+def _claim(key: str) -> None:
+    OWNERS_DIR.mkdir(parents=True, exist_ok=True)
+    (OWNERS_DIR / key).write_text(str(os.getpid()))
+
+
+def _release(key: str) -> None:
+    (OWNERS_DIR / key).unlink(missing_ok=True)
+
+
+def _owned_by_live_session(key: str) -> bool:
+    try:
+        owner = int((OWNERS_DIR / key).read_text())
+    except (OSError, ValueError):
+        return False
+    return Path(f"/proc/{owner}").exists()
+
+
+# ---- namespaces ---------------------------------------------------------------------------------------
+
+def _pids_in_netns(ns_path: Path) -> list[int]:
+    target = os.stat(ns_path)
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            st = os.stat(proc / "ns/net")
+            if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+                found.append(int(proc.name))
+    return found
+
+
+def _kill_netns(name: str, timeout: float = 5.0) -> None:
+    """Kill every process inside the namespace, then delete it."""
+    path = NETNS_DIR / name
+    if not path.exists():
+        return
+    deadline = time.monotonic() + timeout
+    while (pids := _pids_in_netns(path)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.02)
+    netns.remove(name)
+
+
+def cleanup_stale_namespaces() -> None:
+    """Remove ept-* namespaces left by a crashed earlier run."""
+    if NETNS_DIR.is_dir():
+        for ns in NETNS_DIR.iterdir():
+            base = ns.name.rsplit("-", 1)[0]
+            if ns.name.startswith(PREFIX) and not _owned_by_live_session(base):
+                _kill_netns(ns.name)
+                _release(base)
+
+
+def _run_in_netns_thread(ns_path: Path, fn):
+    """Run fn() in a short-lived thread that joined the namespace (setns is per thread).
+
+    Sockets keep the namespace they were created in, so a socket made here can be used from any thread.
+    """
+    result = {}
+
+    def target():
+        fd = os.open(ns_path, os.O_RDONLY)
+        try:
+            if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns {ns_path}")
+            result["value"] = fn()
+        except BaseException as e:  # re-raised in the caller
+            result["error"] = e
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+class TestNetwork:
+    """A test host namespace and a sandbox namespace joined by one veth pair. Use as a context manager."""
+
+    __test__ = False  # not a pytest test class
+    host_ip, sandbox_ip, metadata_ip = HOST_IP, SANDBOX_IP, METADATA_IP
+    host_ip6, sandbox_ip6, metadata_ip6 = HOST_IP6, SANDBOX_IP6, METADATA_IP6
+
+    def __init__(self) -> None:
+        self.base = f"{PREFIX}{secrets.token_hex(3)}"
+        self.host_ns, self.sandbox_ns = f"{self.base}-host", f"{self.base}-sbx"
+        # Interface names must fit IFNAMSIZ (15 + NUL): "ept-abcdef-h" is 12.
+        self.host_if, self.sandbox_if = f"{self.base}-h", f"{self.base}-s"
+        self._procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> TestNetwork:
+        _claim(self.base)  # before creating, so a concurrent cleanup_stale() never sees it unowned
+        _cleanups[self.base] = self.close
+        try:
+            self._create()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _create(self) -> None:
+        netns.create(self.host_ns)
+        netns.create(self.sandbox_ns)
+        with NetNS(self.host_ns) as ns:
+            # Create the pair inside the host namespace with the peer directly in the sandbox: the root
+            # namespace never holds either end.
+            ns.link("add", ifname=self.host_if, kind="veth",
+                    peer={"ifname": self.sandbox_if, "net_ns_fd": self.sandbox_ns})
+            idx = ns.link_lookup(ifname=self.host_if)[0]
+            ns.addr("add", index=idx, address=HOST_IP, prefixlen=24)
+            ns.addr("add", index=idx, address=METADATA_IP, prefixlen=32)
+            ns.addr("add", index=idx, address=HOST_IP6, prefixlen=64, flags=_IFA_F_NODAD)
+            ns.addr("add", index=idx, address=METADATA_IP6, prefixlen=128, flags=_IFA_F_NODAD)
+            ns.link("set", index=idx, state="up")
+            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+        with NetNS(self.sandbox_ns) as ns:
+            idx = ns.link_lookup(ifname=self.sandbox_if)[0]
+            ns.addr("add", index=idx, address=SANDBOX_IP, prefixlen=24)
+            ns.addr("add", index=idx, address=SANDBOX_IP6, prefixlen=64, flags=_IFA_F_NODAD)
+            ns.link("set", index=idx, state="up")
+            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+            ns.route("add", dst="0.0.0.0/0", gateway=HOST_IP)
+            ns.route("add", dst="::/0", gateway=HOST_IP6, family=socket.AF_INET6)
+
+    def close(self) -> None:
+        """Kill every process in both namespaces, delete them (the veth pair goes with them)."""
+        for name in (self.sandbox_ns, self.host_ns):
+            _kill_netns(name)
+        for p in self._procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=5)
+        _release(self.base)
+        _cleanups.pop(self.base, None)
+
+    # nsenter only switches the network namespace: the process keeps its cgroup, mount namespace and
+    # /sys (ip netns exec would also remount /sys, hiding the cgroup2 mount from the workload).
+    def host_prefix(self) -> list[str]:
+        return [shutil.which("nsenter") or "/usr/bin/nsenter", f"--net={NETNS_DIR / self.host_ns}", "--"]
+
+    def sandbox_prefix(self) -> list[str]:
+        """argv prefix running a command in the sandbox namespace, in the caller's cgroup."""
+        return [shutil.which("nsenter") or "/usr/bin/nsenter", f"--net={NETNS_DIR / self.sandbox_ns}", "--"]
+
+    def _popen(self, prefix: list[str], argv, kwargs) -> subprocess.Popen:
+        kwargs.setdefault("start_new_session", True)  # a test's Ctrl-C must not reach the peers
+        proc = subprocess.Popen(prefix + [str(a) for a in argv], **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def run_in_host(self, argv, **popen_kwargs) -> subprocess.Popen:
+        return self._popen(self.host_prefix(), argv, popen_kwargs)
+
+    def run_in_sandbox(self, argv, **popen_kwargs) -> subprocess.Popen:
+        return self._popen(self.sandbox_prefix(), argv, popen_kwargs)
+
+    def socket(self, where: str, family=socket.AF_INET, type=socket.SOCK_STREAM) -> socket.socket:
+        """A socket of the harness process living in the "host" or "sandbox" namespace."""
+        ns = self.host_ns if where == "host" else self.sandbox_ns
+        return _run_in_netns_thread(NETNS_DIR / ns, lambda: socket.socket(family, type))
+
+    def can_connect(self, where: str, ip: str, port: int, timeout: float = 0.5) -> bool:
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        with self.socket(where, family) as s:
+            s.settimeout(timeout)
+            return s.connect_ex((ip, port)) == 0
