@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from collections import Counter
 from pathlib import Path
@@ -140,6 +141,9 @@ class Tracer:
             "episodes": len(self.episodes),
             "flows_open": len(self.flows.flows),
         }
+        usage = resource.getrusage(resource.RUSAGE_SELF)     # this process only, not the episode
+        stats["tracer_cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 3)
+        stats["tracer_max_rss_bytes"] = usage.ru_maxrss * 1024
         stats["outputs"] = {o.name: {"sent": o.sent, "dropped": dict(o.dropped)} for o in self.outputs.outputs}
         return stats
 
