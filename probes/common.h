@@ -132,10 +132,4 @@ static __always_inline void fill_header(struct record_header *h, __u32 type, __u
     __builtin_memcpy(&h->owner, o, sizeof(*o));
 }
 
-static __always_inline void copy_ip6(__u8 *dst, const __u32 *src)
-{
-    __u32 *d = (__u32 *)dst;
-    d[0] = src[0]; d[1] = src[1]; d[2] = src[2]; d[3] = src[3];
-}
-
 #endif

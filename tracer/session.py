@@ -127,7 +127,7 @@ def watch(outputs, registry: Registry, stats_interval_s: float = 10.0) -> int:
     tracer = make_tracer(outputs, stats_interval_s)
     stop = _Stop()
     attached: dict[str, int] = {}          # episode id -> cgroup id
-    warned: set[str] = set()
+    warned: set[tuple[str, str]] = set()   # (episode id, cgroup) that could not be traced: not retried
     try:
         next_sync = 0.0
         while stop.signum is None:
@@ -142,7 +142,7 @@ def watch(outputs, registry: Registry, stats_interval_s: float = 10.0) -> int:
         outputs.close()
 
 
-def _sync(tracer: Tracer, registry: Registry, attached: dict[str, int], warned: set[str]) -> None:
+def _sync(tracer: Tracer, registry: Registry, attached: dict[str, int], warned: set[tuple[str, str]]) -> None:
     wanted = {reg.id: reg for reg in registry.list()}
     for episode_id, cgid in list(attached.items()):
         episode = tracer.episodes.get(cgid)
@@ -152,13 +152,13 @@ def _sync(tracer: Tracer, registry: Registry, attached: dict[str, int], warned: 
             del attached[episode_id]
             if gone and episode_id in wanted:
                 log.warning("episode %s: its cgroup was removed; it stays registered", episode_id)
-                warned.add(episode_id)
+                warned.add((episode_id, wanted[episode_id].cgroup))
     for episode_id, reg in wanted.items():
-        if episode_id in attached or episode_id in warned:
+        if episode_id in attached or (episode_id, reg.cgroup) in warned:
             continue
         try:
             path = cgroups.resolve(reg.cgroup)
             attached[episode_id] = tracer.add_episode(episode_id, path, reg.labels).cgroup_id
         except (cgroups.CgroupError, OSError) as e:
             log.warning("episode %s: cannot trace cgroup %s: %s", episode_id, reg.cgroup, e)
-            warned.add(episode_id)
+            warned.add((episode_id, reg.cgroup))

@@ -61,7 +61,7 @@ class Probes:
 
         self._BPF = BPF
         try:
-            self.bpf = BPF(text=probe_source(),
+            self.bpf = BPF(text=probe_source().encode(),
                            cflags=[f"-I{PROBES_DIR}", f"-DRINGBUF_PAGES={ringbuf_pages}",
                                    "-Wno-macro-redefined", "-Wno-unused-function"])
         except Exception as e:  # bcc raises bare Exceptions
@@ -83,7 +83,7 @@ class Probes:
             ("on_ingress", P.CGROUP_SKB, A.CGROUP_INET_INGRESS),
         ]
         try:
-            self._cgroup_programs = [(self.bpf.load_func(name, prog_type, attach_type=attach_type), attach_type)
+            self._cgroup_programs = [(self.bpf.load_func(name.encode(), prog_type, attach_type=attach_type), attach_type)
                                      for name, prog_type, attach_type in programs]
         except Exception as e:
             raise ProbeError(f"cannot load a cgroup program: {e}") from e
@@ -114,14 +114,14 @@ class Probes:
             os.close(fd)
         self._links[cgid] = links
         # Register only once every hook is in place, so no event is half-seen.
-        self.bpf["episodes"][ctypes.c_uint64(cgid)] = ctypes.c_uint32(1)
+        self.bpf[b"episodes"][ctypes.c_uint64(cgid)] = ctypes.c_uint32(1)
         self._levels[cgid] = cgroups.level(cgroup_path)
         self._write_levels()
         return cgid
 
     def detach(self, cgid: int) -> None:
         try:
-            del self.bpf["episodes"][ctypes.c_uint64(cgid)]
+            del self.bpf[b"episodes"][ctypes.c_uint64(cgid)]
         except KeyError:
             pass
         for link in self._links.pop(cgid, []):
@@ -130,7 +130,7 @@ class Probes:
         self._write_levels()
 
     def _write_levels(self) -> None:
-        levels = self.bpf["episode_levels"]
+        levels = self.bpf[b"episode_levels"]
         lo, hi = (min(self._levels.values()), max(self._levels.values())) if self._levels else (1, 0)
         levels[ctypes.c_int(0)] = ctypes.c_uint32(lo)
         levels[ctypes.c_int(1)] = ctypes.c_uint32(hi)
@@ -142,14 +142,14 @@ class Probes:
             handle(ctypes.string_at(data, size))
             return 0
         self._callback = callback   # keep a reference: bcc holds only a C pointer
-        self.bpf["events"].open_ring_buffer(callback)
+        self.bpf[b"events"].open_ring_buffer(callback)
 
     def poll(self, timeout_ms: int) -> None:
         self.bpf.ring_buffer_poll(timeout_ms)
 
     def lost(self) -> dict[str, int]:
         """Records the kernel could not send, by reason, summed over CPUs."""
-        table = self.bpf["lost"]
+        table = self.bpf[b"lost"]
         return {reason: int(sum(table[ctypes.c_int(i)])) for i, reason in enumerate(LOSS_REASONS)}
 
     def close(self) -> None:
