@@ -16,8 +16,8 @@ from pathlib import Path
 
 from tracer.kernel import cgroups
 
-ROUNDS = 3
-STORM_SECONDS = 5.0
+ROUNDS = 5
+STORM_SECONDS = 4.0
 STORM = Path(__file__).with_name("storm.py")
 EPTRACE = [sys.executable, "-m", "tracer"]
 

@@ -2,20 +2,24 @@
  * sees one record per flow, never one per packet. */
 #include "common.h"
 
+/* Payload bytes: the packet minus its IP and TCP/UDP headers, read directly
+ * (cgroup_skb sees the packet from the IP header on). */
 static __always_inline __u32 payload_len(struct __sk_buff *skb, __u8 protocol)
 {
+    void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
     __u32 ip_len = 40;
-    __u8 b = 0;
     if (skb->family == AF_INET) {
-        if (bpf_skb_load_bytes(skb, 0, &b, 1))
+        __u8 *vihl = data;
+        if ((void *)(vihl + 1) > end)
             return 0;
-        ip_len = (b & 0x0f) * 4;
+        ip_len = (*vihl & 0x0f) * 4;
     }
     __u32 l4_len = 0;
     if (protocol == IPPROTO_TCP) {
-        if (bpf_skb_load_bytes(skb, ip_len + 12, &b, 1))
+        __u8 *doff = data + (ip_len & 0x3f) + 12;
+        if ((void *)(doff + 1) > end)
             return 0;
-        l4_len = (b >> 4) * 4;
+        l4_len = (*doff >> 4) * 4;
     } else if (protocol == IPPROTO_UDP) {
         l4_len = 8;
     }

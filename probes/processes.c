@@ -37,7 +37,7 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
         return 0;
     r->parent_tgid = r->h.owner.tgid;
     r->child_pid = args->child_pid;
-    events.ringbuf_submit(r, 0);
+    events.ringbuf_submit(r, SUBMIT_FLAGS);
     return 0;
 }
 
@@ -64,7 +64,7 @@ static __always_inline int record_argv(const char *const *argv)
             break;
     }
     r->data_len = off < ARGS_LEN ? off : ARGS_LEN;
-    events.ringbuf_submit(r, 0);
+    events.ringbuf_submit(r, SUBMIT_FLAGS);
     return 0;
 }
 
@@ -83,7 +83,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     __u16 loc = args->data_loc_filename & 0xFFFF;
     long n = bpf_probe_read_str(r->data, PATH_LEN, (char *)args + loc);
     r->data_len = n > 0 ? n : 0;
-    events.ringbuf_submit(r, 0);
+    events.ringbuf_submit(r, SUBMIT_FLAGS);
     return 0;
 }
 
@@ -113,7 +113,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     __s32 *code = exit_codes.lookup(&tgid);
     r->exit_code = code ? *code : -1;
     exit_codes.delete(&tgid);
-    events.ringbuf_submit(r, 0);
+    events.ringbuf_submit(r, SUBMIT_FLAGS);
     return 0;
 }
 
@@ -150,7 +150,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_socket)
     r->type = saved.type & 0xf;   /* drop SOCK_NONBLOCK / SOCK_CLOEXEC */
     r->protocol = saved.protocol;
     r->ret = args->ret;
-    events.ringbuf_submit(r, 0);
+    events.ringbuf_submit(r, SUBMIT_FLAGS);
     return 0;
 }
 
@@ -188,6 +188,6 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
     r->start_ns = 0;
     r->flags = 0;
     r->ret = args->ret;
-    events.ringbuf_submit(r, 0);
+    events.ringbuf_submit(r, SUBMIT_FLAGS);
     return 0;
 }

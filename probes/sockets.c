@@ -29,17 +29,19 @@ static __always_inline struct sock_state *owned_state(struct bpf_sock *sk, __u64
     return st;
 }
 
+/* Unusual sockets (raw, ICMP, SCTP...) are reported at creation. Ordinary TCP
+ * and UDP sockets get their owner recorded when they connect, bind or send:
+ * doing it here too would cost every socket an allocation (make bench). */
 int on_sock_create(struct bpf_sock *sk)
 {
+    if (ordinary_inet(sk->type, sk->protocol))
+        return 1;
     __u64 episode = current_episode();
     if (!episode)
         return 1;
     struct sock_state *st = owned_state(sk, episode);
     if (st)
         st->start_ns = bpf_ktime_get_ns();
-    /* Ordinary TCP/UDP sockets are reported when they connect, bind or send. */
-    if (ordinary_inet(sk->type, sk->protocol))
-        return 1;
     struct socket_record *r = reserve_socket();
     if (!r)
         return 1;
@@ -50,7 +52,7 @@ int on_sock_create(struct bpf_sock *sk)
     r->type = sk->type;
     r->protocol = sk->protocol;
     r->ret = 0;
-    events.ringbuf_submit(r, 0);
+    events.ringbuf_submit(r, SUBMIT_FLAGS);
     return 1;
 }
 
@@ -75,7 +77,7 @@ int on_sock_release(struct bpf_sock *sk)
     r->start_ns = st->start_ns;
     r->flags = st->flags;
     r->ret = 0;
-    events.ringbuf_submit(r, 0);
+    events.ringbuf_submit(r, SUBMIT_FLAGS);
     return 1;
 }
 
@@ -105,7 +107,10 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, __u16 family)
         __builtin_memset(&r->ep, 0, sizeof(r->ep));
         __builtin_memset(&r->c, 0, sizeof(r->c));
         struct owner o = {};
-        fill_current_owner(&o, episode);
+        if (st)
+            o = st->owner;
+        else
+            fill_current_owner(&o, episode);
         fill_header(&r->h, REC_CONNECT, sizeof(*r), cookie, &o);
         addr_from_ctx(ctx, r->ep.daddr, family);
         r->ep.dport = bpf_ntohs(ctx->user_port);
@@ -120,7 +125,7 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, __u16 family)
             st->flags |= FLOW_INITIATED;
             st->start_ns = r->h.ts_ns;
         }
-        events.ringbuf_submit(r, 0);
+        events.ringbuf_submit(r, SUBMIT_FLAGS);
     }
     __u64 tid = bpf_get_current_pid_tgid();
     struct connect_in_flight pending = {.cookie = cookie, .protocol = ctx->protocol};
@@ -169,20 +174,27 @@ static __always_inline int on_sendmsg(struct bpf_sock_addr *ctx, __u16 family)
     r->start_ns = r->h.ts_ns;
     r->flags = FLOW_INITIATED;
     r->ret = 0;
-    events.ringbuf_submit(r, 0);
+    events.ringbuf_submit(r, SUBMIT_FLAGS);
     return 1;
 }
 
 int on_sendmsg4(struct bpf_sock_addr *ctx) { return on_sendmsg(ctx, AF_INET); }
 int on_sendmsg6(struct bpf_sock_addr *ctx) { return on_sendmsg(ctx, AF_INET6); }
 
-/* UDP servers show up at bind(); TCP listeners at listen(), in sock_ops. */
+/* bind() records the owner, which a TCP listener's accepted sockets inherit.
+ * UDP servers are reported here; TCP listeners at listen(), in sock_ops. */
 static __always_inline int on_bind(struct bpf_sock_addr *ctx, __u16 family)
 {
-    if (ctx->type != SOCK_DGRAM || ctx->user_port == 0)
-        return 1;
     __u64 episode = current_episode();
     if (!episode)
+        return 1;
+    struct bpf_sock *sk = ctx->sk;
+    if (sk) {
+        struct sock_state *st = owned_state(sk, episode);
+        if (st)
+            st->start_ns = bpf_ktime_get_ns();
+    }
+    if (ctx->type != SOCK_DGRAM || ctx->user_port == 0)
         return 1;
     struct net_record *r = reserve_net();
     if (!r)
@@ -200,7 +212,7 @@ static __always_inline int on_bind(struct bpf_sock_addr *ctx, __u16 family)
     r->start_ns = r->h.ts_ns;
     r->flags = 0;
     r->ret = 0;
-    events.ringbuf_submit(r, 0);
+    events.ringbuf_submit(r, SUBMIT_FLAGS);
     return 1;
 }
 

@@ -34,15 +34,30 @@ static __always_inline void emit(struct bpf_sock_ops *ops, struct sock_state *st
     r->start_ns = st->start_ns;
     r->flags = st->flags;
     r->ret = 0;
-    events.ringbuf_submit(r, 0);
+    events.ringbuf_submit(r, SUBMIT_FLAGS);
 }
 
 int on_sock_ops(struct bpf_sock_ops *ops)
 {
+    /* sock_ops runs about 17 times per connection: leave early for the ops
+     * and state changes that are not reported. */
+    __u32 op = ops->op;
+    switch (op) {
+    case BPF_SOCK_OPS_TCP_CONNECT_CB:
+    case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+    case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+    case BPF_SOCK_OPS_TCP_LISTEN_CB:
+        break;
+    case BPF_SOCK_OPS_STATE_CB:
+        if (ops->args[1] == TCP_CLOSE)
+            break;
+        return 1;
+    default:
+        return 1;
+    }
     struct bpf_sock *sk = ops->sk;
     if (!sk)
         return 1;
-    __u32 op = ops->op;
     struct sock_state *st = sockets.sk_storage_get(sk, 0, 0);
     if (!st || !st->owner.episode_cgroup_id)
         return 1;   /* not created under a registered episode */
@@ -71,12 +86,9 @@ int on_sock_ops(struct bpf_sock_ops *ops)
         endpoints_from_ops(ops, &st->ep);
         emit(ops, st, REC_LISTENING);
         break;
-    case BPF_SOCK_OPS_STATE_CB:
-        if (ops->args[1] != TCP_CLOSE)
-            break;
-        if (!(st->flags & FLOW_ESTABLISHED)) {
+    case BPF_SOCK_OPS_STATE_CB:      /* to TCP_CLOSE */
+        if (!(st->flags & FLOW_ESTABLISHED))
             st->flags |= FLOW_FAILED;
-        }
         emit(ops, st, REC_FLOW_ENDED);
         break;
     }

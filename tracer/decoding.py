@@ -121,7 +121,32 @@ _PROCESS_TYPES = {RecordType.PROCESS_FORKED, RecordType.PROCESS_ARGS, RecordType
                   RecordType.PROCESS_EXITED}
 
 
+_TYPES = {t.value: t for t in RecordType}     # a dict lookup is much cheaper than RecordType(n)
+_ip_texts: dict[tuple[bytes, int], str | None] = {}
+_comms: dict[bytes, str] = {}
+
+
 def ip_text(raw: bytes, family: int) -> str | None:
+    """Address text, cached: the same few addresses come again and again."""
+    key = (raw, family)
+    text = _ip_texts.get(key, False)
+    if text is False:
+        if len(_ip_texts) >= 4096:
+            _ip_texts.clear()
+        text = _ip_texts[key] = _ip_text(raw, family)
+    return text
+
+
+def _comm_text(raw: bytes) -> str:
+    text = _comms.get(raw)
+    if text is None:
+        if len(_comms) >= 4096:
+            _comms.clear()
+        text = _comms[raw] = raw.split(b"\0", 1)[0].decode(errors="replace")
+    return text
+
+
+def _ip_text(raw: bytes, family: int) -> str | None:
     """Address text; IPv4-mapped IPv6 shows as IPv4, as on the wire. None when unset."""
     if family == socket.AF_INET:
         raw = raw[:4]
@@ -138,13 +163,12 @@ def decode(raw: bytes) -> Record:
     if len(raw) < HEADER.size:
         raise DecodeError(f"record of {len(raw)} bytes is shorter than its header")
     rtype, size, ts, cookie, cgid, epid, tgid, pid, comm = HEADER.unpack_from(raw)
-    try:
-        kind = RecordType(rtype)
-    except ValueError:
-        raise DecodeError(f"unknown record type {rtype}") from None
+    kind = _TYPES.get(rtype)
+    if kind is None:
+        raise DecodeError(f"unknown record type {rtype}")
     if size != len(raw):
         raise DecodeError(f"record type {kind.name} says {size} bytes but has {len(raw)}")
-    header = Header(kind, ts, cookie, Owner(cgid, epid, tgid, pid, comm.split(b"\0", 1)[0].decode(errors="replace")))
+    header = Header(kind, ts, cookie, Owner(cgid, epid, tgid, pid, _comm_text(comm)))
     off = HEADER.size
     if kind in _NET_TYPES:
         (saddr, daddr, sport, dport, family, proto, stype,

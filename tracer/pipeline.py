@@ -19,6 +19,7 @@ from .state.processes import Processes
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 0.25
+POLL_MS = 50          # how often the ring buffer is read: the latency of an event
 
 
 class Clock:
@@ -113,7 +114,7 @@ class Tracer:
         self.stats["events_emitted"] += 1
 
     # -- loop -------------------------------------------------------------------------
-    def poll(self, timeout_ms: int = 100) -> None:
+    def poll(self, timeout_ms: int = POLL_MS) -> None:
         self.probes.poll(timeout_ms)
         now = time.monotonic()
         if now >= self._next_sweep:

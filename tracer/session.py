@@ -32,14 +32,25 @@ def make_tracer(outputs, stats_interval_s: float) -> Tracer:
 
 def _fresh_cgroup(episode_id: str) -> Path:
     parent = cgroups.cgroup2_mount() / RUN_PARENT
-    parent.mkdir(exist_ok=True)
     for attempt in range(100):
-        path = parent / f"{episode_id}.{os.getpid()}" if attempt == 0 else parent / f"{episode_id}.{os.getpid()}.{attempt}"
+        suffix = f".{attempt}" if attempt else ""
         try:
-            return cgroups.create(path)
-        except FileExistsError:
+            parent.mkdir(exist_ok=True)
+            return cgroups.create(parent / f"{episode_id}.{os.getpid()}{suffix}")
+        except (FileExistsError, FileNotFoundError):   # taken, or the parent was just removed
             continue
     raise cgroups.CgroupError(f"cannot make a fresh cgroup for episode {episode_id} under {parent}")
+
+
+def _remove_run_cgroup(cgroup: Path) -> None:
+    try:
+        cgroups.kill_and_remove(cgroup)
+    except cgroups.CgroupError as e:
+        log.warning("%s", e)
+    try:
+        cgroup.parent.rmdir()       # the shared parent goes when the last run leaves it
+    except OSError:
+        pass
 
 
 class _Stop:
@@ -84,10 +95,7 @@ def run_episode(episode_id: str, argv: list[str], outputs, labels: dict[str, str
     finally:
         tracer.probes.close()
         outputs.close()
-        try:
-            cgroups.kill_and_remove(cgroup)
-        except cgroups.CgroupError as e:
-            log.warning("%s", e)
+        _remove_run_cgroup(cgroup)
 
 
 def _wait_for_command(tracer: Tracer, child: subprocess.Popen, stop: _Stop) -> int:
@@ -96,7 +104,7 @@ def _wait_for_command(tracer: Tracer, child: subprocess.Popen, stop: _Stop) -> i
         if stop.signum is not None and not forwarded:
             child.send_signal(stop.signum)
             forwarded = True
-        tracer.poll(100)
+        tracer.poll()
     return child.returncode if child.returncode >= 0 else 128 - child.returncode
 
 
@@ -107,15 +115,15 @@ def _wait_for_descendants(tracer: Tracer, cgroup: Path, grace_s: float, stop: _S
             log.warning("processes still running in episode cgroup %s after %.0fs: killing them", cgroup, grace_s)
             (cgroup / "cgroup.kill").write_text("1")
             break
-        tracer.poll(100)
+        tracer.poll()
     while cgroups.pids(cgroup) and time.monotonic() < deadline + 5:
-        tracer.poll(50)
+        tracer.poll()
 
 
 def _wait_for_flows(tracer: Tracer, grace_s: float, stop: _Stop) -> None:
     deadline = time.monotonic() + grace_s
     while tracer.flows.open_flows() and time.monotonic() < deadline and stop.signum is None:
-        tracer.poll(100)
+        tracer.poll()
     tracer.drain()
     still_open = tracer.flows.open_flows()
     if still_open:
@@ -134,7 +142,7 @@ def watch(outputs, registry: Registry, stats_interval_s: float = 10.0) -> int:
             if time.monotonic() >= next_sync:
                 next_sync = time.monotonic() + SYNC_INTERVAL_S
                 _sync(tracer, registry, attached, warned)
-            tracer.poll(100)
+            tracer.poll()
         tracer.finish()
         return 0
     finally:

@@ -145,7 +145,10 @@ class Probes:
         self.bpf[b"events"].open_ring_buffer(callback)
 
     def poll(self, timeout_ms: int) -> None:
+        """Wait up to timeout_ms, then hand over every record there. The probes
+        wake us only when the buffer fills up, so the timeout paces reading."""
         self.bpf.ring_buffer_poll(timeout_ms)
+        self.bpf.ring_buffer_consume()
 
     def lost(self) -> dict[str, int]:
         """Records the kernel could not send, by reason, summed over CPUs."""
