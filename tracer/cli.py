@@ -42,6 +42,14 @@ def _outputs(specs: tuple[str, ...]):
         raise Failure(str(e), EXIT_BAD_INPUT) from None
 
 
+def _episode_id(episode_id: str) -> str:
+    from .registry import RegistryError, validate_id
+    try:
+        return validate_id(episode_id)
+    except RegistryError as e:
+        raise Failure(str(e), EXIT_BAD_INPUT) from None
+
+
 def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
     from .registry import RegistryError, parse_labels
     try:
@@ -109,11 +117,7 @@ def run(episode_id, outputs, labels, grace, stats_interval, command) -> None:
       sudo eptrace run --episode ep-42 --output file:/tmp/ep-42.ndjson -- curl -s http://198.51.100.1/
       sudo eptrace run --episode ep-42 --label run=ppo-7 -- bash -c 'pip download requests'
     """
-    from .registry import RegistryError, validate_id
-    try:
-        validate_id(episode_id)
-    except RegistryError as e:
-        raise Failure(str(e), EXIT_BAD_INPUT) from None
+    _episode_id(episode_id)
     label_map = _labels(labels)
     _require_root()
     fanout = _outputs(outputs)
@@ -175,11 +179,11 @@ def episode() -> None:
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Extra labels.* on every event.")
 def episode_add(episode_id, cgroup, labels) -> None:
     """Register an existing cgroup as an episode. Its descendants belong to it too."""
-    from .registry import Registry, RegistryError, validate_id
+    from .registry import Registry, RegistryError
+    _episode_id(episode_id)
+    label_map = _labels(labels)
+    _require_root()
     try:
-        validate_id(episode_id)
-        label_map = _labels(labels)
-        _require_root()
         reg = Registry().add(episode_id, cgroup, label_map)
     except RegistryError as e:
         raise Failure(str(e), EXIT_BAD_INPUT) from None
@@ -190,10 +194,10 @@ def episode_add(episode_id, cgroup, labels) -> None:
 @click.option("--id", "episode_id", required=True, metavar="ID")
 def episode_rm(episode_id) -> None:
     """Stop tracing an episode (within a second, if watch runs)."""
-    from .registry import Registry, RegistryError, validate_id
+    from .registry import Registry, RegistryError
+    _episode_id(episode_id)
+    _require_root()
     try:
-        validate_id(episode_id)
-        _require_root()
         Registry().remove(episode_id)
     except RegistryError as e:
         raise Failure(str(e), EXIT_BAD_INPUT) from None

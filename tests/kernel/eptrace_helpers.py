@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from tracer.kernel.cgroups import cgroup2_mount
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EPTRACE = [sys.executable, "-m", "tracer"]
 
@@ -285,15 +287,6 @@ def final_metric(docs: list[dict]) -> dict:
 
 
 # ---- cgroup / registry snapshots ----------------------------------------------------------------------
-
-def cgroup2_mount() -> Path:
-    with open("/proc/mounts") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if len(fields) >= 3 and fields[2] == "cgroup2":
-                return Path(fields[1])
-    raise AssertionError("no cgroup2 mount in /proc/mounts")
-
 
 def run_cgroups() -> set[str]:
     """Names of the cgroups `eptrace run` made under <cgroup2>/eptrace/."""
