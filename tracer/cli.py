@@ -29,6 +29,14 @@ class Failure(click.ClickException):
         click.echo(f"eptrace: error: {self.message}", err=True)
 
 
+class _LowerLevelFormatter(logging.Formatter):
+    """'eptrace: warning: ...', in the same style as the one-line errors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.levelname = record.levelname.lower()
+        return super().format(record)
+
+
 def _require_root() -> None:
     if os.geteuid() != 0:
         raise Failure("eptrace loads eBPF programs and must run as root: try again with sudo", EXIT_NOT_ROOT)
@@ -87,9 +95,9 @@ def cli(verbose: int, state_dir: str | None) -> None:
       sudo eptrace episode add --id ep-43 --cgroup /sys/fs/cgroup/unified/sandbox/ep-43
       sudo eptrace watch --output file:/var/log/eptrace/events.ndjson
     """
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
-                        format="eptrace: %(levelname)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LowerLevelFormatter("eptrace: %(levelname)s: %(message)s"))
+    logging.basicConfig(level=max(logging.WARNING - 10 * verbose, logging.DEBUG), handlers=[handler])
     if state_dir:
         os.environ["EPTRACE_STATE_DIR"] = state_dir
 
@@ -103,7 +111,7 @@ def cli(verbose: int, state_dir: str | None) -> None:
               help="After CMD exits, how long to wait for its children and flows to finish.")
 @click.option("--stats-interval", default=10.0, show_default=True, type=click.FloatRange(0.1, 86400),
               metavar="SECONDS", help="How often health metrics are emitted (and always at exit).")
-@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
 def run(episode_id, outputs, labels, grace, stats_interval, command) -> None:
     """Run CMD as a traced episode, in a fresh cgroup of its own.
 
