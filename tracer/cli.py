@@ -66,6 +66,15 @@ def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
         raise Failure(str(e), EXIT_BAD_INPUT) from None
 
 
+def _config(path: str | None):
+    from .config import ConfigError, load
+    try:
+        return load(path)
+    except ConfigError as e:
+        raise Failure(str(e), EXIT_BAD_INPUT) from None
+
+
+CONFIG_HELP = "A TOML file of detection thresholds and allowlists; every key has a default."
 OUTPUT_HELP = "Where events go: '-' (stdout, the default) or 'file:PATH[?max_mb=N&keep=K]'. Repeat for several."
 
 EPILOG = """\b
@@ -111,8 +120,9 @@ def cli(verbose: int, state_dir: str | None) -> None:
               help="After CMD exits, how long to wait for its children and flows to finish.")
 @click.option("--stats-interval", default=10.0, show_default=True, type=click.FloatRange(0.1, 86400),
               metavar="SECONDS", help="How often health metrics are emitted (and always at exit).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE", help=CONFIG_HELP)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
-def run(episode_id, outputs, labels, grace, stats_interval, command) -> None:
+def run(episode_id, outputs, labels, grace, stats_interval, config_path, command) -> None:
     """Run CMD as a traced episode, in a fresh cgroup of its own.
 
     Events stream until CMD and its children have exited and their flows are closed (at most
@@ -127,6 +137,7 @@ def run(episode_id, outputs, labels, grace, stats_interval, command) -> None:
     """
     _episode_id(episode_id)
     label_map = _labels(labels)
+    config = _config(config_path)
     _require_root()
     fanout = _outputs(outputs)
     from .kernel.cgroups import CgroupError
@@ -134,7 +145,7 @@ def run(episode_id, outputs, labels, grace, stats_interval, command) -> None:
     from .session import run_episode
     try:
         status = run_episode(episode_id, list(command), fanout, labels=label_map, grace_s=grace,
-                             stats_interval_s=stats_interval)
+                             stats_interval_s=stats_interval, config=config)
     except ProbeError as e:
         raise Failure(str(e), EXIT_KERNEL) from None
     except CgroupError as e:
@@ -146,7 +157,8 @@ def run(episode_id, outputs, labels, grace, stats_interval, command) -> None:
 @click.option("--output", "outputs", multiple=True, metavar="SPEC", help=OUTPUT_HELP)
 @click.option("--stats-interval", default=10.0, show_default=True, type=click.FloatRange(0.1, 86400),
               metavar="SECONDS", help="How often health metrics are emitted (and always at exit).")
-def watch(outputs, stats_interval) -> None:
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE", help=CONFIG_HELP)
+def watch(outputs, stats_interval, config_path) -> None:
     """Trace every registered episode, as a daemon, until SIGINT or SIGTERM.
 
     Episodes are registered with 'eptrace episode add'; a registration made while watch runs
@@ -157,13 +169,14 @@ def watch(outputs, stats_interval) -> None:
       sudo eptrace watch
       sudo eptrace watch --output file:/var/log/eptrace/events.ndjson?max_mb=100&keep=10
     """
+    config = _config(config_path)
     _require_root()
     fanout = _outputs(outputs)
     from .kernel.loader import ProbeError
     from .registry import Registry
     from .session import watch as watch_episodes
     try:
-        sys.exit(watch_episodes(fanout, Registry(), stats_interval_s=stats_interval))
+        sys.exit(watch_episodes(fanout, Registry(), stats_interval_s=stats_interval, config=config))
     except ProbeError as e:
         raise Failure(str(e), EXIT_KERNEL) from None
 

@@ -79,4 +79,31 @@ class Metric:
     stats: dict[str, int]
 
 
-Event = NetworkEvent | ProcessEvent | Metric
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A detection rule as data: reviewable, stable, mapped to MITRE ATT&CK."""
+    id: str                   # EPT-0001
+    name: str                 # stable identifier: reverse_tunnel, ...
+    description: str
+    technique_id: str         # T1572
+    technique_name: str
+    tactic_id: str            # TA0011
+    tactic_name: str
+    severity: int             # 0-100 (event.severity)
+
+
+@dataclass(slots=True)
+class Alert:
+    """One finding of a rule, with the events that show it."""
+    rule: Rule
+    timestamp_ns: int
+    episode: Episode
+    cgroup_id: int
+    cgroup_path: str
+    process: Process | None
+    message: str              # says why, with the evidence
+    risk_score: float
+    evidence: list[NetworkEvent] = field(default_factory=list)
+
+
+Event = NetworkEvent | ProcessEvent | Metric | Alert

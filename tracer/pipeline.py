@@ -4,12 +4,14 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 
 from . import decoding
 from .decoding import NetRecord, ProcessRecord, RecordType, SocketRecord
-from .events import Episode, Metric, ProcessEvent
+from .config import Config
+from .detect import Engine
+from .events import Alert, Episode, Metric, NetworkEvent, ProcessEvent
 from .kernel import cgroups
 from .kernel.loader import Probes
 from .state.episodes import Episodes
@@ -36,7 +38,8 @@ class Clock:
 
 
 class Tracer:
-    def __init__(self, probes: Probes, encoder, outputs, stats_interval_s: float = 10.0):
+    def __init__(self, probes: Probes, encoder, outputs, stats_interval_s: float = 10.0,
+                 config: Config | None = None):
         self.probes = probes
         self.encoder = encoder
         self.outputs = outputs
@@ -46,6 +49,8 @@ class Tracer:
         self.episodes = Episodes()
         self.processes = Processes(wall_ns=self.clock.wall_ns)
         self.flows = FlowTable(emit=self.emit, resolve=self._context, wall_ns=self.clock.wall_ns)
+        self.detectors = Engine(config or Config(), parent_of=self.processes.parent_of)
+        self.alerts: deque[Alert] = deque(maxlen=10000)   # the latest, for the run's summary
         self._next_sweep = self._next_stats = time.monotonic()
         self._next_stats += stats_interval_s
         probes.open_records(self._on_record)
@@ -112,6 +117,11 @@ class Tracer:
     def emit(self, event) -> None:
         self.outputs.write(self.encoder.encode_document(event))
         self.stats["events_emitted"] += 1
+        if isinstance(event, (NetworkEvent, ProcessEvent)):
+            for alert in self.detectors.observe(event):
+                self.alerts.append(alert)
+                self.stats["alerts"] += 1
+                self.emit(alert)
 
     # -- loop -------------------------------------------------------------------------
     def poll(self, timeout_ms: int = POLL_MS) -> None:
@@ -139,6 +149,7 @@ class Tracer:
             "records_undecodable": self.stats["records_undecodable"],
             "records_without_episode": self.stats["records_without_episode"],
             "events_emitted": self.stats["events_emitted"],
+            "alerts": self.stats["alerts"],
             "episodes": len(self.episodes),
             "flows_open": len(self.flows.flows),
         }

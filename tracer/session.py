@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .config import Config
 from .kernel import cgroups
 from .kernel.loader import Probes
 from .pipeline import Tracer
@@ -23,11 +24,11 @@ RUN_PARENT = "eptrace"          # run's fresh cgroups live under <cgroup2>/eptra
 SYNC_INTERVAL_S = 0.5           # how often watch re-reads the registrations
 
 
-def make_tracer(outputs, stats_interval_s: float) -> Tracer:
+def make_tracer(outputs, stats_interval_s: float, config: Config | None = None) -> Tracer:
     from .schema.ecs import EcsEncoder
     probes = Probes()
     return Tracer(probes, EcsEncoder(host_name=socket.gethostname(), agent_version=__version__), outputs,
-                  stats_interval_s=stats_interval_s)
+                  stats_interval_s=stats_interval_s, config=config)
 
 
 def _fresh_cgroup(episode_id: str) -> Path:
@@ -66,10 +67,10 @@ class _Stop:
 
 
 def run_episode(episode_id: str, argv: list[str], outputs, labels: dict[str, str] | None = None,
-                grace_s: float = 10.0, stats_interval_s: float = 10.0) -> int:
+                grace_s: float = 10.0, stats_interval_s: float = 10.0, config: Config | None = None) -> int:
     """Trace CMD in a fresh episode cgroup; returns CMD's exit status (128+N if killed by signal N)."""
     validate_id(episode_id)
-    tracer = make_tracer(outputs, stats_interval_s)
+    tracer = make_tracer(outputs, stats_interval_s, config)
     cgroup = _fresh_cgroup(episode_id)
     stop = _Stop()
     try:
@@ -130,9 +131,9 @@ def _wait_for_flows(tracer: Tracer, grace_s: float, stop: _Stop) -> None:
         log.warning("%d flow(s) still open %.0fs after the episode ended; not waiting longer", len(still_open), grace_s)
 
 
-def watch(outputs, registry: Registry, stats_interval_s: float = 10.0) -> int:
+def watch(outputs, registry: Registry, stats_interval_s: float = 10.0, config: Config | None = None) -> int:
     """Trace every registered episode until SIGINT/SIGTERM; registrations are re-read twice a second."""
-    tracer = make_tracer(outputs, stats_interval_s)
+    tracer = make_tracer(outputs, stats_interval_s, config)
     stop = _Stop()
     attached: dict[str, int] = {}          # episode id -> cgroup id
     warned: set[tuple[str, str]] = set()   # (episode id, cgroup) that could not be traced: not retried

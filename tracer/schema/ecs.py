@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from tracer.events import Episode, Metric, NetworkEvent, Process, ProcessEvent
+from tracer.events import Alert, Episode, Metric, NetworkEvent, Process, ProcessEvent
 from tracer.schema.community_id import community_id
 
 ECS_VERSION = "9.4.0"
@@ -34,12 +34,16 @@ PROCESS_ACTIONS: dict[str, tuple[list[str], list[str]]] = {
     "process_started": (["process"], ["start"]),
     "process_ended": (["process"], ["end"]),
 }
+# Alerts: event.kind alert; the rule's name is the action.
+ALERT_CATEGORY_TYPE: tuple[list[str], list[str]] = (["intrusion_detection", "network"], ["info"])
+THREAT_FRAMEWORK = "MITRE ATT&CK"
 # Tracer health: ECS has no "self-monitoring" category; host/info is the closest.
 METRIC_ACTION = "stats"
 METRIC_CATEGORY_TYPE: tuple[list[str], list[str]] = (["host"], ["info"])
 
 # The JSON of every category/type list above, by identity (they are constants).
-_LISTS = {id(lst): json.dumps(lst) for table in (NETWORK_ACTIONS, PROCESS_ACTIONS, {"": METRIC_CATEGORY_TYPE})
+_LISTS = {id(lst): json.dumps(lst) for table in (NETWORK_ACTIONS, PROCESS_ACTIONS,
+                                                 {"m": METRIC_CATEGORY_TYPE, "a": ALERT_CATEGORY_TYPE})
           for pair in table.values() for lst in pair}
 
 # A connection that got this far did succeed, whether or not decoding said so.
@@ -124,8 +128,8 @@ class EcsEncoder:
             return Document(self._process_event(event), "event")
         if isinstance(event, Metric):
             return Document(self._metric(event), "metric")
-        # Alerts (event.kind "alert", rule.*, threat.*, message, related.*) get their
-        # branch here once tracer.detect defines them.
+        if isinstance(event, Alert):
+            return Document(self._alert(event), "alert")
         raise TypeError(f"cannot encode {type(event).__name__} as ECS")
 
     # --- document kinds -------------------------------------------------------
@@ -202,6 +206,43 @@ class EcsEncoder:
         # zeros matter: every counter is kept
         return (self._head(ev.timestamp_ns, "metric", category, types, METRIC_ACTION, "health", None)
                 + f',"eptrace":{{{self._run},"stats":{_j(ev.stats)}}}}}')
+
+    def _alert(self, ev: Alert) -> str:
+        category, types = ALERT_CATEGORY_TYPE
+        rule = ev.rule
+        extra = f',"severity":{int(rule.severity)},"risk_score":{float(ev.risk_score)}'
+        parts = [self._head(ev.timestamp_ns, "alert", category, types, rule.name, "alert", None, extra),
+                 self._context(ev.episode, ev.cgroup_id, ev.cgroup_path), "}"]
+        if ev.process is not None:
+            parts.append(self._process(ev.process))
+        parts.append(',"rule":' + _j({"id": rule.id, "name": rule.name, "description": rule.description,
+                                       "ruleset": AGENT_NAME, "reference": f"https://attack.mitre.org/techniques/"
+                                       f"{rule.technique_id.replace('.', '/')}/"}))
+        parts.append(',"threat":' + _j({"framework": THREAT_FRAMEWORK,
+                                         "technique": {"id": [rule.technique_id], "name": [rule.technique_name]},
+                                         "tactic": {"id": [rule.tactic_id], "name": [rule.tactic_name]}}))
+        parts.append(f',"message":{_j(ev.message)}')
+        ips = sorted({e.ip for ev_ in ev.evidence for e in (ev_.source, ev_.destination) if e is not None and e.ip})
+        if ips:
+            parts.append(',"related":{"ip":' + _j(ips) + "}")
+        cids = [cid for cid in (self._community_id(e) for e in ev.evidence) if cid]
+        if ev.evidence:
+            first = ev.evidence[0]
+            for side, endpoint in (("source", first.source), ("destination", first.destination)):
+                if endpoint is not None and (endpoint.ip or endpoint.port):
+                    fields = {"ip": endpoint.ip} if endpoint.ip else {}
+                    if endpoint.port:
+                        fields["port"] = endpoint.port
+                    parts.append(f',"{side}":{_j(fields)}')
+            network = {"transport": first.transport} if first.transport else {}
+            if first.direction:
+                network["direction"] = first.direction
+            if cids:
+                network["community_id"] = cids[0] if len(set(cids)) == 1 else sorted(set(cids))
+            if network:
+                parts.append(',"network":' + _j(network))
+        parts.append("}")
+        return "".join(parts)
 
     # --- shared parts ---------------------------------------------------------
 
@@ -315,7 +356,10 @@ def format_human(doc: dict[str, Any]) -> str:
     action = event.get("action", "?")
     parts.append(action)
 
-    if event.get("kind") == "metric":
+    if event.get("kind") == "alert":
+        parts[-1] = f"ALERT {doc.get('rule', {}).get('name', action)}:"
+        parts.append(doc.get("message", ""))
+    elif event.get("kind") == "metric":
         stats = doc.get("eptrace", {}).get("stats", {})
         parts.extend(f"{k}={v}" for k, v in stats.items())
     elif action == "process_started":

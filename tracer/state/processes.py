@@ -54,6 +54,11 @@ class Processes:
             self._exited.popitem(last=False)
         return proc
 
+    def parent_of(self, proc: Process) -> Process | None:
+        if not proc.parent_pid or proc.parent_pid == proc.pid:
+            return None
+        return self._live.get(proc.parent_pid) or self._exited.get(proc.parent_pid)
+
     def get(self, owner: Owner) -> Process:
         """The process of a record's owner, creating it from /proc when unseen."""
         pid = owner.tgid

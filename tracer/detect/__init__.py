@@ -1,0 +1,91 @@
+"""Detectors: small pure functions of events and state that yield findings.
+
+The engine turns findings into alerts, once per rule and key (a flow, a
+process, a destination), so a flood of events never floods the SIEM.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+from ..config import Config
+from ..events import Alert, NetworkEvent, Process, ProcessEvent, Rule
+
+MAX_LINEAGE = 16     # ancestors looked at for a tunnel or miner command line
+MAX_FIRED = 262144   # remembered (rule, key) pairs; beyond, the oldest are forgotten
+
+
+@dataclass
+class Finding:
+    rule: Rule
+    key: tuple               # alert once per (rule, key)
+    message: str
+    risk_score: float
+    evidence: list[NetworkEvent] = field(default_factory=list)
+
+
+@dataclass
+class Context:
+    """What detectors may read: the config and a process's ancestry."""
+    config: Config
+    parent_of: Callable[[Process], Process | None]
+
+    def lineage(self, process: Process | None) -> Iterator[Process]:
+        """The process, then its ancestors inside the episode."""
+        seen = 0
+        while process is not None and seen < MAX_LINEAGE:
+            yield process
+            process = self.parent_of(process)
+            seen += 1
+
+    def allowed(self, event) -> bool:
+        process = event.process
+        if process is not None and self.config.allows_executable(process.executable):
+            return True
+        dst = getattr(event, "destination", None)
+        return dst is not None and self.config.allows_destination(dst.ip, dst.port)
+
+
+Detector = Callable[[NetworkEvent | ProcessEvent, Context], Iterable[Finding]]
+
+
+class Engine:
+    def __init__(self, config: Config, parent_of: Callable[[Process], Process | None],
+                 detectors: tuple[Detector, ...] | None = None):
+        from . import commands, network
+        self.context = Context(config, parent_of)
+        self.detectors = detectors or (*network.DETECTORS, *commands.DETECTORS)
+        self._fired: dict[tuple, None] = {}
+
+    def observe(self, event: NetworkEvent | ProcessEvent) -> list[Alert]:
+        if self.context.allowed(event):
+            return []
+        alerts = []
+        for detector in self.detectors:
+            for finding in detector(event, self.context):
+                key = (finding.rule.name, event.episode.id, *finding.key)
+                if key in self._fired:
+                    continue
+                if len(self._fired) >= MAX_FIRED:
+                    self._fired.pop(next(iter(self._fired)))
+                self._fired[key] = None
+                alerts.append(Alert(rule=finding.rule, timestamp_ns=event.timestamp_ns, episode=event.episode,
+                                    cgroup_id=event.cgroup_id, cgroup_path=event.cgroup_path,
+                                    process=event.process, message=finding.message,
+                                    risk_score=finding.risk_score, evidence=finding.evidence))
+        return alerts
+
+
+def who(process: Process | None) -> str:
+    """'ssh (pid 42)' for messages."""
+    if process is None:
+        return "an unknown process"
+    return f"{process.name or '?'} (pid {process.pid})"
+
+
+def where(event: NetworkEvent) -> str:
+    dst = event.destination
+    if dst is None:
+        return "an unknown destination"
+    host = f"[{dst.ip}]" if dst.ip and ":" in dst.ip else (dst.ip or "*")
+    return f"{host}:{dst.port}/{event.transport}" if dst.port else f"{host}/{event.transport}"

@@ -1,0 +1,101 @@
+"""What a command line says about tunnels, shells and miners.
+
+Each classifier returns the evidence (a short human phrase) or None. Only
+argv that is conclusive on its own is matched here; weaker hints feed scores.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+# ssh options that take an argument (ssh(1)); the rest are boolean flags that may be combined: -NfR.
+_SSH_ARG_OPTIONS = set("BbcDEeFIiJLlmOoPpQRSWw")
+_SSH_FORWARD_FLAGS = {"R": "remote forward (-R)", "L": "local forward (-L)", "D": "dynamic SOCKS proxy (-D)",
+                      "w": "tun device tunnel (-w)"}
+_SSH_FORWARD_OPTIONS = {"remoteforward", "localforward", "dynamicforward", "tunnel", "tunneldevice"}
+_TUNNEL_TOOLS = {"autossh", "sshuttle", "chisel", "frpc", "ngrok", "cloudflared", "wstunnel", "iodine",
+                 "dnscat", "dnscat2", "hans", "ptunnel", "ptunnel-ng", "gost", "bore", "rathole"}
+_MINERS = {"xmrig", "xmr-stak", "minerd", "cpuminer", "ccminer", "ethminer", "t-rex", "nbminer", "lolminer",
+           "gminer", "phoenixminer", "nanominer", "srbminer", "teamredminer", "bfgminer", "cgminer"}
+_MINER_ARGS = re.compile(r"stratum\+(tcp|ssl|tls)://|--donate-level|--algo[= ](rx/|cn/|randomx|kawpow|ethash)"
+                         r"|--coin[= ](monero|xmr)|-a\s+rx/0", re.I)
+_SHELLS = {"sh", "bash", "dash", "zsh", "ksh", "ash", "busybox", "fish", "tcsh", "csh"}
+
+
+def name_of(args: list[str], executable: str = "") -> str:
+    return os.path.basename(args[0] if args else executable)
+
+
+def ssh_forwarding(args: list[str]) -> str | None:
+    """ssh -R/-L/-D/-w (combined flags too) or -o RemoteForward/LocalForward/DynamicForward/Tunnel."""
+    i = 1
+    while i < len(args):
+        arg = args[i]
+        if arg == "--" or not arg.startswith("-") or arg == "-":
+            break   # the destination: what follows is the remote command
+        j = 1
+        while j < len(arg):
+            flag = arg[j]
+            if flag in _SSH_FORWARD_FLAGS:
+                return _SSH_FORWARD_FLAGS[flag]
+            if flag in _SSH_ARG_OPTIONS:
+                value = arg[j + 1:] or (args[i + 1] if i + 1 < len(args) else "")
+                if flag == "o" and value.split("=", 1)[0].split(None, 1)[0].lower() in _SSH_FORWARD_OPTIONS:
+                    return f"-o {value}"
+                if not arg[j + 1:]:
+                    i += 1      # the value was the next argument
+                break
+            j += 1
+        i += 1
+    return None
+
+
+def tunnel_argv(args: list[str], executable: str = "") -> str | None:
+    name = name_of(args, executable)
+    if name in ("ssh", "dbclient") and (why := ssh_forwarding(args)):
+        return f"ssh {why}"
+    if name in _TUNNEL_TOOLS:
+        return f"tunnel tool {name}"
+    if name == "socat" and _socat_relay(args):
+        return "socat listener/relay"
+    return None
+
+
+def _socat_relay(args: list[str]) -> bool:
+    addresses = [a.upper() for a in args[1:] if not a.startswith("-")]
+    listens = any(a.startswith(("TCP-LISTEN", "TCP4-LISTEN", "TCP6-LISTEN", "UDP-LISTEN", "SOCKS")) for a in addresses)
+    connects = any(a.startswith(("TCP:", "TCP4:", "TCP6:", "OPENSSL:", "SOCKS4", "PROXY:")) for a in addresses)
+    return len(addresses) >= 2 and (listens or connects) and not _socat_exec(args)
+
+
+def _socat_exec(args: list[str]) -> bool:
+    return any(a.upper().startswith(("EXEC:", "SYSTEM:")) for a in args[1:])
+
+
+def shell_argv(args: list[str], executable: str = "") -> str | None:
+    """Command lines that wire a shell to the network by themselves."""
+    name = name_of(args, executable)
+    text = " ".join(args)
+    if name in ("nc", "ncat", "netcat", "nc.traditional", "nc.openbsd"):
+        for opt in ("-e", "-c", "--sh-exec", "--lua-exec", "--exec"):
+            if any(a == opt or a.startswith(opt + "=") for a in args[1:]):
+                return f"{name} {opt}"
+    if name == "socat" and _socat_exec(args):
+        return "socat EXEC:/SYSTEM:"
+    if "/dev/tcp/" in text or "/dev/udp/" in text:
+        return "shell redirection to /dev/tcp"
+    if "pty.spawn" in text and "socket" in text:
+        return "python pty shell over a socket"
+    return None
+
+
+def miner_argv(args: list[str], executable: str = "") -> str | None:
+    name = name_of(args, executable).lower()
+    if name in _MINERS:
+        return f"miner {name}"
+    m = _MINER_ARGS.search(" ".join(args))
+    return f"miner option {m.group(0)}" if m else None
+
+
+def is_shell(args: list[str], executable: str = "") -> bool:
+    return name_of(args, executable) in _SHELLS

@@ -1,0 +1,47 @@
+"""Rules on where the sandbox connects and what sockets it opens:
+cloud_metadata_access, raw_socket, inbound_listener."""
+from __future__ import annotations
+
+import ipaddress
+from typing import Iterator
+
+from ..events import NetworkEvent
+from . import Context, Finding, rules, where, who
+
+OUTBOUND = ("connection_attempted", "udp_sent")
+
+
+def cloud_metadata(event, ctx: Context) -> Iterator[Finding]:
+    if not isinstance(event, NetworkEvent) or event.action not in OUTBOUND or event.destination is None:
+        return
+    ip = event.destination.ip
+    if ip in ctx.config.cloud_metadata.addresses:
+        yield Finding(rules.CLOUD_METADATA_ACCESS, (event.process and event.process.pid, ip),
+                      f"{who(event.process)} in episode {event.episode.id} connected to the cloud metadata "
+                      f"service at {where(event)}, where instance credentials are served",
+                      rules.CLOUD_METADATA_ACCESS.severity, [event])
+
+
+def raw_socket(event, ctx: Context) -> Iterator[Finding]:
+    if not isinstance(event, NetworkEvent) or event.action != "socket_created" or event.outcome == "failure":
+        return
+    if event.socket_type == "SOCK_RAW" or event.socket_family == "AF_PACKET":
+        kind = f"{event.socket_family} {event.socket_type} protocol {event.socket_protocol}"
+        yield Finding(rules.RAW_SOCKET, (event.process and event.process.pid, kind),
+                      f"{who(event.process)} in episode {event.episode.id} opened a raw socket ({kind}): it can "
+                      "craft packets and tunnel outside TCP/UDP", rules.RAW_SOCKET.severity, [event])
+
+
+def inbound_listener(event, ctx: Context) -> Iterator[Finding]:
+    if not isinstance(event, NetworkEvent) or event.action != "connection_accepted" or event.source is None:
+        return
+    src = event.source.ip
+    if src and not ipaddress.ip_address(src).is_loopback:
+        listener = event.destination.port if event.destination else "?"
+        yield Finding(rules.INBOUND_LISTENER, (listener, src),
+                      f"{who(event.process)} in episode {event.episode.id} accepted a connection from {src} on its "
+                      f"listener port {listener}: the sandbox is reachable from outside",
+                      rules.INBOUND_LISTENER.severity, [event])
+
+
+DETECTORS = (cloud_metadata, raw_socket, inbound_listener)

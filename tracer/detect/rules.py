@@ -1,0 +1,32 @@
+"""The rule catalog: every rule eptrace can raise, as data (DESIGN.md names)."""
+from __future__ import annotations
+
+from ..events import Rule
+
+REVERSE_TUNNEL = Rule(
+    "EPT-0001", "reverse_tunnel",
+    "An outbound-initiated flow carries a tunnel back into or out of the sandbox (ssh -R/-L/-D/-w, "
+    "autossh, chisel, frpc, ngrok, cloudflared, socat relays, ...)",
+    "T1572", "Protocol Tunneling", "TA0011", "Command and Control", 73)
+REVERSE_SHELL = Rule(
+    "EPT-0002", "reverse_shell",
+    "A shell or interpreter is wired to a network socket (nc -e, socat EXEC:, bash /dev/tcp, pty shells)",
+    "T1059.004", "Command and Scripting Interpreter: Unix Shell", "TA0002", "Execution", 99)
+CRYPTO_MINING = Rule(
+    "EPT-0003", "crypto_mining",
+    "A miner runs or speaks a mining protocol (stratum+tcp://, xmrig options, Stratum JSON-RPC)",
+    "T1496", "Resource Hijacking", "TA0040", "Impact", 73)
+CLOUD_METADATA_ACCESS = Rule(
+    "EPT-0004", "cloud_metadata_access",
+    "The sandbox reached for the cloud instance metadata service, where instance credentials live",
+    "T1552.005", "Unsecured Credentials: Cloud Instance Metadata API", "TA0006", "Credential Access", 73)
+RAW_SOCKET = Rule(
+    "EPT-0007", "raw_socket",
+    "A raw or packet socket was opened: it can forge traffic and bypass socket-level policy",
+    "T1095", "Non-Application Layer Protocol", "TA0011", "Command and Control", 47)
+INBOUND_LISTENER = Rule(
+    "EPT-0008", "inbound_listener",
+    "A sandbox listener accepted a connection from a non-local address",
+    "T1133", "External Remote Services", "TA0001", "Initial Access", 47)
+
+ALL = (REVERSE_TUNNEL, REVERSE_SHELL, CRYPTO_MINING, CLOUD_METADATA_ACCESS, RAW_SOCKET, INBOUND_LISTENER)
