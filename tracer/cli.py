@@ -12,6 +12,7 @@ from . import __version__
 
 # Exit statuses, documented in --help.
 EXIT_BAD_INPUT = 2
+EXIT_ALERTED = 3
 EXIT_NOT_ROOT = 4
 EXIT_KERNEL = 5
 
@@ -80,7 +81,8 @@ OUTPUT_HELP = "Where events go: '-' (stdout, the default) or 'file:PATH[?max_mb=
 EPILOG = """\b
 Exit status:
   0   success (run: the command's own status is passed through)
-  2   bad input: an invalid episode id, label, output or cgroup
+  2   bad input: an invalid episode id, label, output, config or cgroup
+  3   run --fail-on-alert: the episode raised an alert (see --verdict)
   4   not running as root
   5   the kernel refused the probes (see: eptrace doctor)
 """
@@ -121,8 +123,13 @@ def cli(verbose: int, state_dir: str | None) -> None:
 @click.option("--stats-interval", default=10.0, show_default=True, type=click.FloatRange(0.1, 86400),
               metavar="SECONDS", help="How often health metrics are emitted (and always at exit).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE", help=CONFIG_HELP)
+@click.option("--verdict", "verdict_path", type=click.Path(dir_okay=False, writable=True), metavar="PATH",
+              help="Also write the end-of-episode summary as JSON to PATH.")
+@click.option("--fail-on-alert", is_flag=True,
+              help=f"Exit {EXIT_ALERTED} if the episode raised any alert, whatever CMD's own status.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
-def run(episode_id, outputs, labels, grace, stats_interval, config_path, command) -> None:
+def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict_path, fail_on_alert,
+        command) -> None:
     """Run CMD as a traced episode, in a fresh cgroup of its own.
 
     Events stream until CMD and its children have exited and their flows are closed (at most
@@ -144,13 +151,20 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, command
     from .kernel.loader import ProbeError
     from .session import run_episode
     try:
-        status = run_episode(episode_id, list(command), fanout, labels=label_map, grace_s=grace,
-                             stats_interval_s=stats_interval, config=config)
+        verdict = run_episode(episode_id, list(command), fanout, labels=label_map, grace_s=grace,
+                              stats_interval_s=stats_interval, config=config)
     except ProbeError as e:
         raise Failure(str(e), EXIT_KERNEL) from None
     except CgroupError as e:
         raise Failure(str(e), EXIT_KERNEL) from None
-    sys.exit(status)
+    click.echo(verdict.human(), err=True)
+    if verdict_path:
+        try:
+            with open(verdict_path, "w") as f:
+                f.write(verdict.to_json() + "\n")
+        except OSError as e:
+            log.error("cannot write the verdict to %s: %s", verdict_path, e.strerror)
+    sys.exit(EXIT_ALERTED if fail_on_alert and verdict.alerted else verdict.exit_code)
 
 
 @cli.command()

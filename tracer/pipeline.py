@@ -4,14 +4,14 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from collections import Counter, deque
+from collections import Counter
 from pathlib import Path
 
 from . import decoding
 from .decoding import NetRecord, ProcessRecord, RecordType, SocketRecord
 from .config import Config
 from .detect import Engine
-from .events import Alert, Episode, Metric, NetworkEvent, ProcessEvent
+from .events import Episode, Metric, NetworkEvent, ProcessEvent
 from .kernel import cgroups
 from .kernel.loader import Probes
 from .state.episodes import Episodes
@@ -50,7 +50,7 @@ class Tracer:
         self.processes = Processes(wall_ns=self.clock.wall_ns)
         self.flows = FlowTable(emit=self.emit, resolve=self._context, wall_ns=self.clock.wall_ns)
         self.detectors = Engine(config or Config(), parent_of=self.processes.parent_of)
-        self.alerts: deque[Alert] = deque(maxlen=10000)   # the latest, for the run's summary
+        self.observers: list = []          # callables that see every emitted event (verdicts)
         self._next_sweep = self._next_stats = time.monotonic()
         self._next_stats += stats_interval_s
         probes.open_records(self._on_record)
@@ -117,9 +117,10 @@ class Tracer:
     def emit(self, event) -> None:
         self.outputs.write(self.encoder.encode_document(event))
         self.stats["events_emitted"] += 1
+        for observe in self.observers:
+            observe(event)
         if isinstance(event, (NetworkEvent, ProcessEvent)):
             for alert in self.detectors.observe(event):
-                self.alerts.append(alert)
                 self.stats["alerts"] += 1
                 self.emit(alert)
 

@@ -17,6 +17,7 @@ from .kernel import cgroups
 from .kernel.loader import Probes
 from .pipeline import Tracer
 from .registry import Registry, validate_id
+from .verdict import Verdict, VerdictBuilder
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,13 @@ class _Stop:
 
 
 def run_episode(episode_id: str, argv: list[str], outputs, labels: dict[str, str] | None = None,
-                grace_s: float = 10.0, stats_interval_s: float = 10.0, config: Config | None = None) -> int:
-    """Trace CMD in a fresh episode cgroup; returns CMD's exit status (128+N if killed by signal N)."""
+                grace_s: float = 10.0, stats_interval_s: float = 10.0, config: Config | None = None) -> Verdict:
+    """Trace CMD in a fresh episode cgroup. The verdict's exit_code is CMD's status
+    (128+N if it was killed by signal N)."""
     validate_id(episode_id)
     tracer = make_tracer(outputs, stats_interval_s, config)
+    builder = VerdictBuilder(episode_id)
+    tracer.observers.append(builder.observe)
     cgroup = _fresh_cgroup(episode_id)
     stop = _Stop()
     try:
@@ -87,12 +91,15 @@ def run_episode(episode_id: str, argv: list[str], outputs, labels: dict[str, str
             child = subprocess.Popen(argv, preexec_fn=enter_cgroup, stdout=child_stdout)
         except OSError as e:
             log.error("cannot start %s: %s", argv[0], e.strerror)
-            return 127 if isinstance(e, FileNotFoundError) else 126
+            builder.verdict.exit_code = 127 if isinstance(e, FileNotFoundError) else 126
+            return builder.verdict
         status = _wait_for_command(tracer, child, stop)
         _wait_for_descendants(tracer, cgroup, grace_s, stop)
         _wait_for_flows(tracer, grace_s, stop)
         tracer.finish()
-        return status
+        builder.verdict.exit_code = status
+        builder.verdict.records_lost = sum(tracer.probes.lost().values())
+        return builder.verdict
     finally:
         tracer.probes.close()
         outputs.close()

@@ -1,0 +1,80 @@
+"""An episode's verdict: what it did on the network and what it raised, for the
+orchestrator that decides its reward (stderr summary, --verdict JSON, API)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from .events import Alert, NetworkEvent
+
+MAX_DESTINATIONS = 200      # listed in full up to this many; the count is always exact
+
+
+@dataclass
+class Verdict:
+    episode_id: str
+    exit_code: int | None = None
+    connections: int = 0            # outbound connection attempts (TCP and connected UDP)
+    connections_failed: int = 0
+    flows_ended: int = 0
+    bytes_out: int = 0              # payload bytes sent by the sandbox
+    bytes_in: int = 0
+    destinations: list[str] = field(default_factory=list)
+    destination_count: int = 0
+    alerts: list[dict] = field(default_factory=list)
+    records_lost: int = 0
+
+    @property
+    def alerted(self) -> bool:
+        return bool(self.alerts)
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "alerted": self.alerted}, indent=2)
+
+    def human(self) -> str:
+        lines = [f"episode {self.episode_id}: exit {self.exit_code}, {self.connections} connection(s) "
+                 f"({self.connections_failed} failed), {self.flows_ended} flow(s) ended, "
+                 f"{self.bytes_out} B out / {self.bytes_in} B in, {self.destination_count} destination(s), "
+                 f"{len(self.alerts)} alert(s), {self.records_lost} record(s) lost"]
+        if self.destinations:
+            shown = self.destinations[:10]
+            more = self.destination_count - len(shown)
+            lines.append("  destinations: " + ", ".join(shown) + (f" and {more} more" if more > 0 else ""))
+        for alert in self.alerts:
+            lines.append(f"  ALERT {alert['rule']} (severity {alert['severity']}): {alert['message']}")
+        return "\n".join(lines)
+
+
+class VerdictBuilder:
+    """Watches one episode's events as they are emitted."""
+
+    def __init__(self, episode_id: str):
+        self.verdict = Verdict(episode_id)
+        self._destinations: set[str] = set()
+
+    def observe(self, event) -> None:
+        if getattr(event, "episode", None) is None or event.episode.id != self.verdict.episode_id:
+            return
+        v = self.verdict
+        if isinstance(event, Alert):
+            v.alerts.append({"rule": event.rule.name, "rule_id": event.rule.id, "severity": event.rule.severity,
+                             "message": event.message, "pid": event.process.pid if event.process else None})
+        elif isinstance(event, NetworkEvent):
+            if event.action in ("connection_attempted", "udp_sent") and event.destination is not None:
+                v.connections += event.action == "connection_attempted"
+                v.connections_failed += event.outcome == "failure"
+                dst = event.destination
+                text = f"[{dst.ip}]:{dst.port}/{event.transport}" if ":" in (dst.ip or "") else \
+                    f"{dst.ip}:{dst.port}/{event.transport}"
+                if text not in self._destinations:
+                    self._destinations.add(text)
+                    v.destination_count += 1
+                    if len(v.destinations) < MAX_DESTINATIONS:
+                        v.destinations.append(text)
+            elif event.action == "flow_ended":
+                v.flows_ended += 1
+                inbound = event.direction == "ingress"
+                sent, received = ((event.destination_bytes, event.source_bytes) if inbound
+                                  else (event.source_bytes, event.destination_bytes))
+                v.bytes_out += sent or 0
+                v.bytes_in += received or 0
