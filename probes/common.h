@@ -34,6 +34,9 @@ struct connect_in_flight {
 };
 BPF_HASH(connects_in_flight, __u64, struct connect_in_flight, 16384);
 
+/* Settings written by userspace: [0] flow update interval (ns). */
+BPF_ARRAY(settings, __u64, 1);
+
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(lost, __u64, LOSS_REASONS);
 
@@ -43,9 +46,13 @@ struct sock_state {
     struct owner owner;
     struct endpoints ep;
     struct counters c;
+    struct activity a;
     __u64 start_ns;
+    __u64 last_update_ns;     /* the last REC_FLOW_UPDATE */
     __u32 flags;
-    __u32 pad;
+    __u8 captured_out;        /* data packets captured this way (PAYLOAD_PACKETS at most) */
+    __u8 captured_in;
+    __u16 pad;
 };
 BPF_F_TABLE("sk_storage", int, struct sock_state, sockets, 0,
             BPF_F_NO_PREALLOC | BPF_F_CLONE);
@@ -70,6 +77,14 @@ static __always_inline struct net_record *reserve_net(void)
 static __always_inline struct socket_record *reserve_socket(void)
 {
     struct socket_record *r = events.ringbuf_reserve(sizeof(struct socket_record));
+    if (!r)
+        count_lost(LOST_RINGBUF_FULL);
+    return r;
+}
+
+static __always_inline struct payload_record *reserve_payload(void)
+{
+    struct payload_record *r = events.ringbuf_reserve(sizeof(struct payload_record));
     if (!r)
         count_lost(LOST_RINGBUF_FULL);
     return r;

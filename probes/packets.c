@@ -2,9 +2,9 @@
  * sees one record per flow, never one per packet. */
 #include "common.h"
 
-/* Payload bytes: the packet minus its IP and TCP/UDP headers, read directly
- * (cgroup_skb sees the packet from the IP header on). */
-static __always_inline __u32 payload_len(struct __sk_buff *skb, __u8 protocol)
+/* The length of the IP and TCP/UDP headers, read directly (cgroup_skb sees the
+ * packet from the IP header on); 0 when they cannot be read. */
+static __always_inline __u32 header_len(struct __sk_buff *skb, __u8 protocol)
 {
     void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
     __u32 ip_len = 40;
@@ -23,8 +23,75 @@ static __always_inline __u32 payload_len(struct __sk_buff *skb, __u8 protocol)
     } else if (protocol == IPPROTO_UDP) {
         l4_len = 8;
     }
-    __u32 headers = ip_len + l4_len;
-    return skb->len > headers ? skb->len - headers : 0;
+    return ip_len + l4_len;
+}
+
+/* Silences of >= 1 s mark the start of an exchange: who breaks them, and how
+ * long they last, shows keep-alive cadence and role inversion. */
+static __always_inline void note_activity(struct activity *a, __u64 now, int egress)
+{
+    __u64 last = a->last_ns;
+    a->last_ns = now;
+    if (!last || now - last < 1000000000ULL)
+        return;
+    __u64 gap_s = (now - last) / 1000000000ULL;
+    __u32 bucket = 0;
+    for (int i = 0; i < GAP_BUCKETS - 1; i++)
+        if (gap_s >> (i + 1))
+            bucket = i + 1;
+    if (bucket < GAP_BUCKETS)
+        a->gaps[bucket]++;
+    if (egress)
+        a->exchanges_out++;
+    else
+        a->exchanges_in++;
+}
+
+static __always_inline void capture_payload(struct __sk_buff *skb, struct sock_state *st, __u32 headers,
+                                            __u32 bytes, int egress, __u8 index)
+{
+    struct payload_record *r = reserve_payload();
+    if (!r)
+        return;
+    fill_header(&r->h, REC_PAYLOAD, sizeof(*r), bpf_get_socket_cookie(skb), &st->owner);
+    r->ep = st->ep;
+    r->total = bytes;
+    r->egress = egress;
+    r->index = index;
+    __u64 len = bytes < PAYLOAD_LEN ? bytes : PAYLOAD_LEN;
+    /* Opaque to the compiler, so the bound checks below reach the verifier. */
+    asm volatile("%[len] &= 0x1ff" : [len] "+r"(len));
+    if (len < 1 || len > PAYLOAD_LEN)
+        len = 0;
+    else if (bpf_skb_load_bytes(skb, headers, r->data, len))
+        len = 0;
+    r->len = len;
+    events.ringbuf_submit(r, SUBMIT_FLAGS);
+}
+
+static __always_inline void report_update(struct __sk_buff *skb, struct sock_state *st, __u64 now)
+{
+    __u32 key = 0;
+    __u64 *interval = settings.lookup(&key);
+    if (!interval || !*interval || !st->last_update_ns) {
+        if (!st->last_update_ns)
+            st->last_update_ns = now;
+        return;
+    }
+    if (now - st->last_update_ns < *interval)
+        return;
+    st->last_update_ns = now;
+    struct net_record *r = reserve_net();
+    if (!r)
+        return;
+    fill_header(&r->h, REC_FLOW_UPDATE, sizeof(*r), bpf_get_socket_cookie(skb), &st->owner);
+    r->ep = st->ep;
+    r->c = st->c;
+    r->a = st->a;
+    r->start_ns = st->start_ns;
+    r->flags = st->flags;
+    r->ret = 0;
+    events.ringbuf_submit(r, SUBMIT_FLAGS);
 }
 
 /* Episode of a socket made before its cgroup was registered: from the socket's cgroup. */
@@ -76,7 +143,9 @@ static __always_inline int count_packet(struct __sk_buff *skb, int egress)
             __builtin_memcpy(st->ep.saddr, a, 16);
         }
     }
-    __u32 bytes = payload_len(skb, sk->protocol);
+    __u8 protocol = sk->protocol;
+    __u32 headers = header_len(skb, protocol);
+    __u32 bytes = skb->len > headers ? skb->len - headers : 0;
     __u32 segs = skb->gso_segs > 1 ? skb->gso_segs : 1;
     if (egress) {
         __sync_fetch_and_add(&st->c.bytes_out, bytes);
@@ -85,6 +154,20 @@ static __always_inline int count_packet(struct __sk_buff *skb, int egress)
         __sync_fetch_and_add(&st->c.bytes_in, bytes);
         __sync_fetch_and_add(&st->c.packets_in, segs);
     }
+    if (!bytes || !headers)
+        return 1;                   /* handshakes and bare ACKs: counted, nothing more */
+    __u64 now = bpf_ktime_get_ns();
+    note_activity(&st->a, now, egress);
+    /* The first data packets each way name the protocol; every DNS query counts. */
+    __u8 *captured = egress ? &st->captured_out : &st->captured_in;
+    int dns_query = egress && protocol == IPPROTO_UDP && st->ep.dport == 53;
+    if (*captured < PAYLOAD_PACKETS || dns_query) {
+        __u8 index = *captured;
+        if (*captured < 255)
+            (*captured)++;
+        capture_payload(skb, st, headers, bytes, egress, index);
+    }
+    report_update(skb, st, now);
     return 1;
 }
 

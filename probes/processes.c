@@ -182,6 +182,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
         return 0;
     __builtin_memset(&r->ep, 0, sizeof(r->ep));
     __builtin_memset(&r->c, 0, sizeof(r->c));
+    __builtin_memset(&r->a, 0, sizeof(r->a));
     struct owner o = {};
     fill_current_owner(&o, current_episode());
     fill_header(&r->h, REC_CONNECT_RESULT, sizeof(*r), c, &o);

@@ -23,6 +23,8 @@ enum record_type {
     REC_PROCESS_ARGS = 10,    /* argv at execve() entry */
     REC_PROCESS_EXEC = 11,
     REC_PROCESS_EXITED = 12,
+    REC_PAYLOAD = 13,         /* the first bytes of a flow in one direction; every DNS query */
+    REC_FLOW_UPDATE = 14,     /* counters of an active flow, at most once per update interval */
 };
 
 /* Who did it: true at task-context hooks, copied from socket storage elsewhere. */
@@ -67,10 +69,20 @@ struct socket_record {        /* REC_SOCKET_CREATED */
     __s32 ret;                /* socket() result when seen at the syscall, else 0 */
 };
 
-struct net_record {           /* CONNECT, UDP_SENT, LISTENING, ESTABLISHED, ACCEPTED, FLOW_ENDED */
+/* When a flow talks: enough to tell keep-alive cadence and who speaks first. */
+#define GAP_BUCKETS 8
+struct activity {
+    __u64 last_ns;            /* the last packet, either way */
+    __u32 exchanges_out;      /* bursts after >= 1 s of silence that the sandbox started */
+    __u32 exchanges_in;       /* ... that the peer started */
+    __u16 gaps[GAP_BUCKETS];  /* those silences by length: [1,2) [2,4) ... [64,128) >=128 s */
+};
+
+struct net_record {           /* CONNECT, UDP_SENT, LISTENING, ESTABLISHED, ACCEPTED, FLOW_UPDATE, FLOW_ENDED */
     struct record_header h;
     struct endpoints ep;
     struct counters c;
+    struct activity a;
     __u64 start_ns;           /* when the socket's flow began (FLOW_ENDED) */
     __u32 flags;              /* FLOW_* */
     __s32 ret;                /* CONNECT_RESULT: syscall return */
@@ -80,6 +92,19 @@ struct net_record {           /* CONNECT, UDP_SENT, LISTENING, ESTABLISHED, ACCE
 #define FLOW_ESTABLISHED 2    /* the handshake completed */
 #define FLOW_ACCEPTED    4    /* inbound connection to a sandbox listener */
 #define FLOW_FAILED      8    /* closed before it was established */
+
+#define PAYLOAD_LEN 256
+#define PAYLOAD_PACKETS 2     /* data packets captured per direction of a flow */
+struct payload_record {       /* REC_PAYLOAD */
+    struct record_header h;
+    struct endpoints ep;
+    __u32 len;                /* bytes in data */
+    __u32 total;              /* payload bytes of the packet */
+    __u8 egress;              /* 1: sandbox -> peer */
+    __u8 index;               /* 0 for the first data packet this way, 1 for the second... */
+    __u8 pad[6];
+    __u8 data[PAYLOAD_LEN];
+};
 
 struct process_record {       /* FORKED, ARGS, EXEC, EXITED */
     struct record_header h;

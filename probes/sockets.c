@@ -74,6 +74,7 @@ int on_sock_release(struct bpf_sock *sk)
     r->ep.protocol = sk->protocol;
     r->ep.socktype = sk->type;
     r->c = st->c;
+    r->a = st->a;
     r->start_ns = st->start_ns;
     r->flags = st->flags;
     r->ret = 0;
@@ -106,6 +107,7 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, __u16 family)
     if (r) {
         __builtin_memset(&r->ep, 0, sizeof(r->ep));
         __builtin_memset(&r->c, 0, sizeof(r->c));
+        __builtin_memset(&r->a, 0, sizeof(r->a));
         struct owner o = {};
         if (st)
             o = st->owner;
@@ -163,6 +165,7 @@ static __always_inline int on_sendmsg(struct bpf_sock_addr *ctx, __u16 family)
         return 1;
     __builtin_memset(&r->ep, 0, sizeof(r->ep));
     __builtin_memset(&r->c, 0, sizeof(r->c));
+    __builtin_memset(&r->a, 0, sizeof(r->a));
     struct owner o = {};
     fill_current_owner(&o, episode);
     fill_header(&r->h, REC_UDP_SENT, sizeof(*r), key.cookie, &o);
@@ -201,6 +204,7 @@ static __always_inline int on_bind(struct bpf_sock_addr *ctx, __u16 family)
         return 1;
     __builtin_memset(&r->ep, 0, sizeof(r->ep));
     __builtin_memset(&r->c, 0, sizeof(r->c));
+    __builtin_memset(&r->a, 0, sizeof(r->a));
     struct owner o = {};
     fill_current_owner(&o, episode);
     fill_header(&r->h, REC_LISTENING, sizeof(*r), bpf_get_socket_cookie(ctx), &o);

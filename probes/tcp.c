@@ -31,6 +31,7 @@ static __always_inline void emit(struct bpf_sock_ops *ops, struct sock_state *st
     fill_header(&r->h, type, sizeof(*r), bpf_get_socket_cookie(ops), &st->owner);
     r->ep = st->ep;
     r->c = st->c;
+    r->a = st->a;
     r->start_ns = st->start_ns;
     r->flags = st->flags;
     r->ret = 0;
@@ -77,6 +78,9 @@ int on_sock_ops(struct bpf_sock_ops *ops)
         /* The storage was cloned from the listener: start this flow afresh. */
         endpoints_from_ops(ops, &st->ep);
         __builtin_memset(&st->c, 0, sizeof(st->c));
+        __builtin_memset(&st->a, 0, sizeof(st->a));
+        st->captured_out = st->captured_in = 0;
+        st->last_update_ns = 0;
         st->start_ns = bpf_ktime_get_ns();
         st->flags = FLOW_ACCEPTED | FLOW_ESTABLISHED;
         bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);

@@ -22,6 +22,18 @@ class Flows:
 
 
 @dataclass(frozen=True)
+class ReverseTunnel:
+    alert_score: int = 70                   # sum of signal points that raises reverse_tunnel (see detect/tunnels.py)
+
+
+@dataclass(frozen=True)
+class Dns:
+    long_query_chars: int = 80              # a query name longer than this is a tunnel signal
+    unique_subdomains: int = 200            # distinct names under one domain per window, per episode
+    window_seconds: float = 900.0
+
+
+@dataclass(frozen=True)
 class CloudMetadata:
     addresses: tuple[str, ...] = ("169.254.169.254", "fd00:ec2::254", "169.254.170.2")
     hostnames: tuple[str, ...] = ("metadata.google.internal",)
@@ -39,6 +51,8 @@ class Allowlist:
 @dataclass(frozen=True)
 class Config:
     flows: Flows = field(default_factory=Flows)
+    reverse_tunnel: ReverseTunnel = field(default_factory=ReverseTunnel)
+    dns: Dns = field(default_factory=Dns)
     cloud_metadata: CloudMetadata = field(default_factory=CloudMetadata)
     allowlist: Allowlist = field(default_factory=Allowlist)
 

@@ -22,6 +22,8 @@ class RecordType(IntEnum):
     PROCESS_ARGS = 10
     PROCESS_EXEC = 11
     PROCESS_EXITED = 12
+    PAYLOAD = 13
+    FLOW_UPDATE = 14
 
 
 # Flow flags (FLOW_* in records.h).
@@ -32,13 +34,18 @@ FLOW_FAILED = 8
 
 # struct record_header: type, size, ts_ns, cookie, owner{cgroup_id, episode_cgroup_id, tgid, pid, comm[16]}
 HEADER = struct.Struct("<IIQQQQII16s")
-# struct endpoints + counters + start_ns, flags, ret
-NET_BODY = struct.Struct("<16s16sHHHBB QQQQ QIi")
+# struct endpoints + counters + activity + start_ns, flags, ret
+NET_BODY = struct.Struct("<16s16sHHHBB QQQQ QII8H QIi")
+GAP_BUCKETS = 8
+# struct endpoints + len, total, egress, index, pad[6], data[PAYLOAD_LEN]
+PAYLOAD_LEN = 256
+PAYLOAD_BODY = struct.Struct("<16s16sHHHBB IIBB6x")
 SOCKET_BODY = struct.Struct("<IIIi")
 PROCESS_BODY = struct.Struct("<IIiI")
 ARGS_BUF = 1024 + 256   # ARGS_LEN + ARG_CHUNK
 
 NET_RECORD_SIZE = HEADER.size + NET_BODY.size
+PAYLOAD_RECORD_SIZE = HEADER.size + PAYLOAD_BODY.size + PAYLOAD_LEN
 SOCKET_RECORD_SIZE = HEADER.size + SOCKET_BODY.size
 PROCESS_RECORD_SIZE = HEADER.size + PROCESS_BODY.size + ARGS_BUF
 
@@ -82,9 +89,28 @@ class NetRecord:
     bytes_in: int
     packets_out: int
     packets_in: int
+    last_activity_ns: int  # CLOCK_MONOTONIC of the last data packet, 0 if none
+    exchanges_out: int     # bursts after >= 1 s of silence started by the sandbox
+    exchanges_in: int      # ... started by the peer
+    gaps: tuple[int, ...]  # those silences by length: [1,2) [2,4) ... >=128 s
     start_ns: int
     flags: int
     ret: int
+
+
+@dataclass(slots=True)
+class PayloadRecord:
+    header: Header
+    family: int
+    protocol: int
+    local_ip: str | None
+    local_port: int
+    remote_ip: str | None
+    remote_port: int
+    egress: bool
+    index: int             # 0: the first data packet this way
+    total: int             # payload bytes of the packet
+    data: bytes            # its first PAYLOAD_LEN bytes at most
 
 
 @dataclass(slots=True)
@@ -113,10 +139,10 @@ class ProcessRecord:
         return self.data.split(b"\0", 1)[0].decode(errors="replace")
 
 
-Record = NetRecord | SocketRecord | ProcessRecord
+Record = NetRecord | SocketRecord | ProcessRecord | PayloadRecord
 
 _NET_TYPES = {RecordType.CONNECT, RecordType.CONNECT_RESULT, RecordType.UDP_SENT, RecordType.LISTENING,
-              RecordType.ESTABLISHED, RecordType.ACCEPTED, RecordType.FLOW_ENDED}
+              RecordType.ESTABLISHED, RecordType.ACCEPTED, RecordType.FLOW_ENDED, RecordType.FLOW_UPDATE}
 _PROCESS_TYPES = {RecordType.PROCESS_FORKED, RecordType.PROCESS_ARGS, RecordType.PROCESS_EXEC,
                   RecordType.PROCESS_EXITED}
 
@@ -171,10 +197,17 @@ def decode(raw: bytes) -> Record:
     header = Header(kind, ts, cookie, Owner(cgid, epid, tgid, pid, _comm_text(comm)))
     off = HEADER.size
     if kind in _NET_TYPES:
-        (saddr, daddr, sport, dport, family, proto, stype,
-         b_out, b_in, p_out, p_in, start, flags, ret) = NET_BODY.unpack_from(raw, off)
+        (saddr, daddr, sport, dport, family, proto, stype, b_out, b_in, p_out, p_in,
+         last, ex_out, ex_in, *rest) = NET_BODY.unpack_from(raw, off)
+        gaps, (start, flags, ret) = tuple(rest[:GAP_BUCKETS]), rest[GAP_BUCKETS:]
         return NetRecord(header, family, proto, stype, ip_text(saddr, family), sport, ip_text(daddr, family), dport,
-                         b_out, b_in, p_out, p_in, start, flags, ret)
+                         b_out, b_in, p_out, p_in, last, ex_out, ex_in, gaps, start, flags, ret)
+    if kind == RecordType.PAYLOAD:
+        (saddr, daddr, sport, dport, family, proto, _stype,
+         length, total, egress, index) = PAYLOAD_BODY.unpack_from(raw, off)
+        off += PAYLOAD_BODY.size
+        return PayloadRecord(header, family, proto, ip_text(saddr, family), sport, ip_text(daddr, family), dport,
+                             bool(egress), index, total, raw[off:off + min(length, PAYLOAD_LEN)])
     if kind == RecordType.SOCKET_CREATED:
         family, stype, proto, ret = SOCKET_BODY.unpack_from(raw, off)
         return SocketRecord(header, family, stype, proto, ret)

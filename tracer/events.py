@@ -57,9 +57,30 @@ class NetworkEvent:
     destination_bytes: int | None = None
     source_packets: int | None = None
     destination_packets: int | None = None
+    protocol: str | None = None         # network.protocol from the first bytes: ssh, tls, http, dns, stratum
+    protocol_details: dict | None = None  # e.g. {"sni": ...}, {"qname": ...}, {"method": ...}
     socket_family: str | None = None    # socket_created: AF_PACKET, AF_INET, ...
     socket_type: str | None = None      # SOCK_RAW, SOCK_DGRAM, ...
     socket_protocol: int | None = None
+
+
+@dataclass(slots=True)
+class PayloadSeen:
+    """Internal (never a document): the first bytes of a flow one way, or a DNS query,
+    named by tracer.protocols. Detectors see it at once."""
+    timestamp_ns: int
+    episode: Episode
+    cgroup_id: int
+    cgroup_path: str
+    process: Process | None
+    cookie: int
+    transport: str
+    egress: bool
+    source: Endpoint | None
+    destination: Endpoint | None
+    data: bytes
+    protocol: str | None
+    details: dict
 
 
 @dataclass(slots=True)

@@ -11,7 +11,7 @@ from . import decoding
 from .decoding import NetRecord, ProcessRecord, RecordType, SocketRecord
 from .config import Config
 from .detect import Engine
-from .events import Episode, Metric, NetworkEvent, ProcessEvent
+from .events import Episode, Metric, NetworkEvent, PayloadSeen, ProcessEvent
 from .kernel import cgroups
 from .kernel.loader import Probes
 from .state.episodes import Episodes
@@ -48,8 +48,12 @@ class Tracer:
         self.stats: Counter[str] = Counter()
         self.episodes = Episodes()
         self.processes = Processes(wall_ns=self.clock.wall_ns)
-        self.flows = FlowTable(emit=self.emit, resolve=self._context, wall_ns=self.clock.wall_ns)
-        self.detectors = Engine(config or Config(), parent_of=self.processes.parent_of)
+        self.config = config or Config()
+        self.flows = FlowTable(emit=self.emit, resolve=self._context, wall_ns=self.clock.wall_ns,
+                               observe=self._inspect,
+                               update_interval_ns=int(self.config.flows.update_interval_seconds * 1e9))
+        probes.set_flow_update_interval(self.flows.update_interval_ns)
+        self.detectors = Engine(self.config, parent_of=self.processes.parent_of, flow_of=self.flows.flows.get)
         self.observers: list = []          # callables that see every emitted event (verdicts)
         self._next_sweep = self._next_stats = time.monotonic()
         self._next_stats += stats_interval_s
@@ -113,6 +117,12 @@ class Tracer:
                 proc, action = self.processes.on_exit(rec), "process_ended"
             self.emit(ProcessEvent(action=action, timestamp_ns=self.clock.wall_ns(rec.header.ts_ns),
                                    episode=episode, cgroup_id=cgroup_id, cgroup_path=path, process=proc))
+
+    def _inspect(self, seen: PayloadSeen) -> None:
+        """First bytes and DNS queries: to the detectors only, not to the outputs."""
+        for alert in self.detectors.observe(seen):
+            self.stats["alerts"] += 1
+            self.emit(alert)
 
     def emit(self, event) -> None:
         self.outputs.write(self.encoder.encode_document(event))

@@ -16,7 +16,7 @@ PROCESS = Process(pid=100, name="python3")
 def rec(kind, cookie=7, ts=1_000, local=("198.51.100.2", 40000), remote=("198.51.100.1", 80), proto=6,
         socktype=1, flags=0, ret=0, counts=(0, 0, 0, 0), start=0):
     return NetRecord(Header(kind, ts, cookie, Owner(42, 42, 100, 100, "python3")), socket.AF_INET, proto, socktype,
-                     local[0], local[1], remote[0], remote[1], *counts, start, flags, ret)
+                     local[0], local[1], remote[0], remote[1], *counts, 0, 0, 0, (0,) * 8, start, flags, ret)
 
 
 @pytest.fixture

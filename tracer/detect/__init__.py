@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from ..config import Config
-from ..events import Alert, NetworkEvent, Process, ProcessEvent, Rule
+from ..events import Alert, NetworkEvent, PayloadSeen, Process, ProcessEvent, Rule
 
 MAX_LINEAGE = 16     # ancestors looked at for a tunnel or miner command line
 MAX_FIRED = 262144   # remembered (rule, key) pairs; beyond, the oldest are forgotten
@@ -26,9 +26,10 @@ class Finding:
 
 @dataclass
 class Context:
-    """What detectors may read: the config and a process's ancestry."""
+    """What detectors may read: the config, a process's ancestry, and open flows by cookie."""
     config: Config
     parent_of: Callable[[Process], Process | None]
+    flow_of: Callable[[int], object | None] = lambda cookie: None
 
     def lineage(self, process: Process | None) -> Iterator[Process]:
         """The process, then its ancestors inside the episode."""
@@ -46,18 +47,21 @@ class Context:
         return dst is not None and self.config.allows_destination(dst.ip, dst.port)
 
 
-Detector = Callable[[NetworkEvent | ProcessEvent, Context], Iterable[Finding]]
+Detector = Callable[[NetworkEvent | ProcessEvent | PayloadSeen, Context], Iterable[Finding]]
 
 
 class Engine:
     def __init__(self, config: Config, parent_of: Callable[[Process], Process | None],
+                 flow_of: Callable[[int], object | None] = lambda cookie: None,
                  detectors: tuple[Detector, ...] | None = None):
-        from . import commands, network
-        self.context = Context(config, parent_of)
-        self.detectors = detectors or (*network.DETECTORS, *commands.DETECTORS)
+        from . import commands, network, payloads, tunnels
+        self.context = Context(config, parent_of, flow_of)
+        # payload and tunnel detectors keep windows of their own: fresh ones per engine
+        self.detectors = detectors or (*network.DETECTORS, *commands.DETECTORS, *payloads.detectors(),
+                                       *tunnels.detectors())
         self._fired: dict[tuple, None] = {}
 
-    def observe(self, event: NetworkEvent | ProcessEvent) -> list[Alert]:
+    def observe(self, event: NetworkEvent | ProcessEvent | PayloadSeen) -> list[Alert]:
         if self.context.allowed(event):
             return []
         alerts = []

@@ -77,9 +77,19 @@ def shell_argv(args: list[str], executable: str = "") -> str | None:
     name = name_of(args, executable)
     text = " ".join(args)
     if name in ("nc", "ncat", "netcat", "nc.traditional", "nc.openbsd"):
-        for opt in ("-e", "-c", "--sh-exec", "--lua-exec", "--exec"):
+        for opt in ("--sh-exec", "--lua-exec", "--exec"):
             if any(a == opt or a.startswith(opt + "=") for a in args[1:]):
                 return f"{name} {opt}"
+        # -e runs a program in every nc that has it; -c runs a shell command in ncat and
+        # nc.traditional (in OpenBSD's nc it only means CRLF). getopt allows -nve and -e/bin/sh.
+        exec_flags = "ec" if name in ("ncat", "nc.traditional") else "e"
+        for a in args[1:]:
+            if a.startswith("-") and not a.startswith("--"):
+                for flag in a[1:]:
+                    if flag in exec_flags:
+                        return f"{name} -{flag}"
+                    if not flag.isalpha():
+                        break
     if name == "socat" and _socat_exec(args):
         return "socat EXEC:/SYSTEM:"
     if "/dev/tcp/" in text or "/dev/udp/" in text:

@@ -24,7 +24,7 @@ def reverse_tunnel(event, ctx: Context) -> Iterator[Finding]:
     for proc in ctx.lineage(event.process):
         why = argv.tunnel_argv(proc.args, proc.executable)
         if why:
-            yield Finding(rules.REVERSE_TUNNEL, (proc.pid,),
+            yield Finding(rules.REVERSE_TUNNEL, ("flow", event.cookie),   # the same key as the score
                           f"{who(event.process)} in episode {event.episode.id} opened an outbound flow to "
                           f"{where(event)} for a tunnel: {why} in `{' '.join(proc.args)[:300]}`"
                           + ("" if proc is event.process else f" (its ancestor {who(proc)})"),

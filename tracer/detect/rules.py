@@ -20,6 +20,10 @@ CLOUD_METADATA_ACCESS = Rule(
     "EPT-0004", "cloud_metadata_access",
     "The sandbox reached for the cloud instance metadata service, where instance credentials live",
     "T1552.005", "Unsecured Credentials: Cloud Instance Metadata API", "TA0006", "Credential Access", 73)
+DNS_TUNNEL = Rule(
+    "EPT-0005", "dns_tunnel",
+    "DNS queries carry data: names too long, or too many distinct names under one domain",
+    "T1071.004", "Application Layer Protocol: DNS", "TA0011", "Command and Control", 73)
 RAW_SOCKET = Rule(
     "EPT-0007", "raw_socket",
     "A raw or packet socket was opened: it can forge traffic and bypass socket-level policy",
@@ -29,4 +33,5 @@ INBOUND_LISTENER = Rule(
     "A sandbox listener accepted a connection from a non-local address",
     "T1133", "External Remote Services", "TA0001", "Initial Access", 47)
 
-ALL = (REVERSE_TUNNEL, REVERSE_SHELL, CRYPTO_MINING, CLOUD_METADATA_ACCESS, RAW_SOCKET, INBOUND_LISTENER)
+ALL = (REVERSE_TUNNEL, REVERSE_SHELL, CRYPTO_MINING, CLOUD_METADATA_ACCESS, DNS_TUNNEL, RAW_SOCKET,
+       INBOUND_LISTENER)

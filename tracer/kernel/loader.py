@@ -135,6 +135,10 @@ class Probes:
         levels[ctypes.c_int(0)] = ctypes.c_uint32(lo)
         levels[ctypes.c_int(1)] = ctypes.c_uint32(hi)
 
+    def set_flow_update_interval(self, ns: int) -> None:
+        """How often an active flow reports its counters (REC_FLOW_UPDATE)."""
+        self.bpf[b"settings"][ctypes.c_int(0)] = ctypes.c_uint64(ns)
+
     # -- records ----------------------------------------------------------------
     def open_records(self, handle: Callable[[bytes], None]) -> None:
         """Call handle(raw_record) for every ring-buffer record from poll()."""

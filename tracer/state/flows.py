@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..decoding import (FLOW_ACCEPTED, FLOW_FAILED, FLOW_INITIATED, PROTOCOLS, SOCKET_TYPES, NetRecord,
-                        RecordType, SocketRecord)
-from ..events import Endpoint, Episode, NetworkEvent, Process
+                        PayloadRecord, RecordType, SocketRecord)
+from ..events import Endpoint, Episode, NetworkEvent, PayloadSeen, Process
+from ..protocols import Sighting, identify
 
 ATTEMPT_GRACE_NS = 1_000_000_000
 MAX_FLOWS = 262144
@@ -42,6 +43,18 @@ class Flow:
     failed_error: str | None = None
     failed_at_ns: int | None = None           # closed before established; awaiting the errno
     established: bool = False
+    initiated: bool = True                    # False for an inbound connection to a sandbox listener
+    latest: NetRecord | None = None           # the last FLOW_UPDATE: counters and activity
+    sightings: list[tuple[bool, Sighting]] = field(default_factory=list)   # (egress, what)
+    reported_ns: int = 0                      # when flow_updated last went out (monotonic)
+
+    @property
+    def protocol(self) -> Sighting | None:
+        return self.sightings[0][1] if self.sightings else None
+
+    def saw(self, protocol: str, **details) -> bool:
+        return any(s.protocol == protocol and all(s.details.get(k) == v for k, v in details.items())
+                   for _, s in self.sightings)
 
 
 def transport_name(protocol: int, socktype: int) -> str:
@@ -50,12 +63,18 @@ def transport_name(protocol: int, socktype: int) -> str:
     return PROTOCOLS.get(protocol, str(protocol))
 
 
+MAX_SIGHTINGS = 8
+
+
 @dataclass
 class FlowTable:
-    """Holds open flows and emits NetworkEvents through `emit`."""
+    """Holds open flows and emits NetworkEvents through `emit`; first bytes go to
+    `observe` (detectors) as PayloadSeen, never as documents."""
     emit: Callable[[NetworkEvent], None]
-    resolve: Callable[[NetRecord | SocketRecord], tuple[Episode, int, str, Process] | None]
+    resolve: Callable[[NetRecord | SocketRecord | PayloadRecord], tuple[Episode, int, str, Process] | None]
     wall_ns: Callable[[int], int]
+    observe: Callable[[PayloadSeen], None] = lambda seen: None
+    update_interval_ns: int = 10_000_000_000
     flows: dict[int, Flow] = field(default_factory=dict)
 
     def _event(self, action: str, rec, flow: Flow | None, ctx, **fields) -> NetworkEvent:
@@ -71,7 +90,15 @@ class FlowTable:
         if isinstance(rec, SocketRecord):
             self._socket_created(rec, ctx)
             return
+        if isinstance(rec, PayloadRecord):
+            self._payload(rec, ctx)
+            return
         kind = rec.header.type
+        if kind == RecordType.FLOW_UPDATE:
+            flow = self.flows.get(rec.header.cookie)
+            if flow is not None:
+                flow.latest = rec
+            return
         if kind == RecordType.CONNECT:
             self._connect(rec, ctx)
         elif kind == RecordType.CONNECT_RESULT:
@@ -156,6 +183,7 @@ class FlowTable:
     def _accepted(self, rec: NetRecord, ctx) -> None:
         flow = self._flow_from(rec, ctx)
         flow.established = True
+        flow.initiated = False
         self.emit(self._event("connection_accepted", rec, flow, ctx, network_type=flow.network_type,
                               transport="tcp", direction="ingress", outcome="success",
                               source=flow.remote, destination=flow.local))
@@ -192,12 +220,31 @@ class FlowTable:
         else:
             src, dst = local, remote
             sb, db, sp, dp = rec.bytes_out, rec.bytes_in, rec.packets_out, rec.packets_in
+        sighting = flow.protocol if flow else None
         self.emit(self._event("flow_ended", rec, flow, ctx, network_type=FAMILIES.get(rec.family),
+                              protocol=sighting.protocol if sighting else None,
+                              protocol_details=sighting.details if sighting else None,
                               transport=transport_name(rec.protocol, rec.socktype),
                               direction="ingress" if inbound else "egress", outcome="success",
                               source=src or None, destination=dst or None,
                               duration_ns=max(0, rec.header.ts_ns - start),
                               source_bytes=sb, destination_bytes=db, source_packets=sp, destination_packets=dp))
+
+    def _payload(self, rec: PayloadRecord, ctx) -> None:
+        episode, cgroup_id, cgroup_path, process = ctx
+        transport = transport_name(rec.protocol, 1 if rec.protocol == 6 else 2)
+        local = Endpoint(rec.local_ip, rec.local_port) if rec.local_ip or rec.local_port else None
+        remote = Endpoint(rec.remote_ip, rec.remote_port) if rec.remote_ip or rec.remote_port else None
+        flow = self.flows.get(rec.header.cookie)
+        if flow is not None:
+            local, remote = flow.local or local, flow.remote or remote
+        sighting = identify(rec.data, remote.port if remote else None, transport)
+        if flow is not None and sighting is not None and len(flow.sightings) < MAX_SIGHTINGS:
+            flow.sightings.append((rec.egress, sighting))
+        src, dst = (local, remote) if rec.egress else (remote, local)
+        self.observe(PayloadSeen(self.wall_ns(rec.header.ts_ns), episode, cgroup_id, cgroup_path, process,
+                                 rec.header.cookie, transport, rec.egress, src, dst, rec.data,
+                                 sighting.protocol if sighting else None, sighting.details if sighting else {}))
 
     def _socket_created(self, rec: SocketRecord, ctx) -> None:
         failed = rec.ret < 0
@@ -210,8 +257,10 @@ class FlowTable:
 
     # -- sweeps --------------------------------------------------------------------
     def sweep(self, now_mono_ns: int, final: bool = False) -> None:
-        """Resolve attempts whose outcome did not come in time."""
+        """Resolve attempts whose outcome did not come in time, and report long flows."""
         for flow in list(self.flows.values()):
+            if flow.established and not final:
+                self._report_if_due(flow, now_mono_ns)
             if flow.attempt is None:
                 continue
             failed_at = flow.failed_at_ns
@@ -221,6 +270,29 @@ class FlowTable:
                 self._resolve_attempt(flow, "failure" if failed_at else "unknown")
                 if failed_at:
                     self.flows.pop(flow.cookie, None)
+
+    def _report_if_due(self, flow: Flow, now_mono_ns: int) -> None:
+        """flow_updated for a flow open longer than the interval, once per interval."""
+        since = max(flow.start_ns, flow.reported_ns)
+        if now_mono_ns - since < self.update_interval_ns:
+            return
+        flow.reported_ns = now_mono_ns
+        latest = flow.latest
+        inbound = not flow.initiated
+        out_b, in_b, out_p, in_p = ((latest.bytes_out, latest.bytes_in, latest.packets_out, latest.packets_in)
+                                    if latest else (0, 0, 0, 0))
+        sighting = flow.protocol
+        fields = dict(network_type=flow.network_type, transport=flow.transport,
+                      direction="ingress" if inbound else "egress", outcome="success",
+                      source=flow.remote if inbound else flow.local, destination=flow.local if inbound else flow.remote,
+                      duration_ns=now_mono_ns - flow.start_ns,
+                      source_bytes=in_b if inbound else out_b, destination_bytes=out_b if inbound else in_b,
+                      source_packets=in_p if inbound else out_p, destination_packets=out_p if inbound else in_p,
+                      protocol=sighting.protocol if sighting else None,
+                      protocol_details=sighting.details if sighting else None)
+        self.emit(NetworkEvent(action="flow_updated", timestamp_ns=self.wall_ns(now_mono_ns), episode=flow.episode,
+                               cgroup_id=flow.cgroup_id, cgroup_path=flow.cgroup_path, process=flow.process,
+                               cookie=flow.cookie, **fields))
 
     def open_flows(self) -> list[Flow]:
         return [f for f in self.flows.values() if f.established]
