@@ -26,6 +26,17 @@ static __always_inline __u32 header_len(struct __sk_buff *skb, __u8 protocol)
     return ip_len + l4_len;
 }
 
+/* The UDP destination port of an egress packet, from the packet itself: an
+ * unconnected socket has none recorded. */
+static __always_inline __u16 udp_dport(struct __sk_buff *skb, __u32 headers)
+{
+    void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+    __u8 *port = data + ((headers - 8) & 0x7f) + 2;     /* UDP header: sport, dport */
+    if ((void *)(port + 2) > end)
+        return 0;
+    return ((__u16)port[0] << 8) | port[1];
+}
+
 /* Silences of >= 1 s mark the start of an exchange: who breaks them, and how
  * long they last, shows keep-alive cadence and role inversion. */
 static __always_inline void note_activity(struct activity *a, __u64 now, int egress)
@@ -47,14 +58,15 @@ static __always_inline void note_activity(struct activity *a, __u64 now, int egr
         a->exchanges_in++;
 }
 
-static __always_inline void capture_payload(struct __sk_buff *skb, struct sock_state *st, __u32 headers,
-                                            __u32 bytes, int egress, __u8 index)
+static __always_inline void capture_payload(struct __sk_buff *skb, struct sock_state *st, __u8 protocol,
+                                            __u32 headers, __u32 bytes, int egress, __u8 index)
 {
     struct payload_record *r = reserve_payload();
     if (!r)
         return;
     fill_header(&r->h, REC_PAYLOAD, sizeof(*r), bpf_get_socket_cookie(skb), &st->owner);
     r->ep = st->ep;
+    r->ep.protocol = protocol;          /* unconnected sockets have no endpoints recorded */
     r->total = bytes;
     r->egress = egress;
     r->index = index;
@@ -160,12 +172,12 @@ static __always_inline int count_packet(struct __sk_buff *skb, int egress)
     note_activity(&st->a, now, egress);
     /* The first data packets each way name the protocol; every DNS query counts. */
     __u8 *captured = egress ? &st->captured_out : &st->captured_in;
-    int dns_query = egress && protocol == IPPROTO_UDP && st->ep.dport == 53;
+    int dns_query = egress && protocol == IPPROTO_UDP && udp_dport(skb, headers) == 53;
     if (*captured < PAYLOAD_PACKETS || dns_query) {
         __u8 index = *captured;
         if (*captured < 255)
             (*captured)++;
-        capture_payload(skb, st, headers, bytes, egress, index);
+        capture_payload(skb, st, protocol, headers, bytes, egress, index);
     }
     report_update(skb, st, now);
     return 1;

@@ -236,8 +236,8 @@ class FlowTable:
         local = Endpoint(rec.local_ip, rec.local_port) if rec.local_ip or rec.local_port else None
         remote = Endpoint(rec.remote_ip, rec.remote_port) if rec.remote_ip or rec.remote_port else None
         flow = self.flows.get(rec.header.cookie)
-        if flow is not None:
-            local, remote = flow.local or local, flow.remote or remote
+        if flow is not None:   # it knows the peer of an unconnected UDP socket, from udp_sent
+            transport, local, remote = flow.transport, flow.local or local, flow.remote or remote
         sighting = identify(rec.data, remote.port if remote else None, transport)
         if flow is not None and sighting is not None and len(flow.sightings) < MAX_SIGHTINGS:
             flow.sightings.append((rec.egress, sighting))
