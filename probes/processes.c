@@ -192,3 +192,24 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
     events.ringbuf_submit(r, SUBMIT_FLAGS);
     return 0;
 }
+
+/* A descriptor duplicated onto stdin, stdout or stderr: userspace checks whether
+ * it is a socket (a reverse shell's tell) while the process still holds it. */
+static __always_inline int record_stdio_dup(unsigned int oldfd, unsigned int newfd)
+{
+    if (newfd > 2 || oldfd == newfd)
+        return 0;
+    __u64 episode = current_episode();
+    if (!episode)
+        return 0;
+    struct process_record *r = process_record(REC_STDIO_DUP, episode);
+    if (!r)
+        return 0;
+    r->parent_tgid = oldfd;
+    r->child_pid = newfd;
+    events.ringbuf_submit(r, SUBMIT_FLAGS);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_dup2) { return record_stdio_dup(args->oldfd, args->newfd); }
+TRACEPOINT_PROBE(syscalls, sys_enter_dup3) { return record_stdio_dup(args->oldfd, args->newfd); }

@@ -25,6 +25,7 @@ enum record_type {
     REC_PROCESS_EXITED = 12,
     REC_PAYLOAD = 13,         /* the first bytes of a flow in one direction; every DNS query */
     REC_FLOW_UPDATE = 14,     /* counters of an active flow, at most once per update interval */
+    REC_STDIO_DUP = 15,       /* dup2/dup3 onto fd 0, 1 or 2: parent_tgid = old fd, child_pid = new fd */
 };
 
 /* Who did it: true at task-context hooks, copied from socket storage elsewhere. */
@@ -106,7 +107,7 @@ struct payload_record {       /* REC_PAYLOAD */
     __u8 data[PAYLOAD_LEN];
 };
 
-struct process_record {       /* FORKED, ARGS, EXEC, EXITED */
+struct process_record {       /* FORKED, ARGS, EXEC, EXITED, STDIO_DUP */
     struct record_header h;
     __u32 parent_tgid;        /* FORKED: the parent; EXEC: old pid */
     __u32 child_pid;          /* FORKED */

@@ -24,6 +24,7 @@ class RecordType(IntEnum):
     PROCESS_EXITED = 12
     PAYLOAD = 13
     FLOW_UPDATE = 14
+    STDIO_DUP = 15
 
 
 # Flow flags (FLOW_* in records.h).
@@ -125,8 +126,8 @@ class SocketRecord:
 @dataclass(slots=True)
 class ProcessRecord:
     header: Header
-    parent_tgid: int      # FORKED: parent; EXEC: old pid
-    child_pid: int
+    parent_tgid: int      # FORKED: parent; EXEC: old pid; STDIO_DUP: the old fd
+    child_pid: int        # FORKED: the child; STDIO_DUP: the new fd (0, 1 or 2)
     exit_code: int
     data: bytes           # ARGS: NUL-separated argv; EXEC: filename
 
@@ -144,7 +145,7 @@ Record = NetRecord | SocketRecord | ProcessRecord | PayloadRecord
 _NET_TYPES = {RecordType.CONNECT, RecordType.CONNECT_RESULT, RecordType.UDP_SENT, RecordType.LISTENING,
               RecordType.ESTABLISHED, RecordType.ACCEPTED, RecordType.FLOW_ENDED, RecordType.FLOW_UPDATE}
 _PROCESS_TYPES = {RecordType.PROCESS_FORKED, RecordType.PROCESS_ARGS, RecordType.PROCESS_EXEC,
-                  RecordType.PROCESS_EXITED}
+                  RecordType.PROCESS_EXITED, RecordType.STDIO_DUP}
 
 
 _TYPES = {t.value: t for t in RecordType}     # a dict lookup is much cheaper than RecordType(n)

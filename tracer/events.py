@@ -84,6 +84,22 @@ class PayloadSeen:
 
 
 @dataclass(slots=True)
+class StdioSocket:
+    """Internal (never a document): a process has a network socket on stdin, stdout or stderr."""
+    timestamp_ns: int
+    episode: Episode
+    cgroup_id: int
+    cgroup_path: str
+    process: Process
+    fd: int
+    how: str                  # "dup2" or "exec" (found when a shell or interpreter started)
+    transport: str
+    source: Endpoint          # the process's end
+    destination: Endpoint     # the peer
+    state: str
+
+
+@dataclass(slots=True)
 class ProcessEvent:
     action: str               # process_started / process_ended
     timestamp_ns: int

@@ -7,11 +7,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from . import decoding
+from . import decoding, procfs
 from .decoding import NetRecord, ProcessRecord, RecordType, SocketRecord
 from .config import Config
 from .detect import Engine
-from .events import Episode, Metric, NetworkEvent, PayloadSeen, ProcessEvent
+from .detect.argv import is_shell_or_interpreter
+from .events import Episode, Metric, NetworkEvent, PayloadSeen, ProcessEvent, StdioSocket
 from .kernel import cgroups
 from .kernel.loader import Probes
 from .state.episodes import Episodes
@@ -106,6 +107,10 @@ class Tracer:
             self.processes.on_fork(rec)
         elif kind == RecordType.PROCESS_ARGS:
             self.processes.on_args(rec)
+        elif kind == RecordType.STDIO_DUP:
+            ctx = self._context(rec)
+            if ctx is not None:
+                self._check_stdio(rec.header.ts_ns, ctx, self.processes.get(rec.header.owner), (rec.child_pid,), "dup2")
         elif kind in (RecordType.PROCESS_EXEC, RecordType.PROCESS_EXITED):
             ctx = self._context(rec)
             if ctx is None:
@@ -117,9 +122,22 @@ class Tracer:
                 proc, action = self.processes.on_exit(rec), "process_ended"
             self.emit(ProcessEvent(action=action, timestamp_ns=self.clock.wall_ns(rec.header.ts_ns),
                                    episode=episode, cgroup_id=cgroup_id, cgroup_path=path, process=proc))
+            if kind == RecordType.PROCESS_EXEC and is_shell_or_interpreter(proc.args, proc.executable):
+                self._check_stdio(rec.header.ts_ns, ctx, proc, (0, 1), "exec")
 
-    def _inspect(self, seen: PayloadSeen) -> None:
-        """First bytes and DNS queries: to the detectors only, not to the outputs."""
+    def _check_stdio(self, ts_ns: int, ctx, proc, fds, how: str) -> None:
+        """Is there a network socket on these stdio fds? /proc says, while the process lives."""
+        episode, cgroup_id, path, _ = ctx
+        for fd in fds:
+            found = procfs.socket_on_fd(proc.pid, fd)
+            if found is not None:
+                transport, local, remote, state = found
+                self._inspect(StdioSocket(self.clock.wall_ns(ts_ns), episode, cgroup_id, path, proc, fd, how,
+                                          transport, local, remote, state))
+                return
+
+    def _inspect(self, seen: PayloadSeen | StdioSocket) -> None:
+        """First bytes, DNS queries, sockets on stdio: to the detectors only, not to the outputs."""
         for alert in self.detectors.observe(seen):
             self.stats["alerts"] += 1
             self.emit(alert)

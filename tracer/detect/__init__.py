@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from ..config import Config
-from ..events import Alert, NetworkEvent, PayloadSeen, Process, ProcessEvent, Rule
+from ..events import Alert, NetworkEvent, PayloadSeen, Process, ProcessEvent, Rule, StdioSocket
 
 MAX_LINEAGE = 16     # ancestors looked at for a tunnel or miner command line
 MAX_FIRED = 262144   # remembered (rule, key) pairs; beyond, the oldest are forgotten
@@ -47,7 +47,7 @@ class Context:
         return dst is not None and self.config.allows_destination(dst.ip, dst.port)
 
 
-Detector = Callable[[NetworkEvent | ProcessEvent | PayloadSeen, Context], Iterable[Finding]]
+Detector = Callable[[NetworkEvent | ProcessEvent | PayloadSeen | StdioSocket, Context], Iterable[Finding]]
 
 
 class Engine:
@@ -61,7 +61,7 @@ class Engine:
                                        *tunnels.detectors())
         self._fired: dict[tuple, None] = {}
 
-    def observe(self, event: NetworkEvent | ProcessEvent | PayloadSeen) -> list[Alert]:
+    def observe(self, event: NetworkEvent | ProcessEvent | PayloadSeen | StdioSocket) -> list[Alert]:
         if self.context.allowed(event):
             return []
         alerts = []

@@ -107,5 +107,11 @@ def miner_argv(args: list[str], executable: str = "") -> str | None:
     return f"miner option {m.group(0)}" if m else None
 
 
-def is_shell(args: list[str], executable: str = "") -> bool:
-    return name_of(args, executable) in _SHELLS
+_INTERPRETERS = re.compile(r"^(python[0-9.]*|perl[0-9.]*|ruby[0-9.]*|php[0-9.]*|node|nodejs|lua[0-9.]*|tclsh[0-9.]*"
+                           r"|awk|gawk|mawk|irb|pwsh)$")
+
+
+def is_shell_or_interpreter(args: list[str], executable: str = "") -> bool:
+    """What a reverse shell runs: a shell, or an interpreter that can act as one."""
+    name = os.path.basename(executable) if executable else name_of(args)
+    return name in _SHELLS or bool(_INTERPRETERS.match(name)) or name_of(args) in _SHELLS

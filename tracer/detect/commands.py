@@ -6,9 +6,10 @@ a descendant, with the flow as evidence, not after a duration threshold.
 """
 from __future__ import annotations
 
+import ipaddress
 from typing import Iterator
 
-from ..events import NetworkEvent, ProcessEvent
+from ..events import NetworkEvent, ProcessEvent, StdioSocket
 from . import Context, Finding, argv, rules, where, who
 
 CONNECTS = ("connection_established", "connection_attempted", "udp_sent")
@@ -38,10 +39,24 @@ def reverse_shell(event, ctx: Context) -> Iterator[Finding]:
     for proc in ctx.lineage(event.process):
         why = argv.shell_argv(proc.args, proc.executable)
         if why:
-            yield Finding(rules.REVERSE_SHELL, (proc.pid,),
+            yield Finding(rules.REVERSE_SHELL, ("peer", event.destination.ip, event.destination.port),
                           f"{who(event.process)} in episode {event.episode.id} connected to {where(event)} as a "
                           f"reverse shell: {why} in `{' '.join(proc.args)[:300]}`", 99, [event])
             return
+
+
+def stdio_socket(event, ctx: Context) -> Iterator[Finding]:
+    """A process with a network socket on stdin/stdout/stderr: the shape of a reverse shell."""
+    if not isinstance(event, StdioSocket) or not event.destination.port:
+        return
+    if ipaddress.ip_address(event.destination.ip).is_loopback:
+        return      # local plumbing (test harnesses, supervisors), not a way out
+    names = {0: "stdin", 1: "stdout", 2: "stderr"}
+    seen = "after a dup2 onto it" if event.how == "dup2" else "as a shell or interpreter started"
+    yield Finding(rules.REVERSE_SHELL, ("peer", event.destination.ip, event.destination.port),
+                  f"{who(event.process)} in episode {event.episode.id} has a network socket on its "
+                  f"{names[event.fd]} ({seen}), connected to {event.destination.ip}:{event.destination.port}/"
+                  f"{event.transport}: `{' '.join(event.process.args)[:200]}`", 99)
 
 
 def crypto_mining(event, ctx: Context) -> Iterator[Finding]:
@@ -53,4 +68,4 @@ def crypto_mining(event, ctx: Context) -> Iterator[Finding]:
                           f"`{' '.join(event.process.args)[:300]}`", 80)
 
 
-DETECTORS = (reverse_tunnel, reverse_shell, crypto_mining)
+DETECTORS = (reverse_tunnel, reverse_shell, stdio_socket, crypto_mining)

@@ -1,0 +1,43 @@
+"""Reading /proc for what the probes cannot see: which socket a process holds
+on a descriptor. Racy by nature (the process may be gone): None then."""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+from .events import Endpoint
+
+_TCP_STATES = {"01": "established", "02": "syn_sent", "0A": "listen"}
+
+
+def socket_on_fd(pid: int, fd: int) -> tuple[str, Endpoint, Endpoint, str] | None:
+    """(transport, local, remote, state) of the socket on a process's fd, or None if it is no inet socket."""
+    try:
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+    if not target.startswith("socket:["):
+        return None
+    inode = target[8:-1]
+    for transport, table, family in (("tcp", "tcp", socket.AF_INET), ("tcp", "tcp6", socket.AF_INET6),
+                                     ("udp", "udp", socket.AF_INET), ("udp", "udp6", socket.AF_INET6)):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:    # the process's own network namespace
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[9] == inode:
+                        return (transport, _endpoint(fields[1], family), _endpoint(fields[2], family),
+                                _TCP_STATES.get(fields[3], fields[3]))
+        except OSError:
+            continue
+    return None
+
+
+def _endpoint(text: str, family: int) -> Endpoint:
+    addr, port = text.split(":")
+    raw = bytes.fromhex(addr)
+    # /proc prints each 32-bit word of the address in host (little-endian) order
+    raw = b"".join(struct.pack("<I", struct.unpack(">I", raw[i:i + 4])[0]) for i in range(0, len(raw), 4))
+    return Endpoint(socket.inet_ntop(family, raw), int(port, 16))
