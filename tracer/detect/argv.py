@@ -28,11 +28,17 @@ def name_of(args: list[str], executable: str = "") -> str:
 
 def ssh_forwarding(args: list[str]) -> str | None:
     """ssh -R/-L/-D/-w (combined flags too) or -o RemoteForward/LocalForward/DynamicForward/Tunnel."""
-    i = 1
+    i, destination_seen = 1, False
     while i < len(args):
         arg = args[i]
-        if arg == "--" or not arg.startswith("-") or arg == "-":
-            break   # the destination: what follows is the remote command
+        if arg == "--":
+            break
+        if not arg.startswith("-") or arg == "-":
+            if destination_seen:
+                break   # the remote command: its words are not ssh's options
+            destination_seen = True   # OpenSSH goes on parsing options after the destination
+            i += 1
+            continue
         j = 1
         while j < len(arg):
             flag = arg[j]
