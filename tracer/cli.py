@@ -67,6 +67,19 @@ def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
         raise Failure(str(e), EXIT_BAD_INPUT) from None
 
 
+def _capture(path: str | None):
+    if not path:
+        return None
+    from .capture import CaptureError, Recorder
+    try:
+        return Recorder(path)
+    except CaptureError as e:
+        raise Failure(str(e), EXIT_BAD_INPUT) from None
+
+
+CAPTURE_HELP = "Also record the input stream to PATH (msgpack), for 'eptrace replay'."
+
+
 def _config(path: str | None):
     from .config import ConfigError, load
     try:
@@ -125,11 +138,12 @@ def cli(verbose: int, state_dir: str | None) -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE", help=CONFIG_HELP)
 @click.option("--verdict", "verdict_path", type=click.Path(dir_okay=False, writable=True), metavar="PATH",
               help="Also write the end-of-episode summary as JSON to PATH.")
+@click.option("--capture", "capture_path", type=click.Path(dir_okay=False), metavar="PATH", help=CAPTURE_HELP)
 @click.option("--fail-on-alert", is_flag=True,
               help=f"Exit {EXIT_ALERTED} if the episode raised any alert, whatever CMD's own status.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
-def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict_path, fail_on_alert,
-        command) -> None:
+def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict_path, capture_path,
+        fail_on_alert, command) -> None:
     """Run CMD as a traced episode, in a fresh cgroup of its own.
 
     Events stream until CMD and its children have exited and their flows are closed (at most
@@ -152,7 +166,7 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
     from .session import run_episode
     try:
         verdict = run_episode(episode_id, list(command), fanout, labels=label_map, grace_s=grace,
-                              stats_interval_s=stats_interval, config=config)
+                              stats_interval_s=stats_interval, config=config, capture=_capture(capture_path))
     except ProbeError as e:
         raise Failure(str(e), EXIT_KERNEL) from None
     except CgroupError as e:
@@ -172,7 +186,8 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
 @click.option("--stats-interval", default=10.0, show_default=True, type=click.FloatRange(0.1, 86400),
               metavar="SECONDS", help="How often health metrics are emitted (and always at exit).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE", help=CONFIG_HELP)
-def watch(outputs, stats_interval, config_path) -> None:
+@click.option("--capture", "capture_path", type=click.Path(dir_okay=False), metavar="PATH", help=CAPTURE_HELP)
+def watch(outputs, stats_interval, config_path, capture_path) -> None:
     """Trace every registered episode, as a daemon, until SIGINT or SIGTERM.
 
     Episodes are registered with 'eptrace episode add'; a registration made while watch runs
@@ -190,7 +205,8 @@ def watch(outputs, stats_interval, config_path) -> None:
     from .registry import Registry
     from .session import watch as watch_episodes
     try:
-        sys.exit(watch_episodes(fanout, Registry(), stats_interval_s=stats_interval, config=config))
+        sys.exit(watch_episodes(fanout, Registry(), stats_interval_s=stats_interval, config=config,
+                                capture=_capture(capture_path)))
     except ProbeError as e:
         raise Failure(str(e), EXIT_KERNEL) from None
 
@@ -250,6 +266,39 @@ def episode_ls(as_json) -> None:
         else:
             labels = " ".join(f"{k}={v}" for k, v in sorted(reg.labels.items()))
             click.echo(f"{reg.id}\t{reg.cgroup}\t{labels}".rstrip())
+
+
+@cli.command()
+@click.argument("capture_path", metavar="PATH", type=click.Path(exists=True, dir_okay=False))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE", help=CONFIG_HELP)
+@click.option("--output", "outputs", multiple=True, metavar="SPEC", help=OUTPUT_HELP)
+@click.option("--all", "all_documents", is_flag=True, help="Every document, not only the alerts.")
+def replay(capture_path, config_path, outputs, all_documents) -> None:
+    """Re-run every detector on a capture, offline and without root.
+
+    A capture is made with 'eptrace run --capture PATH' or 'eptrace watch --capture PATH'.
+    Replay prints the alerts (with --all, every document) that the same pipeline raises
+    from it, so that a new rule or threshold can be tried on old episodes.
+
+    \b
+    Examples:
+      eptrace replay ep-42.capture
+      eptrace replay ep-42.capture --config stricter.toml --all
+    """
+    config = _config(config_path)
+    fanout = _outputs(outputs)
+    from .capture import CaptureError
+    from .capture import replay as replay_capture
+    from .outputs import KindFilter
+    from .session import make_encoder
+    sink = fanout if all_documents else KindFilter(fanout, {"alert"})
+    try:
+        tracer = replay_capture(capture_path, make_encoder(), sink, config=config)
+    except CaptureError as e:
+        raise Failure(str(e), EXIT_BAD_INPUT) from None
+    finally:
+        fanout.close()
+    click.echo(f"replayed {tracer.stats['records_received']} records: {tracer.stats['alerts']} alert(s)", err=True)
 
 
 @cli.command()

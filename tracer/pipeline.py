@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from . import decoding, procfs
+from .capture import FORMAT as CAPTURE_FORMAT
 from .decoding import NetRecord, ProcessRecord, RecordType, SocketRecord
 from .config import Config
 from .detect import Engine
@@ -40,7 +41,9 @@ class Clock:
 
 class Tracer:
     def __init__(self, probes: Probes, encoder, outputs, stats_interval_s: float = 10.0,
-                 config: Config | None = None):
+                 config: Config | None = None, proc=procfs, capture=None):
+        """proc answers /proc lookups (tracer.procfs, or a capture's answers in replay);
+        capture, a capture.Recorder, records the input stream."""
         self.probes = probes
         self.encoder = encoder
         self.outputs = outputs
@@ -48,7 +51,11 @@ class Tracer:
         self.clock = Clock()
         self.stats: Counter[str] = Counter()
         self.episodes = Episodes()
-        self.processes = Processes(wall_ns=self.clock.wall_ns)
+        self.proc = capture or proc           # a Recorder answers from /proc and keeps the answers
+        self.capture = capture
+        if capture:
+            capture.write("meta", {"format": CAPTURE_FORMAT, "clock_offset": self.clock.offset})
+        self.processes = Processes(wall_ns=self.clock.wall_ns, lookup=self.proc.process_info)
         self.config = config or Config()
         self.flows = FlowTable(emit=self.emit, resolve=self._context, wall_ns=self.clock.wall_ns,
                                observe=self._inspect,
@@ -66,6 +73,8 @@ class Tracer:
         episode = Episode(id=episode_id, cgroup_path=cgroups.relative(cgroup_path), cgroup_id=cgid,
                           labels=dict(labels or {}))
         self.episodes.add(episode)
+        if self.capture:
+            self.capture.write("episode", episode.id, episode.cgroup_path, episode.cgroup_id, episode.labels)
         log.info("tracing episode %s (cgroup %s)", episode_id, episode.cgroup_path)
         return episode
 
@@ -78,6 +87,8 @@ class Tracer:
     # -- records --------------------------------------------------------------------
     def _on_record(self, raw: bytes) -> None:
         self.stats["records_received"] += 1
+        if self.capture:
+            self.capture.write("rec", raw)
         try:
             rec = decoding.decode(raw)
         except decoding.DecodeError as e:
@@ -129,7 +140,7 @@ class Tracer:
         """Is there a network socket on these stdio fds? /proc says, while the process lives."""
         episode, cgroup_id, path, _ = ctx
         for fd in fds:
-            found = procfs.socket_on_fd(proc.pid, fd)
+            found = self.proc.socket_on_fd(proc.pid, fd)
             if found is not None:
                 transport, local, remote, state = found
                 self._inspect(StdioSocket(self.clock.wall_ns(ts_ns), episode, cgroup_id, path, proc, fd, how,
@@ -158,12 +169,19 @@ class Tracer:
         now = time.monotonic()
         if now >= self._next_sweep:
             self._next_sweep = now + SWEEP_INTERVAL_S
-            self.flows.sweep(time.monotonic_ns())
+            self._sweep(time.monotonic_ns(), final=False)
             self.outputs.flush()
         if now >= self._next_stats:
             self._next_stats = now + self.stats_interval_s
             self.clock.sync()
+            if self.capture:
+                self.capture.write("clock", self.clock.offset)
             self.emit_stats()
+
+    def _sweep(self, now_ns: int, final: bool) -> None:
+        if self.capture:
+            self.capture.write("sweep", now_ns, final)
+        self.flows.sweep(now_ns, final=final)
 
     def drain(self) -> None:
         """Read every record already in the ring buffer."""
@@ -194,6 +212,6 @@ class Tracer:
     def finish(self) -> None:
         """Resolve what is pending, report the final counters and flush."""
         self.drain()
-        self.flows.sweep(time.monotonic_ns(), final=True)
+        self._sweep(time.monotonic_ns(), final=True)
         self.emit_stats()
         self.outputs.flush()

@@ -6,7 +6,7 @@ import os
 import socket
 import struct
 
-from .events import Endpoint
+from .events import Endpoint, Process
 
 _TCP_STATES = {"01": "established", "02": "syn_sent", "0A": "listen"}
 
@@ -41,3 +41,20 @@ def _endpoint(text: str, family: int) -> Endpoint:
     # /proc prints each 32-bit word of the address in host (little-endian) order
     raw = b"".join(struct.pack("<I", struct.unpack(">I", raw[i:i + 4])[0]) for i in range(0, len(raw), 4))
     return Endpoint(socket.inet_ntop(family, raw), int(port, 16))
+
+
+def process_info(pid: int) -> Process | None:
+    """A running process as /proc shows it: name, executable, argv, parent."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        with open(f"/proc/{pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            exe = ""
+        return Process(pid=pid, name=status.get("Name", "").strip(), executable=exe, args=args,
+                       parent_pid=int(status.get("PPid", "0").strip() or 0) or None)
+    except (OSError, ValueError):
+        return None

@@ -25,11 +25,15 @@ RUN_PARENT = "eptrace"          # run's fresh cgroups live under <cgroup2>/eptra
 SYNC_INTERVAL_S = 0.5           # how often watch re-reads the registrations
 
 
-def make_tracer(outputs, stats_interval_s: float, config: Config | None = None) -> Tracer:
-    from .schema.ecs import EcsEncoder
+def make_tracer(outputs, stats_interval_s: float, config: Config | None = None, capture=None) -> Tracer:
     probes = Probes()
-    return Tracer(probes, EcsEncoder(host_name=socket.gethostname(), agent_version=__version__), outputs,
-                  stats_interval_s=stats_interval_s, config=config)
+    return Tracer(probes, make_encoder(), outputs, stats_interval_s=stats_interval_s, config=config,
+                  capture=capture)
+
+
+def make_encoder():
+    from .schema.ecs import EcsEncoder
+    return EcsEncoder(host_name=socket.gethostname(), agent_version=__version__)
 
 
 def _fresh_cgroup(episode_id: str) -> Path:
@@ -68,11 +72,12 @@ class _Stop:
 
 
 def run_episode(episode_id: str, argv: list[str], outputs, labels: dict[str, str] | None = None,
-                grace_s: float = 10.0, stats_interval_s: float = 10.0, config: Config | None = None) -> Verdict:
+                grace_s: float = 10.0, stats_interval_s: float = 10.0, config: Config | None = None,
+                capture=None) -> Verdict:
     """Trace CMD in a fresh episode cgroup. The verdict's exit_code is CMD's status
     (128+N if it was killed by signal N)."""
     validate_id(episode_id)
-    tracer = make_tracer(outputs, stats_interval_s, config)
+    tracer = make_tracer(outputs, stats_interval_s, config, capture)
     builder = VerdictBuilder(episode_id)
     tracer.observers.append(builder.observe)
     cgroup = _fresh_cgroup(episode_id)
@@ -103,6 +108,8 @@ def run_episode(episode_id: str, argv: list[str], outputs, labels: dict[str, str
     finally:
         tracer.probes.close()
         outputs.close()
+        if capture:
+            capture.close()
         _remove_run_cgroup(cgroup)
 
 
@@ -138,9 +145,10 @@ def _wait_for_flows(tracer: Tracer, grace_s: float, stop: _Stop) -> None:
         log.warning("%d flow(s) still open %.0fs after the episode ended; not waiting longer", len(still_open), grace_s)
 
 
-def watch(outputs, registry: Registry, stats_interval_s: float = 10.0, config: Config | None = None) -> int:
+def watch(outputs, registry: Registry, stats_interval_s: float = 10.0, config: Config | None = None,
+          capture=None) -> int:
     """Trace every registered episode until SIGINT/SIGTERM; registrations are re-read twice a second."""
-    tracer = make_tracer(outputs, stats_interval_s, config)
+    tracer = make_tracer(outputs, stats_interval_s, config, capture)
     stop = _Stop()
     attached: dict[str, int] = {}          # episode id -> cgroup id
     warned: set[tuple[str, str]] = set()   # (episode id, cgroup) that could not be traced: not retried
@@ -156,6 +164,8 @@ def watch(outputs, registry: Registry, stats_interval_s: float = 10.0, config: C
     finally:
         tracer.probes.close()
         outputs.close()
+        if capture:
+            capture.close()
 
 
 def _sync(tracer: Tracer, registry: Registry, attached: dict[str, int], warned: set[tuple[str, str]]) -> None:

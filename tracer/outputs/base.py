@@ -78,3 +78,21 @@ class Fanout:
             self._warned.add(id(output))
             log.warning("output %s failed to %s (%s: %s); its documents are counted as dropped",
                         output.name, what, type(exc).__name__, exc)
+
+
+class KindFilter:
+    """Passes on only the documents of some event.kind values (replay prints alerts by default)."""
+
+    def __init__(self, inner: Fanout, kinds: set[str]) -> None:
+        self.inner, self.kinds = inner, kinds
+        self.outputs = inner.outputs
+
+    def write(self, doc: Document) -> None:
+        if doc.kind in self.kinds:
+            self.inner.write(doc)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def close(self) -> None:
+        self.inner.close()

@@ -42,7 +42,7 @@ METRIC_ACTION = "stats"
 METRIC_CATEGORY_TYPE: tuple[list[str], list[str]] = (["host"], ["info"])
 
 # The JSON of every category/type list above, by identity (they are constants).
-_LISTS = {id(lst): json.dumps(lst) for table in (NETWORK_ACTIONS, PROCESS_ACTIONS,
+_LISTS = {id(lst): json.dumps(lst, separators=(",", ":")) for table in (NETWORK_ACTIONS, PROCESS_ACTIONS,
                                                  {"m": METRIC_CATEGORY_TYPE, "a": ALERT_CATEGORY_TYPE})
           for pair in table.values() for lst in pair}
 

@@ -1,11 +1,10 @@
 """Processes inside episodes, by pid: executable, argv and parent.
 
 Filled from fork/exec/exit records; a process that was already running when
-its episode was registered is read once from /proc.
+its episode was registered is looked up once (in /proc: tracer.procfs).
 """
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from typing import Callable
 
@@ -17,8 +16,10 @@ EXITED_KEPT = 4096             # exited processes kept for flows that close afte
 
 
 class Processes:
-    def __init__(self, wall_ns: Callable[[int], int] = lambda ns: ns) -> None:
+    def __init__(self, wall_ns: Callable[[int], int] = lambda ns: ns,
+                 lookup: Callable[[int], Process | None] = lambda pid: None) -> None:
         self._wall_ns = wall_ns                          # monotonic record stamps -> wall clock
+        self._lookup = lookup                            # a process unseen so far: from /proc
         self._live: dict[int, Process] = {}
         self._exited: OrderedDict[int, Process] = OrderedDict()
         self._pending_args: dict[int, list[str]] = {}   # tid -> argv seen at execve() entry
@@ -64,7 +65,7 @@ class Processes:
         pid = owner.tgid
         proc = self._live.get(pid) or self._exited.get(pid)
         if proc is None:
-            proc = _from_proc(pid) or Process(pid=pid, name=owner.comm)
+            proc = self._lookup(pid) or Process(pid=pid, name=owner.comm)
             self._store(proc)
         if not proc.name:
             proc.name = owner.comm
@@ -75,18 +76,3 @@ class Processes:
             self._live.pop(next(iter(self._live)))
         self._live[proc.pid] = proc
 
-
-def _from_proc(pid: int) -> Process | None:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-        with open(f"/proc/{pid}/status") as f:
-            status = dict(line.split(":", 1) for line in f if ":" in line)
-        try:
-            exe = os.readlink(f"/proc/{pid}/exe")
-        except OSError:
-            exe = ""
-        return Process(pid=pid, name=status.get("Name", "").strip(), executable=exe, args=args,
-                       parent_pid=int(status.get("PPid", "0").strip() or 0) or None)
-    except (OSError, ValueError):
-        return None

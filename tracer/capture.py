@@ -1,0 +1,142 @@
+"""Capture and replay: the tracer's input stream, recorded as msgpack, re-run offline.
+
+A capture holds everything the userspace pipeline reads, in order: the episodes,
+every ring-buffer record, each sweep of open flows (with its clock), and every
+answer /proc gave. Replaying it through the same decoding, state and detectors,
+without root or bcc, gives the same events and alerts: detector tests run from
+captured fixtures, and a new rule or threshold can be tried on old episodes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import msgpack
+
+from . import procfs
+from .events import Endpoint, Process
+
+FORMAT = "eptrace-capture/1"
+
+
+class CaptureError(Exception):
+    pass
+
+
+class Recorder:
+    """Appends entries to a capture file; also wraps /proc lookups so their answers are kept."""
+
+    def __init__(self, path: str | Path):
+        try:
+            self._file = open(path, "wb")
+        except OSError as e:
+            raise CaptureError(f"cannot write capture {path}: {e.strerror}") from None
+        self._packer = msgpack.Packer(use_bin_type=True)
+
+    def write(self, *entry: Any) -> None:
+        self._file.write(self._packer.pack(list(entry)))
+
+    def process_info(self, pid: int) -> Process | None:
+        found = procfs.process_info(pid)
+        self.write("proc", pid, dataclasses.asdict(found) if found else None)
+        return found
+
+    def socket_on_fd(self, pid: int, fd: int):
+        found = procfs.socket_on_fd(pid, fd)
+        self.write("fd", pid, fd, None if found is None else
+                   [found[0], dataclasses.astuple(found[1]), dataclasses.astuple(found[2]), found[3]])
+        return found
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class Answers:
+    """/proc as it was during the capture: each lookup gets the answer recorded for it."""
+
+    def __init__(self) -> None:
+        self.processes: dict[int, dict | None] = {}
+        self.fds: dict[tuple[int, int], list | None] = {}
+
+    def process_info(self, pid: int) -> Process | None:
+        found = self.processes.get(pid)
+        return Process(**found) if found else None
+
+    def socket_on_fd(self, pid: int, fd: int):
+        found = self.fds.get((pid, fd))
+        if found is None:
+            return None
+        transport, local, remote, state = found
+        return transport, Endpoint(*local), Endpoint(*remote), state
+
+
+class ReplayProbes:
+    """Stands in for kernel.loader.Probes: records come from the capture."""
+
+    def __init__(self) -> None:
+        self.handle: Callable[[bytes], None] | None = None
+
+    def open_records(self, handle: Callable[[bytes], None]) -> None:
+        self.handle = handle
+
+    def set_flow_update_interval(self, ns: int) -> None:
+        pass
+
+    def attach(self, cgroup_path) -> int:
+        raise CaptureError("replay attaches nothing")
+
+    def detach(self, cgid: int) -> None:
+        pass
+
+    def poll(self, timeout_ms: int) -> None:
+        pass
+
+    def lost(self) -> dict[str, int]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def entries(path: str | Path) -> Iterator[list]:
+    try:
+        with open(path, "rb") as f:
+            unpacker = msgpack.Unpacker(f, raw=False)
+            first = next(unpacker, None)
+            if not first or first[0] != "meta" or first[1].get("format") != FORMAT:
+                raise CaptureError(f"{path} is not an eptrace capture ({FORMAT})")
+            yield first
+            yield from unpacker
+    except OSError as e:
+        raise CaptureError(f"cannot read capture {path}: {e.strerror}") from None
+    except (msgpack.UnpackException, ValueError) as e:
+        raise CaptureError(f"capture {path} is damaged: {e}") from None
+
+
+def replay(path: str | Path, encoder, outputs, config=None):
+    """Run a capture through a fresh pipeline; returns the Tracer (its stats, its flows)."""
+    from .events import Episode
+    from .pipeline import Tracer
+
+    answers = Answers()
+    probes = ReplayProbes()
+    tracer = Tracer(probes, encoder, outputs, config=config, proc=answers)
+    for entry in entries(path):
+        kind = entry[0]
+        if kind == "meta":
+            tracer.clock.offset = entry[1]["clock_offset"]
+        elif kind == "clock":
+            tracer.clock.offset = entry[1]
+        elif kind == "episode":
+            _, episode_id, cgroup_path, cgroup_id, labels = entry
+            tracer.episodes.add(Episode(episode_id, cgroup_path, cgroup_id, labels))
+        elif kind == "proc":
+            answers.processes[entry[1]] = entry[2]
+        elif kind == "fd":
+            answers.fds[(entry[1], entry[2])] = entry[3]
+        elif kind == "rec":
+            probes.handle(entry[1])
+        elif kind == "sweep":
+            tracer.flows.sweep(entry[1], final=entry[2])
+    return tracer
