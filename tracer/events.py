@@ -82,6 +82,10 @@ class PayloadSeen:
     protocol: str | None
     details: dict
 
+    @property
+    def direction(self) -> str:
+        return "egress" if self.egress else "ingress"
+
 
 @dataclass(slots=True)
 class StdioSocket:
@@ -97,6 +101,10 @@ class StdioSocket:
     source: Endpoint          # the process's end
     destination: Endpoint     # the peer
     state: str
+
+    @property
+    def direction(self) -> str:
+        return "egress"
 
 
 @dataclass(slots=True)
@@ -140,7 +148,7 @@ class Alert:
     process: Process | None
     message: str              # says why, with the evidence
     risk_score: float
-    evidence: list[NetworkEvent] = field(default_factory=list)
+    evidence: list = field(default_factory=list)   # NetworkEvent, PayloadSeen or StdioSocket: each has endpoints
 
 
 Event = NetworkEvent | ProcessEvent | Metric | Alert

@@ -87,8 +87,6 @@ class Tracer:
     # -- records --------------------------------------------------------------------
     def _on_record(self, raw: bytes) -> None:
         self.stats["records_received"] += 1
-        if self.capture:
-            self.capture.write("rec", raw)
         try:
             rec = decoding.decode(raw)
         except decoding.DecodeError as e:
@@ -99,6 +97,8 @@ class Tracer:
             self._process_record(rec)
         else:
             self.flows.handle(rec)
+        if self.capture:     # after the /proc answers it needed, so that replay has them first
+            self.capture.write("rec", raw)
 
     def _context(self, rec: NetRecord | SocketRecord | ProcessRecord):
         """(episode, cgroup id, cgroup path, process) of a record's owner, or None."""
@@ -137,13 +137,21 @@ class Tracer:
                 self._check_stdio(rec.header.ts_ns, ctx, proc, (0, 1), "exec")
 
     def _check_stdio(self, ts_ns: int, ctx, proc, fds, how: str) -> None:
-        """Is there a network socket on these stdio fds? /proc says, while the process lives."""
+        """Is there a network socket on these stdio fds? /proc says, while the process lives.
+
+        /proc is read later than the record was made: if the process has exec'd since,
+        the check is left to its own exec record, so the alert names the right program."""
         episode, cgroup_id, path, _ = ctx
+        now = self.proc.process_info(proc.pid)
+        if now is None or (proc.name and now.name and now.name != proc.name):
+            return      # gone, or another program now (exe paths differ through symlinks; names do not)
         for fd in fds:
             found = self.proc.socket_on_fd(proc.pid, fd)
             if found is not None:
                 transport, local, remote, state = found
-                self._inspect(StdioSocket(self.clock.wall_ns(ts_ns), episode, cgroup_id, path, proc, fd, how,
+                # dated when it was seen: /proc may show what happened after the record
+                seen_ns = time.time_ns() if how == "exec" else self.clock.wall_ns(ts_ns)
+                self._inspect(StdioSocket(seen_ns, episode, cgroup_id, path, proc, fd, how,
                                           transport, local, remote, state))
                 return
 

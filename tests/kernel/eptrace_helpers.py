@@ -211,6 +211,11 @@ def select(docs: Iterable[dict], action: str | Iterable[str] | None = None, port
     return out
 
 
+def alerts(docs: Iterable[dict], rule: str | None = None) -> list[dict]:
+    """The alert documents (event.kind "alert"), of one rule.name if given."""
+    return [d for d in docs if get(d, "event.kind") == "alert" and (rule is None or get(d, "rule.name") == rule)]
+
+
 def one(docs: list[dict], what: str, all_docs: list[dict] | None = None) -> dict:
     assert len(docs) == 1, f"expected exactly one {what}, got {len(docs)}:\n{dump(docs or all_docs or [])}"
     return docs[0]

@@ -25,7 +25,9 @@ def reverse_tunnel(event, ctx: Context) -> Iterator[Finding]:
     for proc in ctx.lineage(event.process):
         why = argv.tunnel_argv(proc.args, proc.executable)
         if why:
-            yield Finding(rules.REVERSE_TUNNEL, ("flow", event.cookie),   # the same key as the score
+            # keyed by the process that owns the flow, like the score: one alert per tunnel
+            # process, however many connections it relays
+            yield Finding(rules.REVERSE_TUNNEL, ("pid", event.process.pid if event.process else None),
                           f"{who(event.process)} in episode {event.episode.id} opened an outbound flow to "
                           f"{where(event)} for a tunnel: {why} in `{' '.join(proc.args)[:300]}`"
                           + ("" if proc is event.process else f" (its ancestor {who(proc)})"),
@@ -56,14 +58,14 @@ def stdio_socket(event, ctx: Context) -> Iterator[Finding]:
     yield Finding(rules.REVERSE_SHELL, ("peer", event.destination.ip, event.destination.port),
                   f"{who(event.process)} in episode {event.episode.id} has a network socket on its "
                   f"{names[event.fd]} ({seen}), connected to {event.destination.ip}:{event.destination.port}/"
-                  f"{event.transport}: `{' '.join(event.process.args)[:200]}`", 99)
+                  f"{event.transport}: `{' '.join(event.process.args)[:200]}`", 99, [event])
 
 
 def crypto_mining(event, ctx: Context) -> Iterator[Finding]:
     if isinstance(event, ProcessEvent) and event.action == "process_started":
         why = argv.miner_argv(event.process.args, event.process.executable)
         if why:
-            yield Finding(rules.CRYPTO_MINING, (event.process.pid,),
+            yield Finding(rules.CRYPTO_MINING, ("pid", event.process.pid),   # shared with the Stratum rule
                           f"{who(event.process)} in episode {event.episode.id} started a crypto miner: {why} in "
                           f"`{' '.join(event.process.args)[:300]}`", 80)
 

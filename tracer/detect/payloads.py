@@ -15,9 +15,9 @@ MAX_DOMAINS = 4096      # (episode, domain) windows remembered
 def stratum(event, ctx: Context) -> Iterator[Finding]:
     if isinstance(event, PayloadSeen) and event.protocol == "stratum":
         method = event.details.get("method")
-        yield Finding(rules.CRYPTO_MINING, ("flow", event.cookie),
+        yield Finding(rules.CRYPTO_MINING, ("pid", event.process.pid if event.process else None),
                       f"{who(event.process)} in episode {event.episode.id} speaks the Stratum mining protocol "
-                      f"to {_peer(event)}: JSON-RPC method {method!r}", 90, [])
+                      f"with {_peer(event)}: JSON-RPC method {method!r}", 90, [event])
 
 
 def metadata_hostname(event, ctx: Context) -> Iterator[Finding]:

@@ -80,7 +80,7 @@ def reverse_tunnel_score(event, ctx: Context) -> Iterator[Finding]:
     total = sum(points for points, _ in signals)
     if total >= ctx.config.reverse_tunnel.alert_score:
         target = where(event) if isinstance(event, NetworkEvent) else f"{flow.remote.ip}:{flow.remote.port}"
-        yield Finding(rules.REVERSE_TUNNEL, ("flow", event.cookie),
+        yield Finding(rules.REVERSE_TUNNEL, ("pid", event.process.pid if event.process else event.cookie),
                       f"{who(event.process)} in episode {event.episode.id} keeps an outbound flow to {target} "
                       f"that looks like a tunnel (score {total}): " + "; ".join(why for _, why in signals),
                       min(100, total), [event] if isinstance(event, NetworkEvent) else [])
