@@ -21,7 +21,7 @@ from .verdict import Verdict, VerdictBuilder
 
 log = logging.getLogger(__name__)
 
-RUN_PARENT = "eptrace"          # run's fresh cgroups live under <cgroup2>/eptrace/
+RUN_PARENT = "eptrace"          # run's fresh cgroups live under <cgroup2>/eptrace/, as <id>@<pid>
 SYNC_INTERVAL_S = 0.5           # how often watch re-reads the registrations
 
 
@@ -36,13 +36,27 @@ def make_encoder():
     return EcsEncoder(host_name=socket.gethostname(), agent_version=__version__)
 
 
+def _remove_stale_run_cgroups(parent: Path) -> None:
+    """Empty run cgroups left by an eptrace that was killed: <id>@<pid>[.<n>] ('@' is in no id)."""
+    if not parent.is_dir():
+        return
+    for child in parent.iterdir():
+        owner = child.name.rpartition("@")[2].split(".")[0]
+        if child.is_dir() and owner.isdigit() and not Path(f"/proc/{owner}").exists() and not cgroups.pids(child):
+            try:
+                child.rmdir()
+            except OSError:
+                pass
+
+
 def _fresh_cgroup(episode_id: str) -> Path:
     parent = cgroups.cgroup2_mount() / RUN_PARENT
+    _remove_stale_run_cgroups(parent)
     for attempt in range(100):
         suffix = f".{attempt}" if attempt else ""
         try:
             parent.mkdir(exist_ok=True)
-            return cgroups.create(parent / f"{episode_id}.{os.getpid()}{suffix}")
+            return cgroups.create(parent / f"{episode_id}@{os.getpid()}{suffix}")
         except (FileExistsError, FileNotFoundError):   # taken, or the parent was just removed
             continue
     raise cgroups.CgroupError(f"cannot make a fresh cgroup for episode {episode_id} under {parent}")

@@ -312,11 +312,12 @@ def registrations(state_dir: Path) -> dict[str, str]:
 def new_run_cgroups(before: set[str]) -> set[str]:
     """Cgroups under <cgroup2>/eptrace/ made since `before` and not owned by a live process.
 
-    `eptrace run` names them ID.PID[.N]: one whose PID is still alive belongs to another eptrace that runs
+    `eptrace run` names them ID@PID[.N]: one whose PID is still alive belongs to another eptrace that runs
     now (a concurrent session, a bench), not to anything a finished test left behind.
     """
     def live_owner(name: str) -> bool:
-        return any(part.isdigit() and Path(f"/proc/{part}").exists() for part in name.split(".")[1:])
+        pid = name.rpartition("@")[2].split(".")[0]
+        return pid.isdigit() and Path(f"/proc/{pid}").exists()
     return {name for name in run_cgroups() - before if not live_owner(name)}
 
 

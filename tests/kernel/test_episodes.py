@@ -205,7 +205,7 @@ def test_run_passes_exit_status_and_removes_its_cgroup(tmp_path, script, status)
     assert_contract(docs)
     (started,) = select(docs, "process_started", episode="ep-status")
     path = get(started, "eptrace.cgroup.path")
-    assert path.startswith("/eptrace/ep-status."), path
+    assert path.startswith("/eptrace/ep-status@"), path
     assert not (cgroup2_mount() / path.lstrip("/")).exists(), f"cgroup {path} left behind"
     assert not {n for n in run_cgroups() - before if n.startswith(f"ep-status.{proc.pid}")}
 
