@@ -59,13 +59,21 @@ class Tracer:
         self.config = config or Config()
         self.flows = FlowTable(emit=self.emit, resolve=self._context, wall_ns=self.clock.wall_ns,
                                observe=self._inspect,
-                               update_interval_ns=int(self.config.flows.update_interval_seconds * 1e9))
+                               update_interval_ns=int(self.config.flows.update_interval_seconds * 1e9),
+                               lineage=self._lineage_pids)
         probes.set_flow_update_interval(self.flows.update_interval_ns)
-        self.detectors = Engine(self.config, parent_of=self.processes.parent_of, flow_of=self.flows.flows.get)
+        self.detectors = Engine(self.config, parent_of=self.processes.parent_of, flows=self.flows)
         self.observers: list = []          # callables that see every emitted event (verdicts)
         self._next_sweep = self._next_stats = time.monotonic()
         self._next_stats += stats_interval_s
         probes.open_records(self._on_record)
+
+    def _lineage_pids(self, process) -> list[int]:
+        pids = []
+        while process is not None and len(pids) < 16:
+            pids.append(process.pid)
+            process = self.processes.parent_of(process)
+        return pids
 
     # -- episodes -------------------------------------------------------------------
     def add_episode(self, episode_id: str, cgroup_path: Path, labels: dict[str, str] | None = None) -> Episode:

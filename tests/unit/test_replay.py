@@ -82,3 +82,11 @@ def test_a_file_that_is_no_capture_is_a_clear_error(tmp_path):
     bad.write_bytes(b"\x93\xa3abc")
     with pytest.raises(CaptureError, match="not an eptrace capture"):
         replay(bad, EcsEncoder("h", "0"), Fanout([]))
+
+
+def test_a_used_tunnel_from_a_renamed_ssh_alerts_at_the_relay():
+    # `syncd -N -R 9000:127.0.0.1:8000` (a copy of ssh), used once from the test host: with the default
+    # long_flow_seconds the duration cannot count, the relayed loopback connection does.
+    docs = alerts("relayed_tunnel.capture")
+    assert rules(docs) == ["reverse_tunnel"]
+    assert "local relay" in docs[0]["message"] and docs[0]["process"]["name"] == "syncd"

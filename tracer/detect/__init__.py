@@ -29,7 +29,10 @@ class Context:
     """What detectors may read: the config, a process's ancestry, and open flows by cookie."""
     config: Config
     parent_of: Callable[[Process], Process | None]
-    flow_of: Callable[[int], object | None] = lambda cookie: None
+    flows: object = None          # the state's FlowTable: open flows, local relays
+
+    def flow_of(self, cookie: int):
+        return self.flows.flows.get(cookie) if self.flows is not None else None
 
     def lineage(self, process: Process | None) -> Iterator[Process]:
         """The process, then its ancestors inside the episode."""
@@ -51,11 +54,10 @@ Detector = Callable[[NetworkEvent | ProcessEvent | PayloadSeen | StdioSocket, Co
 
 
 class Engine:
-    def __init__(self, config: Config, parent_of: Callable[[Process], Process | None],
-                 flow_of: Callable[[int], object | None] = lambda cookie: None,
+    def __init__(self, config: Config, parent_of: Callable[[Process], Process | None], flows=None,
                  detectors: tuple[Detector, ...] | None = None):
         from . import commands, network, payloads, tunnels
-        self.context = Context(config, parent_of, flow_of)
+        self.context = Context(config, parent_of, flows)
         # payload and tunnel detectors keep windows of their own: fresh ones per engine
         self.detectors = detectors or (*network.DETECTORS, *commands.DETECTORS, *payloads.detectors(),
                                        *tunnels.detectors())

@@ -8,24 +8,24 @@ handled in commands.py and alerts at once.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from typing import Iterator
 
 from ..events import NetworkEvent, PayloadSeen
-from . import Context, Finding, rules, where, who
+from . import Context, Finding, rules, who
 
 SSH_CLIENTS = {"ssh", "dbclient", "autossh", "scp", "sftp", "rsync", "git", "sshpass", "mosh-client"}
 _FORWARD_SPEC = re.compile(r"^(\[?[\w.:-]+\]?:)?\d{1,5}:[\w.\-\[\]:]+:\d{1,5}$")   # [bind:]port:host:hostport
 _FORWARD_FLAGS = re.compile(r"^-[A-Za-z]*[NRDLw][A-Za-z]*$")
 
 
-def score(flow, process, ctx: Context, now_ns: int) -> list[tuple[int, str]]:
-    """(points, why) for each signal the flow shows."""
+def score(flow, process, ctx: Context, age_s: float) -> list[tuple[int, str]]:
+    """(points, why) for each signal the flow shows, at the flow's age age_s."""
     signals: list[tuple[int, str]] = []
     dport = flow.remote.port if flow.remote else 0
     long_s = ctx.config.flows.long_flow_seconds
-    age_s = (now_ns - flow.start_ns) / 1e9
     if age_s >= long_s:
         signals.append((30, f"open {age_s:.0f} s (long-flow threshold {long_s:.0f} s)"))
     ssh = flow.saw("ssh")
@@ -39,6 +39,10 @@ def score(flow, process, ctx: Context, now_ns: int) -> list[tuple[int, str]]:
     first_out = next((s for egress, s in flow.sightings if egress), None)
     if dport == 443 and first_out is not None and first_out.protocol != "tls":
         signals.append((20, f"{first_out.protocol} instead of TLS on port 443"))
+    relays = ctx.flows.local_flows_since(process.pid, flow.start_ns) if process and ctx.flows else 0
+    if relays:
+        signals.append((30, f"local relay: {relays} loopback connection(s) by it or a descendant while the flow "
+                            "is open"))
     weak = _weak_argv(process, ctx)
     if weak:
         signals.append((25, weak))
@@ -64,26 +68,45 @@ def _weak_argv(process, ctx: Context) -> str | None:
     return None
 
 
+def _is_local_connection(event) -> bool:
+    if not isinstance(event, NetworkEvent) or event.action not in ("connection_established", "connection_accepted"):
+        return False
+    peer = event.destination if event.action == "connection_established" else event.source
+    return peer is not None and bool(peer.ip) and ipaddress.ip_address(peer.ip).is_loopback
+
+
 def reverse_tunnel_score(event, ctx: Context) -> Iterator[Finding]:
+    """Score outbound TCP flows when something new is known about them: an update, first bytes, a relay."""
+    if ctx.flows is None:
+        return
+    if _is_local_connection(event):
+        # a possible relay: score the outside flows this process and its ancestors hold open, now
+        for flow in ctx.flows.open_outbound_of([p.pid for p in ctx.lineage(event.process)]):
+            age_s = (event.timestamp_ns - ctx.flows.wall_ns(flow.start_ns)) / 1e9
+            yield from _finding(flow, flow.process, ctx, age_s, event)
+        return
     if isinstance(event, NetworkEvent):
         if event.action != "flow_updated" or event.transport != "tcp" or event.direction != "egress":
             return
-    elif not isinstance(event, PayloadSeen) or event.transport != "tcp":
+        age_s = (event.duration_ns or 0) / 1e9
+    elif isinstance(event, PayloadSeen) and event.transport == "tcp":
+        age_s = 0.0      # first bytes come at the start of a flow
+    else:
         return
     flow = ctx.flow_of(event.cookie)
-    if flow is None or not flow.initiated:
-        return
-    now_ns = flow.latest.header.ts_ns if flow.latest else flow.start_ns
-    if isinstance(event, NetworkEvent) and event.duration_ns:
-        now_ns = flow.start_ns + event.duration_ns
-    signals = score(flow, event.process, ctx, now_ns)
+    if flow is not None and flow.initiated:
+        yield from _finding(flow, event.process, ctx, age_s, event)
+
+
+def _finding(flow, process, ctx: Context, age_s: float, trigger) -> Iterator[Finding]:
+    signals = score(flow, process, ctx, age_s)
     total = sum(points for points, _ in signals)
     if total >= ctx.config.reverse_tunnel.alert_score:
-        target = where(event) if isinstance(event, NetworkEvent) else f"{flow.remote.ip}:{flow.remote.port}"
-        yield Finding(rules.REVERSE_TUNNEL, ("pid", event.process.pid if event.process else event.cookie),
-                      f"{who(event.process)} in episode {event.episode.id} keeps an outbound flow to {target} "
+        target = f"{flow.remote.ip}:{flow.remote.port}/tcp" if flow.remote else "an unknown peer"
+        yield Finding(rules.REVERSE_TUNNEL, ("pid", process.pid if process else flow.cookie),
+                      f"{who(process)} in episode {flow.episode.id} keeps an outbound flow to {target} "
                       f"that looks like a tunnel (score {total}): " + "; ".join(why for _, why in signals),
-                      min(100, total), [event] if isinstance(event, NetworkEvent) else [])
+                      min(100, total), [trigger] if isinstance(trigger, NetworkEvent) else [])
 
 
 def detectors() -> tuple:

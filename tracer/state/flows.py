@@ -9,8 +9,10 @@ outcome "unknown", so no attempt waits long.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -64,6 +66,7 @@ def transport_name(protocol: int, socktype: int) -> str:
 
 
 MAX_SIGHTINGS = 8
+MAX_TRACKED_PIDS = 65536
 
 
 @dataclass
@@ -75,7 +78,40 @@ class FlowTable:
     wall_ns: Callable[[int], int]
     observe: Callable[[PayloadSeen], None] = lambda seen: None
     update_interval_ns: int = 10_000_000_000
+    lineage: Callable[[Process | None], list[int]] = lambda p: [p.pid] if p else []   # pid, then ancestors
     flows: dict[int, Flow] = field(default_factory=dict)
+    # For the local-relay signal: when each process (or a descendant) connected over loopback,
+    # and which outbound flows to the outside each process holds open.
+    local_starts: dict[int, deque] = field(default_factory=dict)
+    outbound_by_pid: dict[int, set[int]] = field(default_factory=dict)
+
+    def local_flows_since(self, pid: int, since_ns: int) -> int:
+        return sum(1 for ts in self.local_starts.get(pid, ()) if ts >= since_ns)
+
+    def open_outbound_of(self, pids: list[int]) -> list[Flow]:
+        return [self.flows[c] for pid in pids for c in self.outbound_by_pid.get(pid, ()) if c in self.flows]
+
+    def _track(self, flow: Flow, ts_ns: int) -> None:
+        """Index a newly established flow for the relay signal."""
+        if flow.remote is None or not flow.remote.ip or flow.process is None:
+            return
+        if ipaddress.ip_address(flow.remote.ip).is_loopback:
+            if len(self.local_starts) >= MAX_TRACKED_PIDS:
+                self.local_starts.pop(next(iter(self.local_starts)))
+            for pid in self.lineage(flow.process):
+                self.local_starts.setdefault(pid, deque(maxlen=64)).append(ts_ns)
+        elif flow.initiated:
+            if len(self.outbound_by_pid) >= MAX_TRACKED_PIDS:
+                self.outbound_by_pid.pop(next(iter(self.outbound_by_pid)))
+            self.outbound_by_pid.setdefault(flow.process.pid, set()).add(flow.cookie)
+
+    def _untrack(self, flow: Flow) -> None:
+        if flow.process is not None:
+            cookies = self.outbound_by_pid.get(flow.process.pid)
+            if cookies is not None:
+                cookies.discard(flow.cookie)
+                if not cookies:
+                    del self.outbound_by_pid[flow.process.pid]
 
     def _event(self, action: str, rec, flow: Flow | None, ctx, **fields) -> NetworkEvent:
         episode, cgroup_id, cgroup_path, process = ctx
@@ -150,6 +186,7 @@ class FlowTable:
         flow.local = Endpoint(rec.local_ip, rec.local_port)
         flow.remote = Endpoint(rec.remote_ip, rec.remote_port)
         flow.established = True
+        self._track(flow, rec.header.ts_ns)
         if flow.attempt is not None:
             self._resolve_attempt(flow, "success")
         self.emit(self._event("connection_established", rec, flow, ctx, network_type=flow.network_type,
@@ -184,6 +221,7 @@ class FlowTable:
         flow = self._flow_from(rec, ctx)
         flow.established = True
         flow.initiated = False
+        self._track(flow, rec.header.ts_ns)
         self.emit(self._event("connection_accepted", rec, flow, ctx, network_type=flow.network_type,
                               transport="tcp", direction="ingress", outcome="success",
                               source=flow.remote, destination=flow.local))
@@ -200,6 +238,8 @@ class FlowTable:
     # -- end -----------------------------------------------------------------------
     def _ended(self, rec: NetRecord, ctx) -> None:
         flow = self.flows.pop(rec.header.cookie, None)
+        if flow is not None:
+            self._untrack(flow)
         if rec.flags & FLOW_FAILED:
             # The handshake never completed: the attempt carries the failure; no flow existed.
             if flow is not None and flow.attempt is not None:
