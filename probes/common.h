@@ -152,4 +152,20 @@ static __always_inline void fill_header(struct record_header *h, __u32 type, __u
     __builtin_memcpy(&h->owner, o, sizeof(*o));
 }
 
+/* A net_record of a socket's flow as its storage has it: the caller may adjust it, then submits. */
+static __always_inline struct net_record *flow_record(__u32 type, __u64 cookie, struct sock_state *st)
+{
+    struct net_record *r = reserve_net();
+    if (!r)
+        return 0;
+    fill_header(&r->h, type, sizeof(*r), cookie, &st->owner);
+    r->ep = st->ep;
+    r->c = st->c;
+    r->a = st->a;
+    r->start_ns = st->start_ns;
+    r->flags = st->flags;
+    r->ret = 0;
+    return r;
+}
+
 #endif

@@ -93,17 +93,9 @@ static __always_inline void report_update(struct __sk_buff *skb, struct sock_sta
     if (now - st->last_update_ns < *interval)
         return;
     st->last_update_ns = now;
-    struct net_record *r = reserve_net();
-    if (!r)
-        return;
-    fill_header(&r->h, REC_FLOW_UPDATE, sizeof(*r), bpf_get_socket_cookie(skb), &st->owner);
-    r->ep = st->ep;
-    r->c = st->c;
-    r->a = st->a;
-    r->start_ns = st->start_ns;
-    r->flags = st->flags;
-    r->ret = 0;
-    events.ringbuf_submit(r, SUBMIT_FLAGS);
+    struct net_record *r = flow_record(REC_FLOW_UPDATE, bpf_get_socket_cookie(skb), st);
+    if (r)
+        events.ringbuf_submit(r, SUBMIT_FLAGS);
 }
 
 /* Episode of a socket made before its cgroup was registered: from the socket's cgroup. */

@@ -65,19 +65,12 @@ int on_sock_release(struct bpf_sock *sk)
     if (!st || !st->owner.episode_cgroup_id ||
         !(st->flags & FLOW_INITIATED) && st->c.packets_out + st->c.packets_in == 0)
         return 1;
-    struct net_record *r = reserve_net();
+    struct net_record *r = flow_record(REC_FLOW_ENDED, bpf_get_socket_cookie(sk), st);
     if (!r)
         return 1;
-    fill_header(&r->h, REC_FLOW_ENDED, sizeof(*r), bpf_get_socket_cookie(sk), &st->owner);
-    r->ep = st->ep;
-    r->ep.family = sk->family;
+    r->ep.family = sk->family;      /* an unconnected socket has no endpoints recorded */
     r->ep.protocol = sk->protocol;
     r->ep.socktype = sk->type;
-    r->c = st->c;
-    r->a = st->a;
-    r->start_ns = st->start_ns;
-    r->flags = st->flags;
-    r->ret = 0;
     events.ringbuf_submit(r, SUBMIT_FLAGS);
     return 1;
 }

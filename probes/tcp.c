@@ -25,17 +25,9 @@ static __always_inline void endpoints_from_ops(struct bpf_sock_ops *ops, struct 
 
 static __always_inline void emit(struct bpf_sock_ops *ops, struct sock_state *st, __u32 type)
 {
-    struct net_record *r = reserve_net();
-    if (!r)
-        return;
-    fill_header(&r->h, type, sizeof(*r), bpf_get_socket_cookie(ops), &st->owner);
-    r->ep = st->ep;
-    r->c = st->c;
-    r->a = st->a;
-    r->start_ns = st->start_ns;
-    r->flags = st->flags;
-    r->ret = 0;
-    events.ringbuf_submit(r, SUBMIT_FLAGS);
+    struct net_record *r = flow_record(type, bpf_get_socket_cookie(ops), st);
+    if (r)
+        events.ringbuf_submit(r, SUBMIT_FLAGS);
 }
 
 int on_sock_ops(struct bpf_sock_ops *ops)
