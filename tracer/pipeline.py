@@ -219,7 +219,8 @@ class Tracer:
         usage = resource.getrusage(resource.RUSAGE_SELF)     # this process only, not the episode
         stats["tracer_cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 3)
         stats["tracer_max_rss_bytes"] = usage.ru_maxrss * 1024
-        stats["outputs"] = {o.name: {"sent": o.sent, "dropped": dict(o.dropped)} for o in self.outputs.outputs}
+        stats["outputs"] = {o.name: {"sent": o.sent, "dropped": dict(o.dropped), "queued": getattr(o, "queued", 0)}
+                            for o in self.outputs.outputs}
         return stats
 
     def emit_stats(self) -> None:

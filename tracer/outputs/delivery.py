@@ -1,0 +1,205 @@
+"""At-least-once delivery for network outputs, the way mature shippers do it.
+
+A DeliveryOutput puts documents in a bounded in-memory queue; a sender thread
+takes batches and hands them to a Sender (syslog, forward, HEC, ES...), retrying
+with exponential backoff and jitter while the receiver is down. What does not fit
+in memory goes to a disk spool, which a restarted tracer delivers first. When
+the spool is full, events are dropped before alerts: alerts are kept as long as
+anything can be. Every drop is counted by reason; nothing is lost silently. The
+kernel side, the detectors and other outputs never wait for a slow receiver.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+from tracer.outputs.base import Output
+from tracer.outputs.senders import SendError, Sender
+from tracer.schema import Document
+
+log = logging.getLogger(__name__)
+
+QUEUE_MAX = 50_000                 # documents in memory per output
+SEGMENT_BYTES = 1 << 20            # a spool file is closed at this size
+BATCH_MAX = 500
+BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.2, 30.0
+DEFAULT_SPOOL_DIR = Path("/var/lib/eptrace/spool")
+DEFAULT_SPOOL_MB = 512
+
+
+class Spool:
+    """Segment files of 'kind<TAB>json' lines, oldest first; a segment is deleted once delivered."""
+
+    def __init__(self, directory: Path, max_bytes: int):
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self._next = max((int(p.name.split(".")[0]) for p in self.dir.glob("*.spool")), default=0) + 1
+
+    def segments(self, kind: str) -> list[Path]:
+        return sorted(self.dir.glob(f"*.{kind}.spool"), key=lambda p: int(p.name.split(".")[0]))
+
+    def size(self) -> int:
+        return sum(p.stat().st_size for p in self.dir.glob("*.spool") if p.exists())
+
+    def write(self, docs: list[Document], kind: str) -> None:
+        path = self.dir / f"{self._next}.{kind}.spool"
+        self._next += 1
+        data = "".join(f"{d.kind}\t{d.json}\n" for d in docs).encode("utf-8", "replace")
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)      # a segment appears whole or not at all
+
+    @staticmethod
+    def read(path: Path) -> list[Document]:
+        docs = []
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                kind, _, text = line.rstrip("\n").partition("\t")
+                if text:
+                    docs.append(Document(text, kind))
+        return docs
+
+
+class DeliveryOutput(Output):
+    def __init__(self, sender: Sender, spool_dir: Path | None = None, spool_mb: float = DEFAULT_SPOOL_MB,
+                 queue_max: int = QUEUE_MAX):
+        super().__init__()
+        self.sender = sender
+        key = hashlib.sha1(sender.name.encode()).hexdigest()[:12]
+        self.spool = Spool((spool_dir or DEFAULT_SPOOL_DIR) / key, int(spool_mb * 1024 * 1024))
+        self.queue_max = queue_max
+        self._queue: collections.deque[Document] = collections.deque()
+        self._lock = threading.Condition()
+        self._closing = False
+        self._failures = 0
+        self._inflight: list[Document] = []
+        self.latency_s = 0.0               # of the last delivered batch: write -> acknowledged
+        self._thread = threading.Thread(target=self._run, name=f"deliver {sender.name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def name(self) -> str:
+        return self.sender.name
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def write(self, doc: Document) -> None:
+        with self._lock:
+            if self._closing:
+                self.count_drop("closed")
+                return
+            self._queue.append(doc)
+            if len(self._queue) > self.queue_max:
+                self._spill()
+            self._lock.notify()
+
+    def _spill(self) -> None:
+        """Memory is full: the oldest half goes to disk, alerts and events apart."""
+        spill = [self._queue.popleft() for _ in range(len(self._queue) // 2)]
+        for kind, docs in (("alert", [d for d in spill if d.kind == "alert"]),
+                           ("event", [d for d in spill if d.kind != "alert"])):
+            if docs:
+                self._spool_docs(docs, kind)
+
+    def _spool_docs(self, docs: list[Document], kind: str) -> None:
+        need = sum(len(d.json) + 8 for d in docs)
+        while self.spool.size() + need > self.spool.max_bytes:
+            events = self.spool.segments("event")
+            if kind == "alert" and events:
+                oldest = events[0]       # alerts are kept as long as anything can be
+                self.count_drop("spool_full", len(Spool.read(oldest)))
+                oldest.unlink(missing_ok=True)
+                continue
+            self.count_drop("spool_full", len(docs))
+            return
+        try:
+            self.spool.write(docs, kind)
+        except OSError as e:
+            self.count_drop("spool_error", len(docs))
+            log.warning("output %s: cannot spool %d documents: %s", self.name, len(docs), e)
+
+    # -- the sender thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._closing:
+            batch, segment = self._next_batch()
+            if batch is None:
+                return
+            if segment is None:
+                self._inflight = batch     # close() spools it if this send never returns
+            started = time.monotonic()
+            try:
+                self.sender.send(batch)
+            except SendError as e:
+                self._retry_later(batch, segment, e)
+                continue
+            finally:
+                self._inflight = []
+            self._failures = 0
+            self.latency_s = time.monotonic() - started
+            self.sent += len(batch)
+            if segment is not None:
+                segment.unlink(missing_ok=True)
+
+    def _next_batch(self) -> tuple[list[Document] | None, Path | None]:
+        """Spooled segments first (alerts, then events), then memory; None when closed and empty."""
+        for kind in ("alert", "event"):
+            segments = self.spool.segments(kind)
+            if segments:
+                return Spool.read(segments[0]), segments[0]
+        with self._lock:
+            while not self._queue:
+                if self._closing:
+                    return None, None
+                self._lock.wait(0.5)
+                for kind in ("alert", "event"):
+                    if self.spool.segments(kind):
+                        return self._next_batch()
+            return [self._queue.popleft() for _ in range(min(BATCH_MAX, len(self._queue)))], None
+
+    def _retry_later(self, batch: list[Document], segment: Path | None, error: Exception) -> None:
+        self._failures += 1
+        if self._failures == 1:
+            log.warning("output %s: delivery failed (%s); retrying with backoff", self.name, error)
+        if segment is None:               # keep the batch: in memory, at the front
+            with self._lock:
+                self._queue.extendleft(reversed(batch))
+                if len(self._queue) > self.queue_max:
+                    self._spill()
+        delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** min(self._failures - 1, 10))
+        with self._lock:
+            if not self._closing:
+                self._lock.wait(delay * random.uniform(0.5, 1.5))
+
+    # -- shutdown ----------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Non-blocking: the thread delivers on its own."""
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Deliver what can be within timeout_s; spool the rest for the next run."""
+        deadline = time.monotonic() + timeout_s
+        while (self._queue or self._inflight) and self._failures == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+        self._thread.join(timeout=max(0.1, deadline - time.monotonic()))
+        with self._lock:      # what is left, in flight included: delivered twice at worst, never lost
+            left = list(self._inflight) + list(self._queue)
+            self._queue.clear()
+        for kind, docs in (("alert", [d for d in left if d.kind == "alert"]),
+                           ("event", [d for d in left if d.kind != "alert"])):
+            if docs:
+                self._spool_docs(docs, kind)
+        self.sender.close()
