@@ -3,12 +3,16 @@ from __future__ import annotations
 
 from tracer.outputs.base import Fanout, KindFilter, Output, OutputError
 from tracer.outputs.file import FileOutput
+from tracer.outputs.delivery import DeliveryOutput
 from tracer.outputs.stdout import StdoutOutput
+from tracer.outputs.syslog import parse_syslog_spec
+from tracer.registry import state_dir
 
 __all__ = ["Fanout", "FileOutput", "KindFilter", "Output", "OutputError", "OutputSpecError", "StdoutOutput",
            "parse_output_spec", "parse_output_specs"]
 
-ACCEPTED_FORMS = "'-' (stdout), 'file:PATH', 'file:PATH?max_mb=N&keep=K'"
+ACCEPTED_FORMS = ("'-' (stdout), 'file:PATH', 'file:PATH?max_mb=N&keep=K', 'syslog+tcp://HOST:PORT', "
+                  "'syslog+udp://HOST:PORT', 'syslog+tls://HOST:PORT?ca=FILE[&cert=FILE&key=FILE]'")
 
 
 class OutputSpecError(ValueError):
@@ -16,7 +20,8 @@ class OutputSpecError(ValueError):
 
 
 def parse_output_spec(spec: str) -> Output:
-    """'-' -> stdout; 'file:PATH[?max_mb=N&keep=K]' -> FileOutput (N, K positive integers)."""
+    """'-' -> stdout; 'file:PATH[?max_mb=N&keep=K]' -> FileOutput (N, K positive integers);
+    'syslog+tcp|tls|udp://...' -> syslog through the delivery core (queue, spool under the state dir)."""
     if spec == "-":
         return StdoutOutput()
     if spec.startswith("file:"):
@@ -25,6 +30,12 @@ def parse_output_spec(spec: str) -> Output:
             raise OutputSpecError(f"output {spec!r} has no path; accepted forms: {ACCEPTED_FORMS}")
         options = _parse_query(spec, query, allowed=("max_mb", "keep"))
         return FileOutput(path, max_mb=options.get("max_mb"), keep=options.get("keep", 5))
+    if spec.startswith("syslog+"):
+        try:
+            sender = parse_syslog_spec(spec)
+        except ValueError as e:
+            raise OutputSpecError(str(e)) from None
+        return DeliveryOutput(sender, spool_dir=state_dir() / "spool")
     raise OutputSpecError(f"unknown output {spec!r}; accepted forms: {ACCEPTED_FORMS}")
 
 
