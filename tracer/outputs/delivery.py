@@ -140,7 +140,7 @@ class DeliveryOutput(Output):
                 self._inflight = batch     # close() spools it if this send never returns
             started = time.monotonic()
             try:
-                self.sender.send(batch)
+                rejected = self.sender.send(batch) or []
             except SendError as e:
                 self._retry_later(batch, segment, e)
                 continue
@@ -148,7 +148,9 @@ class DeliveryOutput(Output):
                 self._inflight = []
             self._failures = 0
             self.latency_s = time.monotonic() - started
-            self.sent += len(batch)
+            self.sent += len(batch) - len(rejected)
+            if rejected:
+                self._dead_letter(rejected)
             if segment is not None:
                 segment.unlink(missing_ok=True)
 
@@ -181,6 +183,16 @@ class DeliveryOutput(Output):
         with self._lock:
             if not self._closing:
                 self._lock.wait(delay * random.uniform(0.5, 1.5))
+
+    def _dead_letter(self, rejected: list[tuple[Document, str]]) -> None:
+        """Refused for good by the receiver: kept in dead-letter.ndjson beside the spool, and counted."""
+        for _, reason in rejected:
+            self.count_drop(f"rejected:{reason}")
+        try:
+            with open(self.spool.dir / "dead-letter.ndjson", "a", encoding="utf-8") as f:
+                f.write("".join(f"{doc.json}\n" for doc, _ in rejected))
+        except OSError as e:
+            log.warning("output %s: cannot write the dead letters: %s", self.name, e)
 
     # -- shutdown ----------------------------------------------------------------------------
     def flush(self) -> None:

@@ -13,7 +13,11 @@ class SendError(Exception):
 class Sender(Protocol):
     name: str
 
-    def send(self, docs: list[Document]) -> None:
-        """Deliver every document of the batch, or raise SendError; never part of it silently."""
+    def send(self, docs: list[Document]) -> list[tuple[Document, str]] | None:
+        """Deliver every document of the batch, or raise SendError to have the whole batch retried.
+
+        A receiver that accepts the batch but refuses some documents for good (e.g. an
+        Elasticsearch mapping error, a 400) returns them as (document, reason): they are
+        dead-lettered and counted, never retried. None or [] means all were accepted."""
 
     def close(self) -> None: ...
