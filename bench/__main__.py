@@ -16,6 +16,8 @@ from pathlib import Path
 
 from tracer.kernel import cgroups
 
+from . import outputs
+
 ROUNDS = 5
 STORM_SECONDS = 4.0
 STORM = Path(__file__).with_name("storm.py")
@@ -112,6 +114,7 @@ def main() -> None:
     print(f"  tracer CPU            {cpu:10.2f} s     over {wall:.1f} s of eptrace run (user+sys)")
     print(f"  tracer peak RSS       {rss_mb:10.1f} MB    target <= 200    {verdict(rss_mb <= 200)}")
     print(f"  start-up (run -- true){startup:10.2f} s     target <= 3      {verdict(startup <= 3)}")
+    outputs.main()
 
 
 if __name__ == "__main__":
