@@ -89,6 +89,14 @@ def _config(path: str | None):
 
 
 CONFIG_HELP = "A TOML file of detection thresholds and allowlists; every key has a default."
+METRICS_HELP = "Serve Prometheus metrics on ADDR:PORT (/metrics): records, losses, drops, queues, latency."
+
+
+def _metrics_address(address: str | None) -> str | None:
+    host, _, port = (address or "").rpartition(":")
+    if address and (not host or not port.isdigit() or not 0 < int(port) < 65536):
+        raise Failure(f"--metrics-listen wants ADDR:PORT, e.g. 127.0.0.1:9464, not {address!r}", EXIT_BAD_INPUT)
+    return address
 OUTPUT_HELP = "Where events go: '-' (stdout, the default) or 'file:PATH[?max_mb=N&keep=K]'. Repeat for several."
 
 EPILOG = """\b
@@ -139,11 +147,12 @@ def cli(verbose: int, state_dir: str | None) -> None:
 @click.option("--verdict", "verdict_path", type=click.Path(dir_okay=False, writable=True), metavar="PATH",
               help="Also write the end-of-episode summary as JSON to PATH.")
 @click.option("--capture", "capture_path", type=click.Path(dir_okay=False), metavar="PATH", help=CAPTURE_HELP)
+@click.option("--metrics-listen", metavar="ADDR:PORT", help=METRICS_HELP)
 @click.option("--fail-on-alert", is_flag=True,
               help=f"Exit {EXIT_ALERTED} if the episode raised any alert, whatever CMD's own status.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
 def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict_path, capture_path,
-        fail_on_alert, command) -> None:
+        metrics_listen, fail_on_alert, command) -> None:
     """Run CMD as a traced episode, in a fresh cgroup of its own.
 
     Events stream until CMD and its children have exited and their flows are closed (at most
@@ -159,6 +168,7 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
     _episode_id(episode_id)
     label_map = _labels(labels)
     config = _config(config_path)
+    metrics_listen = _metrics_address(metrics_listen)
     _require_root()
     fanout = _outputs(outputs)
     from .kernel.cgroups import CgroupError
@@ -166,11 +176,14 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
     from .session import run_episode
     try:
         verdict = run_episode(episode_id, list(command), fanout, labels=label_map, grace_s=grace,
-                              stats_interval_s=stats_interval, config=config, capture=_capture(capture_path))
+                              stats_interval_s=stats_interval, config=config, capture=_capture(capture_path),
+                              metrics_listen=metrics_listen)
     except ProbeError as e:
         raise Failure(str(e), EXIT_KERNEL) from None
     except CgroupError as e:
         raise Failure(str(e), EXIT_KERNEL) from None
+    except ValueError as e:        # the metrics address cannot be bound
+        raise Failure(str(e), EXIT_BAD_INPUT) from None
     click.echo(verdict.human(), err=True)
     if verdict_path:
         try:
@@ -187,7 +200,8 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
               metavar="SECONDS", help="How often health metrics are emitted (and always at exit).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE", help=CONFIG_HELP)
 @click.option("--capture", "capture_path", type=click.Path(dir_okay=False), metavar="PATH", help=CAPTURE_HELP)
-def watch(outputs, stats_interval, config_path, capture_path) -> None:
+@click.option("--metrics-listen", metavar="ADDR:PORT", help=METRICS_HELP)
+def watch(outputs, stats_interval, config_path, capture_path, metrics_listen) -> None:
     """Trace every registered episode, as a daemon, until SIGINT or SIGTERM.
 
     Episodes are registered with 'eptrace episode add'; a registration made while watch runs
@@ -199,6 +213,7 @@ def watch(outputs, stats_interval, config_path, capture_path) -> None:
       sudo eptrace watch --output file:/var/log/eptrace/events.ndjson?max_mb=100&keep=10
     """
     config = _config(config_path)
+    metrics_listen = _metrics_address(metrics_listen)
     _require_root()
     fanout = _outputs(outputs)
     from .kernel.loader import ProbeError
@@ -206,9 +221,11 @@ def watch(outputs, stats_interval, config_path, capture_path) -> None:
     from .session import watch as watch_episodes
     try:
         sys.exit(watch_episodes(fanout, Registry(), stats_interval_s=stats_interval, config=config,
-                                capture=_capture(capture_path)))
+                                capture=_capture(capture_path), metrics_listen=metrics_listen))
     except ProbeError as e:
         raise Failure(str(e), EXIT_KERNEL) from None
+    except ValueError as e:        # the metrics address cannot be bound
+        raise Failure(str(e), EXIT_BAD_INPUT) from None
 
 
 @cli.group()

@@ -31,6 +31,14 @@ def make_tracer(outputs, stats_interval_s: float, config: Config | None = None, 
                   capture=capture)
 
 
+def serve_metrics(tracer: Tracer, address: str | None):
+    """The Prometheus endpoint of --metrics-listen, or None."""
+    if not address:
+        return None
+    from .metrics_http import MetricsServer
+    return MetricsServer(address, tracer.stats_snapshot)
+
+
 def make_encoder():
     from .schema.ecs import EcsEncoder
     return EcsEncoder(host_name=socket.gethostname(), agent_version=__version__)
@@ -87,11 +95,12 @@ class _Stop:
 
 def run_episode(episode_id: str, argv: list[str], outputs, labels: dict[str, str] | None = None,
                 grace_s: float = 10.0, stats_interval_s: float = 10.0, config: Config | None = None,
-                capture=None) -> Verdict:
+                capture=None, metrics_listen: str | None = None) -> Verdict:
     """Trace CMD in a fresh episode cgroup. The verdict's exit_code is CMD's status
     (128+N if it was killed by signal N)."""
     validate_id(episode_id)
     tracer = make_tracer(outputs, stats_interval_s, config, capture)
+    metrics = serve_metrics(tracer, metrics_listen)
     builder = VerdictBuilder(episode_id)
     tracer.observers.append(builder.observe)
     cgroup = _fresh_cgroup(episode_id)
@@ -124,6 +133,8 @@ def run_episode(episode_id: str, argv: list[str], outputs, labels: dict[str, str
         outputs.close()
         if capture:
             capture.close()
+        if metrics:
+            metrics.close()
         _remove_run_cgroup(cgroup)
 
 
@@ -160,9 +171,10 @@ def _wait_for_flows(tracer: Tracer, grace_s: float, stop: _Stop) -> None:
 
 
 def watch(outputs, registry: Registry, stats_interval_s: float = 10.0, config: Config | None = None,
-          capture=None) -> int:
+          capture=None, metrics_listen: str | None = None) -> int:
     """Trace every registered episode until SIGINT/SIGTERM; registrations are re-read twice a second."""
     tracer = make_tracer(outputs, stats_interval_s, config, capture)
+    metrics = serve_metrics(tracer, metrics_listen)
     stop = _Stop()
     attached: dict[str, int] = {}          # episode id -> cgroup id
     warned: set[tuple[str, str]] = set()   # (episode id, cgroup) that could not be traced: not retried
@@ -180,6 +192,8 @@ def watch(outputs, registry: Registry, stats_interval_s: float = 10.0, config: C
         outputs.close()
         if capture:
             capture.close()
+        if metrics:
+            metrics.close()
 
 
 def _sync(tracer: Tracer, registry: Registry, attached: dict[str, int], warned: set[tuple[str, str]]) -> None:

@@ -1,0 +1,36 @@
+import urllib.request
+
+import pytest
+
+from tracer.metrics_http import MetricsServer, exposition
+
+STATS = {"records_received": 10, "records_lost": 0, "records_lost_by_reason": {"ringbuf_full": 0},
+         "events_emitted": 8, "alerts": 1, "episodes": 2, "flows_open": 3,
+         "outputs": {'syslog+tcp://"x":1': {"sent": 7, "dropped": {"spool_full": 2}, "queued": 4,
+                                              "spooled_bytes": 100, "latency_s": 0.25}}}
+
+
+def test_exposition_has_every_counter_and_escapes_labels():
+    text = exposition(STATS)
+    assert "eptrace_records_received_total 10" in text
+    assert 'eptrace_records_lost_total{reason="ringbuf_full"} 0' in text          # zero is shown as zero
+    assert 'eptrace_output_dropped_total{output="syslog+tcp://\\"x\\":1",reason="spool_full"} 2' in text
+    assert 'eptrace_output_delivery_latency_seconds{output="syslog+tcp://\\"x\\":1"} 0.25' in text
+    assert text.count("# TYPE") == 11 and text.endswith("\n")
+
+
+def test_server_serves_metrics_and_404_elsewhere():
+    server = MetricsServer("127.0.0.1:0", lambda: STATS)
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5).read().decode()
+        assert "eptrace_alerts_total 1" in body
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"http://127.0.0.1:{server.port}/", timeout=5)
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("bad", ["9464", ":9464", "127.0.0.1:", "127.0.0.1:99999", "host:port"])
+def test_bad_addresses_are_clear_errors(bad):
+    with pytest.raises(ValueError, match="ADDR:PORT"):
+        MetricsServer(bad, lambda: STATS)
