@@ -43,12 +43,21 @@ def _require_root() -> None:
         raise Failure("eptrace loads eBPF programs and must run as root: try again with sudo", EXIT_NOT_ROOT)
 
 
-def _outputs(specs: tuple[str, ...]):
-    from .outputs import Fanout, OutputSpecError, parse_output_specs
+def _outputs(specs: tuple[str, ...], schema: str = "ecs"):
+    from .outputs import Fanout, OutputSpecError, Transform, parse_output_specs
     try:
-        return Fanout(parse_output_specs(list(specs)))
+        fanout = Fanout(parse_output_specs(list(specs)))
     except (OutputSpecError, OSError) as e:
         raise Failure(str(e), EXIT_BAD_INPUT) from None
+    if schema == "ocsf":
+        from .schema.ocsf import convert
+        return Transform(fanout, convert)
+    return fanout
+
+
+SCHEMA_OPTION = click.option("--schema", type=click.Choice(["ecs", "ocsf"]), default="ecs", show_default=True,
+                             help="Document schema: ECS 9, or OCSF 1.x (Network Activity 4001, Process "
+                                  "Activity 1007, Detection Finding 2004) for pipelines that want OCSF.")
 
 
 def _episode_id(episode_id: str) -> str:
@@ -148,11 +157,12 @@ def cli(verbose: int, state_dir: str | None) -> None:
               help="Also write the end-of-episode summary as JSON to PATH.")
 @click.option("--capture", "capture_path", type=click.Path(dir_okay=False), metavar="PATH", help=CAPTURE_HELP)
 @click.option("--metrics-listen", metavar="ADDR:PORT", help=METRICS_HELP)
+@SCHEMA_OPTION
 @click.option("--fail-on-alert", is_flag=True,
               help=f"Exit {EXIT_ALERTED} if the episode raised any alert, whatever CMD's own status.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
 def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict_path, capture_path,
-        metrics_listen, fail_on_alert, command) -> None:
+        metrics_listen, schema, fail_on_alert, command) -> None:
     """Run CMD as a traced episode, in a fresh cgroup of its own.
 
     Events stream until CMD and its children have exited and their flows are closed (at most
@@ -170,7 +180,7 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
     config = _config(config_path)
     metrics_listen = _metrics_address(metrics_listen)
     _require_root()
-    fanout = _outputs(outputs)
+    fanout = _outputs(outputs, schema)
     from .kernel.cgroups import CgroupError
     from .kernel.loader import ProbeError
     from .session import run_episode
@@ -201,7 +211,8 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE", help=CONFIG_HELP)
 @click.option("--capture", "capture_path", type=click.Path(dir_okay=False), metavar="PATH", help=CAPTURE_HELP)
 @click.option("--metrics-listen", metavar="ADDR:PORT", help=METRICS_HELP)
-def watch(outputs, stats_interval, config_path, capture_path, metrics_listen) -> None:
+@SCHEMA_OPTION
+def watch(outputs, stats_interval, config_path, capture_path, metrics_listen, schema) -> None:
     """Trace every registered episode, as a daemon, until SIGINT or SIGTERM.
 
     Episodes are registered with 'eptrace episode add'; a registration made while watch runs
@@ -215,7 +226,7 @@ def watch(outputs, stats_interval, config_path, capture_path, metrics_listen) ->
     config = _config(config_path)
     metrics_listen = _metrics_address(metrics_listen)
     _require_root()
-    fanout = _outputs(outputs)
+    fanout = _outputs(outputs, schema)
     from .kernel.loader import ProbeError
     from .registry import Registry
     from .session import watch as watch_episodes

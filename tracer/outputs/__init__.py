@@ -1,14 +1,14 @@
 """Outputs: where ECS documents go. `parse_output_spec` turns `--output` values into outputs."""
 from __future__ import annotations
 
-from tracer.outputs.base import Fanout, KindFilter, Output, OutputError
+from tracer.outputs.base import Fanout, KindFilter, Output, OutputError, Transform
 from tracer.outputs.file import FileOutput
 from tracer.outputs.delivery import DeliveryOutput
 from tracer.outputs.stdout import StdoutOutput
 from tracer.outputs.syslog import parse_syslog_spec
 from tracer.registry import state_dir
 
-__all__ = ["Fanout", "FileOutput", "KindFilter", "Output", "OutputError", "OutputSpecError", "StdoutOutput",
+__all__ = ["Fanout", "FileOutput", "KindFilter", "Transform", "Output", "OutputError", "OutputSpecError", "StdoutOutput",
            "parse_output_spec", "parse_output_specs"]
 
 ACCEPTED_FORMS = ("'-' (stdout), 'file:PATH', 'file:PATH?max_mb=N&keep=K', 'syslog+tcp://HOST:PORT', "

@@ -96,3 +96,20 @@ class KindFilter:
 
     def close(self) -> None:
         self.inner.close()
+
+
+class Transform:
+    """Maps every document before the outputs see it (--schema ocsf)."""
+
+    def __init__(self, inner: Fanout, convert) -> None:
+        self.inner, self.convert = inner, convert
+        self.outputs = inner.outputs
+
+    def write(self, doc: Document) -> None:
+        self.inner.write(self.convert(doc))
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def close(self) -> None:
+        self.inner.close()
