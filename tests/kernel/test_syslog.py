@@ -481,3 +481,59 @@ def test_eptrace_run_delivers_every_document_to_syslog_across_an_outage(rsyslog_
     final = sent[-1]["eptrace"]["stats"]["outputs"]
     syslog_stats = next(v for k, v in final.items() if k.startswith("syslog+tcp"))
     assert syslog_stats["dropped"] == {}, syslog_stats
+
+
+def test_tracer_killed_during_an_outage_delivers_its_spool_after_a_restart(rsyslog_factory, tmp_path):
+    """SIGKILL during a receiver outage: what the tracer had spooled is delivered by the next tracer.
+    While the receiver is down, queued documents reach the disk within SPILL_EVERY_S (0.5 s), so every
+    document written more than 2 s before the kill must arrive."""
+    import signal
+    import sys
+    r = rsyslog_factory()
+    r.stop()
+    env = dict(os.environ, EPTRACE_STATE_DIR=str(tmp_path / "state"))
+    events_file = tmp_path / "events.ndjson"
+    sink = f"syslog+tcp://127.0.0.1:{r.tcp_port}"
+    workload = ("import socket,time\n"
+                "while True:\n"
+                "    s=socket.socket(); l=socket.create_server(('127.0.0.1',0)); s.connect(l.getsockname())\n"
+                "    c,_=l.accept(); c.close(); s.close(); l.close(); time.sleep(0.05)\n")
+    first = subprocess.Popen([sys.executable, "-m", "tracer", "run", "--episode", "ep-killed", "--output",
+                              f"file:{events_file}", "--output", sink, "--", "/usr/bin/python3", "-c", workload],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(6)
+        killed_at = time.time()
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    # the workload outlived its tracer: kill what is left in the run cgroups
+    from tracer.kernel.cgroups import kill_and_remove
+    for leftover in Path(cgroup2_mount(), "eptrace").glob("ep-killed@*"):
+        kill_and_remove(leftover)
+    sent = [json.loads(line) for line in events_file.read_text().splitlines() if line.strip()]
+    old_enough = {d["event"]["id"] for d in sent
+                  if _epoch(d["@timestamp"]) < killed_at - 2.0}
+    assert len(old_enough) > 50, f"only {len(old_enough)} documents were written before the kill"
+    r.start()
+    second = subprocess.run([sys.executable, "-m", "tracer", "run", "--episode", "ep-after", "--output", sink,
+                             "--", "true"], env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 0, second.stderr
+    deadline = time.monotonic() + 20
+    got: set[str] = set()
+    while time.monotonic() < deadline and not old_enough <= got:
+        got = {json.loads(line)["event"]["id"] for line in r.lines() if line.strip()}
+        time.sleep(0.2)
+    assert old_enough <= got, f"{len(old_enough - got)} of {len(old_enough)} spooled documents were lost"
+
+
+def _epoch(ts: str) -> float:
+    import calendar
+    return calendar.timegm(time.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S")) + float("0." + ts[20:26])
+
+
+def cgroup2_mount():
+    from tracer.kernel.cgroups import cgroup2_mount as mount
+    return mount()

@@ -29,6 +29,7 @@ QUEUE_MAX = 50_000                 # documents in memory per output
 SEGMENT_BYTES = 1 << 20            # a spool file is closed at this size
 BATCH_MAX = 500
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.2, 30.0
+SPILL_EVERY_S = 0.5                # while the receiver is down, memory goes to disk this often
 DEFAULT_SPOOL_DIR = Path("/var/lib/eptrace/spool")
 DEFAULT_SPOOL_MB = 512
 
@@ -105,9 +106,10 @@ class DeliveryOutput(Output):
                 self._spill()
             self._lock.notify()
 
-    def _spill(self) -> None:
-        """Memory is full: the oldest half goes to disk, alerts and events apart."""
-        spill = [self._queue.popleft() for _ in range(len(self._queue) // 2)]
+    def _spill(self, everything: bool = False) -> None:
+        """To disk, alerts and events apart: the oldest half when memory is full, or all of it."""
+        count = len(self._queue) if everything else len(self._queue) // 2
+        spill = [self._queue.popleft() for _ in range(count)]
         for kind, docs in (("alert", [d for d in spill if d.kind == "alert"]),
                            ("event", [d for d in spill if d.kind != "alert"])):
             if docs:
@@ -174,15 +176,21 @@ class DeliveryOutput(Output):
         self._failures += 1
         if self._failures == 1:
             log.warning("output %s: delivery failed (%s); retrying with backoff", self.name, error)
-        if segment is None:               # keep the batch: in memory, at the front
+        if segment is None:
+            # The receiver is down: the batch and everything queued go to disk now, so that even
+            # a tracer killed during the outage (SIGKILL) loses nothing a restart cannot deliver.
             with self._lock:
                 self._queue.extendleft(reversed(batch))
-                if len(self._queue) > self.queue_max:
-                    self._spill()
+                self._spill(everything=True)
         delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** min(self._failures - 1, 10))
+        wake = time.monotonic() + delay * random.uniform(0.5, 1.5)
+        last_spill = time.monotonic()
         with self._lock:
-            if not self._closing:
-                self._lock.wait(delay * random.uniform(0.5, 1.5))
+            while not self._closing and time.monotonic() < wake:
+                self._lock.wait(min(SPILL_EVERY_S, max(0.0, wake - time.monotonic())))
+                if self._queue and time.monotonic() - last_spill >= SPILL_EVERY_S:
+                    self._spill(everything=True)     # what came in meanwhile goes to disk too
+                    last_spill = time.monotonic()
 
     def _dead_letter(self, rejected: list[tuple[Document, str]]) -> None:
         """Refused for good by the receiver: kept in dead-letter.ndjson beside the spool, and counted."""
