@@ -487,7 +487,6 @@ def test_tracer_killed_during_an_outage_delivers_its_spool_after_a_restart(rsysl
     """SIGKILL during a receiver outage: what the tracer had spooled is delivered by the next tracer.
     While the receiver is down, queued documents reach the disk within SPILL_EVERY_S (0.5 s), so every
     document written more than 2 s before the kill must arrive."""
-    import signal
     import sys
     r = rsyslog_factory()
     r.stop()
@@ -537,3 +536,34 @@ def _epoch(ts: str) -> float:
 def cgroup2_mount():
     from tracer.kernel.cgroups import cgroup2_mount as mount
     return mount()
+
+
+def test_receiver_down_for_30_seconds_mid_stream_loses_nothing(rsyslog_factory, tmp_path):
+    """The issue's fault test: a stream of documents, rsyslog down for 30 s in the middle, then back:
+    every document arrives (deduplicated by event.id) and the drop counters stay at zero."""
+    from tracer.outputs.delivery import DeliveryOutput
+    r = rsyslog_factory()
+    out = DeliveryOutput(parse_syslog_spec(f"syslog+tcp://127.0.0.1:{r.tcp_port}"), spool_dir=tmp_path)
+    docs = make_docs(4000)
+    start = time.monotonic()
+    down = False
+    for i, doc in enumerate(docs):                # ~100 documents a second for 40 s
+        elapsed = time.monotonic() - start
+        if not down and elapsed > 5:
+            r.stop()
+            down = True
+        if down and elapsed > 35 and r.proc is None:
+            r.start()
+        out.write(doc)
+        time.sleep(max(0.0, start + (i + 1) * 0.01 - time.monotonic()))
+    if r.proc is None:
+        r.start()
+    want = {d.fields()["event"]["id"] for d in docs}
+    deadline = time.monotonic() + 60
+    got: set[str] = set()
+    while time.monotonic() < deadline and not want <= got:
+        got = {json.loads(line)["event"]["id"] for line in r.lines() if line.strip()}
+        time.sleep(0.2)
+    out.close()
+    assert want <= got, f"{len(want - got)} of {len(want)} documents never arrived"
+    assert out.dropped == {}, out.dropped
