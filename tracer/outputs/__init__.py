@@ -6,13 +6,18 @@ from tracer.outputs.file import FileOutput
 from tracer.outputs.delivery import DeliveryOutput
 from tracer.outputs.stdout import StdoutOutput
 from tracer.outputs.syslog import parse_syslog_spec
+from tracer.outputs.forward import parse_forward_spec
+from tracer.outputs.http import parse_http_spec
 from tracer.registry import state_dir
 
 __all__ = ["Fanout", "FileOutput", "KindFilter", "Transform", "Output", "OutputError", "OutputSpecError", "StdoutOutput",
            "parse_output_spec", "parse_output_specs"]
 
 ACCEPTED_FORMS = ("'-' (stdout), 'file:PATH', 'file:PATH?max_mb=N&keep=K', 'syslog+tcp://HOST:PORT', "
-                  "'syslog+udp://HOST:PORT', 'syslog+tls://HOST:PORT?ca=FILE[&cert=FILE&key=FILE]'")
+                  "'syslog+udp://HOST:PORT', 'syslog+tls://HOST:PORT?ca=FILE[&cert=FILE&key=FILE]', "
+                  "'hec://HOST:PORT?token=T[&index=I&sourcetype=S]', 'hecs://HOST:PORT?token=T[&...&ca=FILE]', "
+                  "'es://HOST:PORT/INDEX', 'ess://HOST:PORT/INDEX[?ca=FILE][&user=U&password=P | &api_key=K]'
+                  "'forward://HOST:PORT[?tag=T&shared_key=K&compress=gzip&tls=1&ca=FILE&cert=FILE&key=FILE]'"))
 
 
 class OutputSpecError(ValueError):
@@ -21,7 +26,8 @@ class OutputSpecError(ValueError):
 
 def parse_output_spec(spec: str) -> Output:
     """'-' -> stdout; 'file:PATH[?max_mb=N&keep=K]' -> FileOutput (N, K positive integers);
-    'syslog+tcp|tls|udp://...' -> syslog through the delivery core (queue, spool under the state dir)."""
+    'syslog+tcp|tls|udp://...', 'hec[s]://...', 'es[s]://...' -> syslog, Splunk HEC, Elasticsearch
+    through the delivery core (queue, spool under the state dir)."""
     if spec == "-":
         return StdoutOutput()
     if spec.startswith("file:"):
@@ -33,6 +39,18 @@ def parse_output_spec(spec: str) -> Output:
     if spec.startswith("syslog+"):
         try:
             sender = parse_syslog_spec(spec)
+        except ValueError as e:
+            raise OutputSpecError(str(e)) from None
+        return DeliveryOutput(sender, spool_dir=state_dir() / "spool")
+    if spec.startswith(("hec://", "hecs://", "es://", "ess://")):
+        try:
+            sender = parse_http_spec(spec)      # its errors never echo the token or password
+        except ValueError as e:
+            raise OutputSpecError(str(e)) from None
+        return DeliveryOutput(sender, spool_dir=state_dir() / "spool")
+    if spec.startswith("forward://"):
+        try:
+            sender = parse_forward_spec(spec)       # its errors never echo the shared key
         except ValueError as e:
             raise OutputSpecError(str(e)) from None
         return DeliveryOutput(sender, spool_dir=state_dir() / "spool")
