@@ -160,6 +160,27 @@ fi
 (cd / && "$VENV/bin/python" -c "import bcc, click, pyroute2, msgpack, tracer") \
     || die "the venv cannot import bcc, click, pyroute2, msgpack and tracer (see above)"
 
+# Test receivers from npm: @fluent-org/logger's FluentServer for tests/kernel/test_forward.py, pinned by
+# tests/kernel/helpers/package.json and package-lock.json into tests/kernel/helpers/node_modules (git-ignored).
+# Installed again only when missing or not the pinned version; without node and npm the forward tests skip.
+HELPERS="$REPO/tests/kernel/helpers"
+npm_pkg_version() {   # the "version" (installed package.json) or the pinned dependency (our package.json)
+    "$VENV/bin/python" -c 'import json, sys
+d = json.load(open(sys.argv[1]))
+print(d["dependencies"][sys.argv[2]] if len(sys.argv) > 2 else d["version"])' "$@" 2>/dev/null || true
+}
+want_fluent="$(npm_pkg_version "$HELPERS/package.json" @fluent-org/logger)"
+have_fluent="$(npm_pkg_version "$HELPERS/node_modules/@fluent-org/logger/package.json")"
+if [ -n "$want_fluent" ] && [ "$have_fluent" = "$want_fluent" ]; then
+    say "test helpers: @fluent-org/logger $have_fluent present"
+elif command -v node >/dev/null && command -v npm >/dev/null; then
+    say "test helpers: npm ci in $HELPERS (@fluent-org/logger $want_fluent)"
+    (cd "$HELPERS" && npm ci --no-audit --no-fund --loglevel=error >&2) \
+        || warn "npm ci failed in $HELPERS: tests/kernel/test_forward.py will skip"
+else
+    warn "node or npm not found: tests/kernel/test_forward.py will skip (install Node.js >= 12 and npm)"
+fi
+
 ln -sfn "$VENV/bin/eptrace" /usr/local/bin/eptrace
 
 echo "eptrace set up: run 'eptrace doctor' to check the kernel" >&2

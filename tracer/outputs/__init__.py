@@ -16,8 +16,14 @@ __all__ = ["Fanout", "FileOutput", "KindFilter", "Transform", "Output", "OutputE
 ACCEPTED_FORMS = ("'-' (stdout), 'file:PATH', 'file:PATH?max_mb=N&keep=K', 'syslog+tcp://HOST:PORT', "
                   "'syslog+udp://HOST:PORT', 'syslog+tls://HOST:PORT?ca=FILE[&cert=FILE&key=FILE]', "
                   "'hec://HOST:PORT?token=T[&index=I&sourcetype=S]', 'hecs://HOST:PORT?token=T[&...&ca=FILE]', "
-                  "'es://HOST:PORT/INDEX', 'ess://HOST:PORT/INDEX[?ca=FILE][&user=U&password=P | &api_key=K]'
-                  "'forward://HOST:PORT[?tag=T&shared_key=K&compress=gzip&tls=1&ca=FILE&cert=FILE&key=FILE]'"))
+                  "'es://HOST:PORT/INDEX', 'ess://HOST:PORT/INDEX[?ca=FILE][&user=U&password=P | &api_key=K]', "
+                  "'forward://HOST:PORT[?tag=T&shared_key=K&compress=gzip&tls=1&ca=FILE&cert=FILE&key=FILE]'")
+
+
+# Network outputs: a sender per protocol, each driven by the delivery core (queue, spool, retries).
+NETWORK_SENDERS = ((("syslog+",), parse_syslog_spec),
+                   (("hec://", "hecs://", "es://", "ess://"), parse_http_spec),
+                   (("forward://",), parse_forward_spec))
 
 
 class OutputSpecError(ValueError):
@@ -36,24 +42,13 @@ def parse_output_spec(spec: str) -> Output:
             raise OutputSpecError(f"output {spec!r} has no path; accepted forms: {ACCEPTED_FORMS}")
         options = _parse_query(spec, query, allowed=("max_mb", "keep"))
         return FileOutput(path, max_mb=options.get("max_mb"), keep=options.get("keep", 5))
-    if spec.startswith("syslog+"):
-        try:
-            sender = parse_syslog_spec(spec)
-        except ValueError as e:
-            raise OutputSpecError(str(e)) from None
-        return DeliveryOutput(sender, spool_dir=state_dir() / "spool")
-    if spec.startswith(("hec://", "hecs://", "es://", "ess://")):
-        try:
-            sender = parse_http_spec(spec)      # its errors never echo the token or password
-        except ValueError as e:
-            raise OutputSpecError(str(e)) from None
-        return DeliveryOutput(sender, spool_dir=state_dir() / "spool")
-    if spec.startswith("forward://"):
-        try:
-            sender = parse_forward_spec(spec)       # its errors never echo the shared key
-        except ValueError as e:
-            raise OutputSpecError(str(e)) from None
-        return DeliveryOutput(sender, spool_dir=state_dir() / "spool")
+    for prefixes, parse_sender in NETWORK_SENDERS:
+        if spec.startswith(prefixes):
+            try:
+                sender = parse_sender(spec)     # their errors never echo a token, password or key
+            except ValueError as e:
+                raise OutputSpecError(str(e)) from None
+            return DeliveryOutput(sender, spool_dir=state_dir() / "spool")
     raise OutputSpecError(f"unknown output {spec!r}; accepted forms: {ACCEPTED_FORMS}")
 
 
