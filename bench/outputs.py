@@ -65,10 +65,44 @@ def syslog_rate(docs) -> float:
     return len(docs) / elapsed
 
 
+# A Forward receiver that unpacks each message and answers its chunk's ack: the sender's side is measured.
+FORWARD_SINK = r'''
+import socket, msgpack
+s = socket.create_server(("127.0.0.1", 0))
+print(s.getsockname()[1], flush=True)
+c, _ = s.accept()
+unpacker = msgpack.Unpacker(raw=False)
+while data := c.recv(1 << 20):
+    unpacker.feed(data)
+    for message in unpacker:
+        chunk = message[2].get("chunk") if len(message) > 2 and isinstance(message[2], dict) else None
+        if chunk:
+            c.sendall(msgpack.packb({"ack": chunk}))
+'''
+
+
+def forward_rate(docs) -> float:
+    from tracer.outputs.forward import parse_forward_spec
+    sink = subprocess.Popen([sys.executable, "-c", FORWARD_SINK], stdout=subprocess.PIPE, text=True)
+    port = int(sink.stdout.readline())
+    with tempfile.TemporaryDirectory() as spool:
+        out = DeliveryOutput(parse_forward_spec(f"forward://127.0.0.1:{port}"), spool_dir=Path(spool))
+        start = time.perf_counter()
+        for doc in docs:
+            out.write(doc)
+        while out.sent < len(docs):
+            time.sleep(0.001)
+        elapsed = time.perf_counter() - start
+        out.close()
+    sink.kill()
+    return len(docs) / elapsed
+
+
 def main() -> None:
     docs = documents(EVENTS)
     print(f"  output file           {file_rate(docs):10,.0f} events/s   target >= 100,000")
     print(f"  output syslog+tcp     {syslog_rate(docs):10,.0f} events/s   target >= 50,000")
+    print(f"  output forward        {forward_rate(docs):10,.0f} events/s   target >= 50,000  (to an acking Python receiver)")
 
 
 if __name__ == "__main__":
