@@ -43,10 +43,13 @@ def _require_root() -> None:
         raise Failure("eptrace loads eBPF programs and must run as root: try again with sudo", EXIT_NOT_ROOT)
 
 
-def _outputs(specs: tuple[str, ...], schema: str = "ecs"):
+def _outputs(specs: tuple[str, ...], schema: str = "ecs", config=None):
+    """The outputs: --output forms, else the config file's [output] specs, else stdout."""
+    from .config import Config
     from .outputs import Fanout, OutputSpecError, Transform, parse_output_specs
+    config = config or Config()
     try:
-        fanout = Fanout(parse_output_specs(list(specs)))
+        fanout = Fanout(parse_output_specs(list(specs) or list(config.output.specs), config.output.spool_mb))
     except (OutputSpecError, OSError) as e:
         raise Failure(str(e), EXIT_BAD_INPUT) from None
     if schema == "ocsf":
@@ -106,7 +109,9 @@ def _metrics_address(address: str | None) -> str | None:
     if address and (not host or not port.isdigit() or not 0 < int(port) < 65536):
         raise Failure(f"--metrics-listen wants ADDR:PORT, e.g. 127.0.0.1:9464, not {address!r}", EXIT_BAD_INPUT)
     return address
-OUTPUT_HELP = "Where events go: '-' (stdout, the default) or 'file:PATH[?max_mb=N&keep=K]'. Repeat for several."
+OUTPUT_HELP = ("Where documents go (repeat for several): '-' (stdout, the default), 'file:PATH[?max_mb=N&keep=K]', "
+               "'syslog+tcp|tls|udp://HOST:PORT', 'forward://HOST:PORT', 'hec[s]://HOST:PORT?token=T', "
+               "'es[s]://HOST:PORT/INDEX'; see the README. Without it, the config's [output] specs.")
 
 EPILOG = """\b
 Exit status:
@@ -180,7 +185,7 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
     config = _config(config_path)
     metrics_listen = _metrics_address(metrics_listen)
     _require_root()
-    fanout = _outputs(outputs, schema)
+    fanout = _outputs(outputs, schema, config)
     from .kernel.cgroups import CgroupError
     from .kernel.loader import ProbeError
     from .session import run_episode
@@ -226,7 +231,7 @@ def watch(outputs, stats_interval, config_path, capture_path, metrics_listen, sc
     config = _config(config_path)
     metrics_listen = _metrics_address(metrics_listen)
     _require_root()
-    fanout = _outputs(outputs, schema)
+    fanout = _outputs(outputs, schema, config)
     from .kernel.loader import ProbeError
     from .registry import Registry
     from .session import watch as watch_episodes
@@ -314,7 +319,7 @@ def replay(capture_path, config_path, outputs, all_documents) -> None:
       eptrace replay ep-42.capture --config stricter.toml --all
     """
     config = _config(config_path)
-    fanout = _outputs(outputs)
+    fanout = _outputs(outputs)      # replay prints; it never delivers to the config's outputs
     from .capture import CaptureError
     from .capture import replay as replay_capture
     from .outputs import KindFilter

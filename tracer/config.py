@@ -40,6 +40,13 @@ class CloudMetadata:
 
 
 @dataclass(frozen=True)
+class Output:
+    """Where documents go when no --output is given, and the network outputs' disk spool."""
+    specs: tuple[str, ...] = ()           # --output forms; empty: stdout
+    spool_mb: float = 512.0               # per network output, under <state dir>/spool
+
+
+@dataclass(frozen=True)
 class Allowlist:
     """Exceptions that apply to every rule."""
     cidrs: tuple[str, ...] = ()           # destinations never alerted on
@@ -55,6 +62,7 @@ class Config:
     dns: Dns = field(default_factory=Dns)
     cloud_metadata: CloudMetadata = field(default_factory=CloudMetadata)
     allowlist: Allowlist = field(default_factory=Allowlist)
+    output: Output = field(default_factory=Output)
 
     def allows_destination(self, ip: str | None, port: int | None) -> bool:
         if port is not None and port in self.allowlist.ports:

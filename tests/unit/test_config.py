@@ -51,3 +51,10 @@ def test_bad_files_name_the_key(tmp_path, text, words):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config"):
         load(tmp_path / "nope.toml")
+
+
+def test_outputs_from_the_config(tmp_path):
+    config = load(write(tmp_path, '[output]\nspecs = ["-", "file:/tmp/x.ndjson"]\nspool_mb = 64\n'))
+    assert config.output.specs == ("-", "file:/tmp/x.ndjson") and config.output.spool_mb == 64.0
+    with pytest.raises(ConfigError, match="output.specs"):
+        load(write(tmp_path, '[output]\nspecs = [""]\n'))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from tracer.outputs.base import Fanout, KindFilter, Output, OutputError, Transform
 from tracer.outputs.file import FileOutput
-from tracer.outputs.delivery import DeliveryOutput
+from tracer.outputs.delivery import DEFAULT_SPOOL_MB, DeliveryOutput
 from tracer.outputs.stdout import StdoutOutput
 from tracer.outputs.syslog import parse_syslog_spec
 from tracer.outputs.forward import parse_forward_spec
@@ -30,7 +30,7 @@ class OutputSpecError(ValueError):
     """An --output value that is not one of the accepted forms."""
 
 
-def parse_output_spec(spec: str) -> Output:
+def parse_output_spec(spec: str, spool_mb: float = DEFAULT_SPOOL_MB) -> Output:
     """'-' -> stdout; 'file:PATH[?max_mb=N&keep=K]' -> FileOutput (N, K positive integers);
     'syslog+tcp|tls|udp://...', 'hec[s]://...', 'es[s]://...' -> syslog, Splunk HEC, Elasticsearch
     through the delivery core (queue, spool under the state dir)."""
@@ -48,18 +48,18 @@ def parse_output_spec(spec: str) -> Output:
                 sender = parse_sender(spec)     # their errors never echo a token, password or key
             except ValueError as e:
                 raise OutputSpecError(str(e)) from None
-            return DeliveryOutput(sender, spool_dir=state_dir() / "spool")
+            return DeliveryOutput(sender, spool_dir=state_dir() / "spool", spool_mb=spool_mb)
     raise OutputSpecError(f"unknown output {spec!r}; accepted forms: {ACCEPTED_FORMS}")
 
 
-def parse_output_specs(specs: list[str]) -> list[Output]:
+def parse_output_specs(specs: list[str], spool_mb: float = DEFAULT_SPOOL_MB) -> list[Output]:
     """All outputs for a list of specs; no specs means stdout. The same sink twice is an error."""
     if not specs:
         return [StdoutOutput()]
     outputs: list[Output] = []
     try:
         for spec in specs:
-            output = parse_output_spec(spec)
+            output = parse_output_spec(spec, spool_mb)
             outputs.append(output)
             if any(o.name == output.name for o in outputs[:-1]):
                 raise OutputSpecError(f"output {output.name} is given twice; give each sink once")
