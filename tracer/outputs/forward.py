@@ -42,6 +42,7 @@ from urllib.parse import parse_qsl, urlsplit
 import msgpack
 
 from tracer.outputs.senders import SendError
+from tracer.outputs.tls import client_context, describe
 from tracer.schema import Document
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ class ForwardSender:
         self.acks = 0              # batches acknowledged
         self._sock: socket.socket | None = None
         self._unpacker: msgpack.Unpacker | None = None
-        self._ssl_context = _tls_context(ca_file, cert_file, key_file) if tls else None
+        self._ssl_context = client_context("forward output", ca_file, cert_file, key_file) if tls else None
 
     # --- Sender ---------------------------------------------------------------------------------
 
@@ -380,37 +381,10 @@ def _short(value: object) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def _tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext:
-    """The client context: verifies the server (against ca_file, or the system's CAs without it)."""
-    for what, path in (("CA file", ca_file), ("client certificate", cert_file), ("client key", key_file)):
-        if path is not None and not os.access(path, os.R_OK):
-            raise ValueError(f"forward output: cannot read the {what} {path!r}: "
-                             f"{'no such file' if not os.path.exists(path) else 'permission denied'}")
-    if key_file and not cert_file:
-        raise ValueError("forward output: a client key was given without a client certificate (cert=...)")
-    try:
-        context = ssl.create_default_context(cafile=ca_file)   # CERT_REQUIRED, check_hostname, TLS >= 1.2
-    except (ssl.SSLError, OSError) as exc:
-        raise ValueError(f"forward output: cannot load the CA file {ca_file!r}: {_describe(exc)}") from None
-    if ca_file is not None and not context.get_ca_certs():
-        raise ValueError(f"forward output: the CA file {ca_file!r} holds no CA certificate (PEM expected)")
-    if cert_file:
-        try:
-            context.load_cert_chain(cert_file, key_file)
-        except (ssl.SSLError, OSError) as exc:
-            raise ValueError(f"forward output: cannot load the client certificate {cert_file!r}"
-                             f"{f' with key {key_file!r}' if key_file else ''}: {_describe(exc)}") from None
-    return context
-
-
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate verification failed: {exc.verify_message}"
-    if isinstance(exc, socket.timeout):
-        return "timed out"
     if isinstance(exc, (msgpack.UnpackException, msgpack.ExtraData)) or type(exc) is ValueError:
         return f"unreadable reply from the receiver ({exc or type(exc).__name__})"
-    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return describe(exc)
 
 
 def _redacted(spec: str) -> str:

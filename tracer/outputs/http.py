@@ -44,7 +44,6 @@ import datetime as _dt
 import http.client
 import json
 import logging
-import os
 import re
 import socket
 import ssl
@@ -53,6 +52,7 @@ import uuid
 from urllib.parse import unquote, urlsplit
 
 from tracer.outputs.senders import SendError
+from tracer.outputs.tls import client_context, describe
 from tracer.schema import Document
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ class HecSender(_HttpSender):
                 raise ValueError(f"hec output: {what} is empty")
         scheme = "hecs" if tls else "hec"
         name = f"{scheme}://{_shown(host)}:{port}" + (f"?index={index}" if index else "")
-        super().__init__(name, host, port, _tls_context(scheme, ca_file) if tls else None, timeout_s)
+        super().__init__(name, host, port, client_context(f"{scheme} output", ca_file) if tls else None, timeout_s)
         self.headers = {"Authorization": f"Splunk {token}", "Content-Type": "application/json",
                         "User-Agent": "eptrace",
                         # Harmless without indexer acknowledgement, required by HEC tokens that have it.
@@ -312,7 +312,7 @@ class ElasticsearchSender(_HttpSender):
             raise ValueError("es output: a user name cannot contain ':'")
         scheme = "ess" if tls else "es"
         super().__init__(f"{scheme}://{_shown(host)}:{port}/{index}", host, port,
-                         _tls_context(scheme, ca_file) if tls else None, timeout_s)
+                         client_context(f"{scheme} output", ca_file) if tls else None, timeout_s)
         self.index = index
         self.headers = {"Content-Type": "application/x-ndjson", "Accept": "application/json",
                         "User-Agent": "eptrace"}
@@ -544,20 +544,6 @@ def _index_problem(index: str) -> str | None:
     return None
 
 
-def _tls_context(scheme: str, ca_file: str | None) -> ssl.SSLContext:
-    """Verifies the server against ca_file, or the system's CAs without it."""
-    if ca_file is not None and not os.access(ca_file, os.R_OK):
-        raise ValueError(f"{scheme} output: cannot read the CA file {ca_file!r}: "
-                         f"{'no such file' if not os.path.exists(ca_file) else 'permission denied'}")
-    try:
-        context = ssl.create_default_context(cafile=ca_file)   # CERT_REQUIRED, check_hostname, TLS >= 1.2
-    except (ssl.SSLError, OSError) as exc:
-        raise ValueError(f"{scheme} output: cannot load the CA file {ca_file!r}: {_describe(exc)}") from None
-    if ca_file is not None and not context.get_ca_certs():
-        raise ValueError(f"{scheme} output: the CA file {ca_file!r} holds no CA certificate (PEM expected)")
-    return context
-
-
 def _time_slow(text: str) -> str:
     """@timestamp of a document that the encoder did not write (offsets, other order); '' if none."""
     try:
@@ -584,10 +570,6 @@ def _snippet(data: bytes, limit: int = 200) -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate verification failed: {exc.verify_message}"
-    if isinstance(exc, socket.timeout):
-        return "timed out"
     if isinstance(exc, http.client.RemoteDisconnected):
         return "the server closed the connection without answering"
-    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return describe(exc)

@@ -32,6 +32,7 @@ import time
 from urllib.parse import parse_qsl, urlsplit
 
 from tracer.outputs.senders import SendError
+from tracer.outputs.tls import client_context, describe
 from tracer.schema import Document
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class SyslogSender:
         self.connects = 0          # sockets opened: reconnections show up here
         self._sock: socket.socket | None = None
         self._warned_truncation = False
-        self._ssl_context = _tls_context(ca_file, cert_file, key_file) if transport == "tls" else None
+        self._ssl_context = client_context("syslog+tls", ca_file, cert_file, key_file) if transport == "tls" else None
         # Everything of the header but PRI, TIMESTAMP and MSGID is the same for every message.
         self._facility8 = facility * 8
         self._middle = " ".join((header_field(hostname or socket.gethostname(), 255),
@@ -164,7 +165,7 @@ class SyslogSender:
             sock.sendall(data)
         except (OSError, ssl.SSLError, ValueError) as exc:   # ssl.SSLError is an OSError; ValueError: closed
             self._drop_connection()
-            raise SendError(f"{self.name}: {_describe(exc)}") from exc
+            raise SendError(f"{self.name}: {describe(exc)}") from exc
 
     def close(self) -> None:
         self._drop_connection()
@@ -190,7 +191,7 @@ class SyslogSender:
                 sock.send(datagram)
         except OSError as exc:
             self._drop_connection()
-            raise SendError(f"{self.name}: {_describe(exc)}") from exc
+            raise SendError(f"{self.name}: {describe(exc)}") from exc
 
     def _connected(self) -> socket.socket:
         sock = self._sock
@@ -303,38 +304,6 @@ def _peer_closed(sock: socket.socket) -> bool:
         return False
     except OSError:
         return True
-
-
-def _tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext:
-    """The client context: verifies the server (against ca_file, or the system's CAs without it)."""
-    for what, path in (("CA file", ca_file), ("client certificate", cert_file), ("client key", key_file)):
-        if path is not None and not os.access(path, os.R_OK):
-            raise ValueError(f"syslog+tls: cannot read the {what} {path!r}: "
-                             f"{'no such file' if not os.path.exists(path) else 'permission denied'}")
-    if key_file and not cert_file:
-        raise ValueError("syslog+tls: a client key was given without a client certificate (cert=...)")
-    try:
-        context = ssl.create_default_context(cafile=ca_file)   # CERT_REQUIRED, check_hostname, TLS >= 1.2
-    except (ssl.SSLError, OSError) as exc:
-        raise ValueError(f"syslog+tls: cannot load the CA file {ca_file!r}: {_describe(exc)}") from None
-    if ca_file is not None and not context.get_ca_certs():
-        raise ValueError(f"syslog+tls: the CA file {ca_file!r} holds no CA certificate (PEM expected)")
-    if cert_file:
-        try:
-            context.load_cert_chain(cert_file, key_file)
-        except (ssl.SSLError, OSError) as exc:
-            raise ValueError(f"syslog+tls: cannot load the client certificate {cert_file!r}"
-                             f"{f' with key {key_file!r}' if key_file else ''}: {_describe(exc)}") from None
-    return context
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate verification failed: {exc.verify_message}"
-    if isinstance(exc, socket.timeout):
-        return "timed out"
-    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return text
 
 
 def _event_field(doc: Document, name: str) -> object:
