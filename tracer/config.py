@@ -5,6 +5,7 @@ key, so a typo never silently falls back to a default.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -67,10 +68,14 @@ class Config:
     def allows_destination(self, ip: str | None, port: int | None) -> bool:
         if port is not None and port in self.allowlist.ports:
             return True
-        if not ip:
+        if not ip or not self.allowlist.cidrs:     # the usual case, on every event: no parsing
             return False
         addr = ipaddress.ip_address(ip)
-        return any(addr in ipaddress.ip_network(c, strict=False) for c in self.allowlist.cidrs)
+        return any(addr in network for network in self._networks)
+
+    @functools.cached_property
+    def _networks(self) -> list:
+        return [ipaddress.ip_network(c, strict=False) for c in self.allowlist.cidrs]
 
     def allows_executable(self, path: str | None) -> bool:
         return bool(path) and path in self.allowlist.executables

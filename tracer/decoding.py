@@ -153,6 +153,11 @@ _ip_texts: dict[tuple[bytes, int], str | None] = {}
 _comms: dict[bytes, str] = {}
 
 
+def is_loopback(ip: str | None) -> bool:
+    """127.0.0.0/8 or ::1, on address text as ip_text writes it (IPv4-mapped shows as IPv4)."""
+    return bool(ip) and (ip.startswith("127.") or ip == "::1")
+
+
 def ip_text(raw: bytes, family: int) -> str | None:
     """Address text, cached: the same few addresses come again and again."""
     key = (raw, family)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from ..config import Config
+from ..decoding import is_loopback
 from ..events import Alert, NetworkEvent, PayloadSeen, Process, ProcessEvent, Rule, StdioSocket
 
 MAX_LINEAGE = 16     # ancestors looked at for a tunnel or miner command line
@@ -61,13 +62,19 @@ class Engine:
         # payload and tunnel detectors keep windows of their own: fresh ones per engine
         self.detectors = detectors or (*network.DETECTORS, *commands.DETECTORS, *payloads.detectors(),
                                        *tunnels.detectors())
+        # Loopback connections inside the sandbox matter only as relays of a tunnel: only the
+        # tunnel score sees them (this path runs for every connection of a busy sandbox).
+        self._for_loopback = tuple(d for d in self.detectors if getattr(d, "sees_loopback", False))
         self._fired: dict[tuple, None] = {}
 
     def observe(self, event: NetworkEvent | ProcessEvent | PayloadSeen | StdioSocket) -> list[Alert]:
-        if self.context.allowed(event):
+        detectors = self.detectors
+        if isinstance(event, NetworkEvent) and _loopback_peer(event):
+            detectors = self._for_loopback
+        elif self.context.allowed(event):
             return []
         alerts = []
-        for detector in self.detectors:
+        for detector in detectors:
             for finding in detector(event, self.context):
                 key = (finding.rule.name, event.episode.id, *finding.key)
                 if key in self._fired:
@@ -80,6 +87,11 @@ class Engine:
                                     process=event.process, message=finding.message,
                                     risk_score=finding.risk_score, evidence=finding.evidence))
         return alerts
+
+
+def _loopback_peer(event: NetworkEvent) -> bool:
+    peer = event.source if event.direction == "ingress" else event.destination
+    return peer is not None and is_loopback(peer.ip)
 
 
 def who(process: Process | None) -> str:

@@ -5,6 +5,7 @@ argv that is conclusive on its own is matched here; weaker hints feed scores.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -57,6 +58,11 @@ def ssh_forwarding(args: list[str]) -> str | None:
 
 
 def tunnel_argv(args: list[str], executable: str = "") -> str | None:
+    return _tunnel_argv(tuple(args), executable)
+
+
+@functools.lru_cache(maxsize=8192)   # a process connects many times with the same argv
+def _tunnel_argv(args: tuple[str, ...], executable: str) -> str | None:
     name = name_of(args, executable)
     if name in ("ssh", "dbclient") and (why := ssh_forwarding(args)):
         return f"ssh {why}"
@@ -79,6 +85,11 @@ def _socat_exec(args: list[str]) -> bool:
 
 
 def shell_argv(args: list[str], executable: str = "") -> str | None:
+    return _shell_argv(tuple(args), executable)
+
+
+@functools.lru_cache(maxsize=8192)   # a process connects many times with the same argv
+def _shell_argv(args: tuple[str, ...], executable: str) -> str | None:
     """Command lines that wire a shell to the network by themselves."""
     name = name_of(args, executable)
     text = " ".join(args)
@@ -106,6 +117,11 @@ def shell_argv(args: list[str], executable: str = "") -> str | None:
 
 
 def miner_argv(args: list[str], executable: str = "") -> str | None:
+    return _miner_argv(tuple(args), executable)
+
+
+@functools.lru_cache(maxsize=8192)   # a process connects many times with the same argv
+def _miner_argv(args: tuple[str, ...], executable: str) -> str | None:
     name = name_of(args, executable).lower()
     if name in _MINERS:
         return f"miner {name}"

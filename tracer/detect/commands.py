@@ -6,9 +6,9 @@ a descendant, with the flow as evidence, not after a duration threshold.
 """
 from __future__ import annotations
 
-import ipaddress
 from typing import Iterator
 
+from ..decoding import is_loopback
 from ..events import NetworkEvent, ProcessEvent, StdioSocket
 from . import Context, Finding, argv, rules, where, who
 
@@ -51,7 +51,7 @@ def stdio_socket(event, ctx: Context) -> Iterator[Finding]:
     """A process with a network socket on stdin/stdout/stderr: the shape of a reverse shell."""
     if not isinstance(event, StdioSocket) or not event.destination.port:
         return
-    if ipaddress.ip_address(event.destination.ip).is_loopback:
+    if is_loopback(event.destination.ip):
         return      # local plumbing (test harnesses, supervisors), not a way out
     names = {0: "stdin", 1: "stdout", 2: "stderr"}
     seen = "after a dup2 onto it" if event.how == "dup2" else "as a shell or interpreter started"

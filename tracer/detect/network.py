@@ -2,9 +2,9 @@
 cloud_metadata_access, raw_socket, inbound_listener."""
 from __future__ import annotations
 
-import ipaddress
 from typing import Iterator
 
+from ..decoding import is_loopback
 from ..events import NetworkEvent
 from . import Context, Finding, rules, where, who
 
@@ -36,7 +36,7 @@ def inbound_listener(event, ctx: Context) -> Iterator[Finding]:
     if not isinstance(event, NetworkEvent) or event.action != "connection_accepted" or event.source is None:
         return
     src = event.source.ip
-    if src and not ipaddress.ip_address(src).is_loopback:
+    if src and not is_loopback(src):
         listener = event.destination.port if event.destination else "?"
         yield Finding(rules.INBOUND_LISTENER, (listener, src),
                       f"{who(event.process)} in episode {event.episode.id} accepted a connection from {src} on its "

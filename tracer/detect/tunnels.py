@@ -8,11 +8,11 @@ handled in commands.py and alerts at once.
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from typing import Iterator
 
+from ..decoding import is_loopback
 from ..events import NetworkEvent, PayloadSeen
 from . import Context, Finding, rules, who
 
@@ -72,14 +72,14 @@ def _is_local_connection(event) -> bool:
     if not isinstance(event, NetworkEvent) or event.action not in ("connection_established", "connection_accepted"):
         return False
     peer = event.destination if event.action == "connection_established" else event.source
-    return peer is not None and bool(peer.ip) and ipaddress.ip_address(peer.ip).is_loopback
+    return peer is not None and is_loopback(peer.ip)
 
 
 def reverse_tunnel_score(event, ctx: Context) -> Iterator[Finding]:
     """Score outbound TCP flows when something new is known about them: an update, first bytes, a relay."""
     if ctx.flows is None:
         return
-    if _is_local_connection(event):
+    if ctx.flows.outbound_by_pid and _is_local_connection(event):
         # a possible relay: score the outside flows this process and its ancestors hold open, now
         for flow in ctx.flows.open_outbound_of([p.pid for p in ctx.lineage(event.process)]):
             age_s = (event.timestamp_ns - ctx.flows.wall_ns(flow.start_ns)) / 1e9
@@ -107,6 +107,9 @@ def _finding(flow, process, ctx: Context, age_s: float, trigger) -> Iterator[Fin
                       f"{who(process)} in episode {flow.episode.id} keeps an outbound flow to {target} "
                       f"that looks like a tunnel (score {total}): " + "; ".join(why for _, why in signals),
                       min(100, total), [trigger] if isinstance(trigger, NetworkEvent) else [])
+
+
+reverse_tunnel_score.sees_loopback = True     # a loopback connection may be a relay (see Engine)
 
 
 def detectors() -> tuple:

@@ -9,7 +9,6 @@ outcome "unknown", so no attempt waits long.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import socket
 from collections import deque
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..decoding import (FLOW_ACCEPTED, FLOW_FAILED, FLOW_INITIATED, PROTOCOLS, SOCKET_TYPES, NetRecord,
-                        PayloadRecord, RecordType, SocketRecord)
+                        PayloadRecord, RecordType, SocketRecord, is_loopback)
 from ..events import Endpoint, Episode, NetworkEvent, PayloadSeen, Process
 from ..protocols import Sighting, identify
 
@@ -95,11 +94,14 @@ class FlowTable:
         """Index a newly established flow for the relay signal."""
         if flow.remote is None or not flow.remote.ip or flow.process is None:
             return
-        if ipaddress.ip_address(flow.remote.ip).is_loopback:
+        if is_loopback(flow.remote.ip):
+            if not self.outbound_by_pid:
+                return          # no flow to the outside is open: nothing this could relay
             if len(self.local_starts) >= MAX_TRACKED_PIDS:
                 self.local_starts.pop(next(iter(self.local_starts)))
             for pid in self.lineage(flow.process):
-                self.local_starts.setdefault(pid, deque(maxlen=64)).append(ts_ns)
+                if pid in self.outbound_by_pid:
+                    self.local_starts.setdefault(pid, deque(maxlen=64)).append(ts_ns)
         elif flow.initiated:
             if len(self.outbound_by_pid) >= MAX_TRACKED_PIDS:
                 self.outbound_by_pid.pop(next(iter(self.outbound_by_pid)))
