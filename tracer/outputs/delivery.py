@@ -170,7 +170,8 @@ class DeliveryOutput(Output):
                 for kind in ("alert", "event"):
                     if self.spool.segments(kind):
                         return self._next_batch()
-            return [self._queue.popleft() for _ in range(min(BATCH_MAX, len(self._queue)))], None
+            size = getattr(self.sender, "batch_max", BATCH_MAX)
+            return [self._queue.popleft() for _ in range(min(size, len(self._queue)))], None
 
     def _retry_later(self, batch: list[Document], segment: Path | None, error: Exception) -> None:
         self._failures += 1

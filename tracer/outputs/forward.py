@@ -174,6 +174,8 @@ def shared_key_digest(salt: bytes, hostname: str, nonce: bytes, key: str) -> str
 class ForwardSender:
     """Sends batches of ECS documents to a Fluent Forward receiver (implements tracer.outputs.senders.Sender)."""
 
+    batch_max = 2000       # one ack round trip per batch: bigger batches, fewer waits
+
     def __init__(self, host: str, port: int, *, tag: str = DEFAULT_TAG, shared_key: str | None = None,
                  compress: bool = False, tls: bool = False, ca_file: str | None = None,
                  cert_file: str | None = None, key_file: str | None = None, hostname: str | None = None,
