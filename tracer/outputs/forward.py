@@ -37,11 +37,12 @@ import socket
 import ssl
 import struct
 import time
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 import msgpack
 
 from tracer.outputs.senders import SendError
+from tracer.outputs.addresses import split_address
 from tracer.outputs.tls import client_context, describe
 from tracer.schema import Document
 
@@ -407,25 +408,7 @@ def parse_forward_spec(spec: str) -> ForwardSender:
     scheme, sep, rest = spec.partition("://")
     if scheme != "forward" or not sep:
         raise ValueError(f"forward output {shown!r}: unknown form; accepted forms: {ACCEPTED_FORMS}")
-    netloc = rest.split("/", 1)[0].split("?", 1)[0]
-    if "@" in netloc:
-        raise ValueError(f"forward output {shown!r}: no user or password is accepted (the shared key is "
-                         f"shared_key=KEY); accepted forms: {ACCEPTED_FORMS}")
-    if not netloc.startswith("[") and netloc.count(":") > 1:
-        raise ValueError(f"forward output {shown!r}: an IPv6 address goes in brackets, e.g. "
-                         f"forward://[::1]:24224; accepted forms: {ACCEPTED_FORMS}")
-    if not re.fullmatch(r"[^\s/?#@]*:\d{1,5}", netloc):
-        raise ValueError(f"forward output {shown!r}: HOST:PORT is required (PORT 1-65535, Fluent's is 24224); "
-                         f"accepted forms: {ACCEPTED_FORMS}")
-    try:
-        parts = urlsplit(spec)
-        port = parts.port
-    except ValueError as exc:       # a bad port, or an unclosed [
-        raise ValueError(f"forward output {shown!r}: {exc}; accepted forms: {ACCEPTED_FORMS}") from None
-    host = parts.hostname
-    if not host or port is None or port == 0:
-        raise ValueError(f"forward output {shown!r}: HOST:PORT is required (PORT 1-65535); "
-                         f"accepted forms: {ACCEPTED_FORMS}")
+    parts, host, port = split_address(spec, "forward output", shown, ACCEPTED_FORMS)
     if parts.path not in ("", "/") or parts.fragment:
         raise ValueError(f"forward output {shown!r}: no path is accepted after HOST:PORT; "
                          f"accepted forms: {ACCEPTED_FORMS}")

@@ -49,9 +49,10 @@ import socket
 import ssl
 import time
 import uuid
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from tracer.outputs.senders import SendError
+from tracer.outputs.addresses import split_address
 from tracer.outputs.tls import client_context, describe
 from tracer.schema import Document
 
@@ -455,25 +456,7 @@ def _split_spec(spec: str, schemes: tuple[str, ...], forms: str) -> tuple[str, s
     scheme, sep, rest = spec.partition("://")
     if not sep or scheme not in schemes:
         raise ValueError(f"{kind} output {shown!r}: unknown form; accepted forms: {forms}")
-    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
-    if "@" in netloc:
-        raise ValueError(f"{kind} output {shown!r}: no user@ before the host; credentials go in the options; "
-                         f"accepted forms: {forms}")
-    if not netloc.startswith("[") and netloc.count(":") > 1:
-        raise ValueError(f"{kind} output {shown!r}: an IPv6 address goes in brackets, e.g. {scheme}://[::1]:PORT; "
-                         f"accepted forms: {forms}")
-    if not re.fullmatch(r"[^\s/?#@]+:\d{1,5}", netloc):
-        raise ValueError(f"{kind} output {shown!r}: HOST:PORT is required (PORT 1-65535); accepted forms: {forms}")
-    try:
-        parts = urlsplit(spec)
-        port = parts.port
-    except ValueError as exc:                 # a bad port, or an unclosed [
-        raise ValueError(f"{kind} output {shown!r}: {exc}; accepted forms: {forms}") from None
-    host = parts.hostname
-    if not host or not port:
-        raise ValueError(f"{kind} output {shown!r}: HOST:PORT is required (PORT 1-65535); accepted forms: {forms}")
-    if parts.netloc.startswith("[") and ":" not in host:
-        raise ValueError(f"{kind} output {shown!r}: only an IPv6 address goes in brackets; accepted forms: {forms}")
+    parts, host, port = split_address(spec, f"{kind} output", shown, forms)
     if parts.fragment or "#" in spec:
         raise ValueError(f"{kind} output {shown!r}: no #fragment is accepted; accepted forms: {forms}")
     options: dict[str, str] = {}

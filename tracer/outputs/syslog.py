@@ -29,9 +29,10 @@ import select
 import socket
 import ssl
 import time
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 from tracer.outputs.senders import SendError
+from tracer.outputs.addresses import split_address
 from tracer.outputs.tls import client_context, describe
 from tracer.schema import Document
 
@@ -333,24 +334,7 @@ def parse_syslog_spec(spec: str) -> SyslogSender:
     transport = scheme[len("syslog+"):] if scheme.startswith("syslog+") else ""
     if not sep or transport not in TRANSPORTS:
         raise ValueError(f"syslog output {spec!r}: unknown form; accepted forms: {ACCEPTED_FORMS}")
-    netloc = spec[len(scheme) + 3:].split("/", 1)[0].split("?", 1)[0]
-    if not netloc.startswith("[") and netloc.count(":") > 1:
-        raise ValueError(f"syslog output {spec!r}: an IPv6 address goes in brackets, e.g. "
-                         f"syslog+{transport}://[::1]:514; accepted forms: {ACCEPTED_FORMS}")
-    if not re.fullmatch(r"[^\s/?#@]*:\d{1,5}", netloc.rpartition("@")[2] if "@" in netloc else netloc):
-        raise ValueError(f"syslog output {spec!r}: HOST:PORT is required (PORT 1-65535); "
-                         f"accepted forms: {ACCEPTED_FORMS}")
-    try:
-        parts = urlsplit(spec)
-        port = parts.port
-    except ValueError as exc:       # a bad port, or an unclosed [
-        raise ValueError(f"syslog output {spec!r}: {exc}; accepted forms: {ACCEPTED_FORMS}") from None
-    host = parts.hostname
-    if not host or port is None or port == 0:
-        raise ValueError(f"syslog output {spec!r}: HOST:PORT is required (PORT 1-65535); "
-                         f"accepted forms: {ACCEPTED_FORMS}")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError(f"syslog output {spec!r}: no user or password is accepted; accepted forms: {ACCEPTED_FORMS}")
+    parts, host, port = split_address(spec, "syslog output", spec, ACCEPTED_FORMS)
     if parts.path not in ("", "/") or parts.fragment:
         raise ValueError(f"syslog output {spec!r}: no path is accepted after HOST:PORT; "
                          f"accepted forms: {ACCEPTED_FORMS}")
