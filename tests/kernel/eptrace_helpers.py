@@ -18,7 +18,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from tracer.detect.rules import REVERSE_SHELL
+from tracer.events import Alert, Endpoint, Episode, Metric, NetworkEvent, Process, ProcessEvent
 from tracer.kernel.cgroups import cgroup2_mount
+from tracer.schema import Document, EcsEncoder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EPTRACE = [sys.executable, "-m", "tracer"]
@@ -329,3 +332,37 @@ def assert_one_line_error(r: subprocess.CompletedProcess, status: int) -> str:
     assert len(lines) == 1, f"want one line on stderr, got {len(lines)}: {r.stderr!r}"
     assert lines[0].startswith("eptrace: error: "), lines[0]
     return lines[0]
+
+
+# ---- documents for the output tests --------------------------------------------------------------------
+
+DOCS_TS = 1_795_820_445_123_456_789
+
+
+def make_docs(n: int, episode_id: str = "ep-out") -> list[Document]:
+    """Documents for the output tests, real encoder output: network and process events, metrics, alerts; unicode; every 50th has 10 KB."""
+    enc = EcsEncoder("host-ü", "0.1")
+    episode = Episode(id=episode_id, cgroup_path=f"/eptrace/{episode_id}", cgroup_id=7,
+                      labels={"team": "rouge ✓ — ünïcode", "quote": 'a "b" \\ c'})
+    docs = []
+    for i in range(n):
+        proc = Process(pid=1000 + i, name="curl", executable="/usr/bin/curl",
+                       args=["curl", "https://例え.jp/" + ("x" * 10_000 if i % 50 == 7 else str(i))])
+        ts = DOCS_TS + i * 1_000_000
+        if i % 100 == 3:
+            doc = enc.encode_document(Metric(timestamp_ns=ts, stats={"events": i, "lost": 0}))
+        elif i % 100 == 5:
+            doc = enc.encode_document(Alert(rule=REVERSE_SHELL, timestamp_ns=ts, episode=episode, cgroup_id=7,
+                                            cgroup_path=episode.cgroup_path, process=proc,
+                                            message=f"shell {i} → 198.51.100.1:4444", risk_score=90.0))
+        elif i % 10 == 1:
+            doc = enc.encode_document(ProcessEvent(action="process_started", timestamp_ns=ts, episode=episode,
+                                                   cgroup_id=7, cgroup_path=episode.cgroup_path, process=proc))
+        else:
+            doc = enc.encode_document(NetworkEvent(
+                action="connection_established", timestamp_ns=ts, episode=episode, cgroup_id=7,
+                cgroup_path=episode.cgroup_path, process=proc, cookie=i + 1, network_type="ipv4", transport="tcp",
+                direction="egress", source=Endpoint("10.0.0.2", 40000 + i % 20000),
+                destination=Endpoint("198.51.100.1", 443)))
+        docs.append(doc)
+    return docs

@@ -16,22 +16,22 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from tracer.detect.rules import REVERSE_SHELL
-from tracer.events import Alert, Endpoint, Episode, Metric, NetworkEvent, Process, ProcessEvent
+import eptrace_helpers
+
 from tracer.outputs import delivery, parse_output_spec
 from tracer.outputs.delivery import DeliveryOutput
 from tracer.outputs.forward import ForwardSender, parse_forward_spec
 from tracer.outputs.senders import SendError
-from tracer.schema import Document, EcsEncoder
+from tracer.schema import Document
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
 SERVER_JS = HELPERS / "fluent_server.js"
 NODE = shutil.which("node")
-TS = 1_795_820_445_123_456_789
 
 pytestmark = pytest.mark.skipif(
     NODE is None or not (HELPERS / "node_modules" / "@fluent-org" / "logger").is_dir(),
@@ -40,33 +40,7 @@ pytestmark = pytest.mark.skipif(
 
 # --- documents ---------------------------------------------------------------------------------
 
-def make_docs(n: int) -> list[Document]:
-    """Real encoder output: network and process events, metrics, alerts; unicode; every 50th has 10 KB."""
-    enc = EcsEncoder("host-ü", "0.1")
-    episode = Episode(id="ep-fwd", cgroup_path="/eptrace/ep-fwd", cgroup_id=7,
-                      labels={"team": "rouge ✓ — ünïcode", "quote": 'a "b" \\ c'})
-    docs = []
-    for i in range(n):
-        proc = Process(pid=1000 + i, name="curl", executable="/usr/bin/curl",
-                       args=["curl", "https://例え.jp/" + ("x" * 10_000 if i % 50 == 7 else str(i))])
-        ts = TS + i * 1_000_000
-        if i % 100 == 3:
-            doc = enc.encode_document(Metric(timestamp_ns=ts, stats={"events": i, "lost": 0}))
-        elif i % 100 == 5:
-            doc = enc.encode_document(Alert(rule=REVERSE_SHELL, timestamp_ns=ts, episode=episode, cgroup_id=7,
-                                            cgroup_path="/eptrace/ep-fwd", process=proc,
-                                            message=f"shell {i} → 198.51.100.1:4444", risk_score=90.0))
-        elif i % 10 == 1:
-            doc = enc.encode_document(ProcessEvent(action="process_started", timestamp_ns=ts, episode=episode,
-                                                   cgroup_id=7, cgroup_path="/eptrace/ep-fwd", process=proc))
-        else:
-            doc = enc.encode_document(NetworkEvent(
-                action="connection_established", timestamp_ns=ts, episode=episode, cgroup_id=7,
-                cgroup_path="/eptrace/ep-fwd", process=proc, cookie=i + 1, network_type="ipv4", transport="tcp",
-                direction="egress", source=Endpoint("10.0.0.2", 40000 + i % 20000),
-                destination=Endpoint("198.51.100.1", 443)))
-        docs.append(doc)
-    return docs
+make_docs = partial(eptrace_helpers.make_docs, episode_id="ep-fwd")
 
 
 def event_id(doc: Document) -> str:
