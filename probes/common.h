@@ -142,6 +142,19 @@ static __always_inline void fill_current_owner(struct owner *o, __u64 episode)
     bpf_get_current_comm(o->comm, sizeof(o->comm));
 }
 
+/* The socket's storage, owned by the current task: call in task context only. */
+static __always_inline struct sock_state *owned_state(struct bpf_sock *sk, __u64 episode)
+{
+    struct sock_state *st = sockets.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!st) {
+        count_lost(LOST_NO_STORAGE);
+        return 0;
+    }
+    fill_current_owner(&st->owner, episode);
+    st->start_ns = bpf_ktime_get_ns();
+    return st;
+}
+
 static __always_inline void fill_header(struct record_header *h, __u32 type, __u32 size,
                                         __u64 cookie, const struct owner *o)
 {

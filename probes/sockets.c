@@ -18,17 +18,6 @@ static __always_inline int ordinary_inet(__u32 type, __u32 protocol)
            (type == SOCK_DGRAM && (protocol == 0 || protocol == IPPROTO_UDP));
 }
 
-static __always_inline struct sock_state *owned_state(struct bpf_sock *sk, __u64 episode)
-{
-    struct sock_state *st = sockets.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-    if (!st) {
-        count_lost(LOST_NO_STORAGE);
-        return 0;
-    }
-    fill_current_owner(&st->owner, episode);
-    return st;
-}
-
 /* Unusual sockets (raw, ICMP, SCTP...) are reported at creation. Ordinary TCP
  * and UDP sockets get their owner recorded when they connect, bind or send:
  * doing it here too would cost every socket an allocation (make bench). */
@@ -39,9 +28,7 @@ int on_sock_create(struct bpf_sock *sk)
     __u64 episode = current_episode();
     if (!episode)
         return 1;
-    struct sock_state *st = owned_state(sk, episode);
-    if (st)
-        st->start_ns = bpf_ktime_get_ns();
+    owned_state(sk, episode);
     struct socket_record *r = reserve_socket();
     if (!r)
         return 1;
@@ -185,11 +172,8 @@ static __always_inline int on_bind(struct bpf_sock_addr *ctx, __u16 family)
     if (!episode)
         return 1;
     struct bpf_sock *sk = ctx->sk;
-    if (sk) {
-        struct sock_state *st = owned_state(sk, episode);
-        if (st)
-            st->start_ns = bpf_ktime_get_ns();
-    }
+    if (sk)
+        owned_state(sk, episode);
     if (ctx->type != SOCK_DGRAM || ctx->user_port == 0)
         return 1;
     struct net_record *r = reserve_net();

@@ -48,18 +48,27 @@ int on_sock_ops(struct bpf_sock_ops *ops)
     default:
         return 1;
     }
+    if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
+        /* Ask for state changes so that failed handshakes are seen too. Every
+         * socket here is in an episode cgroup: no need to look at its owner. */
+        bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+        return 1;
+    }
     struct bpf_sock *sk = ops->sk;
     if (!sk)
         return 1;
     struct sock_state *st = sockets.sk_storage_get(sk, 0, 0);
+    if (op == BPF_SOCK_OPS_TCP_LISTEN_CB && (!st || !st->owner.tgid)) {
+        /* listen() runs this in the caller's context: a listener that never called
+         * bind() (the kernel picked its port) gets its owner here, for what it accepts. */
+        __u64 episode = current_episode();
+        if (episode)
+            st = owned_state(sk, episode);
+    }
     if (!st || !st->owner.episode_cgroup_id)
         return 1;   /* not created under a registered episode */
 
     switch (op) {
-    case BPF_SOCK_OPS_TCP_CONNECT_CB:
-        /* Ask for state changes so that failed handshakes are seen too. */
-        bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-        break;
     case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
         endpoints_from_ops(ops, &st->ep);
         st->flags |= FLOW_INITIATED | FLOW_ESTABLISHED;

@@ -141,6 +141,43 @@ def test_tcp_connect_attempted_established_ended_with_exact_bytes(net, tmp_path)
     assert final_metric(docs)
 
 
+# Connects to closed ports: once blocking, once non-blocking. The non-blocking socket stays open for a while
+# after the refusal, so that its failure must come from the TCP state change, not from the socket's release.
+REFUSED_CLIENT = r'''
+import errno, os, select, socket, sys, time
+host, blocking_port, nonblocking_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+print("pid", os.getpid(), flush=True)
+try:
+    socket.create_connection((host, blocking_port), timeout=5)
+    raise SystemExit("blocking connect was not refused")
+except ConnectionRefusedError:
+    pass
+s = socket.socket()
+s.setblocking(False)
+assert s.connect_ex((host, nonblocking_port)) == errno.EINPROGRESS
+select.select([], [s], [], 5)
+assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNREFUSED
+print("refused", flush=True)
+time.sleep(3)
+s.close()
+'''
+
+
+def test_refused_connects_are_failed_attempts(net, tmp_path):
+    blocking_port, nonblocking_port = 7391, 7392        # nothing listens there: the test host answers RST
+    r, docs = run_episode(tmp_path, "ep-refused", net.sandbox_prefix() + [
+        PYTHON, "-c", REFUSED_CLIENT, HOST_IP, blocking_port, nonblocking_port])
+    assert r.returncode == 0 and "refused" in r.stdout, r.stderr
+    pid = printed_pid(r.stdout)
+    assert_contract(docs)
+    for port in (blocking_port, nonblocking_port):
+        attempted = one(select(docs, "connection_attempted", port=port), f"connection_attempted to {port}", docs)
+        assert_sandbox_doc(attempted, "ep-refused")
+        assert get(attempted, "process.pid") == pid, attempted
+        assert get(attempted, "event.outcome") == "failure", attempted
+        assert (get(attempted, "destination.ip"), get(attempted, "destination.port")) == (HOST_IP, port)
+        assert not select(docs, "connection_established", port=port), dump(docs)
+
 
 
 # ---- 2. UDP, raw and packet sockets, an inbound listener, a nested cgroup -------------------------------
@@ -264,6 +301,48 @@ def test_listener_accepting_from_test_host(net, tmp_path):
     assert get(accepted, "process.pid") == pid, accepted
     # The accepted connection is the sandbox's: no egress connect is reported for it.
     assert not select(docs, "connection_attempted", port=port), dump(docs)
+
+
+# listen() with no bind(): the kernel picks the port, and no bind hook runs.
+UNBOUND_LISTENER = r'''
+import os, socket
+print("pid", os.getpid(), flush=True)
+server = socket.socket()
+server.listen()
+server.settimeout(30)
+print("port", server.getsockname()[1], flush=True)
+conn, addr = server.accept()
+with conn:
+    conn.sendall(b"hello " + conn.recv(100))
+'''
+
+
+def test_listener_without_bind_is_reported_with_its_process(net, tmp_path):
+    events = tmp_path / "ep-unbound.ndjson"
+    proc = start_eptrace("run", "--episode", "ep-unbound", "--output", f"file:{events}", "--",
+                         *net.sandbox_prefix(), PYTHON, "-u", "-c", UNBOUND_LISTENER,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out = LineReader(proc.stdout)
+        err = LineReader(proc.stderr)
+        out.wait_for(lambda lines: any(line.startswith("port ") for line in lines), 60, "listener")
+        port = int(printed(out.text(), "port"))
+        client = net.run_in_host([PYTHON, "-c", HOST_CLIENT, port], stdout=subprocess.PIPE, text=True)
+        client_out, _ = client.communicate(timeout=20)
+        assert client.returncode == 0 and "hello from-host" in client_out, client_out
+        assert proc.wait(timeout=60) == 0, err.text()
+    finally:
+        kill(proc)
+    docs = read_docs(events)
+    pid = printed_pid(out.text())
+    assert_contract(docs)
+    listening = one(select(docs, "listening", port=port), "listening", docs)
+    assert_sandbox_doc(listening, "ep-unbound")
+    assert get(listening, "process.pid") == pid, listening
+    accepted = one(select(docs, "connection_accepted", port=port), "connection_accepted", docs)
+    assert_sandbox_doc(accepted, "ep-unbound")
+    assert get(accepted, "process.pid") == pid, accepted
+    assert get(accepted, "destination.port") == port, accepted
 
 
 # Moves itself into <own cgroup>/nested, then connects.
