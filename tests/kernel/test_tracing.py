@@ -175,6 +175,7 @@ def test_refused_connects_are_failed_attempts(net, tmp_path):
         assert_sandbox_doc(attempted, "ep-refused")
         assert get(attempted, "process.pid") == pid, attempted
         assert get(attempted, "event.outcome") == "failure", attempted
+        assert get(attempted, "error.message"), attempted
         assert (get(attempted, "destination.ip"), get(attempted, "destination.port")) == (HOST_IP, port)
         assert not select(docs, "connection_established", port=port), dump(docs)
 
