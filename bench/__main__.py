@@ -16,7 +16,8 @@ from pathlib import Path
 
 from tracer.kernel import cgroups
 
-from . import outputs
+from . import floors, outputs
+from .storm import pair_rates
 
 STORM_SECONDS = 30.0     # 60 alternating phases of 0.25 s each side
 STORM = Path(__file__).with_name("storm.py")
@@ -43,14 +44,6 @@ def storm(untraced: Path, events_file: Path) -> tuple[list[dict], dict, float]:
             if doc["event"]["kind"] == "metric":
                 stats = doc["eptrace"]["stats"]
     return json.loads(proc.stdout)["phases"], stats, wall
-
-
-def pair_rates(phases: list[dict]) -> list[tuple[float, float]]:
-    """(traced, untraced) connections per second of each pair of adjacent phases."""
-    pairs: dict[int, dict[str, float]] = {}
-    for p in phases:
-        pairs.setdefault(p["pair"], {})[p["side"]] = p["connections"] / p["seconds"]
-    return [(v["traced"], v["untraced"]) for v in pairs.values() if len(v) == 2]
 
 
 def startup_seconds() -> float:
@@ -104,6 +97,7 @@ def main() -> None:
           "(user+sys)")
     print(f"  tracer peak RSS       {rss_mb:10.1f} MB    target <= 200    {verdict(rss_mb <= 200)}")
     print(f"  start-up (run -- true){startup:10.2f} s     target <= 3      {verdict(startup <= 3)}")
+    floors.main()
     outputs.main()
 
 

@@ -114,6 +114,14 @@ def alternating(seconds: float, untraced: Path) -> None:
     print(json.dumps({"phases": phases}), flush=True)
 
 
+def pair_rates(phases: list[dict]) -> list[tuple[float, float]]:
+    """(traced, untraced) connections per second of each pair of adjacent phases."""
+    pairs: dict[int, dict[str, float]] = {}
+    for p in phases:
+        pairs.setdefault(p["pair"], {})[p["side"]] = p["connections"] / p["seconds"]
+    return [(v["traced"], v["untraced"]) for v in pairs.values() if len(v) == 2]
+
+
 def main() -> None:
     seconds = float(sys.argv[1])
     os.sched_setaffinity(0, {0})
