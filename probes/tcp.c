@@ -37,6 +37,10 @@ int on_sock_ops(struct bpf_sock_ops *ops)
     __u32 op = ops->op;
     switch (op) {
     case BPF_SOCK_OPS_TCP_CONNECT_CB:
+        /* Ask for state changes so that failed handshakes are seen too. Every
+         * socket here is in an episode cgroup: no need to look at its owner. */
+        bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+        return 1;
     case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
     case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
     case BPF_SOCK_OPS_TCP_LISTEN_CB:
@@ -46,12 +50,6 @@ int on_sock_ops(struct bpf_sock_ops *ops)
             break;
         return 1;
     default:
-        return 1;
-    }
-    if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
-        /* Ask for state changes so that failed handshakes are seen too. Every
-         * socket here is in an episode cgroup: no need to look at its owner. */
-        bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
         return 1;
     }
     struct bpf_sock *sk = ops->sk;
