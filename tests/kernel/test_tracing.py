@@ -249,7 +249,7 @@ port = int(sys.argv[1])
 print("pid", os.getpid(), flush=True)
 server = socket.create_server(("198.51.100.2", port))
 server.settimeout(30)
-print("listening", flush=True)
+print("port", port, flush=True)
 conn, addr = server.accept()
 with conn:
     data = conn.recv(100)
@@ -266,25 +266,29 @@ with socket.create_connection(("198.51.100.2", int(sys.argv[1])), timeout=10) as
 '''
 
 
-def test_listener_accepting_from_test_host(net, tmp_path):
-    port = 8443
-    events = tmp_path / "ep-listen.ndjson"
-    proc = start_eptrace("run", "--episode", "ep-listen", "--output", f"file:{events}", "--",
-                         *net.sandbox_prefix(), PYTHON, "-u", "-c", SANDBOX_LISTENER, port,
+def accept_one_from_host(net, tmp_path, episode: str, listener: str, *args):
+    """Runs the listener code in the sandbox under `eptrace run`; once it prints "port N", a client on the
+    test host connects to that port once. Returns (docs, the listener's pid, N, the client's port)."""
+    events = tmp_path / f"{episode}.ndjson"
+    proc = start_eptrace("run", "--episode", episode, "--output", f"file:{events}", "--",
+                         *net.sandbox_prefix(), PYTHON, "-u", "-c", listener, *args,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out = LineReader(proc.stdout)
         err = LineReader(proc.stderr)
-        out.wait_for(lambda lines: "listening\n" in lines, 60, "listener")
+        out.wait_for(lambda lines: any(line.startswith("port ") for line in lines), 60, "listener")
+        port = int(printed(out.text(), "port"))
         client = net.run_in_host([PYTHON, "-c", HOST_CLIENT, port], stdout=subprocess.PIPE, text=True)
         client_out, _ = client.communicate(timeout=20)
         assert client.returncode == 0 and "hello from-host" in client_out, client_out
-        host_port = int(client_out.split()[2])
         assert proc.wait(timeout=60) == 0, err.text()
     finally:
         kill(proc)
-    docs = read_docs(events)
-    pid = printed_pid(out.text())
+    return read_docs(events), printed_pid(out.text()), port, int(client_out.split()[2])
+
+
+def test_listener_accepting_from_test_host(net, tmp_path):
+    docs, pid, port, host_port = accept_one_from_host(net, tmp_path, "ep-listen", SANDBOX_LISTENER, 8443)
     assert_contract(docs)
 
     listening = select(docs, "listening", pid=pid)
@@ -319,23 +323,7 @@ with conn:
 
 
 def test_listener_without_bind_is_reported_with_its_process(net, tmp_path):
-    events = tmp_path / "ep-unbound.ndjson"
-    proc = start_eptrace("run", "--episode", "ep-unbound", "--output", f"file:{events}", "--",
-                         *net.sandbox_prefix(), PYTHON, "-u", "-c", UNBOUND_LISTENER,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out = LineReader(proc.stdout)
-        err = LineReader(proc.stderr)
-        out.wait_for(lambda lines: any(line.startswith("port ") for line in lines), 60, "listener")
-        port = int(printed(out.text(), "port"))
-        client = net.run_in_host([PYTHON, "-c", HOST_CLIENT, port], stdout=subprocess.PIPE, text=True)
-        client_out, _ = client.communicate(timeout=20)
-        assert client.returncode == 0 and "hello from-host" in client_out, client_out
-        assert proc.wait(timeout=60) == 0, err.text()
-    finally:
-        kill(proc)
-    docs = read_docs(events)
-    pid = printed_pid(out.text())
+    docs, pid, port, _ = accept_one_from_host(net, tmp_path, "ep-unbound", UNBOUND_LISTENER)
     assert_contract(docs)
     listening = one(select(docs, "listening", port=port), "listening", docs)
     assert_sandbox_doc(listening, "ep-unbound")
