@@ -129,12 +129,7 @@ def run_episode(episode_id: str, argv: list[str], outputs, labels: dict[str, str
         builder.verdict.records_lost = sum(tracer.probes.lost().values())
         return builder.verdict
     finally:
-        tracer.probes.close()
-        outputs.close()
-        if capture:
-            capture.close()
-        if metrics:
-            metrics.close()
+        _close(tracer, outputs, capture, metrics)
         _remove_run_cgroup(cgroup)
 
 
@@ -188,12 +183,17 @@ def watch(outputs, registry: Registry, stats_interval_s: float = 10.0, config: C
         tracer.finish()
         return 0
     finally:
-        tracer.probes.close()
-        outputs.close()
-        if capture:
-            capture.close()
-        if metrics:
-            metrics.close()
+        _close(tracer, outputs, capture, metrics)
+
+
+def _close(tracer: Tracer, outputs, capture, metrics) -> None:
+    """Detach the probes, then flush and close what the session opened."""
+    tracer.probes.close()
+    outputs.close()
+    if capture:
+        capture.close()
+    if metrics:
+        metrics.close()
 
 
 def _sync(tracer: Tracer, registry: Registry, attached: dict[str, int], warned: set[tuple[str, str]]) -> None:

@@ -366,3 +366,14 @@ def make_docs(n: int, episode_id: str = "ep-out") -> list[Document]:
                 destination=Endpoint("198.51.100.1", 443)))
         docs.append(doc)
     return docs
+
+
+# Connects from the test host to the sandbox (198.51.100.2) on port argv[1], says "from-host", prints its
+# local address and the answer.
+HOST_CLIENT = r'''
+import socket, sys
+with socket.create_connection(("198.51.100.2", int(sys.argv[1])), timeout=10) as s:
+    print("local", *s.getsockname(), flush=True)
+    s.sendall(b"from-host")
+    print(s.recv(100).decode(), flush=True)
+'''

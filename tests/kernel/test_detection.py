@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import harness
-from eptrace_helpers import (LineReader, alerts, assert_contract, dump, get, kill, parse_timestamp, read_docs,
+from eptrace_helpers import (HOST_CLIENT, LineReader, alerts, assert_contract, dump, get, kill, parse_timestamp, read_docs,
                              select, start_eptrace, wait_until)
 from harness import HOST_IP, METADATA_IP, PYTHON
 from tracer.detect import rules as catalog
@@ -599,14 +599,6 @@ for _ in range(2):
         conn.sendall(b"hello " + data)
     print("peer", addr[0], addr[1], flush=True)
 '''
-
-HOST_CLIENT = r'''
-import socket, sys
-with socket.create_connection(("198.51.100.2", int(sys.argv[1])), timeout=10) as s:
-    s.sendall(b"from-host")
-    print(s.recv(100).decode(), flush=True)
-'''
-
 
 def test_inbound_listener_alerts_for_outside_not_loopback(net, tmp_path):
     port, episode = 8443, "ep-inbound"

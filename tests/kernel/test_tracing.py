@@ -11,9 +11,9 @@ import subprocess
 from pathlib import Path
 
 import harness
-from eptrace_helpers import (CONNECTION_ACTIONS, LineReader, assert_contract, dump, final_metric, get, kill,
-                             mentions_port, one, read_docs,
-                             select, start_eptrace, wait_for_docs, wait_until)
+from eptrace_helpers import (CONNECTION_ACTIONS, HOST_CLIENT, LineReader, assert_contract, dump, final_metric,
+                             get, kill, mentions_port, one, read_docs, select, start_eptrace, wait_for_docs,
+                             wait_until)
 from harness import HOST_IP, PYTHON, SANDBOX_IP
 
 SENT, RECEIVED = 1234, 567
@@ -256,15 +256,6 @@ with conn:
     conn.sendall(b"hello " + data)
 print("peer", addr[0], addr[1], flush=True)
 '''
-
-HOST_CLIENT = r'''
-import socket, sys
-with socket.create_connection(("198.51.100.2", int(sys.argv[1])), timeout=10) as s:
-    print("local", *s.getsockname(), flush=True)
-    s.sendall(b"from-host")
-    print(s.recv(100).decode(), flush=True)
-'''
-
 
 def accept_one_from_host(net, tmp_path, episode: str, listener: str, *args):
     """Runs the listener code in the sandbox under `eptrace run`; once it prints "port N", a client on the
