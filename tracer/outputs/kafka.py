@@ -46,6 +46,10 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 DELIVERY_TIMEOUT_S = 10.0
 # A broker's default message.max.bytes (Kafka 3.x): larger messages are refused for good.
 DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
+# Errors that the same message would get again: dead-lettered, never retried. librdkafka reports a
+# message over message.max.bytes with the broker's own code, before sending it.
+REFUSED_FOR_GOOD = ("MSG_SIZE_TOO_LARGE", "INVALID_MSG", "INVALID_MSG_SIZE", "INVALID_RECORD",
+                    "RECORD_LIST_TOO_LARGE")
 _EPISODE_KEY = '"episode_id":"'
 _ERROR_LOG_EVERY_S = 60.0
 
@@ -96,6 +100,7 @@ class KafkaSender:
         except ImportError:
             raise ValueError("kafka output: the confluent-kafka package is missing: run 'make setup'") from None
         self._kafka = confluent_kafka
+        self._refused_for_good = frozenset(getattr(confluent_kafka.KafkaError, name) for name in REFUSED_FOR_GOOD)
         if not brokers:
             raise ValueError("kafka output: no broker given")
         for name in (topic, alerts_topic):
@@ -179,9 +184,6 @@ class KafkaSender:
         default_key = self._default_key
         for doc in docs:
             value = doc.json.encode("utf-8", "replace")      # a stray surrogate must not lose the document
-            if len(value) > self.max_message_bytes:
-                rejected.append((doc, "too_large"))
-                continue
             by_value[value] = doc
             key = episode_key(doc, default_key)
             topics = (self.topic, self.alerts_topic) if doc.kind == "alert" and self.alerts_topic else (self.topic,)
@@ -197,13 +199,10 @@ class KafkaSender:
         seen: set[bytes] = set()
         for value, err in batch.failed:
             code = err.code()
-            if code in (kafka.KafkaError.MSG_SIZE_TOO_LARGE, kafka.KafkaError._MSG_SIZE_TOO_LARGE,
-                        kafka.KafkaError.INVALID_MSG, kafka.KafkaError.CORRUPT_MESSAGE,
-                        kafka.KafkaError.INVALID_RECORD, kafka.KafkaError.RECORD_LIST_TOO_LARGE,
-                        kafka.KafkaError.INVALID_MSG_SIZE):
+            if code in self._refused_for_good:
                 if value not in seen and value in by_value:
                     seen.add(value)
-                    rejected.append((by_value[value], err.name().lower().lstrip("_")))
+                    rejected.append((by_value[value], err.name().lower()))
             else:
                 retry = retry or err
         if retry is not None:
@@ -224,7 +223,7 @@ class KafkaSender:
                 producer.poll(0.05)
             except kafka.KafkaException as exc:
                 err = exc.args[0]
-                if err.code() in (kafka.KafkaError.MSG_SIZE_TOO_LARGE, kafka.KafkaError._MSG_SIZE_TOO_LARGE):
+                if err.code() in self._refused_for_good:
                     batch.failed.append((value, err))      # refused before it was sent: dead-lettered
                     return
                 raise SendError(f"{self.name}: {err.str()}") from None
