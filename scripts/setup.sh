@@ -159,7 +159,7 @@ SCRIPT
 fi
 
 # confluent-kafka (librdkafka's maintained binding, librdkafka bundled in the wheel) for the kafka://
-# output, pinned, from the package index: Debian 12's python3-confluent-kafka is too old (1.9).
+# output, pinned, from the package index: Debian 12's python3-confluent-kafka is too old (1.7).
 CONFLUENT_KAFKA_VERSION=2.16.1
 if [ "$("$VENV/bin/python" -c 'import confluent_kafka; print(confluent_kafka.version()[0])' 2>/dev/null)" \
         = "$CONFLUENT_KAFKA_VERSION" ]; then
