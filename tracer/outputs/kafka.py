@@ -71,19 +71,6 @@ def episode_key(doc: Document, default: bytes) -> bytes:
     return text[start:end].encode("utf-8", "replace")
 
 
-class _Batch:
-    """The delivery reports of one send(): librdkafka calls back from producer.poll()."""
-
-    def __init__(self) -> None:
-        self.outstanding = 0
-        self.failed: list[tuple[bytes, Any]] = []     # (value, KafkaError)
-
-    def report(self, err: Any, msg: Any) -> None:
-        self.outstanding -= 1
-        if err is not None:
-            self.failed.append((msg.value(), err))
-
-
 class KafkaSender:
     """Sends batches of ECS documents to Kafka (implements tracer.outputs.senders.Sender)."""
 
@@ -136,6 +123,8 @@ class KafkaSender:
             "queue.buffering.max.messages": 4 * self.batch_max,
             "security.protocol": protocol,
             "error_cb": self._on_error,
+            "on_delivery": self._on_delivery,
+            "delivery.report.only.error": True,
             "logger": log,
         }
         if tls:
@@ -148,6 +137,7 @@ class KafkaSender:
         self.delivered = 0             # messages librdkafka reported delivered
         self.producers = 0             # producers made: a fatal error makes a new one
         self._fatal = False
+        self._failed: list[tuple[bytes, Any]] = []    # (value, KafkaError) of the batch being sent
         self._last_error_log = 0.0
         self._producer = self._new_producer()
 
@@ -176,55 +166,57 @@ class KafkaSender:
             return None
         if self._fatal:
             self._replace_producer()
-        kafka = self._kafka
         producer = self._producer
-        batch = _Batch()
-        rejected: list[tuple[Document, str]] = []
-        by_value: dict[bytes, Document] = {}
-        default_key = self._default_key
+        self._failed = failed = []                 # filled by _on_delivery: librdkafka reports only failures
+        produce, topic, alerts_topic, default_key = producer.produce, self.topic, self.alerts_topic, self._default_key
         for doc in docs:
             value = doc.json.encode("utf-8", "replace")      # a stray surrogate must not lose the document
-            by_value[value] = doc
             key = episode_key(doc, default_key)
-            topics = (self.topic, self.alerts_topic) if doc.kind == "alert" and self.alerts_topic else (self.topic,)
-            for topic in topics:
-                self._produce(producer, batch, topic, value, key)
-        deadline = time.monotonic() + self.delivery_timeout_s + 5.0
-        while batch.outstanding > 0:
-            if time.monotonic() > deadline:
-                raise SendError(f"{self.name}: {batch.outstanding} messages not reported delivered within "
-                                f"{self.delivery_timeout_s + 5.0:g} s")
-            producer.poll(0.05)
+            try:
+                produce(topic, value, key)
+            except (BufferError, self._kafka.KafkaException):
+                self._produce_slowly(producer, topic, value, key)
+            if alerts_topic and doc.kind == "alert":
+                self._produce_slowly(producer, alerts_topic, value, key)
+        # flush() sends at once (no linger) and returns when librdkafka has reported every message, delivered
+        # or failed, which it does within message.timeout.ms; what is left then is reported as not delivered.
+        left = producer.flush(self.delivery_timeout_s + 5.0)
+        if left:
+            raise SendError(f"{self.name}: {left} messages not reported delivered within "
+                            f"{self.delivery_timeout_s + 5.0:g} s")
         retry = None
-        seen: set[bytes] = set()
-        for value, err in batch.failed:
-            code = err.code()
-            if code in self._refused_for_good:
-                if value not in seen and value in by_value:
-                    seen.add(value)
-                    rejected.append((by_value[value], err.name().lower()))
+        rejected: dict[bytes, str] = {}
+        for value, err in failed:
+            if err.code() in self._refused_for_good:
+                rejected.setdefault(value, err.name().lower())
             else:
                 retry = retry or err
         if retry is not None:
             if retry.fatal():
                 self._fatal = True
-            raise SendError(f"{self.name}: {len(batch.failed)} messages not delivered: {retry.str()}")
-        self.delivered += len(docs) - len(rejected)
-        return rejected or None
+            raise SendError(f"{self.name}: {len(failed)} messages not delivered: {retry.str()}")
+        dead = [(doc, rejected[value]) for doc in docs if rejected
+                and (value := doc.json.encode("utf-8", "replace")) in rejected]
+        self.delivered += len(docs) - len(dead)
+        return dead or None
 
-    def _produce(self, producer: Any, batch: _Batch, topic: str, value: bytes, key: bytes) -> None:
+    def _on_delivery(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            self._failed.append((msg.value(), err))
+
+    def _produce_slowly(self, producer: Any, topic: str, value: bytes, key: bytes) -> None:
+        """produce() when librdkafka's queue is full (wait for room) or refuses the message at once."""
         kafka = self._kafka
         while True:
             try:
-                producer.produce(topic, value, key, on_delivery=batch.report)
-                batch.outstanding += 1
+                producer.produce(topic, value, key)
                 return
             except BufferError:          # librdkafka's queue is full: serve delivery reports, then again
                 producer.poll(0.05)
             except kafka.KafkaException as exc:
                 err = exc.args[0]
                 if err.code() in self._refused_for_good:
-                    batch.failed.append((value, err))      # refused before it was sent: dead-lettered
+                    self._failed.append((value, err))      # refused before it was sent: dead-lettered
                     return
                 raise SendError(f"{self.name}: {err.str()}") from None
 
