@@ -125,7 +125,9 @@ class KafkaSender:
             "error_cb": self._on_error,
             "on_delivery": self._on_delivery,
             "delivery.report.only.error": True,
+            # librdkafka logs every failed reconnect; its errors reach _on_error, which rate-limits them.
             "logger": log,
+            "log_level": 2,
         }
         if tls:
             self._config.update({"ssl.ca.location": ca_file, "ssl.certificate.location": cert_file,
