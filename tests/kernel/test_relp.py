@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import eptrace_helpers
-from test_syslog import RSYSLOGD, Certs, Rsyslog, certs, check_received, free_port  # noqa: F401 (certs: fixture)
+from test_syslog import RSYSLOGD, Certs, Rsyslog, certs, check_received, rsyslog_factory  # noqa: F401 (fixtures)
 
 from tracer.outputs.delivery import DeliveryOutput
 from tracer.outputs.relp import RelpSender, parse_relp_spec
@@ -38,35 +38,24 @@ def prerequisites():
 class RelpRsyslog(Rsyslog):
     """rsyslogd with one imrelp input (TLS with a client certificate when certs are given)."""
 
-    def __init__(self, directory: Path, certs: Certs | None = None):
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, directory: Path, certs: Certs | None = None, client_auth: bool = True):
+        # client_auth is rsyslog_factory's; with TLS this input always wants a client certificate
+        super().__init__(directory)          # paths and a TCP port; the config is written again below
         self.tls = certs is not None
-        self.tcp_port = free_port()
         self.udp_port = None
-        self.msg_file = self.dir / "msg.log"
-        self.raw_file = self.dir / "raw.log"
-        self.pidfile = self.dir / "rsyslogd.pid"
-        self.config = self.dir / "rsyslog.conf"
-        self.proc = None
         tls = ""
         if certs is not None:
             tls = (f' tls="on" tls.caCert="{certs.ca}" tls.myCert="{certs.server_cert}"'
                    f' tls.myPrivKey="{certs.server_key}" tls.authMode="name"'
                    ' tls.permittedPeer=["eptrace-client"]')
+        # test_syslog's outputs (msg.log, raw.log, internal.log) behind an imrelp input instead of imtcp/imudp
+        _, marker, outputs = self.config.read_text().partition('template(name="msgonly"')
         self.config.write_text(f"""\
 global(workDirectory="{self.dir}" maxMessageSize="256k")
 main_queue(queue.type="direct")
 module(load="imrelp")
 input(type="imrelp" port="{self.tcp_port}" address="127.0.0.1" maxDataSize="256k" ruleset="remote"{tls})
-template(name="msgonly" type="string" string="%msg%\\n")
-template(name="rawmsg" type="string" string="%rawmsg%\\n")
-ruleset(name="remote") {{
-    action(type="omfile" file="{self.msg_file}" template="msgonly")
-    action(type="omfile" file="{self.raw_file}" template="rawmsg")
-}}
-*.* action(type="omfile" file="{self.dir}/internal.log")
-""")
+""" + marker + outputs)
 
     def kill(self) -> None:
         proc, self.proc = self.proc, None
@@ -78,20 +67,8 @@ ruleset(name="remote") {{
 
 
 @pytest.fixture
-def relp_factory(tmp_path):
-    started: list[RelpRsyslog] = []
-
-    def start(certs: Certs | None = None) -> RelpRsyslog:
-        r = RelpRsyslog(tmp_path / f"rsyslog{len(started)}", certs)
-        started.append(r)
-        r.start()
-        return r
-
-    try:
-        yield start
-    finally:
-        for r in started:
-            r.stop()
+def relp_factory(rsyslog_factory):
+    return lambda certs=None: rsyslog_factory(certs, kind=RelpRsyslog)
 
 
 def test_1000_documents_arrive_whole(relp_factory):

@@ -21,9 +21,8 @@ import re
 import socket
 import time
 from typing import Any
-from urllib.parse import parse_qsl
 
-from tracer.outputs.addresses import split_address
+from tracer.outputs.addresses import flag_option, parse_options, split_address
 from tracer.outputs.secrets import secret_param
 from tracer.outputs.senders import SendError
 from tracer.outputs.tls import client_context
@@ -39,7 +38,6 @@ OPTIONS = ("compression", "alerts_topic", "tls", "ca", "cert", "key", "sasl", "u
 COMPRESSIONS = ("zstd", "lz4", "gzip", "none")
 SASL_MECHANISMS = {"plain": "PLAIN", "scram-sha-256": "SCRAM-SHA-256", "scram-sha-512": "SCRAM-SHA-512"}
 _TOPIC_RE = re.compile(r"[A-Za-z0-9._-]{1,249}")
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 # librdkafka reports every message by message.timeout.ms, delivered or failed: the longest a
 # send() waits for a dead broker before the delivery core spools the batch and backs off.
@@ -267,31 +265,15 @@ def parse_kafka_spec(spec: str) -> KafkaSender:
     for broker in netloc.split(","):
         _, host, port = split_address(f"kafka://{broker}", "kafka output", shown, ACCEPTED_FORMS)
         brokers.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-    options: dict[str, str] = {}
-    if query:
-        try:
-            items = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
-        except ValueError:
-            raise ValueError(f"{label}: malformed options; accepted forms: {ACCEPTED_FORMS}") from None
-        for key, value in items:
-            if key not in OPTIONS:
-                raise ValueError(f"{label}: unknown option {key!r} (options: {', '.join(OPTIONS)}); "
-                                 f"accepted forms: {ACCEPTED_FORMS}")
-            if key in options:
-                raise ValueError(f"{label}: option {key} is given twice; accepted forms: {ACCEPTED_FORMS}")
-            if not value:
-                raise ValueError(f"{label}: option {key} needs a value; accepted forms: {ACCEPTED_FORMS}")
-            options[key] = value
-    tls_value = options.get("tls", "0").lower()
-    if tls_value not in _TRUE + _FALSE:
-        raise ValueError(f"{label}: tls must be 1 or 0, got {options['tls']!r}")
+    options = parse_options(query, OPTIONS, label, ACCEPTED_FORMS)
+    tls = flag_option(options, "tls", label)
     max_bytes = options.get("max_message_bytes", str(DEFAULT_MAX_MESSAGE_BYTES))
     if not (max_bytes.isascii() and max_bytes.isdigit() and int(max_bytes) >= 1000):
         raise ValueError(f"{label}: max_message_bytes must be an integer >= 1000, got {max_bytes!r}")
     try:
         password = secret_param(options, "password", label)
         return KafkaSender(brokers, topic, alerts_topic=options.get("alerts_topic"),
-                           compression=options.get("compression", "zstd"), tls=tls_value in _TRUE,
+                           compression=options.get("compression", "zstd"), tls=tls,
                            ca_file=options.get("ca"), cert_file=options.get("cert"), key_file=options.get("key"),
                            sasl=options.get("sasl"), user=options.get("user"), password=password,
                            max_message_bytes=int(max_bytes))

@@ -26,12 +26,11 @@ import select
 import socket
 import ssl
 import time
-from urllib.parse import parse_qsl
 
-from tracer.outputs.addresses import split_address
+from tracer.outputs.addresses import flag_option, parse_options, split_address
 from tracer.outputs.senders import SendError
 from tracer.outputs.syslog import Rfc5424
-from tracer.outputs.tls import client_context, describe
+from tracer.outputs.tls import client_context, close_quietly, describe, open_stream
 from tracer.schema import Document
 
 log = logging.getLogger(__name__)
@@ -43,7 +42,6 @@ TXNR_MAX = 999_999_999
 DEFAULT_TIMEOUT_S = 10.0        # connect, and the wait for each acknowledgement
 OFFERS = b"relp_version=0\nrelp_software=eptrace\ncommands=syslog"
 _HEADER_MAX = 32                # "999999999 serverclose 999999999 "
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 class RelpError(Exception):
@@ -278,24 +276,11 @@ class RelpSender:
         return self._txnr
 
     def _connect(self) -> socket.socket:
-        raw = socket.create_connection((self.host, self.port), timeout=self.timeout_s)
-        try:
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            if self._ssl_context is not None:
-                return self._ssl_context.wrap_socket(raw, server_hostname=self.host)
-            return raw
-        except BaseException:
-            raw.close()
-            raise
+        return open_stream(self.host, self.port, self.timeout_s, self._ssl_context)
 
     def _drop_session(self) -> None:
         sock, self._sock = self._sock, None
-        if sock is not None:
-            try:
-                sock.close()
-            except OSError:
-                pass
+        close_quietly(sock)
 
 
 def _readable(sock: socket.socket) -> bool:
@@ -319,26 +304,10 @@ def parse_relp_spec(spec: str) -> RelpSender:
     parts, host, port = split_address(spec, "relp output", spec, ACCEPTED_FORMS)
     if parts.path not in ("", "/") or parts.fragment:
         raise ValueError(f"{label}: no path is accepted after HOST:PORT; accepted forms: {ACCEPTED_FORMS}")
-    options: dict[str, str] = {}
-    if parts.query:
-        try:
-            items = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True)
-        except ValueError:
-            raise ValueError(f"{label}: malformed options; accepted forms: {ACCEPTED_FORMS}") from None
-        for key, value in items:
-            if key not in OPTIONS:
-                raise ValueError(f"{label}: unknown option {key!r} (options: {', '.join(OPTIONS)}); "
-                                 f"accepted forms: {ACCEPTED_FORMS}")
-            if key in options:
-                raise ValueError(f"{label}: option {key} is given twice; accepted forms: {ACCEPTED_FORMS}")
-            if not value:
-                raise ValueError(f"{label}: option {key} needs a value; accepted forms: {ACCEPTED_FORMS}")
-            options[key] = value
-    tls_value = options.get("tls", "0").lower()
-    if tls_value not in _TRUE + _FALSE:
-        raise ValueError(f"{label}: tls must be 1 or 0, got {options['tls']!r}")
+    options = parse_options(parts.query, OPTIONS, label, ACCEPTED_FORMS)
+    tls = flag_option(options, "tls", label)
     try:
-        return RelpSender(host, port, tls=tls_value in _TRUE, ca_file=options.get("ca"),
+        return RelpSender(host, port, tls=tls, ca_file=options.get("ca"),
                           cert_file=options.get("cert"), key_file=options.get("key"))
     except ValueError as exc:
         raise ValueError(f"{label}: {str(exc).removeprefix('relp output: ')}") from None
