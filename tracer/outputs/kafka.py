@@ -128,7 +128,9 @@ class KafkaSender:
             "log_level": 2,
         }
         if tls:
-            self._config.update({"ssl.ca.location": ca_file, "ssl.certificate.location": cert_file,
+            # Without ca=, "probe" finds the system's CA store (the wheel's own OpenSSL knows no default
+            # path); librdkafka checks the broker's name against its certificate by default.
+            self._config.update({"ssl.ca.location": ca_file or "probe", "ssl.certificate.location": cert_file,
                                  "ssl.key.location": key_file})
             self._config = {k: v for k, v in self._config.items() if v is not None}
         if sasl:
