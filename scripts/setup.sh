@@ -167,11 +167,12 @@ if [ "$("$VENV/bin/python" -c 'import confluent_kafka; print(confluent_kafka.ver
 else
     say "venv: installing confluent-kafka $CONFLUENT_KAFKA_VERSION"
     PIP_NO_INPUT=1 "$VENV/bin/pip" install -q --disable-pip-version-check \
-        "confluent-kafka==$CONFLUENT_KAFKA_VERSION" >&2 || die "pip install confluent-kafka failed"
+        "confluent-kafka==$CONFLUENT_KAFKA_VERSION" >&2 \
+        || warn "pip install confluent-kafka failed: the kafka:// output is unavailable (its tests fail under CI)"
 fi
 
-(cd / && "$VENV/bin/python" -c "import bcc, click, pyroute2, msgpack, confluent_kafka, tracer") \
-    || die "the venv cannot import bcc, click, pyroute2, msgpack, confluent_kafka and tracer (see above)"
+(cd / && "$VENV/bin/python" -c "import bcc, click, pyroute2, msgpack, tracer") \
+    || die "the venv cannot import bcc, click, pyroute2, msgpack and tracer (see above)"
 
 # Test receivers from npm: @fluent-org/logger's FluentServer for tests/kernel/test_forward.py, pinned by
 # tests/kernel/helpers/package.json and package-lock.json into tests/kernel/helpers/node_modules (git-ignored).
