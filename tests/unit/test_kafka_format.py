@@ -70,3 +70,21 @@ def test_bad_specs_are_one_line_errors_without_the_password(spec, message):
 def test_secret_param():
     assert secret_param({"password": "x"}, "password", "out") == "x"
     assert secret_param({}, "password", "out") is None
+
+
+def test_no_broker_is_a_send_error_after_the_delivery_timeout(tmp_path):
+    """Nothing listens on the port: librdkafka reports every message failed (timed out), and the
+    batch is handed back for a retry, never counted as delivered."""
+    import socket
+    from tracer.outputs.kafka import KafkaSender
+    from tracer.outputs.senders import SendError
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]                  # closed again: connections are refused
+    sender = KafkaSender([f"127.0.0.1:{port}"], "events", delivery_timeout_s=1.0)
+    try:
+        with pytest.raises(SendError, match="not delivered|not reported delivered"):
+            sender.send(list(docs()))
+        assert sender.delivered == 0
+    finally:
+        sender.close()
