@@ -24,7 +24,8 @@ PACKAGES=(
     python3-click python3-pyroute2 python3-msgpack python3-pytest
     iproute2
     gcc libc6-dev liburing-dev make
-    socat openssh-server openssh-client rsyslog rsyslog-gnutls curl git
+    socat openssh-server openssh-client rsyslog rsyslog-gnutls rsyslog-relp curl git
+    kcat
 )
 
 is_installed() {
@@ -155,6 +156,19 @@ SCRIPT
         chmod 755 "$VENV/bin/eptrace"
     fi
     printf '%s\n' "$want_stamp" >"$STAMP"
+fi
+
+# confluent-kafka (librdkafka's maintained binding, librdkafka bundled in the wheel) for the kafka://
+# output, pinned, from the package index: Debian 12's python3-confluent-kafka is too old (1.7).
+CONFLUENT_KAFKA_VERSION=2.16.1
+if [ "$("$VENV/bin/python" -c 'import confluent_kafka; print(confluent_kafka.version()[0])' 2>/dev/null)" \
+        = "$CONFLUENT_KAFKA_VERSION" ]; then
+    say "venv: confluent-kafka $CONFLUENT_KAFKA_VERSION present"
+else
+    say "venv: installing confluent-kafka $CONFLUENT_KAFKA_VERSION"
+    PIP_NO_INPUT=1 "$VENV/bin/pip" install -q --disable-pip-version-check \
+        "confluent-kafka==$CONFLUENT_KAFKA_VERSION" >&2 \
+        || warn "pip install confluent-kafka failed: the kafka:// output is unavailable (its tests fail under CI)"
 fi
 
 (cd / && "$VENV/bin/python" -c "import bcc, click, pyroute2, msgpack, tracer") \

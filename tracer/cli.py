@@ -110,8 +110,8 @@ def _metrics_address(address: str | None) -> str | None:
         raise Failure(f"--metrics-listen wants ADDR:PORT, e.g. 127.0.0.1:9464, not {address!r}", EXIT_BAD_INPUT)
     return address
 OUTPUT_HELP = ("Where documents go (repeat for several): '-' (stdout, the default), 'file:PATH[?max_mb=N&keep=K]', "
-               "'syslog+tcp|tls|udp://HOST:PORT', 'forward://HOST:PORT', 'hec[s]://HOST:PORT?token=T', "
-               "'es[s]://HOST:PORT/INDEX'; see the README. Without it, the config's [output] specs.")
+               "'syslog+tcp|tls|udp|relp://HOST:PORT', 'forward://HOST:PORT', 'hec[s]://HOST:PORT?token=T', "
+               "'es[s]://HOST:PORT/INDEX', 'kafka://BROKER[,BROKER...]/TOPIC'; see the README. Without it, the config's [output] specs.")
 
 EPILOG = """\b
 Exit status:

@@ -242,16 +242,16 @@ ruleset(name="remote") {{
 
 @pytest.fixture
 def rsyslog_factory():
-    """rsyslog_factory(certs=None, client_auth=True) -> a started Rsyslog; all are stopped and their
-    directories removed afterwards, whatever the test did."""
+    """rsyslog_factory(certs=None, client_auth=True, kind=Rsyslog) -> a started Rsyslog (or subclass); all are
+    stopped and their directories removed afterwards, whatever the test did."""
     started: list[Rsyslog] = []
     tmp = Path(tempfile.mkdtemp(prefix="eptrace-rsyslog-"))
 
-    def start(certs: Certs | None = None, client_auth: bool = True) -> Rsyslog:
+    def start(certs: Certs | None = None, client_auth: bool = True, kind: type[Rsyslog] = Rsyslog) -> Rsyslog:
         if certs is not None and not os.path.exists(GTLS_DRIVER):
             pytest.fail("rsyslog's gtls driver is missing: apt-get install rsyslog-gnutls (make setup)",
                         pytrace=False)
-        r = Rsyslog(tmp / f"rsyslog{len(started)}", certs, client_auth)
+        r = kind(tmp / f"rsyslog{len(started)}", certs, client_auth)
         started.append(r)
         r.start()
         return r

@@ -177,7 +177,7 @@ def test_bad_specs_are_one_line_errors(spec):
 
 def test_unknown_spec_lists_the_accepted_forms():
     with pytest.raises(OutputSpecError, match=r"'-' \(stdout\), 'file:PATH', 'file:PATH\?max_mb=N&keep=K'"):
-        parse_output_spec("kafka://localhost:9092")
+        parse_output_spec("amqp://localhost:5672")
 
 
 def test_same_sink_twice_is_an_error(tmp_path):

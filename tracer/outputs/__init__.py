@@ -8,6 +8,8 @@ from tracer.outputs.stdout import StdoutOutput
 from tracer.outputs.syslog import parse_syslog_spec
 from tracer.outputs.forward import parse_forward_spec
 from tracer.outputs.http import parse_http_spec
+from tracer.outputs.kafka import parse_kafka_spec
+from tracer.outputs.relp import parse_relp_spec
 from tracer.registry import state_dir
 
 __all__ = ["Fanout", "FileOutput", "KindFilter", "Transform", "Output", "OutputError", "OutputSpecError", "StdoutOutput",
@@ -17,11 +19,15 @@ ACCEPTED_FORMS = ("'-' (stdout), 'file:PATH', 'file:PATH?max_mb=N&keep=K', 'sysl
                   "'syslog+udp://HOST:PORT', 'syslog+tls://HOST:PORT?ca=FILE[&cert=FILE&key=FILE]', "
                   "'hec://HOST:PORT?token=T[&index=I&sourcetype=S]', 'hecs://HOST:PORT?token=T[&...&ca=FILE]', "
                   "'es://HOST:PORT/INDEX', 'ess://HOST:PORT/INDEX[?ca=FILE][&user=U&password=P | &api_key=K]', "
-                  "'forward://HOST:PORT[?tag=T&shared_key=K&compress=gzip&tls=1&ca=FILE&cert=FILE&key=FILE]'")
+                  "'forward://HOST:PORT[?tag=T&shared_key=K&compress=gzip&tls=1&ca=FILE&cert=FILE&key=FILE]', "
+                  "'kafka://BROKER[,BROKER...]/TOPIC[?compression=...&alerts_topic=T&tls=1&ca=FILE&sasl=...&user=U"
+                  "&password_file=FILE]', 'syslog+relp://HOST:PORT[?tls=1&ca=FILE&cert=FILE&key=FILE]'")
 
 
 # Network outputs: a sender per protocol, each driven by the delivery core (queue, spool, retries).
-NETWORK_SENDERS = ((("syslog+",), parse_syslog_spec),
+NETWORK_SENDERS = ((("syslog+relp://",), parse_relp_spec),
+                   (("syslog+",), parse_syslog_spec),
+                   (("kafka://",), parse_kafka_spec),
                    (("hec://", "hecs://", "es://", "ess://"), parse_http_spec),
                    (("forward://",), parse_forward_spec))
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlsplit
 
 
 def split_address(spec: str, label: str, shown: str, forms: str) -> tuple[SplitResult, str, int]:
@@ -33,3 +33,37 @@ def split_address(spec: str, label: str, shown: str, forms: str) -> tuple[SplitR
     if parts.netloc.startswith("[") and ":" not in host:
         raise bad("only an IPv6 address goes in brackets")
     return parts, host, port
+
+
+def parse_options(query: str, allowed: tuple[str, ...], label: str, forms: str) -> dict[str, str]:
+    """The URL-decoded options of a spec's query: each allowed, given once, with a value; ValueError otherwise.
+
+    label names the output and its (redacted) spec in messages; values are never repeated in them.
+    """
+    options: dict[str, str] = {}
+    if not query:
+        return options
+    try:
+        items = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        raise ValueError(f"{label}: malformed options; accepted forms: {forms}") from None
+    for key, value in items:
+        if key not in allowed:
+            raise ValueError(f"{label}: unknown option {key!r} (options: {', '.join(allowed)}); accepted forms: {forms}")
+        if key in options:
+            raise ValueError(f"{label}: option {key} is given twice; accepted forms: {forms}")
+        if not value:
+            raise ValueError(f"{label}: option {key} needs a value; accepted forms: {forms}")
+        options[key] = value
+    return options
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def flag_option(options: dict[str, str], name: str, label: str) -> bool:
+    """A 1/0 (true/false, yes/no, on/off) option, off when absent."""
+    value = options.get(name, "0").lower()
+    if value not in _TRUE + _FALSE:
+        raise ValueError(f"{label}: {name} must be 1 or 0, got {options[name]!r}")
+    return value in _TRUE

@@ -43,7 +43,7 @@ import msgpack
 
 from tracer.outputs.senders import SendError
 from tracer.outputs.addresses import split_address
-from tracer.outputs.tls import client_context, describe
+from tracer.outputs.tls import client_context, describe, open_stream
 from tracer.schema import Document
 
 log = logging.getLogger(__name__)
@@ -251,16 +251,7 @@ class ForwardSender:
         return sock
 
     def _connect(self) -> socket.socket:
-        raw = socket.create_connection((self.host, self.port), timeout=self.timeout_s)
-        try:
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            if self._ssl_context is not None:
-                return self._ssl_context.wrap_socket(raw, server_hostname=self.host)
-            return raw
-        except BaseException:
-            raw.close()
-            raise
+        return open_stream(self.host, self.port, self.timeout_s, self._ssl_context)
 
     def _handshake(self, sock: socket.socket) -> None:
         helo = self._read_message(sock, time.monotonic() + self.timeout_s, "HELO")

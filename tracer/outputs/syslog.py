@@ -87,6 +87,35 @@ def header_field(value: str | None, max_len: int) -> str:
     return _NOT_PRINTUSASCII.sub("_", value)[:max_len]
 
 
+class Rfc5424:
+    """The RFC 5424 message for a document (shared by the syslog and RELP senders)."""
+
+    def __init__(self, hostname: str | None = None, app_name: str = "eptrace",
+                 facility: int = FACILITY_LOG_AUDIT) -> None:
+        # Everything of the header but PRI, TIMESTAMP and MSGID is the same for every message.
+        self._facility8 = facility * 8
+        self._middle = " ".join((header_field(hostname or socket.gethostname(), 255),
+                                 header_field(app_name, 48), header_field(str(os.getpid()), 128)))
+
+    def message(self, doc: Document) -> bytes:
+        """The RFC 5424 message for one document, UTF-8, without framing."""
+        text = doc.json
+        if text.startswith(_TS_PREFIX):          # the encoder always writes @timestamp first
+            end = text.find('"', len(_TS_PREFIX))
+            timestamp = text[len(_TS_PREFIX):end] if end > 0 else _NILVALUE
+        else:
+            timestamp = _timestamp_of(doc)
+        kind = doc.kind
+        if kind == "alert":
+            severity = alert_severity(_event_field(doc, "severity"))
+        else:
+            severity = SEVERITY_INFO
+        msgid = header_field(kind, 32)
+        # "replace": a stray surrogate from a process name must not lose the document.
+        return (f"<{self._facility8 + severity}>1 {timestamp} {self._middle} {msgid} - {text}"
+                .encode("utf-8", "replace"))
+
+
 class SyslogSender:
     """Sends batches of ECS documents to a syslog receiver (implements tracer.outputs.senders.Sender).
 
@@ -118,30 +147,9 @@ class SyslogSender:
         self._sock: socket.socket | None = None
         self._warned_truncation = False
         self._ssl_context = client_context("syslog+tls", ca_file, cert_file, key_file) if transport == "tls" else None
-        # Everything of the header but PRI, TIMESTAMP and MSGID is the same for every message.
-        self._facility8 = facility * 8
-        self._middle = " ".join((header_field(hostname or socket.gethostname(), 255),
-                                 header_field(app_name, 48), header_field(str(os.getpid()), 128)))
+        self.message = Rfc5424(hostname, app_name, facility).message
 
     # --- formatting (no network) -------------------------------------------------------
-
-    def message(self, doc: Document) -> bytes:
-        """The RFC 5424 message for one document, UTF-8, without framing."""
-        text = doc.json
-        if text.startswith(_TS_PREFIX):          # the encoder always writes @timestamp first
-            end = text.find('"', len(_TS_PREFIX))
-            timestamp = text[len(_TS_PREFIX):end] if end > 0 else _NILVALUE
-        else:
-            timestamp = _timestamp_of(doc)
-        kind = doc.kind
-        if kind == "alert":
-            severity = alert_severity(_event_field(doc, "severity"))
-        else:
-            severity = SEVERITY_INFO
-        msgid = header_field(kind, 32)
-        # "replace": a stray surrogate from a process name must not lose the document.
-        return (f"<{self._facility8 + severity}>1 {timestamp} {self._middle} {msgid} - {text}"
-                .encode("utf-8", "replace"))
 
     def frame(self, docs: list[Document]) -> bytes:
         """Octet-counted frames (RFC 6587 3.4.1 / RFC 5425 4.3) for a batch: one buffer."""

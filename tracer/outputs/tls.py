@@ -31,6 +31,30 @@ def client_context(label: str, ca_file: str | None, cert_file: str | None = None
     return context
 
 
+def open_stream(host: str, port: int, timeout_s: float, ssl_context: ssl.SSLContext | None) -> socket.socket:
+    """A TCP connection (no Nagle, keep-alives on), wrapped in TLS when a context is given; the server's
+    name (DNS or IP) is checked against its certificate."""
+    raw = socket.create_connection((host, port), timeout=timeout_s)
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if ssl_context is not None:
+            return ssl_context.wrap_socket(raw, server_hostname=host)
+        return raw
+    except BaseException:
+        raw.close()
+        raise
+
+
+def close_quietly(sock: socket.socket | None) -> None:
+    """Close a connection that is being given up on: an error closing it changes nothing."""
+    if sock is not None:
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
 def describe(exc: BaseException) -> str:
     """A network error in a few words, for SendError messages."""
     if isinstance(exc, ssl.SSLCertVerificationError):
