@@ -4,15 +4,13 @@ import json
 import logging
 import socket
 import ssl
-import subprocess
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from support import fast_backoff, make_certs, wait_for
 
 from tracer.events import Endpoint, Episode, NetworkEvent, Process
-from tracer.outputs import delivery
 from tracer.outputs import http as httpout
 from tracer.outputs.delivery import DeliveryOutput
 from tracer.outputs.http import ElasticsearchSender, HecSender, parse_es_spec, parse_hec_spec, parse_http_spec
@@ -38,17 +36,9 @@ def event_id(doc):
     return doc.fields()["event"]["id"]
 
 
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 @pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch):
-    monkeypatch.setattr(delivery, "BACKOFF_FIRST_S", 0.01)
-    monkeypatch.setattr(delivery, "BACKOFF_MAX_S", 0.05)
+def _fast_backoff(monkeypatch):
+    fast_backoff(monkeypatch)
     monkeypatch.setattr(httpout, "ES_ITEM_BACKOFF_S", 0.001)
 
 
@@ -435,31 +425,21 @@ def test_es_refused_credentials_are_retryable(serve, status):
 
 # --- TLS ----------------------------------------------------------------------------------------
 
-def make_cert(directory, name):
-    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                    f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
-    return cert, key
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("certs")
-    return make_cert(directory, "server"), make_cert(directory, "other")
+    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 def tls_server(serve, certs, respond):
-    (cert, key), _ = certs
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
+    context.load_cert_chain(certs.server_cert, certs.server_key)
     return serve(respond, tls_context=context)
 
 
 def test_hecs_verifies_the_server_against_ca(serve, certs):
     rx = HecReceiver()
     server = tls_server(serve, certs, rx)
-    (cert, _), (other, _) = certs
+    cert, other = certs.ca, certs.rogue_ca
     sender = parse_hec_spec(f"hecs://127.0.0.1:{server.port}?token={TOKEN}&ca={cert}")
     sender.send(documents(10))
     sender.send(documents(10))
@@ -475,7 +455,7 @@ def test_hecs_verifies_the_server_against_ca(serve, certs):
 def test_ess_verifies_the_server_against_ca(serve, certs):
     rx = EsReceiver()
     server = tls_server(serve, certs, rx)
-    (cert, _), (other, _) = certs
+    cert, other = certs.ca, certs.rogue_ca
     sender = parse_es_spec(f"ess://127.0.0.1:{server.port}/eptrace?ca={cert}&api_key=abc%3D")
     docs = documents(10)
     assert sender.send(docs) == [] and set(rx.store) == {event_id(d) for d in docs}
@@ -487,7 +467,7 @@ def test_ess_verifies_the_server_against_ca(serve, certs):
 # --- spec parsing -----------------------------------------------------------------------------
 
 def test_good_specs(tmp_path, certs):
-    (cert, _), _ = certs
+    cert = certs.ca
     hec = parse_http_spec(f"hec://splunk.example:8088?token={TOKEN}&index=main&sourcetype=eptrace%3Aecs")
     assert isinstance(hec, HecSender) and hec.name == "hec://splunk.example:8088?index=main"
     assert hec.headers["Authorization"] == f"Splunk {TOKEN}"
