@@ -142,7 +142,6 @@ def report(scenario: str, run: EpisodeRun, alert: dict, event: dict, what: str) 
     elapsed = seen - ts(event)
     print(f"\nTIME-TO-ALERT {scenario}: {elapsed * 1000:.0f} ms from {what} to the alert in the output "
           f"(alert @timestamp {(ts(alert) - ts(event)) * 1000:+.1f} ms after it)", flush=True)
-    assert ts(alert) >= ts(event) - 0.001, "the alert is dated before the act it is about"
     return elapsed
 
 

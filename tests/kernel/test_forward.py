@@ -232,6 +232,20 @@ def test_tls_with_shared_key_gzip_and_a_client_certificate(fluent, certs):
     assert sender.connects == 1
 
 
+def test_tls_client_without_the_required_certificate_is_refused(fluent, certs):
+    """The receiver requires a client certificate signed by its CA: a client that presents none is refused,
+    and the refusal is an error, never a silent loss."""
+    r = fluent(certs=certs, client_auth=True)
+    sender = parse_forward_spec(f"forward://127.0.0.1:{r.port}?tls=1&ca={certs.ca}")
+    try:
+        with pytest.raises(SendError):
+            sender.send(make_docs(5))
+    finally:
+        sender.close()
+    time.sleep(0.2)
+    assert r.ids() == set()
+
+
 def test_tls_server_not_signed_by_the_ca_is_refused(fluent, certs):
     r = fluent(certs=certs)
     sender = parse_forward_spec(f"forward://127.0.0.1:{r.port}?tls=1&ca={certs.rogue_ca}")

@@ -110,7 +110,9 @@ class Rsyslog:
         udp = ""
         if self.udp_port is not None:
             udp = ('module(load="imudp")\n'
-                   f'input(type="imudp" port="{self.udp_port}" address="127.0.0.1" ruleset="remote")\n')
+                   f'input(type="imudp" port="{self.udp_port}" address="127.0.0.1" ruleset="remote" '
+                   # a spool drained at full speed is a burst: the default receive buffer drops datagrams
+                   'rcvbufSize="16m")\n')
         self.config.write_text(f"""\
 global(workDirectory="{self.dir}" maxMessageSize="256k"{tls_global})
 {tcp_module}
@@ -421,7 +423,9 @@ def test_tracer_killed_during_an_outage_delivers_its_spool_after_a_restart(rsysl
                               f"file:{events_file}", "--output", sink, "--", "/usr/bin/python3", "-c", workload],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(6)
+        # enough documents written, and 2.5 s for them to reach the spool (the probes' start-up varies)
+        wait_for_docs(events_file, lambda docs: len(docs) > 60, timeout=60, what="60 documents before the kill")
+        time.sleep(2.5)
         killed_at = time.time()
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)

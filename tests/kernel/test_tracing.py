@@ -153,7 +153,7 @@ import errno, os, select, socket, sys, time
 host, blocking_port, nonblocking_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 print("pid", os.getpid(), flush=True)
 try:
-    socket.create_connection((host, blocking_port), timeout=5)
+    socket.socket().connect((host, blocking_port))     # no timeout: a blocking connect() syscall
     raise SystemExit("blocking connect was not refused")
 except ConnectionRefusedError:
     pass
