@@ -26,6 +26,7 @@ PACKAGES=(
     gcc libc6-dev liburing-dev make
     socat openssh-server openssh-client rsyslog rsyslog-gnutls rsyslog-relp curl git
     kcat
+    strace openssl
 )
 
 is_installed() {
@@ -176,8 +177,15 @@ fi
 
 # Test receivers from npm: @fluent-org/logger's FluentServer for tests/kernel/test_forward.py, pinned by
 # tests/kernel/helpers/package.json and package-lock.json into tests/kernel/helpers/node_modules (git-ignored).
-# Installed again only when missing or not the pinned version; without node and npm the forward tests skip.
+# Installed again only when missing or not the pinned version. Node.js and npm come from the distro when
+# the host has none (the tests fail under CI without them, rather than skip).
 HELPERS="$REPO/tests/kernel/helpers"
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    apt_update_once
+    say "installing: nodejs npm"
+    apt-get "${APT_OPTS[@]}" install -y -qq --no-install-recommends nodejs npm >/dev/null \
+        || warn "apt-get install nodejs npm failed: the Fluent Forward tests will fail"
+fi
 npm_pkg_version() {   # the "version" (installed package.json) or the pinned dependency (our package.json)
     "$VENV/bin/python" -c 'import json, sys
 d = json.load(open(sys.argv[1]))
@@ -190,9 +198,9 @@ if [ -n "$want_fluent" ] && [ "$have_fluent" = "$want_fluent" ]; then
 elif command -v node >/dev/null && command -v npm >/dev/null; then
     say "test helpers: npm ci in $HELPERS (@fluent-org/logger $want_fluent)"
     (cd "$HELPERS" && npm ci --no-audit --no-fund --loglevel=error >&2) \
-        || warn "npm ci failed in $HELPERS: tests/kernel/test_forward.py will skip"
+        || warn "npm ci failed in $HELPERS: the Fluent Forward tests will fail"
 else
-    warn "node or npm not found: tests/kernel/test_forward.py will skip (install Node.js >= 12 and npm)"
+    warn "node or npm not found: the Fluent Forward tests will fail (install Node.js >= 12 and npm)"
 fi
 
 ln -sfn "$VENV/bin/eptrace" /usr/local/bin/eptrace

@@ -287,6 +287,12 @@ def parse_timestamp(ts: str) -> float:
     return seconds + (float("0." + frac) if frac else 0.0)
 
 
+def output_stats(metric: dict, prefix: str) -> dict | None:
+    """The eptrace.stats.outputs entry of the output whose spec starts with prefix, in a metric document."""
+    outputs = get(metric, "eptrace.stats.outputs") or {}
+    return next((v for k, v in outputs.items() if k.startswith(prefix)), None)
+
+
 def final_metric(docs: list[dict]) -> dict:
     metrics = [d for d in docs if get(d, "event.kind") == "metric"]
     assert metrics, f"no metric document:\n{dump(docs)}"

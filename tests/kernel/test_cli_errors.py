@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+from support import require
 
 from eptrace_helpers import (assert_one_line_error, cgroup2_mount, new_run_cgroups, registrations,
                              run_cgroups, run_eptrace)
@@ -95,11 +97,26 @@ def test_episode_add_rejects_a_plain_directory(env):
     assert "/tmp" in line, line
 
 
-def test_episode_add_rejects_cgroup_v1(env):
-    v1 = Path("/sys/fs/cgroup/memory")
-    v1 = v1 if v1.is_dir() and (v1 / "cgroup.procs").exists() else _v1_hierarchy()
-    if v1 is None:
-        pytest.skip("no cgroup v1 hierarchy is mounted on this host")
+@pytest.fixture
+def cgroup_v1(tmp_path):
+    """A cgroup v1 directory: a mounted v1 hierarchy, or a named one (no controller) mounted for the test."""
+    v1 = _v1_hierarchy()
+    if v1 is not None:
+        yield v1
+        return
+    mnt = tmp_path / "cgroup-v1"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "cgroup", "-o", "none,name=eptrace-test", "cgroup", str(mnt)],
+                       capture_output=True, text=True)
+    require(r.returncode == 0, f"no cgroup v1 hierarchy is mounted and none can be: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_episode_add_rejects_cgroup_v1(env, cgroup_v1):
+    v1 = cgroup_v1
     assert (v1 / "cgroup.procs").exists(), f"{v1} does not look like a cgroup v1 directory"
     r = run_eptrace("episode", "add", "--id", "ep-v1", "--cgroup", v1, state_dir=env.state)
     line = assert_one_line_error(r, 2)
@@ -140,8 +157,7 @@ def test_not_root_is_one_line_exit_4(env, args):
 
 
 def test_not_root_with_runuser(env):
-    if not shutil.which("runuser"):
-        pytest.skip("runuser not installed")
+    require(shutil.which("runuser"), "runuser is not installed (util-linux)")
     r = run_eptrace("run", "--episode", "ep-x", "--", "touch", env.marker, state_dir=env.state,
                     prefix=["runuser", "-u", "nobody", "--"], timeout=60)
     line = assert_one_line_error(r, 4)
@@ -158,21 +174,20 @@ def test_bad_output_fails_before_any_probe_loads(env, spec, command):
     args = ["run", "--episode", "ep-out", "--output", spec, "--", "touch", env.marker] if command == "run" \
         else ["watch", "--output", spec]
     strace = shutil.which("strace")
+    require(strace, "strace is not installed (make setup)")
     log = env.tmp / "strace.log"
-    prefix = [strace, "-f", "-qq", "-e", "trace=bpf", "-o", str(log)] if strace else []
+    prefix = [strace, "-f", "-qq", "-e", "trace=bpf", "-o", str(log)]
     r = run_eptrace(*args, state_dir=env.state, prefix=prefix, timeout=60)
     line = assert_one_line_error(r, 2)
     assert "output" in line, line
-    if strace:
-        calls = [c for c in log.read_text().splitlines() if "bpf(" in c]
-        assert not calls, "bpf() was called before the error:\n" + "\n".join(calls[:5])
+    calls = [c for c in log.read_text().splitlines() if "bpf(" in c]
+    assert not calls, "bpf() was called before the error:\n" + "\n".join(calls[:5])
 
 
 def test_strace_sees_bpf_when_probes_do_load(env):
     """The bpf() check above can fail: a good run under the same strace shows bpf() calls."""
     strace = shutil.which("strace")
-    if not strace:
-        pytest.skip("strace not installed")
+    require(strace, "strace is not installed (make setup)")
     log = env.tmp / "strace.log"
     r = run_eptrace("run", "--episode", "ep-out", "--output", f"file:{env.tmp}/ok.ndjson", "--", "true",
                     state_dir=env.state, prefix=[strace, "-f", "-qq", "-e", "trace=bpf", "-o", str(log)], timeout=120)

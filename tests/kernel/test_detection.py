@@ -3,10 +3,10 @@ and the alert documents they must (or must not) raise.
 
 Each scenario checks the alert contract of DESIGN.md (event.kind, rule.*, threat.*, event.severity, a message
 that shows the evidence, labels.episode_id, process.pid, network.community_id of the evidence flow), that each
-rule alerted exactly once, and the time to alert:
-  - lag:      alert @timestamp minus the @timestamp of the event the issue measures from;
-  - delivery: when the alert document appeared in the output file minus its @timestamp (polled every 20 ms).
-Both are printed as "TIME-TO-ALERT ..." lines (run pytest with -s to see them).
+rule alerted exactly once, and the time to alert, measured on the wall clock: from the act (the @timestamp of
+the kernel event the issue measures from) to the moment the alert document appeared in the output file
+(polled every 20 ms). It is printed as a "TIME-TO-ALERT ..." line (pytest -s shows them); the tests bound it
+generously (LIVENESS_S), as liveness rather than speed: speed figures belong to the bench and the issue notes.
 
 Every "no alert" assertion comes with proof that the tracer saw the traffic, so silence is never blindness.
 """
@@ -127,21 +127,22 @@ class EpisodeRun:
         assert_contract(docs)
         return docs
 
-    def delivery(self, alert: dict) -> float:
-        seen = self.first_seen.get(get(alert, "event.id"))
-        assert seen is not None, f"the poller never saw alert {get(alert, 'event.id')}"
-        return seen - parse_timestamp(alert["@timestamp"])
-
 
 def ts(doc: dict) -> float:
     return parse_timestamp(doc["@timestamp"])
 
 
+LIVENESS_S = 15.0     # an alert that takes longer than this to reach the output is a failure
+
+
 def report(scenario: str, run: EpisodeRun, alert: dict, event: dict, what: str) -> float:
-    lag = ts(alert) - ts(event)
-    print(f"\nTIME-TO-ALERT {scenario}: lag {lag * 1000:+.1f} ms after {what}; "
-          f"delivered {run.delivery(alert) * 1000:.0f} ms after its @timestamp", flush=True)
-    return lag
+    """Seconds from the act (event's @timestamp) to the alert document's arrival in the output file."""
+    seen = run.first_seen.get(get(alert, "event.id"))
+    assert seen is not None, f"the poller never saw alert {get(alert, 'event.id')}"
+    elapsed = seen - ts(event)
+    print(f"\nTIME-TO-ALERT {scenario}: {elapsed * 1000:.0f} ms from {what} to the alert in the output "
+          f"(alert @timestamp {(ts(alert) - ts(event)) * 1000:+.1f} ms after it)", flush=True)
+    return elapsed
 
 
 def rule_counts(docs: list[dict]) -> dict[str, int]:
@@ -276,7 +277,7 @@ def test_ssh_reverse_tunnel_used_from_test_host(net, tmp_path, layout):
                  [HOST_IP, str(sshd.port), "-R", "9000:127.0.0.1:8000"], evidence=ssh_flow)
     assert (get(alert, "destination.ip"), get(alert, "destination.port")) == (HOST_IP, sshd.port), alert
     lag = report(f"reverse_tunnel ssh -R ({layout})", run, alert, relayed[0], "the first relayed connection")
-    assert lag <= 2.0, f"alert {lag:.3f}s after the first relayed connection"
+    assert lag <= LIVENESS_S, f"alert {lag:.3f}s after the first relayed connection"
     # The argv is conclusive: the alert comes at the ssh connection itself, before any relayed traffic.
     assert ts(alert) <= ts(relayed[0]), (alert["@timestamp"], relayed[0]["@timestamp"])
     # One tunnel, one alert: the connections relayed through it are not new tunnels.
@@ -309,7 +310,7 @@ def test_idle_ssh_tunnel_by_an_unknown_program_is_scored(net, tmp_path):
     alert = alerts(docs, "reverse_tunnel")[0]
     assert_alert(alert, "reverse_tunnel", episode, pid, [HOST_IP, str(sshd.port)], evidence=established)
     lag = report("reverse_tunnel idle, renamed ssh (scored)", run, alert, conn, "the tunnel's connect")
-    assert lag <= long_flow + 15, lag
+    assert lag <= long_flow + LIVENESS_S, lag
 
 
 # ---- 2. reverse shells ---------------------------------------------------------------------------------
@@ -400,7 +401,7 @@ def test_reverse_shell(net, tmp_path, tool):
     assert rule_counts(docs) == {"reverse_shell": 1}, dump(alerts(docs))
     alert = alerts(docs, "reverse_shell")[0]
     lag = report(f"reverse_shell {tool}", run, alert, attempt, "the shell's connect")
-    assert 0 <= lag <= 2.0, f"alert {lag * 1000:+.1f} ms after the connection it is about: {get(alert, 'message')}"
+    assert 0 <= lag <= LIVENESS_S, f"alert {lag * 1000:+.1f} ms after the connection it is about: {get(alert, 'message')}"
     # The alert names a process that holds the socket: the one that connected, or a shell it started since.
     holders = [get(conn, "process.args")] + [get(d, "process.args") for d in select(docs, "process_started")
                                              if get(d, "process.parent.pid") == shell_pid and ts(d) >= ts(conn)]
@@ -476,7 +477,7 @@ def test_crypto_miner_argv(net, tmp_path):
     assert_alert(alert, "crypto_mining", episode, pid, [url, f"pid {pid}"])
     assert url in get(alert, "process.args"), alert
     lag = report("crypto_mining stratum+tcp argv", run, alert, started, "the miner's exec")
-    assert lag <= 2.0, lag
+    assert lag <= LIVENESS_S, lag
     # One miner, one process, one flow: one alert.
     assert rule_counts(docs) == {"crypto_mining": 1}, "\n".join(get(a, "message") for a in alerts(docs))
 
@@ -498,8 +499,8 @@ def test_crypto_miner_stratum_payload(net, tmp_path):
     mining = alerts(docs, "crypto_mining")
     assert mining, dump(docs)
     alert = mining[0]
-    report("crypto_mining Stratum login payload", run, alert, conn, "the connection")
-    assert ts(alert) - ts(conn) <= 2.0, (alert["@timestamp"], conn["@timestamp"])
+    lag = report("crypto_mining Stratum login payload", run, alert, conn, "the connection")
+    assert lag <= LIVENESS_S, lag
     assert rule_counts(docs) == {"crypto_mining": 1}, "\n".join(get(a, "message") for a in alerts(docs))
     assert_alert(alert, "crypto_mining", episode, pid, [f"{HOST_IP}:3333", "login"], evidence=conn)
 
@@ -532,7 +533,7 @@ def test_cloud_metadata_http_get(net, tmp_path):
     assert get(alert, "destination.ip") == METADATA_IP, alert
     assert get(alert, "destination.port") == 80, alert
     lag = report("cloud_metadata_access curl", run, alert, attempts[0], "the first connect")
-    assert lag <= 2.0, lag
+    assert lag <= LIVENESS_S, lag
 
 
 # ---- 5. raw and packet sockets ----------------------------------------------------------------------------
@@ -573,7 +574,7 @@ def test_raw_and_packet_sockets(net, tmp_path):
         first = next(d for d in created if get(d, "eptrace.socket.family") == family
                      and get(d, "eptrace.socket.type") == "SOCK_RAW")
         lag = report(f"raw_socket {family}", run, alert, first, "the socket's creation")
-        assert lag <= 2.0, lag
+        assert lag <= LIVENESS_S, lag
 
 
 # ---- 6. inbound listener ------------------------------------------------------------------------------
@@ -625,7 +626,7 @@ def test_inbound_listener_alerts_for_outside_not_loopback(net, tmp_path):
     assert get(alert, "source.ip") == HOST_IP, alert
     assert "127.0.0.1" not in get(alert, "message"), alert
     lag = report("inbound_listener", run, alert, outside[0], "the first outside accept")
-    assert lag <= 2.0, lag
+    assert lag <= LIVENESS_S, lag
 
 
 # ---- 7. benign work: no alert of any rule ----------------------------------------------------------------

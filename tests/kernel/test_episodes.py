@@ -205,9 +205,9 @@ def test_run_passes_exit_status_and_removes_its_cgroup(tmp_path, script, status)
     assert_contract(docs)
     (started,) = select(docs, "process_started", episode="ep-status")
     path = get(started, "eptrace.cgroup.path")
-    assert path.startswith("/eptrace/ep-status@"), path
+    assert path == f"/eptrace/ep-status@{proc.pid}", path       # <id>@<pid of eptrace run>
     assert not (cgroup2_mount() / path.lstrip("/")).exists(), f"cgroup {path} left behind"
-    assert not {n for n in run_cgroups() - before if n.startswith(f"ep-status.{proc.pid}")}
+    assert not {n for n in run_cgroups() - before if n.startswith(f"ep-status@{proc.pid}")}
 
 
 def test_run_kills_leftover_children_and_removes_its_cgroup(tmp_path):

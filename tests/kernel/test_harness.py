@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import harness
+from support import require
 from harness import HOST_IP, METADATA_IP, PYTHON
 from tracer.kernel import cgroups
 
@@ -117,8 +118,8 @@ def test_uring_helper_connects(net, uring_helper):
         assert server.wait_received(b"uring-bytes")[0] == net.sandbox_ip
 
 
-@pytest.mark.skipif(not shutil.which("strace"), reason="strace not installed")
 def test_uring_helper_never_calls_connect(net, uring_helper, tmp_path):
+    require(shutil.which("strace"), "strace is not installed (make setup)")
     log = tmp_path / "strace.log"
     with harness.tcp_echo_server(net, 9000) as server:
         r = run_sandbox(net, ["strace", "-f", "-o", log, "-e", "trace=connect,io_uring_setup,io_uring_enter",

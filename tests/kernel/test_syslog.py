@@ -19,13 +19,14 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import pytest
 
 import eptrace_helpers
+from eptrace_helpers import get, output_stats, wait_for_docs
+from support import Certs, free_port, make_certs, require
 
 from tracer.outputs.senders import SendError
 from tracer.outputs.syslog import SyslogSender, parse_syslog_spec
@@ -35,7 +36,9 @@ RSYSLOGD = "/usr/sbin/rsyslogd"
 GTLS_DRIVER = "/usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so"
 RAW_RE = re.compile(r"^<(\d+)>1 (\S+) (\S+) eptrace (\d+) (event|metric|alert) - (.*)$")
 
-pytestmark = pytest.mark.skipif(not os.path.exists(RSYSLOGD), reason="rsyslog is not installed (make setup)")
+@pytest.fixture(autouse=True)
+def _needs_rsyslogd():
+    require(os.path.exists(RSYSLOGD), "rsyslog is not installed (make setup)")
 
 
 # --- documents ---------------------------------------------------------------------------------
@@ -56,74 +59,13 @@ def send_in_batches(sender: SyslogSender, docs: list[Document], size: int = 97) 
 
 # --- certificates --------------------------------------------------------------------------------
 
-@dataclass
-class Certs:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    rogue_ca: Path            # a CA that signed nothing the server presents
-    other_name_cert: Path     # signed by ca, but for DNS:other.example only
-    other_name_key: Path
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _make_ca(d: Path, name: str) -> None:
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2", "-subj", f"/CN=eptrace test {name}",
-             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-             cwd=d)
-
-
-def _make_leaf(d: Path, name: str, ca: str, cn: str, extensions: str) -> None:
-    (d / f"{name}.ext").write_text(extensions + "\nbasicConstraints=CA:FALSE\n")
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}", cwd=d)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
-             "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
-
-
 @pytest.fixture(scope="module")
 def certs():
-    if shutil.which("openssl") is None:
-        pytest.fail("the openssl command is needed to make test certificates", pytrace=False)
     with tempfile.TemporaryDirectory(prefix="eptrace-syslog-certs-") as tmp:
-        yield _make_certs(Path(tmp))
-
-
-def _make_certs(d: Path) -> Certs:
-    _make_ca(d, "ca")
-    _make_ca(d, "rogue")
-    _make_leaf(d, "server", "ca", "127.0.0.1", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth")
-    _make_leaf(d, "client", "ca", "eptrace-client", "extendedKeyUsage=clientAuth")
-    _make_leaf(d, "other", "ca", "other.example", "subjectAltName=DNS:other.example\nextendedKeyUsage=serverAuth")
-    for key in d.glob("*.key"):
-        key.chmod(0o600)
-    return Certs(d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem", d / "client.key",
-                 d / "rogue.pem", d / "other.pem", d / "other.key")
+        yield make_certs(Path(tmp))
 
 
 # --- rsyslogd ----------------------------------------------------------------------------------------
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port free on 127.0.0.1 for both TCP and UDP (the kernel picks it; we check the other)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, kind) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
-        try:
-            with socket.socket(socket.AF_INET, other) as s:
-                s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port on 127.0.0.1")
-
 
 def _listening(port: int, proto: str) -> bool:
     """Is something bound on 127.0.0.1:port (TCP: in LISTEN state)? Read from /proc, no connection made."""
@@ -168,7 +110,9 @@ class Rsyslog:
         udp = ""
         if self.udp_port is not None:
             udp = ('module(load="imudp")\n'
-                   f'input(type="imudp" port="{self.udp_port}" address="127.0.0.1" ruleset="remote")\n')
+                   f'input(type="imudp" port="{self.udp_port}" address="127.0.0.1" ruleset="remote" '
+                   # a spool drained at full speed is a burst: the default receive buffer drops datagrams
+                   'rcvbufSize="16m")\n')
         self.config.write_text(f"""\
 global(workDirectory="{self.dir}" maxMessageSize="256k"{tls_global})
 {tcp_module}
@@ -432,7 +376,7 @@ def test_eptrace_run_delivers_every_document_to_syslog_across_an_outage(rsyslog_
     r.stop()                                         # down when the episode starts
     events_file = tmp_path / "events.ndjson"
     workload = ("import socket,time\n"
-                "for i in range(40):\n"
+                "for i in range(100):\n"
                 "    s=socket.socket(); l=socket.create_server(('127.0.0.1',0)); s.connect(l.getsockname())\n"
                 "    c,_=l.accept(); c.close(); s.close(); l.close(); time.sleep(0.05)\n")
     env = dict(os.environ, EPTRACE_STATE_DIR=str(tmp_path / "state"))
@@ -440,7 +384,12 @@ def test_eptrace_run_delivers_every_document_to_syslog_across_an_outage(rsyslog_
                             "--output", f"file:{events_file}", "--output", f"syslog+tcp://127.0.0.1:{r.tcp_port}",
                             "--", "/usr/bin/python3", "-c", workload], env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2.0)
+    def waiting(docs):   # a metric document shows documents held back for syslog while it is down
+        held = [s for d in docs if get(d, "event.kind") == "metric"
+                and (s := output_stats(d, "syslog+tcp")) and s["sent"] == 0 and (s["queued"] or s["spooled_bytes"])]
+        return held or run.poll() is not None
+    wait_for_docs(events_file, waiting, timeout=30, what="documents held back during the outage")
+    assert run.poll() is None, "the episode ended before the outage was seen"
     r.start()                                        # back up mid-episode
     out, err = run.communicate(timeout=60)
     assert run.returncode == 0, err
@@ -452,8 +401,7 @@ def test_eptrace_run_delivers_every_document_to_syslog_across_an_outage(rsyslog_
         got = {json.loads(line)["event"]["id"] for line in r.lines() if line.strip()}
         time.sleep(0.1)
     assert want <= got, f"{len(want - got)} of {len(want)} documents never reached syslog"
-    final = sent[-1]["eptrace"]["stats"]["outputs"]
-    syslog_stats = next(v for k, v in final.items() if k.startswith("syslog+tcp"))
+    syslog_stats = output_stats(sent[-1], "syslog+tcp")
     assert syslog_stats["dropped"] == {}, syslog_stats
 
 
@@ -475,7 +423,9 @@ def test_tracer_killed_during_an_outage_delivers_its_spool_after_a_restart(rsysl
                               f"file:{events_file}", "--output", sink, "--", "/usr/bin/python3", "-c", workload],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(6)
+        # enough documents written, and 2.5 s for them to reach the spool (the probes' start-up varies)
+        wait_for_docs(events_file, lambda docs: len(docs) > 60, timeout=60, what="60 documents before the kill")
+        time.sleep(2.5)
         killed_at = time.time()
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)

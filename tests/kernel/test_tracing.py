@@ -12,9 +12,11 @@ from pathlib import Path
 
 import harness
 from eptrace_helpers import (CONNECTION_ACTIONS, HOST_CLIENT, LineReader, assert_contract, dump, final_metric,
-                             get, kill, mentions_port, one, read_docs, select, start_eptrace, wait_for_docs,
+                             get, kill, mentions_port, one, parse_timestamp, read_docs, select, start_eptrace,
+                             wait_for_docs,
                              wait_until)
 from harness import HOST_IP, PYTHON, SANDBOX_IP
+from support import community_id_v1
 
 SENT, RECEIVED = 1234, 567
 
@@ -126,14 +128,17 @@ def test_tcp_connect_attempted_established_ended_with_exact_bytes(net, tmp_path)
     assert get(established, "source.ip") == SANDBOX_IP, established
     assert get(established, "source.port") == local_port, established
     assert (get(established, "destination.ip"), get(established, "destination.port")) == (HOST_IP, port)
-    assert get(established, "network.community_id"), established
+    assert get(established, "network.community_id") == community_id_v1(SANDBOX_IP, local_port, HOST_IP, port, 6)
 
     ended = one(select(conn, "flow_ended"), "flow_ended", docs)
     assert (get(ended, "source.ip"), get(ended, "source.port")) == (SANDBOX_IP, local_port), ended
     assert (get(ended, "destination.ip"), get(ended, "destination.port")) == (HOST_IP, port), ended
     assert get(ended, "source.bytes") == SENT, ended
     assert get(ended, "destination.bytes") == RECEIVED, ended
-    assert get(ended, "event.duration", 0) > 0, ended
+    # from the connect to the close, as the kernel timed it (the same clock as the documents' @timestamp)
+    expected_ns = (parse_timestamp(ended["@timestamp"]) - parse_timestamp(attempted["@timestamp"])) * 1e9
+    assert 0 < get(ended, "event.duration") and abs(get(ended, "event.duration") - expected_ns) < 5e6, \
+        (get(ended, "event.duration"), expected_ns)
     assert get(ended, "network.community_id") == get(established, "network.community_id"), ended
 
     seqs = [get(d, "event.sequence") for d in (attempted, established, ended)]
@@ -148,7 +153,7 @@ import errno, os, select, socket, sys, time
 host, blocking_port, nonblocking_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 print("pid", os.getpid(), flush=True)
 try:
-    socket.create_connection((host, blocking_port), timeout=5)
+    socket.socket().connect((host, blocking_port))     # no timeout: a blocking connect() syscall
     raise SystemExit("blocking connect was not refused")
 except ConnectionRefusedError:
     pass
@@ -170,12 +175,15 @@ def test_refused_connects_are_failed_attempts(net, tmp_path):
     assert r.returncode == 0 and "refused" in r.stdout, r.stderr
     pid = printed_pid(r.stdout)
     assert_contract(docs)
+    # A blocking connect returns the errno; a non-blocking one learns of the failure from the TCP state change.
+    expected_error = {blocking_port: "ECONNREFUSED: Connection refused",
+                      nonblocking_port: "connection refused, reset or timed out before it was established"}
     for port in (blocking_port, nonblocking_port):
         attempted = one(select(docs, "connection_attempted", port=port), f"connection_attempted to {port}", docs)
         assert_sandbox_doc(attempted, "ep-refused")
         assert get(attempted, "process.pid") == pid, attempted
         assert get(attempted, "event.outcome") == "failure", attempted
-        assert get(attempted, "error.message"), attempted
+        assert get(attempted, "error.message") == expected_error[port], attempted
         assert (get(attempted, "destination.ip"), get(attempted, "destination.port")) == (HOST_IP, port)
         assert not select(docs, "connection_established", port=port), dump(docs)
 

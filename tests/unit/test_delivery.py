@@ -4,8 +4,8 @@ import threading
 import time
 
 import pytest
+from support import fast_backoff, wait_for
 
-from tracer.outputs import delivery
 from tracer.outputs.delivery import DeliveryOutput
 from tracer.outputs.senders import SendError
 from tracer.schema import Document
@@ -38,17 +38,9 @@ def doc(i, kind="event", pad=0):
     return Document(json.dumps({"event": {"id": f"id-{i}", "kind": kind}, "pad": "x" * pad}), kind)
 
 
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 @pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch):
-    monkeypatch.setattr(delivery, "BACKOFF_FIRST_S", 0.01)
-    monkeypatch.setattr(delivery, "BACKOFF_MAX_S", 0.05)
+def _fast_backoff(monkeypatch):
+    fast_backoff(monkeypatch)
 
 
 def test_everything_arrives_across_an_outage(tmp_path):

@@ -14,6 +14,7 @@ import time
 
 import msgpack
 import pytest
+from support import wait_for
 
 from tracer.outputs import delivery
 from tracer.outputs.delivery import DeliveryOutput
@@ -137,13 +138,6 @@ def receiver_factory():
     yield make
     for r in made:
         r.close()
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 # --- pure formatting ---------------------------------------------------------------------------------

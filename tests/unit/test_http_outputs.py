@@ -2,17 +2,13 @@
 import base64
 import json
 import logging
-import socket
 import ssl
-import subprocess
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from http_receivers import EsReceiver, HecReceiver, Server, hec_events
+from support import fast_backoff, make_certs, wait_for
 
 from tracer.events import Endpoint, Episode, NetworkEvent, Process
-from tracer.outputs import delivery
 from tracer.outputs import http as httpout
 from tracer.outputs.delivery import DeliveryOutput
 from tracer.outputs.http import ElasticsearchSender, HecSender, parse_es_spec, parse_hec_spec, parse_http_spec
@@ -38,74 +34,13 @@ def event_id(doc):
     return doc.fields()["event"]["id"]
 
 
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 @pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch):
-    monkeypatch.setattr(delivery, "BACKOFF_FIRST_S", 0.01)
-    monkeypatch.setattr(delivery, "BACKOFF_MAX_S", 0.05)
+def _fast_backoff(monkeypatch):
+    fast_backoff(monkeypatch)
     monkeypatch.setattr(httpout, "ES_ITEM_BACKOFF_S", 0.001)
 
 
 # --- a scripted HTTP server -------------------------------------------------------------------
-
-class Server:
-    """ThreadingHTTPServer on 127.0.0.1 (HTTP/1.1, keep-alive). respond(path, headers, body) -> (status, bytes)."""
-
-    def __init__(self, respond, tls_context=None, port=0):
-        self.respond = respond
-        self.requests = []        # (path, headers, body)
-        self.connections = 0
-        self.sockets = []         # open connections: closed with the server, as when a receiver dies
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def setup(self):
-                super().setup()
-                with outer.lock:
-                    outer.connections += 1
-                    outer.sockets.append(self.connection)
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with outer.lock:
-                    outer.requests.append((self.path, dict(self.headers), body))
-                    status, answer = outer.respond(self.path, self.headers, body)
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.httpd.daemon_threads = True
-        if tls_context is not None:
-            self.httpd.socket = tls_context.wrap_socket(self.httpd.socket, server_side=True)
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        with self.lock:
-            for sock in self.sockets:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
 
 @pytest.fixture
 def serve():
@@ -119,77 +54,6 @@ def serve():
     yield start
     for server in servers:
         server.close()
-
-
-def hec_events(body):
-    """The concatenated JSON objects of a HEC body."""
-    decoder, text, at, events = json.JSONDecoder(), body.decode(), 0, []
-    while at < len(text):
-        event, at = decoder.raw_decode(text, at)
-        events.append(event)
-    return events
-
-
-class HecReceiver:
-    """Keeps the events of accepted requests; script is a list of (status, answer) played first."""
-
-    def __init__(self, script=(), bad=lambda event: False):
-        self.script = list(script)
-        self.bad = bad
-        self.events = []
-
-    def __call__(self, path, headers, body):
-        if self.script:
-            return self.script.pop(0)
-        events = hec_events(body)
-        for k, event in enumerate(events):
-            if self.bad(event):          # Splunk refuses the request and names the event
-                return 400, json.dumps({"text": "Invalid data format", "code": 6, "invalid-event-number": k}).encode()
-        self.events += events
-        return 200, b'{"text":"Success","code":0}'
-
-    def ids(self):
-        return [e["event"]["event"]["id"] for e in self.events]
-
-
-class EsReceiver:
-    """A _bulk endpoint that keeps documents by _id, answering per item like Elasticsearch.
-
-    item(doc_id, doc, attempt) -> status for the item, or None for the normal behaviour
-    (201, or 409 when the _id is already there)."""
-
-    def __init__(self, script=(), item=lambda doc_id, doc, attempt: None):
-        self.script = list(script)
-        self.item = item
-        self.store = {}
-        self.attempts = {}
-        self.bodies = []
-
-    def __call__(self, path, headers, body):
-        if self.script:
-            return self.script.pop(0)
-        self.bodies.append(body)
-        lines = body.decode().split("\n")
-        assert lines[-1] == "" and len(lines) % 2 == 1, "NDJSON must end with a newline"
-        items, errors = [], False
-        for action_line, doc_line in zip(lines[0::2], lines[1::2]):
-            action = json.loads(action_line)["create"]
-            doc = json.loads(doc_line)
-            doc_id = action.get("_id")
-            self.attempts[doc_id] = self.attempts.get(doc_id, 0) + 1
-            status = self.item(doc_id, doc, self.attempts[doc_id])
-            if status is None:
-                status = 409 if doc_id in self.store else 201
-            result = {"_index": action["_index"], "_id": doc_id, "status": status}
-            if status in (200, 201):
-                self.store[doc_id] = (action["_index"], doc)
-            else:
-                errors = True
-                kind = {409: "version_conflict_engine_exception", 400: "mapper_parsing_exception",
-                        429: "es_rejected_execution_exception"}.get(status, "exception")
-                result["error"] = {"type": kind, "reason": f"scripted {status}"}
-            items.append({"create": result})
-        return 200, json.dumps({"took": 3, "errors": errors, "items": items}).encode()
 
 
 # --- Splunk HEC -------------------------------------------------------------------------------
@@ -435,31 +299,21 @@ def test_es_refused_credentials_are_retryable(serve, status):
 
 # --- TLS ----------------------------------------------------------------------------------------
 
-def make_cert(directory, name):
-    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                    f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
-    return cert, key
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("certs")
-    return make_cert(directory, "server"), make_cert(directory, "other")
+    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 def tls_server(serve, certs, respond):
-    (cert, key), _ = certs
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
+    context.load_cert_chain(certs.server_cert, certs.server_key)
     return serve(respond, tls_context=context)
 
 
 def test_hecs_verifies_the_server_against_ca(serve, certs):
     rx = HecReceiver()
     server = tls_server(serve, certs, rx)
-    (cert, _), (other, _) = certs
+    cert, other = certs.ca, certs.rogue_ca
     sender = parse_hec_spec(f"hecs://127.0.0.1:{server.port}?token={TOKEN}&ca={cert}")
     sender.send(documents(10))
     sender.send(documents(10))
@@ -475,7 +329,7 @@ def test_hecs_verifies_the_server_against_ca(serve, certs):
 def test_ess_verifies_the_server_against_ca(serve, certs):
     rx = EsReceiver()
     server = tls_server(serve, certs, rx)
-    (cert, _), (other, _) = certs
+    cert, other = certs.ca, certs.rogue_ca
     sender = parse_es_spec(f"ess://127.0.0.1:{server.port}/eptrace?ca={cert}&api_key=abc%3D")
     docs = documents(10)
     assert sender.send(docs) == [] and set(rx.store) == {event_id(d) for d in docs}
@@ -487,7 +341,7 @@ def test_ess_verifies_the_server_against_ca(serve, certs):
 # --- spec parsing -----------------------------------------------------------------------------
 
 def test_good_specs(tmp_path, certs):
-    (cert, _), _ = certs
+    cert = certs.ca
     hec = parse_http_spec(f"hec://splunk.example:8088?token={TOKEN}&index=main&sourcetype=eptrace%3Aecs")
     assert isinstance(hec, HecSender) and hec.name == "hec://splunk.example:8088?index=main"
     assert hec.headers["Authorization"] == f"Splunk {TOKEN}"

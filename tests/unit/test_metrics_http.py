@@ -24,8 +24,9 @@ def test_server_serves_metrics_and_404_elsewhere():
     try:
         body = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5).read().decode()
         assert "eptrace_alerts_total 1" in body
-        with pytest.raises(urllib.error.HTTPError):
+        with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"http://127.0.0.1:{server.port}/", timeout=5)
+        assert refused.value.code == 404
     finally:
         server.close()
 

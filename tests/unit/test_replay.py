@@ -5,6 +5,7 @@ Fixtures were captured from the real scenarios in the test network: see each tes
 from pathlib import Path
 
 import pytest
+from support import Collect
 
 from tracer import config as config_module
 from tracer.capture import CaptureError, replay
@@ -13,24 +14,6 @@ from tracer.schema import EcsEncoder
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 SHORT = config_module.load(FIXTURES / "short_long_flow.toml")   # long_flow_seconds = 5, updates every 1 s
-
-
-class Collect:
-    name = "collect"
-    sent = 0
-    dropped: dict = {}
-
-    def __init__(self):
-        self.docs = []
-
-    def write(self, doc):
-        self.docs.append(doc.fields())
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
 
 
 def alerts(capture, config=None):

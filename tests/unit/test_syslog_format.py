@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from support import make_certs
 
 from tracer.events import Endpoint, Episode, Metric, NetworkEvent, Process
 from tracer.outputs.senders import SendError
@@ -240,10 +241,8 @@ def test_spec_good_forms(spec, transport, host, port, name):
     assert (sender.transport, sender.host, sender.port, sender.name) == (transport, host, port, name)
 
 
-def test_spec_tls_options():
-    ca = "/etc/ssl/certs/ca-certificates.crt"
-    if not os.path.exists(ca):
-        pytest.skip("no system CA bundle")
+def test_spec_tls_options(tmp_path):
+    ca = make_certs(tmp_path).ca
     sender = parse_syslog_spec(f"syslog+tls://[::1]:6514?ca={ca}")
     assert sender.name == "syslog+tls://[::1]:6514" and sender._ssl_context is not None
 

@@ -5,9 +5,11 @@ this process's link fds close, so a crashed tracer leaves nothing attached.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +46,30 @@ def _libbpf() -> ctypes.CDLL:
     return lib
 
 
+@contextlib.contextmanager
+def _libbcc_messages(lines: list[str]):
+    """libbcc prints its errors (a refused map, the verifier's log) straight to fd 2: collect them into
+    lines, so that a failure is one line on stderr that names the kernel's reason, and success stays quiet."""
+    with tempfile.TemporaryFile() as captured:
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines.extend(line for line in captured.read().decode(errors="replace").splitlines() if line.strip())
+            for line in lines:
+                log.debug("libbcc: %s", line)
+
+
+def _probe_error(what: str, error: Exception, messages: list[str]) -> ProbeError:
+    kernel_says = next((m for m in messages if "error" in m.lower() or "permission" in m.lower()), None)
+    reason = f"{kernel_says} ({error})" if kernel_says else str(error)
+    return ProbeError(f"{what}: {reason} (run 'eptrace doctor' to see which kernel feature is missing)")
+
+
 def _release_compiler_memory() -> None:
     """Hand back to the OS what clang/LLVM freed after compiling (tens of MB)."""
     try:
@@ -60,13 +86,14 @@ class Probes:
         from bcc import BPF, BPFAttachType, BPFProgType  # Debian's python3-bpfcc
 
         self._BPF = BPF
+        messages: list[str] = []
         try:
-            self.bpf = BPF(text=probe_source().encode(),
-                           cflags=[f"-I{PROBES_DIR}", f"-DRINGBUF_PAGES={ringbuf_pages}",
-                                   "-Wno-macro-redefined", "-Wno-unused-function"])
+            with _libbcc_messages(messages):
+                self.bpf = BPF(text=probe_source().encode(),
+                               cflags=[f"-I{PROBES_DIR}", f"-DRINGBUF_PAGES={ringbuf_pages}",
+                                       "-Wno-macro-redefined", "-Wno-unused-function"])
         except Exception as e:  # bcc raises bare Exceptions
-            raise ProbeError(f"cannot compile or load the probes: {e} "
-                             "(run 'eptrace doctor' to see which kernel feature is missing)") from e
+            raise _probe_error("cannot compile or load the probes", e, messages) from e
         _release_compiler_memory()
         A, P = BPFAttachType, BPFProgType
         programs = [
@@ -82,11 +109,13 @@ class Probes:
             ("on_egress", P.CGROUP_SKB, A.CGROUP_INET_EGRESS),
             ("on_ingress", P.CGROUP_SKB, A.CGROUP_INET_INGRESS),
         ]
+        messages.clear()
         try:
-            self._cgroup_programs = [(self.bpf.load_func(name.encode(), prog_type, attach_type=attach_type), attach_type)
-                                     for name, prog_type, attach_type in programs]
+            with _libbcc_messages(messages):
+                self._cgroup_programs = [(self.bpf.load_func(name.encode(), prog_type, attach_type=attach_type),
+                                          attach_type) for name, prog_type, attach_type in programs]
         except Exception as e:
-            raise ProbeError(f"cannot load a cgroup program: {e}") from e
+            raise _probe_error("cannot load a cgroup program", e, messages) from e
         self._lib = _libbpf()
         self._links: dict[int, list[int]] = {}          # cgroup id -> link fds
         self._levels: dict[int, int] = {}               # episode cgroup id -> level

@@ -111,6 +111,11 @@ class FileOutput(Output):
             while done < len(data):  # short writes only happen on a full disk or a signal
                 done += os.write(self._fd, data[done:])
         except OSError as exc:
+            if done:   # a short write before the failure left a torn line: cut the file back to whole lines
+                try:
+                    os.ftruncate(self._fd, self._size)
+                except OSError:
+                    pass
             self.count_drop("io_error", len(chunk))
             self._warn(f"write failed ({exc.strerror}); documents are counted as dropped")
             return

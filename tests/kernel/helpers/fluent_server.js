@@ -49,6 +49,37 @@ function parseArgs(argv) {
   return opts;
 }
 
+// Every line reaches stdout whole before anything else happens (a busy retry while the pipe is full).
+function writeAll(text) {
+  const buf = Buffer.from(text);
+  for (let off = 0; off < buf.length;) {
+    try {
+      off += fs.writeSync(1, buf, off);
+    } catch (e) {
+      if (e.code !== "EAGAIN") throw e;
+    }
+  }
+}
+
+// FluentServer writes a message's ack before it emits the message's entries. Acks are deferred by one tick
+// here, so that the entries are printed (synchronously) before their ack leaves: a server killed at any
+// moment has printed everything it acknowledged, and the tests can hold it to "acked = received".
+const ACK_PREFIX = Buffer.from([0x81, 0xa3, 0x61, 0x63, 0x6b]);     // msgpack {"ack": ...}
+class PrintBeforeAckServer extends FluentServer {
+  handleConnection(socket) {
+    const write = socket.write.bind(socket);
+    socket.write = (data, ...rest) => {
+      const bytes = data instanceof Uint8Array ? Buffer.from(data.buffer, data.byteOffset, data.byteLength) : null;
+      if (!bytes || !bytes.subarray(0, ACK_PREFIX.length).equals(ACK_PREFIX)) {
+        return write(data, ...rest);
+      }
+      process.nextTick(() => { if (!socket.destroyed) write(data, ...rest); });
+      return true;
+    };
+    return super.handleConnection(socket);
+  }
+}
+
 function timeOf(time) {
   if (typeof time === "number") return time;
   return [time.epoch, time.nano];   // EventTime
@@ -73,22 +104,14 @@ async function main() {
       });
     }
   }
-  const server = new FluentServer(options);
-  // The entries of a message arrive in one tick: written together, in one write, at its end.
-  let pending = [];
-  const flush = () => {
-    const text = pending.join("");
-    pending = [];
-    process.stdout.write(text);
-  };
+  const server = new PrintBeforeAckServer(options);
   server.on("entry", (tag, time, record) => {
     const id = record && record.event ? record.event.id : undefined;
     const line = opts.idsOnly ? {tag, time: timeOf(time), id} : {tag, time: timeOf(time), id, record};
-    if (pending.length === 0) process.nextTick(flush);
-    pending.push(JSON.stringify(line) + "\n");
+    writeAll(JSON.stringify(line) + "\n");
   });
   await server.listen();
-  process.stdout.write(JSON.stringify({listening: server.port}) + "\n");
+  writeAll(JSON.stringify({listening: server.port}) + "\n");
   const stop = () => {
     server.close().then(() => process.exit(0));
     setTimeout(() => process.exit(0), 2000).unref();
