@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 import eptrace_helpers
+from support import free_port, require
 
 from tracer.outputs.delivery import DeliveryOutput
 from tracer.outputs.kafka import KafkaSender, parse_kafka_spec
@@ -47,16 +48,7 @@ def _missing() -> str | None:
 @pytest.fixture(scope="module", autouse=True)
 def prerequisites():
     reason = _missing()
-    if reason:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes", "on"):
-            pytest.fail(f"CI=true and {reason}", pytrace=False)
-        pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    require(reason is None, reason)
 
 
 class MockBroker:

@@ -1,5 +1,8 @@
 """The Kafka output without a broker: spec parsing, secrets, message keys, librdkafka configuration."""
+import importlib.util
+
 import pytest
+from support import require
 
 from tracer.outputs import OutputSpecError, parse_output_spec
 from tracer.outputs.kafka import episode_key, parse_kafka_spec
@@ -7,7 +10,9 @@ from tracer.outputs.secrets import secret_param
 from tracer.schema import Document, EcsEncoder
 from tracer.events import Endpoint, Episode, Metric, NetworkEvent, Process
 
-pytest.importorskip("confluent_kafka")
+@pytest.fixture(autouse=True)
+def _needs_confluent_kafka():
+    require(importlib.util.find_spec("confluent_kafka") is not None, "confluent-kafka is not installed (make setup)")
 
 
 def docs():

@@ -4,8 +4,6 @@ Prints the bootstrap servers (HOST:PORT, as the cluster's metadata reports them)
 serves until killed. argv[1]: partitions of auto-created topics (the mock default is 4).
 The cluster lives in memory: a restarted one is empty.
 """
-import sys
-import time
 
 import confluent_kafka
 
