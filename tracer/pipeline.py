@@ -182,6 +182,7 @@ class Tracer:
     # -- loop -------------------------------------------------------------------------
     def poll(self, timeout_ms: int = POLL_MS) -> None:
         self.probes.poll(timeout_ms)
+        self.probes.refresh_liveness()     # fail-closed: the probes see that a tracer is alive
         now = time.monotonic()
         if now >= self._next_sweep:
             self._next_sweep = now + SWEEP_INTERVAL_S
@@ -211,6 +212,7 @@ class Tracer:
             "records_lost_by_reason": lost,
             "records_undecodable": self.stats["records_undecodable"],
             "records_without_episode": self.stats["records_without_episode"],
+            "connects_refused": sum(self.probes.refused().values()),   # while no tracer was alive
             "events_emitted": self.stats["events_emitted"],
             "alerts": self.stats["alerts"],
             "episodes": len(self.episodes),
