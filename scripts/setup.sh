@@ -111,6 +111,15 @@ else
     warn "could not mount tracefs at /sys/kernel/tracing; 'eptrace doctor' will report it"
 fi
 
+# bpffs: eptrace pins its probes there so that they outlive a tracer that dies (README: Fail-closed tracing).
+if mountpoint -q /sys/fs/bpf; then
+    say "bpffs: mounted"
+elif mount -t bpf bpf /sys/fs/bpf 2>/dev/null; then
+    say "bpffs: mounted at /sys/fs/bpf"
+else
+    warn "could not mount bpffs at /sys/fs/bpf; eptrace tries again when it starts"
+fi
+
 # The venv: the system python with system site packages, so that Debian's bcc (and the apt-installed
 # click, pyroute2, msgpack, pytest) import. Made again when missing or not built from the system python.
 venv_ok() {

@@ -95,9 +95,6 @@ class ReplayProbes:
     def lost(self) -> dict[str, int]:
         return {}
 
-    def refresh_liveness(self, force: bool = False) -> None:
-        pass
-
     def refused(self) -> dict[int, int]:
         return {}
 

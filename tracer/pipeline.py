@@ -182,7 +182,6 @@ class Tracer:
     # -- loop -------------------------------------------------------------------------
     def poll(self, timeout_ms: int = POLL_MS) -> None:
         self.probes.poll(timeout_ms)
-        self.probes.refresh_liveness()     # fail-closed: the probes see that a tracer is alive
         now = time.monotonic()
         if now >= self._next_sweep:
             self._next_sweep = now + SWEEP_INTERVAL_S

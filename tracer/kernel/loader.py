@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -120,7 +121,8 @@ class Probes:
         _release_compiler_memory()
         self.previous_liveness = self._liveness() if self.resumed else None
         self._timeout_ns = 0
-        self._refreshed_ns = 0
+        self._liveness_thread: threading.Thread | None = None
+        self._stopping = threading.Event()
         self._tracepoint_links: list[int] = []
         self._relink_tracepoints()
         A, P = BPFAttachType, BPFProgType
@@ -282,19 +284,24 @@ class Probes:
         return value.refreshed_ns, value.timeout_ns, value.lost_reported
 
     def set_fail_closed(self, timeout_ns: int) -> None:
-        """Refuse episode connects and sends once no tracer refreshed liveness for timeout_ns (0: never)."""
-        self._timeout_ns = timeout_ns
-        self.refresh_liveness(force=True)
+        """Refuse episode connects and sends once no tracer refreshed liveness for timeout_ns (0: never).
 
-    def refresh_liveness(self, force: bool = False) -> None:
-        """Tell the probes that a tracer is alive (cheap: rate-limited to LIVENESS_REFRESH_NS)."""
-        now = time.monotonic_ns()
-        if not force and now - self._refreshed_ns < LIVENESS_REFRESH_NS:
-            return
-        self._refreshed_ns = now
+        A thread refreshes it: the main loop may spend seconds in one poll under a flood, or
+        in a slow output, and that must not refuse the sandbox's connects. What it tells the
+        probes is that this process lives and runs (not killed, not stopped)."""
+        self._timeout_ns = timeout_ns
+        self._refresh_liveness()
+        if self._liveness_thread is None:
+            self._liveness_thread = threading.Thread(target=self._keep_alive, name="eptrace-liveness", daemon=True)
+            self._liveness_thread.start()
+
+    def _keep_alive(self) -> None:
+        while not self._stopping.wait(LIVENESS_REFRESH_NS / 1e9):
+            self._refresh_liveness()
+
+    def _refresh_liveness(self) -> None:
         table = self.bpf[b"liveness"]
-        value = table.Leaf(now, self._timeout_ns, sum(self.lost().values()))
-        table[ctypes.c_int(0)] = value
+        table[ctypes.c_int(0)] = table.Leaf(time.monotonic_ns(), self._timeout_ns, sum(self.lost().values()))
 
     def refused(self) -> dict[int, int]:
         """Episode cgroup id -> connects and sends refused while no tracer was alive."""
@@ -302,6 +309,9 @@ class Probes:
 
     def close(self, keep_pins: bool = False) -> None:
         """Detach. keep_pins (a tracer that did not finish cleanly): leave the pinned state to the next one."""
+        self._stopping.set()
+        if self._liveness_thread is not None:
+            self._liveness_thread.join()
         if keep_pins:
             for links in self._links.values():
                 for link in links:
