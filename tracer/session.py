@@ -163,6 +163,7 @@ def run_episode(episode_id: str, argv: list[str], outputs, labels: dict[str, str
     (128+N if it was killed by signal N). The probes are pinned and fail closed: if this
     process dies, a watchdog kills the episode, and until then its connects are refused."""
     validate_id(episode_id)
+    pins.remove(pins.run_dir(os.getpid()))     # a dead run's, under our reused pid: never resumed
     tracer = make_tracer(outputs, stats_interval_s, config, capture, pin_dir=pins.run_dir(os.getpid()),
                          fail_closed=True)
     metrics = watchdog = None
@@ -280,8 +281,9 @@ def _report_resumption(tracer: Tracer, attached: dict[str, int]) -> None:
     """A watch that re-opened the pinned state of one that died: deliver what was recorded
     meanwhile, forget links of episodes unregistered meanwhile, and say how long it was away."""
     probes = tracer.probes
-    for cgid in probes.pinned_cgroup_ids() - set(attached.values()):
-        probes.unpin_cgroup(cgid)
+    forgotten = probes.forget_others()
+    if forgotten:
+        log.info("no longer tracing cgroup id(s) %s: unregistered or gone while watch was away", forgotten)
     before = tracer.stats["records_received"]
     tracer.drain()
     refreshed_ns, _, lost_reported = probes.previous_liveness

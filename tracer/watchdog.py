@@ -35,7 +35,8 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 1
     print(f"eptrace: error: the tracer of {cgroup} died: killed the episode "
-          f"({(time.monotonic() - started) * 1000:.0f} ms after)", file=sys.stderr)
+          f"(cgroup.kill {(time.monotonic() - started) * 1000:.0f} ms after the tracer's pipe closed)",
+          file=sys.stderr)
     try:
         cgroups.kill_and_remove(cgroups.Path(cgroup))
     except cgroups.CgroupError as e:

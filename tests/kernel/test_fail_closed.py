@@ -183,3 +183,22 @@ def test_leftover_run_cgroup_is_killed_reported_and_removed(tmp_path, pin_dir):
         if sleeper is not None:
             kill(sleeper)
         cgroups.kill_and_remove(leftover)
+
+
+def test_doctor_lists_pinned_state_and_unpin_clears_a_dead_one(tmp_path, pin_dir):
+    state = tmp_path / "state"
+    with Watcher(tmp_path / "ev.ndjson", state) as watcher:
+        watcher.ready()
+        r = run_eptrace("unpin", state_dir=state)
+        assert r.returncode == 0 and "a live eptrace uses it" in r.stderr, r.stderr
+        assert (pin_dir / "watch" / "maps" / "events").exists()
+        kill(watcher.proc)
+    r = run_eptrace("doctor", state_dir=state)
+    line = [x for x in r.stdout.splitlines() if "pinned state" in x]
+    assert line and f"{pin_dir}/watch" in line[0] and "NO live eptrace" in line[0], r.stdout
+    assert "eptrace unpin" in r.stdout
+    r = run_eptrace("unpin", state_dir=state)
+    assert r.returncode == 0 and f"removed {pin_dir}/watch" in r.stderr, r.stderr
+    assert not (pin_dir / "watch").exists()
+    r = run_eptrace("doctor", state_dir=state)
+    assert f"pinned state: none under {pin_dir}" in r.stdout, r.stdout

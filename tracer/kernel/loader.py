@@ -247,11 +247,22 @@ class Probes:
             for pin in (self.pin_dir / "links").glob(f"cg-{cgid}-*"):
                 pin.unlink(missing_ok=True)
 
-    def pinned_cgroup_ids(self) -> set[int]:
-        """Cgroup ids with links pinned (by us or by a tracer before us)."""
+    def forget_others(self) -> list[int]:
+        """After a restart, stop tracing the cgroups a dead tracer traced and we do not:
+        their pinned links and their entries in the pinned maps. Returns their ids."""
         if self.pin_dir is None:
-            return set()
-        return {int(p.name.split("-")[1]) for p in (self.pin_dir / "links").glob("cg-*")}
+            return []
+        table = self.bpf[b"episodes"]
+        stale = {int(p.name.split("-")[1]) for p in (self.pin_dir / "links").glob("cg-*")}
+        stale |= {key.value for key in table.keys()}
+        stale -= set(self._links)
+        for cgid in stale:
+            self.unpin_cgroup(cgid)
+            try:
+                del table[ctypes.c_uint64(cgid)]
+            except KeyError:
+                pass
+        return sorted(stale)
 
     def set_flow_update_interval(self, ns: int) -> None:
         """How often an active flow reports its counters (REC_FLOW_UPDATE)."""
