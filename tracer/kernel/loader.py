@@ -114,6 +114,8 @@ class Probes:
         try:
             self.bpf = BPF(text=probe_source().encode(), cflags=cflags)
         except Exception as e:  # bcc raises bare Exceptions
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
             hint = (f"; if the pinned maps are from another eptrace version, clear them: eptrace unpin"
                     if self.resumed else "")
             raise ProbeError(f"cannot compile or load the probes: {e} "
