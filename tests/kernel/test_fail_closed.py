@@ -14,7 +14,7 @@ import pytest
 
 import harness
 from eptrace_helpers import (Watcher, cgroup2_mount, dump, get, kill, read_docs, run_eptrace, select,
-                             wait_for_docs, wait_until)
+                             start_eptrace, stop, wait_for_docs, wait_until)
 from harness import HOST_IP, PYTHON
 from tracer.kernel import cgroups
 
@@ -156,6 +156,54 @@ def test_watch_restart_delivers_what_was_recorded_while_it_was_dead(net, tmp_pat
                 assert get(d, "labels.episode_id") == eid, d
             assert second.stop() == 0, second.stderr.text()
     assert not (pin_dir / "watch").exists(), "a clean stop left the pins"
+
+
+def test_fail_closed_watch_refuses_while_dead_and_reports_the_count(net, tmp_path, episode_cgroup, pin_dir):
+    port = 7904
+    token = secrets.token_hex(3)
+    eid, state = f"ep-fc-{token}", tmp_path / "state"
+    cg = episode_cgroup(f"fc-{token}")
+    config = tmp_path / "c.toml"
+    config.write_text("[tracing]\nfail_closed = true\nliveness_timeout_seconds = 0.5\n")
+    ev1, ev2 = tmp_path / "first.ndjson", tmp_path / "second.ndjson"
+    assert run_eptrace("episode", "add", "--id", eid, "--cgroup", cg, state_dir=state).returncode == 0
+    args = ("watch", "--config", config, "--stats-interval", 0.25, "--output")
+    ready = lambda docs: [d for d in docs if get(d, "eptrace.stats.episodes") == 1]  # noqa: E731
+    with harness.python_server(net, ACCEPT_LOGGER, port, args=(HOST_IP, port), banner="listening\n") as peer:
+        first = start_eptrace(*args, f"file:{ev1}", state_dir=state, stderr=subprocess.PIPE)
+        try:
+            wait_for_docs(ev1, ready, 60, "the first watch")
+        finally:
+            kill(first)
+        time.sleep(1.5)                       # three times the timeout
+        client = harness.spawn_in_cgroup(cg, net.sandbox_prefix() + [
+            PYTHON, "-u", "-c", CONNECT_LOOP, HOST_IP, port, 1], stdout=subprocess.PIPE, text=True)
+        try:
+            out, _ = client.communicate(timeout=30)
+        finally:
+            kill(client)
+        assert out and set(out.split("\n")[:-1]) == {"refused 1"}, out
+        assert not accepts(peer), peer.stdout
+        second = start_eptrace(*args, f"file:{ev2}", state_dir=state, stderr=subprocess.PIPE)
+        try:
+            resumed = wait_for_docs(ev2, lambda docs: [d for d in docs if get(d, "eptrace.stats.tracer_resumed")],
+                                    60, "the resumption metric")[0]
+            refused = get(resumed, "eptrace.stats.connects_refused")[eid]
+            assert refused == len(out.split("\n")[:-1]), (resumed, out)
+            attempts = wait_for_docs(ev2, lambda docs: select(docs, "connection_attempted", port=port, episode=eid),
+                                     10, "the refused attempts, delivered")
+            assert all(get(d, "event.outcome") == "failure" for d in attempts), dump(attempts)
+            # the new watch is alive: the episode may connect again
+            again = harness.spawn_in_cgroup(cg, net.sandbox_prefix() + [
+                PYTHON, "-u", "-c", CONNECT_LOOP, HOST_IP, port, 0.05], stdout=subprocess.PIPE, text=True)
+            try:
+                assert again.communicate(timeout=30)[0].startswith("connected"), "still refused after the restart"
+            finally:
+                kill(again)
+            assert stop(second) == 0
+        finally:
+            kill(second)
+    assert not (pin_dir / "watch").exists()
 
 
 def test_leftover_run_cgroup_is_killed_reported_and_removed(tmp_path, pin_dir):
