@@ -239,7 +239,7 @@ def test_doctor_lists_pinned_state_and_unpin_clears_a_dead_one(tmp_path, pin_dir
         watcher.ready()
         r = run_eptrace("unpin", state_dir=state)
         assert r.returncode == 0 and "a live eptrace uses it" in r.stderr, r.stderr
-        assert (pin_dir / "watch" / "maps" / "events").exists()
+        assert list((pin_dir / "watch").glob("maps-*/events")), "watch pinned no ring buffer"
         kill(watcher.proc)
     r = run_eptrace("doctor", state_dir=state)
     line = [x for x in r.stdout.splitlines() if "pinned state" in x]

@@ -98,29 +98,37 @@ class Probes:
         self._lib = _libbpf()
         self.pin_dir = pin_dir
         self._lock_fd: int | None = None
+        source = probe_source()
         cflags = [f"-I{PROBES_DIR}", f"-DRINGBUF_PAGES={ringbuf_pages}", "-Wno-macro-redefined",
                   "-Wno-unused-function"]
+        self.resumed = False
+        old_maps: list[Path] = []
         if pin_dir is not None:
             try:
                 pins.ensure_bpffs(pin_dir)
                 self._lock_fd = pins.lock(pin_dir)
             except (pins.PinError, OSError) as e:
                 raise ProbeError(str(e)) from None
-            (pin_dir / "maps").mkdir(exist_ok=True)
+            maps = pin_dir / pins.maps_dir_name(source, cflags)
+            # Maps of other probes (another eptrace version) are never re-opened: their layout may differ.
+            old_maps = [d for d in pin_dir.glob(pins.MAPS_PREFIX + "*") if d != maps]
+            maps.mkdir(exist_ok=True)
             (pin_dir / "links").mkdir(exist_ok=True)
-            cflags.append(f'-DPIN_DIR="{pin_dir / "maps"}"')
-        # A restart: the maps are there, and the probes a dead tracer left may still be attached.
-        self.resumed = pin_dir is not None and (pin_dir / "maps" / "events").exists()
+            cflags.append(f'-DPIN_DIR="{maps}"')
+            # A restart: the maps are there, and the probes a dead tracer left may still be attached.
+            self.resumed = (maps / "events").exists()
         try:
-            self.bpf = BPF(text=probe_source().encode(), cflags=cflags)
+            self.bpf = BPF(text=source.encode(), cflags=cflags)
         except Exception as e:  # bcc raises bare Exceptions
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
-            hint = (f"; if the pinned maps are from another eptrace version, clear them: eptrace unpin"
-                    if self.resumed else "")
             raise ProbeError(f"cannot compile or load the probes: {e} "
-                             f"(run 'eptrace doctor' to see which kernel feature is missing{hint})") from e
+                             "(run 'eptrace doctor' to see which kernel feature is missing)") from e
         _release_compiler_memory()
+        for stale in old_maps:
+            log.warning("pinned maps of other probes in %s (another eptrace version): their records are "
+                        "dropped, their links are taken over", stale)
+            pins.remove(stale)
         self.previous_liveness = self._liveness() if self.resumed else None
         self._timeout_ns = 0
         self._liveness_thread: threading.Thread | None = None

@@ -3,12 +3,13 @@
 Layout, under the pin root (default /sys/fs/bpf/eptrace, env EPTRACE_PIN_DIR):
     watch/            the fixed state of 'eptrace watch': a restarted watch re-opens it
     run-<pid>/        the state of one 'eptrace run' (removed when that run ends cleanly)
-each holding maps/<map name> and links/<tp-... | cg-<cgroup id>-<program>>.
+each holding maps-<digest of the probes>/<map name> and links/<tp-... | cg-<cgroup id>-<program>>.
 A link holds its program, which holds its maps: while a pin exists, the probe runs.
 """
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 DEFAULT_ROOT = Path("/sys/fs/bpf/eptrace")
 WATCH_DIR = "watch"
 RUN_PREFIX = "run-"
+MAPS_PREFIX = "maps-"
 
 
 class PinError(Exception):
@@ -46,6 +48,11 @@ def ensure_bpffs(path: Path) -> None:
         if r.returncode != 0:
             raise PinError(f"cannot mount bpffs on {bpffs}: {r.stderr.strip()}")
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def maps_dir_name(source: str, cflags: list[str]) -> str:
+    """Maps are re-opened only by the same probes: the name carries a digest of what was compiled."""
+    return MAPS_PREFIX + hashlib.sha256("\0".join([source, *cflags]).encode()).hexdigest()[:12]
 
 
 def watch_dir() -> Path:
@@ -103,8 +110,9 @@ def list_state(at: Path | None = None) -> list[PinnedState]:
     found = []
     for d in sorted(p for p in base.iterdir() if p.is_dir()):
         owner = "watch" if d.name == WATCH_DIR else d.name.removeprefix(RUN_PREFIX)
-        count = lambda sub: len(list((d / sub).iterdir())) if (d / sub).is_dir() else 0  # noqa: E731
-        found.append(PinnedState(d, owner, is_locked(d), count("maps"), count("links")))
+        maps = sum(len(list(m.iterdir())) for m in d.glob(MAPS_PREFIX + "*"))
+        links = len(list((d / "links").iterdir())) if (d / "links").is_dir() else 0
+        found.append(PinnedState(d, owner, is_locked(d), maps, links))
     return found
 
 
