@@ -20,11 +20,21 @@
 #endif
 #define MAX_CGROUP_LEVEL 32
 
+/* Every map is pinned under PIN_DIR (a bpffs directory, set by the loader) so that
+ * a restarted tracer re-opens them, and programs left attached by a dead tracer
+ * keep recording into the same ring buffer. bcc opens the pin when it exists and
+ * creates and pins the map when it does not. */
+#ifdef PIN_DIR
+#define PINNED(type, name) type ":" PIN_DIR "/" #name
+#else
+#define PINNED(type, name) type
+#endif
+
 /* Episode cgroups registered by userspace: cgroup id -> 1. */
-BPF_HASH(episodes, __u64, __u32, 65536);
+BPF_F_TABLE(PINNED("hash", episodes), __u64, __u32, episodes, 65536, 0);
 /* [0], [1]: shallowest and deepest level of a registered episode cgroup, so
  * the ancestor walk below tries only the levels that can match. */
-BPF_ARRAY(episode_levels, __u32, 2);
+BPF_F_TABLE(PINNED("array", episode_levels), int, __u32, episode_levels, 2, 0);
 
 /* tid -> the socket whose connect() is in flight; its result is read at syscall exit. */
 struct connect_in_flight {
@@ -32,13 +42,36 @@ struct connect_in_flight {
     __u32 protocol;
     __u32 pad;
 };
-BPF_HASH(connects_in_flight, __u64, struct connect_in_flight, 16384);
+BPF_F_TABLE(PINNED("hash", connects_in_flight), __u64, struct connect_in_flight, connects_in_flight, 16384, 0);
 
 /* Settings written by userspace: [0] flow update interval (ns). */
-BPF_ARRAY(settings, __u64, 1);
+BPF_F_TABLE(PINNED("array", settings), int, __u64, settings, 1, 0);
 
-BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
-BPF_PERCPU_ARRAY(lost, __u64, LOSS_REASONS);
+/* BPF_RINGBUF_OUTPUT, with a pin: bcc's macro has no pinned form. */
+struct events_table_t {
+    int key;
+    u32 leaf;
+    int (*ringbuf_output) (void *, u64, u64);
+    void* (*ringbuf_reserve) (u64);
+    void (*ringbuf_discard) (void *, u64);
+    void (*ringbuf_submit) (void *, u64);
+    u32 max_entries;
+};
+__attribute__((section("maps/" PINNED("ringbuf", events))))
+struct events_table_t events = { .max_entries = RINGBUF_PAGES * PAGE_SIZE };
+BPF_F_TABLE(PINNED("percpu_array", lost), int, __u64, lost, LOSS_REASONS, 0);
+
+/* Fail-closed: the tracer writes refreshed_ns (CLOCK_MONOTONIC) several times a
+ * second. When timeout_ns is set and the tracer has been silent longer, episode
+ * sockets may not connect or send datagrams (EPERM) until a tracer is back. */
+struct liveness {
+    __u64 refreshed_ns;
+    __u64 timeout_ns;         /* 0: fail open */
+    __u64 lost_reported;      /* records lost as the tracer last saw them (for the restart report) */
+};
+BPF_F_TABLE(PINNED("array", liveness), int, struct liveness, liveness, 1, 0);
+/* episode cgroup id -> connects and sends refused while no tracer was alive */
+BPF_F_TABLE(PINNED("hash", refused), __u64, __u64, refused, 65536, 0);
 
 /* Per-socket state: the owner, recorded in task context, plus flow counters.
  * BPF_F_CLONE lets an accepted socket inherit its listener's owner. */
@@ -54,7 +87,7 @@ struct sock_state {
     __u8 captured_in;
     __u16 pad;
 };
-BPF_F_TABLE("sk_storage", int, struct sock_state, sockets, 0,
+BPF_F_TABLE(PINNED("sk_storage", sockets), int, struct sock_state, sockets, 0,
             BPF_F_NO_PREALLOC | BPF_F_CLONE);
 
 static __always_inline void count_lost(__u32 reason)
@@ -130,6 +163,18 @@ static __always_inline __u64 current_episode(void)
             return anc;
     }
     return 0;
+}
+
+/* Is the tracer gone (fail-closed)? Then count a refusal for the episode. On the
+ * connect path: one array lookup and a clock read when the tracer is alive. */
+static __always_inline int refuse_without_tracer(__u64 episode)
+{
+    int zero = 0;
+    struct liveness *l = liveness.lookup(&zero);
+    if (!l || !l->timeout_ns || bpf_ktime_get_ns() - l->refreshed_ns <= l->timeout_ns)
+        return 0;
+    refused.increment(episode);
+    return 1;
 }
 
 static __always_inline void fill_current_owner(struct owner *o, __u64 episode)

@@ -8,9 +8,9 @@ struct socket_args {
     __u32 type;
     __u32 protocol;
 };
-BPF_HASH(sockets_in_flight, __u64, struct socket_args, 16384);
+BPF_F_TABLE(PINNED("hash", sockets_in_flight), __u64, struct socket_args, sockets_in_flight, 16384, 0);
 /* tgid -> exit_group() status, read when the process's last thread exits. */
-BPF_HASH(exit_codes, __u32, __s32, 16384);
+BPF_F_TABLE(PINNED("hash", exit_codes), __u32, __s32, exit_codes, 16384, 0);
 
 static __always_inline struct process_record *process_record(__u32 type, __u64 episode)
 {

@@ -10,7 +10,7 @@ struct udp_dest {
     __u16 family;
     __u32 pad;
 };
-BPF_TABLE("lru_hash", struct udp_dest, __u8, udp_dests_seen, 65536);
+BPF_F_TABLE(PINNED("lru_hash", udp_dests_seen), struct udp_dest, __u8, udp_dests_seen, 65536, 0);
 
 static __always_inline int ordinary_inet(__u32 type, __u32 protocol)
 {
@@ -78,9 +78,11 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, __u16 family)
     __u64 episode = current_episode();
     if (!episode)
         return 1;
+    /* A refused connect is still recorded: its failure (EPERM) is evidence. */
+    int verdict = refuse_without_tracer(episode) ? 0 : 1;
     struct bpf_sock *sk = ctx->sk;
     if (!sk)
-        return 1;
+        return verdict;
     struct sock_state *st = owned_state(sk, episode);
     __u64 cookie = bpf_get_socket_cookie(ctx);
     struct net_record *r = reserve_net();
@@ -112,7 +114,7 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, __u16 family)
     __u64 tid = bpf_get_current_pid_tgid();
     struct connect_in_flight pending = {.cookie = cookie, .protocol = ctx->protocol};
     connects_in_flight.update(&tid, &pending);
-    return 1;
+    return verdict;
 }
 
 int on_connect4(struct bpf_sock_addr *ctx) { return on_connect(ctx, AF_INET); }
@@ -123,6 +125,8 @@ static __always_inline int on_sendmsg(struct bpf_sock_addr *ctx, __u16 family)
     __u64 episode = current_episode();
     if (!episode)
         return 1;
+    if (refuse_without_tracer(episode))
+        return 0;
     struct udp_dest key = {};
     key.cookie = bpf_get_socket_cookie(ctx);
     addr_from_ctx(ctx, key.daddr, family);

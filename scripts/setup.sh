@@ -104,14 +104,20 @@ else
     fi
 fi
 
+# mount_once NAME FSTYPE POINT: mount FSTYPE on POINT unless something is mounted there.
+mount_once() {
+    if mountpoint -q "$3"; then
+        say "$1: mounted"
+    elif mount -t "$2" "$2" "$3" 2>/dev/null; then
+        say "$1: mounted at $3"
+    else
+        warn "could not mount $1 at $3; 'eptrace doctor' will report it"
+    fi
+}
 # tracefs (tracepoint programs attach through it). debugfs is not needed.
-if mountpoint -q /sys/kernel/tracing; then
-    say "tracefs: mounted"
-elif mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null; then
-    say "tracefs: mounted at /sys/kernel/tracing"
-else
-    warn "could not mount tracefs at /sys/kernel/tracing; 'eptrace doctor' will report it"
-fi
+mount_once tracefs tracefs /sys/kernel/tracing
+# bpffs: eptrace pins its probes there so that they outlive a tracer that dies (README: Fail-closed tracing).
+mount_once bpffs bpf /sys/fs/bpf
 
 # The venv: the system python with system site packages, so that Debian's bcc (and the apt-installed
 # click, pyroute2, msgpack, pytest) import. Made again when missing or not built from the system python.

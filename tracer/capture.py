@@ -95,6 +95,9 @@ class ReplayProbes:
     def lost(self) -> dict[str, int]:
         return {}
 
+    def refused(self) -> dict[int, int]:
+        return {}
+
     def close(self) -> None:
         pass
 

@@ -104,6 +104,29 @@ CONFIG_HELP = "A TOML file of detection thresholds and allowlists; every key has
 METRICS_HELP = "Serve Prometheus metrics on ADDR:PORT (/metrics): records, losses, drops, queues, latency."
 
 
+def _user(spec: str):
+    """USER[:GROUP] (names or numbers) -> session.User, with the user's supplementary groups."""
+    import grp
+    import pwd
+    from .session import User
+    name, _, group = spec.partition(":")
+    try:
+        entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+    except KeyError:
+        if not name.isdigit():
+            raise Failure(f"--user: no user {name!r}", EXIT_BAD_INPUT) from None
+        entry = None
+    uid = int(name) if entry is None else entry.pw_uid
+    try:
+        gid = (int(group) if group.isdigit() else grp.getgrnam(group).gr_gid) if group else \
+            (entry.pw_gid if entry else uid)
+    except KeyError:
+        raise Failure(f"--user: no group {group!r}", EXIT_BAD_INPUT) from None
+    groups = tuple(os.getgrouplist(entry.pw_name, gid)) if entry else (gid,)
+    return User(uid=uid, gid=gid, groups=groups, name=entry.pw_name if entry else None,
+                home=entry.pw_dir if entry else None)
+
+
 def _metrics_address(address: str | None) -> str | None:
     host, _, port = (address or "").rpartition(":")
     if address and (not host or not port.isdigit() or not 0 < int(port) < 65536):
@@ -128,7 +151,9 @@ Exit status:
 @click.option("-v", "--verbose", count=True, help="More diagnostics on stderr (-vv for debug).")
 @click.option("--state-dir", envvar="EPTRACE_STATE_DIR", type=click.Path(file_okay=False), default=None,
               help="Where registrations are kept [default: /var/lib/eptrace; env EPTRACE_STATE_DIR].")
-def cli(verbose: int, state_dir: str | None) -> None:
+@click.option("--pin-dir", envvar="EPTRACE_PIN_DIR", type=click.Path(file_okay=False), default=None,
+              help="Where the probes are pinned, on bpffs [default: /sys/fs/bpf/eptrace; env EPTRACE_PIN_DIR].")
+def cli(verbose: int, state_dir: str | None, pin_dir: str | None) -> None:
     """Trace the network activity of AI-agent sandboxes, tagged by episode.
 
     eptrace attaches eBPF programs to the cgroups of sandbox episodes and streams one ECS JSON
@@ -146,6 +171,8 @@ def cli(verbose: int, state_dir: str | None) -> None:
     logging.basicConfig(level=max(logging.WARNING - 10 * verbose, logging.DEBUG), handlers=[handler])
     if state_dir:
         os.environ["EPTRACE_STATE_DIR"] = state_dir
+    if pin_dir:
+        os.environ["EPTRACE_PIN_DIR"] = os.path.abspath(pin_dir)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
@@ -162,17 +189,21 @@ def cli(verbose: int, state_dir: str | None) -> None:
               help="Also write the end-of-episode summary as JSON to PATH.")
 @click.option("--capture", "capture_path", type=click.Path(dir_okay=False), metavar="PATH", help=CAPTURE_HELP)
 @click.option("--metrics-listen", metavar="ADDR:PORT", help=METRICS_HELP)
+@click.option("--user", "run_as", metavar="USER[:GROUP]",
+              help="Run CMD as this user (name or uid), with its groups, so that it cannot signal eptrace.")
 @SCHEMA_OPTION
 @click.option("--fail-on-alert", is_flag=True,
               help=f"Exit {EXIT_ALERTED} if the episode raised any alert, whatever CMD's own status.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
 def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict_path, capture_path,
-        metrics_listen, schema, fail_on_alert, command) -> None:
+        metrics_listen, run_as, schema, fail_on_alert, command) -> None:
     """Run CMD as a traced episode, in a fresh cgroup of its own.
 
     Events stream until CMD and its children have exited and their flows are closed (at most
     --grace seconds after CMD). The cgroup is then removed and eptrace exits with CMD's status.
     When events go to stdout, CMD's own stdout is sent to stderr so that the stream stays clean.
+    The probes fail closed: if eptrace dies, CMD's episode is killed, and its connects are refused
+    meanwhile. Use --user so that CMD runs unprivileged and cannot signal eptrace at all.
 
     \b
     Examples:
@@ -184,6 +215,7 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
     label_map = _labels(labels)
     config = _config(config_path)
     metrics_listen = _metrics_address(metrics_listen)
+    user = _user(run_as) if run_as else None
     _require_root()
     fanout = _outputs(outputs, schema, config)
     from .kernel.cgroups import CgroupError
@@ -192,7 +224,7 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
     try:
         verdict = run_episode(episode_id, list(command), fanout, labels=label_map, grace_s=grace,
                               stats_interval_s=stats_interval, config=config, capture=_capture(capture_path),
-                              metrics_listen=metrics_listen)
+                              metrics_listen=metrics_listen, user=user)
     except ProbeError as e:
         raise Failure(str(e), EXIT_KERNEL) from None
     except CgroupError as e:
@@ -342,6 +374,34 @@ def doctor() -> None:
     click.echo(format_report(checks))
     if not can_run(checks):
         sys.exit(EXIT_KERNEL if os.geteuid() == 0 else EXIT_NOT_ROOT)
+
+
+@cli.command()
+@click.option("--all", "everything", is_flag=True, help="Also the state of a live eptrace (it loses its probes).")
+def unpin(everything) -> None:
+    """Remove pinned probes that no live eptrace uses, detaching them.
+
+    A tracer that dies leaves its probes pinned under the pin directory (see 'eptrace doctor'):
+    they keep recording, and refuse the episodes' connects when fail-closed. A restarted watch
+    resumes its own state; this command clears it instead, and the state of dead runs.
+
+    \b
+    Examples:
+      sudo eptrace doctor          # lists the pinned state
+      sudo eptrace unpin
+    """
+    _require_root()
+    from .kernel import pins
+    removed = 0
+    for state in pins.list_state():
+        if state.alive and not everything:
+            click.echo(f"kept {state.path}: a live eptrace uses it (--all removes it anyway)", err=True)
+            continue
+        pins.remove(state.path)
+        removed += 1
+        click.echo(f"removed {state.path} ({state.links} links, {state.maps} maps)", err=True)
+    if removed == 0:
+        click.echo(f"nothing to remove under {pins.root()}", err=True)
 
 
 def main() -> None:

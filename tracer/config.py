@@ -57,6 +57,13 @@ class Allowlist:
 
 
 @dataclass(frozen=True)
+class Tracing:
+    """Fail-closed tracing (README: Fail-closed tracing). run always fails closed."""
+    fail_closed: bool = False               # watch: refuse episode connects/sends while no tracer is alive
+    liveness_timeout_seconds: float = 2.0   # how long without a live tracer before refusing
+
+
+@dataclass(frozen=True)
 class Config:
     flows: Flows = field(default_factory=Flows)
     reverse_tunnel: ReverseTunnel = field(default_factory=ReverseTunnel)
@@ -64,6 +71,7 @@ class Config:
     cloud_metadata: CloudMetadata = field(default_factory=CloudMetadata)
     allowlist: Allowlist = field(default_factory=Allowlist)
     output: Output = field(default_factory=Output)
+    tracing: Tracing = field(default_factory=Tracing)
 
     def allows_destination(self, ip: str | None, port: int | None) -> bool:
         if port is not None and port in self.allowlist.ports:

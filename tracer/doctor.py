@@ -34,7 +34,7 @@ def run_checks() -> List[Check]:
         checks.append(_guard(fn))
     bcc_check = _guard(_check_bcc)
     checks.append(bcc_check)
-    for fn in (_check_headers, _check_tracefs, _check_cgroup2):
+    for fn in (_check_headers, _check_tracefs, _check_cgroup2, _check_bpffs, _check_pins):
         checks.append(_guard(fn))
     root_ok = checks[0].ok
     try:
@@ -170,6 +170,28 @@ def _check_cgroup2() -> Check:
     hybrid = any(fstype == "cgroup" for _src, _point, fstype in mounts)
     layout = "hybrid layout, v1 controllers beside it" if hybrid else "unified layout"
     return Check("cgroup v2", True, f"cgroup2 at {points[0]} ({layout})")
+
+
+def _check_bpffs() -> Check:
+    for _src, point, fstype in _mounts():
+        if fstype == "bpf":
+            return Check("bpffs", True, f"mounted at {point} (pinned probes outlive a dead tracer)", required=False)
+    return Check("bpffs", False, "no bpf filesystem is mounted; eptrace mounts one on /sys/fs/bpf when it starts",
+                 "mount -t bpf bpf /sys/fs/bpf", required=False)
+
+
+def _check_pins() -> Check:
+    """The pinned state (README: Pinned state): what stays attached if a tracer dies."""
+    from .kernel import pins
+    states = pins.list_state()
+    if not states:
+        return Check("pinned state", True, f"none under {pins.root()}", required=False)
+    parts = [f"{s.path} ({'watch' if s.owner == 'watch' else 'run of pid ' + s.owner}, "
+             f"{'in use' if s.alive else 'NO live eptrace'}: {s.maps} maps, {s.links} links)" for s in states]
+    stale = [s for s in states if not s.alive]
+    return Check("pinned state", not stale, "; ".join(parts),
+                 "eptrace unpin (detaches the probes it names; a restarted watch resumes its own instead)"
+                 if stale else "", required=False)
 
 
 # --- BPF program loading --------------------------------------------------------------------------------

@@ -211,6 +211,7 @@ class Tracer:
             "records_lost_by_reason": lost,
             "records_undecodable": self.stats["records_undecodable"],
             "records_without_episode": self.stats["records_without_episode"],
+            "connects_refused": sum(self.probes.refused().values()),   # while no tracer was alive
             "events_emitted": self.stats["events_emitted"],
             "alerts": self.stats["alerts"],
             "episodes": len(self.episodes),

@@ -9,15 +9,18 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
 from .config import Config
-from .kernel import cgroups
+from .events import Metric
+from .kernel import cgroups, pins
 from .kernel.loader import Probes
 from .pipeline import Tracer
 from .registry import Registry, validate_id
 from .verdict import Verdict, VerdictBuilder
+from .watchdog import DONE
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +28,19 @@ RUN_PARENT = "eptrace"          # run's fresh cgroups live under <cgroup2>/eptra
 SYNC_INTERVAL_S = 0.5           # how often watch re-reads the registrations
 
 
-def make_tracer(outputs, stats_interval_s: float, config: Config | None = None, capture=None) -> Tracer:
-    probes = Probes()
-    return Tracer(probes, make_encoder(), outputs, stats_interval_s=stats_interval_s, config=config,
-                  capture=capture)
+def make_tracer(outputs, stats_interval_s: float, config: Config | None = None, capture=None,
+                pin_dir: Path | None = None, fail_closed: bool = False) -> Tracer:
+    """pin_dir: pin the probes there (they outlive this process); fail_closed: and refuse the
+    episodes' connects once no tracer has refreshed the liveness map for the configured timeout."""
+    config = config or Config()
+    probes = Probes(pin_dir=pin_dir)
+    try:
+        probes.set_fail_closed(int(config.tracing.liveness_timeout_seconds * 1e9) if fail_closed else 0)
+        return Tracer(probes, make_encoder(), outputs, stats_interval_s=stats_interval_s, config=config,
+                      capture=capture)
+    except BaseException:
+        probes.close(keep_pins=probes.resumed)
+        raise
 
 
 def serve_metrics(tracer: Tracer, address: str | None):
@@ -44,22 +56,35 @@ def make_encoder():
     return EcsEncoder(host_name=socket.gethostname(), agent_version=__version__)
 
 
-def _remove_stale_run_cgroups(parent: Path) -> None:
-    """Empty run cgroups left by an eptrace that was killed: <id>@<pid>[.<n>] ('@' is in no id)."""
-    if not parent.is_dir():
-        return
-    for child in parent.iterdir():
-        owner = child.name.rpartition("@")[2].split(".")[0]
-        if child.is_dir() and owner.isdigit() and not Path(f"/proc/{owner}").exists() and not cgroups.pids(child):
-            try:
-                child.rmdir()
-            except OSError:
-                pass
+def clean_leftovers(tracer: Tracer) -> None:
+    """Run cgroups left by an eptrace that died, <id>@<pid>[.<n>] ('@' is in no id) whose pid is
+    gone: kill what is in them, report each in a metric document, remove them; then unpin the
+    probes of dead runs (after the kill, so that they keep refusing until then)."""
+    parent = cgroups.cgroup2_mount() / RUN_PARENT
+    for child in sorted(parent.iterdir()) if parent.is_dir() else []:
+        episode_id, _, owner = child.name.rpartition("@")
+        owner = owner.split(".")[0]
+        if not child.is_dir() or not owner.isdigit() or Path(f"/proc/{owner}").exists():
+            continue
+        left = cgroups.pids(child)
+        try:
+            cgroups.kill_and_remove(child)
+        except cgroups.CgroupError as e:
+            log.warning("run cgroup %s left by a dead eptrace (pid %s): %s", child, owner, e)
+            continue
+        if left:
+            log.warning("killed %d process(es) left by a dead eptrace (pid %s) in run cgroup %s",
+                        len(left), owner, child)
+        tracer.emit(Metric(timestamp_ns=time.time_ns(), stats={
+            "leftover_run_cgroup": cgroups.relative(child), "leftover_episode_id": episode_id,
+            "leftover_owner_pid": int(owner), "leftover_processes_killed": len(left)}))
+    for path in pins.dead_run_dirs():
+        log.warning("removing the pinned probes of a dead eptrace run: %s", path)
+        pins.remove(path)
 
 
 def _fresh_cgroup(episode_id: str) -> Path:
     parent = cgroups.cgroup2_mount() / RUN_PARENT
-    _remove_stale_run_cgroups(parent)
     for attempt in range(100):
         suffix = f".{attempt}" if attempt else ""
         try:
@@ -93,32 +118,84 @@ class _Stop:
         self.signum = signum
 
 
+@dataclass(frozen=True)
+class User:
+    """Who CMD runs as (run --user): set after it joins its cgroup, before exec."""
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    name: str | None = None
+    home: str | None = None
+
+
+def _start_watchdog(cgroup: Path, pin_dir: Path) -> tuple[subprocess.Popen, int]:
+    """The process that kills the episode if this one dies (tracer/watchdog.py): outside the
+    episode cgroup, in its own session; the pipe's write end is ours alone (not inherited)."""
+    read_end, write_end = os.pipe()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "tracer.watchdog", str(cgroup), str(pin_dir)],
+                                stdin=read_end, stdout=subprocess.DEVNULL, start_new_session=True,
+                                cwd=Path(__file__).resolve().parents[1])
+    except OSError:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
+    return proc, write_end
+
+
+def _stop_watchdog(watchdog: subprocess.Popen, pipe: int) -> None:
+    """A clean end: the watchdog leaves the episode to us."""
+    try:
+        os.write(pipe, DONE)
+    finally:
+        os.close(pipe)
+    try:
+        watchdog.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        watchdog.kill()
+
+
 def run_episode(episode_id: str, argv: list[str], outputs, labels: dict[str, str] | None = None,
                 grace_s: float = 10.0, stats_interval_s: float = 10.0, config: Config | None = None,
-                capture=None, metrics_listen: str | None = None) -> Verdict:
+                capture=None, metrics_listen: str | None = None, user: User | None = None) -> Verdict:
     """Trace CMD in a fresh episode cgroup. The verdict's exit_code is CMD's status
-    (128+N if it was killed by signal N)."""
+    (128+N if it was killed by signal N). The probes are pinned and fail closed: if this
+    process dies, a watchdog kills the episode, and until then its connects are refused."""
     validate_id(episode_id)
-    tracer = make_tracer(outputs, stats_interval_s, config, capture)
-    metrics = serve_metrics(tracer, metrics_listen)
-    builder = VerdictBuilder(episode_id)
-    tracer.observers.append(builder.observe)
-    cgroup = _fresh_cgroup(episode_id)
-    stop = _Stop()
+    pins.remove(pins.run_dir(os.getpid()))     # a dead run's, under our reused pid: never resumed
+    tracer = make_tracer(outputs, stats_interval_s, config, capture, pin_dir=pins.run_dir(os.getpid()),
+                         fail_closed=True)
+    metrics = watchdog = None
+    cgroup: Path | None = None
     try:
-        tracer.add_episode(episode_id, cgroup, labels)
+        metrics = serve_metrics(tracer, metrics_listen)
+        builder = VerdictBuilder(episode_id)
+        tracer.observers.append(builder.observe)
+        clean_leftovers(tracer)
+        cgroup = _fresh_cgroup(episode_id)
+        stop = _Stop()
+        episode = tracer.add_episode(episode_id, cgroup, labels)
+        watchdog, watchdog_pipe = _start_watchdog(cgroup, tracer.probes.pin_dir)
         procs_file = str(cgroup / "cgroup.procs")
 
         def enter_cgroup() -> None:     # runs in the child before exec, so exec is traced
             with open(procs_file, "w") as f:
                 f.write(str(os.getpid()))
+            if user is not None:        # after joining: an unprivileged process cannot move itself
+                os.setgroups(user.groups)
+                os.setgid(user.gid)
+                os.setuid(user.uid)
 
+        env = None
+        if user is not None and user.name:
+            env = {**os.environ, "USER": user.name, "LOGNAME": user.name, "HOME": user.home or "/"}
         # stdout carries the event stream when it is an output: CMD's stdout goes to stderr then.
         child_stdout = sys.stderr if any(o.name == "stdout" for o in outputs.outputs) else None
         try:
-            child = subprocess.Popen(argv, preexec_fn=enter_cgroup, stdout=child_stdout)
-        except OSError as e:
-            log.error("cannot start %s: %s", argv[0], e.strerror)
+            child = subprocess.Popen(argv, preexec_fn=enter_cgroup, stdout=child_stdout, env=env)
+        except (OSError, subprocess.SubprocessError) as e:
+            log.error("cannot start %s: %s", argv[0], getattr(e, "strerror", None) or e)
             builder.verdict.exit_code = 127 if isinstance(e, FileNotFoundError) else 126
             return builder.verdict
         status = _wait_for_command(tracer, child, stop)
@@ -127,10 +204,14 @@ def run_episode(episode_id: str, argv: list[str], outputs, labels: dict[str, str
         tracer.finish()
         builder.verdict.exit_code = status
         builder.verdict.records_lost = sum(tracer.probes.lost().values())
+        builder.verdict.connects_refused = tracer.probes.refused().get(episode.cgroup_id, 0)
         return builder.verdict
     finally:
+        if watchdog is not None:
+            _stop_watchdog(watchdog, watchdog_pipe)
+        if cgroup is not None:
+            _remove_run_cgroup(cgroup)      # before the probes go: nothing runs untraced
         _close(tracer, outputs, capture, metrics)
-        _remove_run_cgroup(cgroup)
 
 
 def _wait_for_command(tracer: Tracer, child: subprocess.Popen, stop: _Stop) -> int:
@@ -168,27 +249,60 @@ def _wait_for_flows(tracer: Tracer, grace_s: float, stop: _Stop) -> None:
 def watch(outputs, registry: Registry, stats_interval_s: float = 10.0, config: Config | None = None,
           capture=None, metrics_listen: str | None = None) -> int:
     """Trace every registered episode until SIGINT/SIGTERM; registrations are re-read twice a second."""
-    tracer = make_tracer(outputs, stats_interval_s, config, capture)
-    metrics = serve_metrics(tracer, metrics_listen)
+    config = config or Config()
+    tracer = make_tracer(outputs, stats_interval_s, config, capture, pin_dir=pins.watch_dir(),
+                         fail_closed=config.tracing.fail_closed)
+    metrics = None
+    clean = False
     stop = _Stop()
     attached: dict[str, int] = {}          # episode id -> cgroup id
     warned: set[tuple[str, str]] = set()   # (episode id, cgroup) that could not be traced: not retried
     try:
-        next_sync = 0.0
+        metrics = serve_metrics(tracer, metrics_listen)
+        clean_leftovers(tracer)
+        _sync(tracer, registry, attached, warned)
+        if tracer.probes.resumed:
+            _report_resumption(tracer, attached)
+        next_sync = time.monotonic() + SYNC_INTERVAL_S
         while stop.signum is None:
             if time.monotonic() >= next_sync:
                 next_sync = time.monotonic() + SYNC_INTERVAL_S
                 _sync(tracer, registry, attached, warned)
             tracer.poll()
         tracer.finish()
+        clean = True
         return 0
     finally:
-        _close(tracer, outputs, capture, metrics)
+        # A clean stop detaches everything; after a failure the pinned probes stay for the next watch.
+        _close(tracer, outputs, capture, metrics, keep_pins=not clean)
 
 
-def _close(tracer: Tracer, outputs, capture, metrics) -> None:
+def _report_resumption(tracer: Tracer, attached: dict[str, int]) -> None:
+    """A watch that re-opened the pinned state of one that died: deliver what was recorded
+    meanwhile, forget links of episodes unregistered meanwhile, and say how long it was away."""
+    probes = tracer.probes
+    forgotten = probes.forget_others()
+    if forgotten:
+        log.info("no longer tracing cgroup id(s) %s: unregistered or gone while watch was away", forgotten)
+    before = tracer.stats["records_received"]
+    tracer.drain()
+    refreshed_ns, _, lost_reported = probes.previous_liveness
+    refused = probes.refused()
+    stats = {
+        "tracer_resumed": True,
+        "away_seconds": round((time.monotonic_ns() - refreshed_ns) / 1e9, 3) if refreshed_ns else None,
+        "records_delivered_from_pins": tracer.stats["records_received"] - before,
+        "records_lost_while_away": max(0, sum(probes.lost().values()) - lost_reported),
+        "connects_refused": {episode_id: refused.get(cgid, 0) for episode_id, cgid in attached.items()},
+    }
+    log.warning("resumed the pinned probes %s s after the last tracer was seen alive; %d record(s) waiting",
+                stats["away_seconds"], stats["records_delivered_from_pins"])
+    tracer.emit(Metric(timestamp_ns=time.time_ns(), stats=stats))
+
+
+def _close(tracer: Tracer, outputs, capture, metrics, keep_pins: bool = False) -> None:
     """Detach the probes, then flush and close what the session opened."""
-    tracer.probes.close()
+    tracer.probes.close(keep_pins=keep_pins)
     outputs.close()
     if capture:
         capture.close()

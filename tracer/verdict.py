@@ -23,6 +23,7 @@ class Verdict:
     destination_count: int = 0
     alerts: list[dict] = field(default_factory=list)
     records_lost: int = 0
+    connects_refused: int = 0       # connects and datagram sends refused while no tracer was alive (fail-closed)
 
     @property
     def alerted(self) -> bool:
@@ -40,6 +41,8 @@ class Verdict:
             shown = self.destinations[:10]
             more = self.destination_count - len(shown)
             lines.append("  destinations: " + ", ".join(shown) + (f" and {more} more" if more > 0 else ""))
+        if self.connects_refused:
+            lines.append(f"  {self.connects_refused} connect(s) or send(s) refused while the tracer was not alive")
         for alert in self.alerts:
             lines.append(f"  ALERT {alert['rule']} (severity {alert['severity']}): {alert['message']}")
         return "\n".join(lines)

@@ -1,7 +1,11 @@
 """Compile probes/ with bcc, attach them to episode cgroups, and read the ring buffer.
 
-Cgroup programs are attached through BPF links: the kernel detaches them when
-this process's link fds close, so a crashed tracer leaves nothing attached.
+Every program is attached through a BPF link, and with a pin directory the links
+and maps are pinned there (tracer/kernel/pins.py): a tracer that dies leaves its
+probes attached and recording, and the fail-closed check refuses the episodes'
+connects once no tracer refreshes the liveness map. A later Probes on the same
+pin directory re-opens the maps (bcc opens a pinned map instead of creating it)
+and moves the links to its own programs.
 """
 from __future__ import annotations
 
@@ -10,16 +14,22 @@ import ctypes
 import logging
 import os
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Callable
 
-from . import cgroups
+from . import cgroups, pins
 
 log = logging.getLogger(__name__)
 
 PROBES_DIR = Path(__file__).resolve().parents[2] / "probes"
 PROBE_FILES = ("sockets.c", "tcp.c", "packets.c", "processes.c")
 LOSS_REASONS = ("ringbuf_full", "no_socket_storage")   # enum loss_reason in records.h
+BPF_PERF_EVENT = 41                                    # enum bpf_attach_type: a tracepoint's perf event
+PERF_TYPE_TRACEPOINT, PERF_SAMPLE_RAW, PERF_ATTR_SIZE = 2, 1 << 10, 128
+SYS_PERF_EVENT_OPEN = 298                              # x86_64
+LIVENESS_REFRESH_NS = 200_000_000                      # refreshed this often; the timeout is seconds
 # 32 MiB: absorbs a burst of ~200k records while userspace catches up (see make bench).
 RINGBUF_PAGES = 8192
 
@@ -43,6 +53,12 @@ def _libbpf() -> ctypes.CDLL:
     lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
     lib.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.bpf_link_create.restype = ctypes.c_int
+    lib.bpf_link_update.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.bpf_link_update.restype = ctypes.c_int
+    lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
+    lib.bpf_obj_pin.restype = ctypes.c_int
+    lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
+    lib.bpf_obj_get.restype = ctypes.c_int
     return lib
 
 
@@ -70,6 +86,24 @@ def _probe_error(what: str, error: Exception, messages: list[str]) -> ProbeError
     return ProbeError(f"{what}: {reason} (run 'eptrace doctor' to see which kernel feature is missing)")
 
 
+def _tracepoint_event(category: str, name: str) -> int:
+    """A perf event fd for a tracepoint, for a BPF_PERF_EVENT link (which bcc 0.26 cannot make)."""
+    from bcc import TRACEFS
+    tp_id = int(Path(TRACEFS, "events", category, name, "id").read_text())
+    attr = (ctypes.c_ubyte * PERF_ATTR_SIZE)()
+    ctypes.c_uint32.from_buffer(attr, 0).value = PERF_TYPE_TRACEPOINT
+    ctypes.c_uint32.from_buffer(attr, 4).value = PERF_ATTR_SIZE
+    ctypes.c_uint64.from_buffer(attr, 8).value = tp_id
+    ctypes.c_uint64.from_buffer(attr, 16).value = 1               # sample_period
+    ctypes.c_uint64.from_buffer(attr, 24).value = PERF_SAMPLE_RAW
+    ctypes.c_uint32.from_buffer(attr, 48).value = 1               # wakeup_events
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(SYS_PERF_EVENT_OPEN, attr, -1, 0, -1, 8)     # pid -1, cpu 0, PERF_FLAG_FD_CLOEXEC
+    if fd < 0:
+        raise ProbeError(f"cannot open tracepoint {category}:{name}: {os.strerror(ctypes.get_errno())}")
+    return fd
+
+
 def _release_compiler_memory() -> None:
     """Hand back to the OS what clang/LLVM freed after compiling (tens of MB)."""
     try:
@@ -82,19 +116,52 @@ class Probes:
     """The loaded probes. Tracepoints are live from construction; cgroup
     programs run only for the cgroups passed to attach()."""
 
-    def __init__(self, ringbuf_pages: int = RINGBUF_PAGES):
+    def __init__(self, ringbuf_pages: int = RINGBUF_PAGES, pin_dir: Path | None = None):
+        """pin_dir: pin maps and links there (re-opening what a dead tracer left); None: nothing outlives us."""
         from bcc import BPF, BPFAttachType, BPFProgType  # Debian's python3-bpfcc
 
         self._BPF = BPF
+        self._lib = _libbpf()
+        self.pin_dir = pin_dir
+        self._lock_fd: int | None = None
+        source = probe_source()
+        cflags = [f"-I{PROBES_DIR}", f"-DRINGBUF_PAGES={ringbuf_pages}", "-Wno-macro-redefined",
+                  "-Wno-unused-function"]
+        self.resumed = False
+        old_maps: list[Path] = []
+        if pin_dir is not None:
+            try:
+                pins.ensure_bpffs(pin_dir)
+                self._lock_fd = pins.lock(pin_dir)
+            except (pins.PinError, OSError) as e:
+                raise ProbeError(str(e)) from None
+            maps = pin_dir / pins.maps_dir_name(source, cflags)
+            # Maps of other probes (another eptrace version) are never re-opened: their layout may differ.
+            old_maps = [d for d in pin_dir.glob(pins.MAPS_PREFIX + "*") if d != maps]
+            maps.mkdir(exist_ok=True)
+            (pin_dir / "links").mkdir(exist_ok=True)
+            cflags.append(f'-DPIN_DIR="{maps}"')
+            # A restart: the maps are there, and the probes a dead tracer left may still be attached.
+            self.resumed = (maps / "events").exists()
         messages: list[str] = []
         try:
             with _libbcc_messages(messages):
-                self.bpf = BPF(text=probe_source().encode(),
-                               cflags=[f"-I{PROBES_DIR}", f"-DRINGBUF_PAGES={ringbuf_pages}",
-                                       "-Wno-macro-redefined", "-Wno-unused-function"])
+                self.bpf = BPF(text=source.encode(), cflags=cflags)
         except Exception as e:  # bcc raises bare Exceptions
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
             raise _probe_error("cannot compile or load the probes", e, messages) from e
         _release_compiler_memory()
+        for stale in old_maps:
+            log.warning("pinned maps of other probes in %s (another eptrace version): their records are "
+                        "dropped, their links are taken over", stale)
+            pins.remove(stale)
+        self.previous_liveness = self._liveness() if self.resumed else None
+        self._timeout_ns = 0
+        self._liveness_thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._tracepoint_links: list[int] = []
+        self._relink_tracepoints()
         A, P = BPFAttachType, BPFProgType
         programs = [
             ("on_sock_create", P.CGROUP_SOCK, A.CGROUP_INET_SOCK_CREATE),
@@ -116,9 +183,39 @@ class Probes:
                                           attach_type) for name, prog_type, attach_type in programs]
         except Exception as e:
             raise _probe_error("cannot load a cgroup program", e, messages) from e
-        self._lib = _libbpf()
         self._links: dict[int, list[int]] = {}          # cgroup id -> link fds
         self._levels: dict[int, int] = {}               # episode cgroup id -> level
+
+    # -- links ------------------------------------------------------------------
+    def _link_pin(self, name: str) -> Path | None:
+        return self.pin_dir / "links" / name if self.pin_dir is not None else None
+
+    def _pin(self, fd: int, name: str) -> None:
+        """Pin a new link as name, replacing (and so detaching) what a dead tracer pinned there."""
+        path = self._link_pin(name)
+        if path is None:
+            return
+        path.unlink(missing_ok=True)
+        if self._lib.bpf_obj_pin(fd, str(path).encode()) < 0:
+            raise ProbeError(f"cannot pin {path}: {os.strerror(ctypes.get_errno())}")
+
+    def _relink_tracepoints(self) -> None:
+        """Replace bcc's tracepoint attachments (perf event fds, which cannot be pinned) by
+        BPF links. bcc's goes first (the kernel attaches a program once per tracepoint);
+        this is before any episode is attached, and a dead tracer's pinned link runs meanwhile."""
+        for tp in list(self.bpf.tracepoint_fds):
+            category, name = tp.decode().split(":")
+            fn = self.bpf.load_func(b"tracepoint__" + tp.replace(b":", b"__"), self._BPF.TRACEPOINT)
+            self.bpf.detach_tracepoint(tp)
+            event = _tracepoint_event(category, name)
+            try:
+                link = self._lib.bpf_link_create(fn.fd, event, BPF_PERF_EVENT, None)
+                if link < 0:
+                    raise ProbeError(f"cannot link {tp.decode()}: {os.strerror(ctypes.get_errno())}")
+            finally:
+                os.close(event)         # the link holds the event
+            self._pin(link, f"tp-{category}-{name}")
+            self._tracepoint_links.append(link)
 
     # -- episodes -------------------------------------------------------------
     def attach(self, cgroup_path: Path) -> int:
@@ -130,11 +227,7 @@ class Probes:
         links: list[int] = []
         try:
             for fn, attach_type in self._cgroup_programs:
-                link = self._lib.bpf_link_create(fn.fd, fd, attach_type, None)
-                if link < 0:
-                    err = ctypes.get_errno() or -link
-                    raise ProbeError(f"cannot attach {fn.name.decode()} to {cgroup_path}: {os.strerror(err)}")
-                links.append(link)
+                links.append(self._cgroup_link(fn, attach_type, fd, cgid, cgroup_path))
         except ProbeError:
             for link in links:
                 os.close(link)
@@ -148,6 +241,28 @@ class Probes:
         self._write_levels()
         return cgid
 
+    def _cgroup_link(self, fn, attach_type: int, cgroup_fd: int, cgid: int, cgroup_path: Path) -> int:
+        """A link of fn on the cgroup. A link a dead tracer pinned there is taken over and
+        switched to fn atomically (no gap, no double records); else a new one is made and pinned."""
+        name = f"cg-{cgid}-{fn.name.decode()}"
+        pinned = self._link_pin(name)
+        if pinned is not None and pinned.exists():
+            link = self._lib.bpf_obj_get(str(pinned).encode())
+            if link >= 0:
+                if self._lib.bpf_link_update(link, fn.fd, None) == 0:
+                    return link
+                os.close(link)      # defunct (its cgroup was replaced): make a new one
+        link = self._lib.bpf_link_create(fn.fd, cgroup_fd, attach_type, None)
+        if link < 0:
+            err = ctypes.get_errno() or -link
+            raise ProbeError(f"cannot attach {fn.name.decode()} to {cgroup_path}: {os.strerror(err)}")
+        try:
+            self._pin(link, name)
+        except ProbeError:
+            os.close(link)
+            raise
+        return link
+
     def detach(self, cgid: int) -> None:
         try:
             del self.bpf[b"episodes"][ctypes.c_uint64(cgid)]
@@ -155,6 +270,7 @@ class Probes:
             pass
         for link in self._links.pop(cgid, []):
             os.close(link)
+        self.unpin_cgroup(cgid)
         self._levels.pop(cgid, None)
         self._write_levels()
 
@@ -163,6 +279,29 @@ class Probes:
         lo, hi = (min(self._levels.values()), max(self._levels.values())) if self._levels else (1, 0)
         levels[ctypes.c_int(0)] = ctypes.c_uint32(lo)
         levels[ctypes.c_int(1)] = ctypes.c_uint32(hi)
+
+    def unpin_cgroup(self, cgid: int) -> None:
+        """Detach what is pinned for a cgroup id (once no fd of ours holds it)."""
+        if self.pin_dir is not None:
+            for pin in (self.pin_dir / "links").glob(f"cg-{cgid}-*"):
+                pin.unlink(missing_ok=True)
+
+    def forget_others(self) -> list[int]:
+        """After a restart, stop tracing the cgroups a dead tracer traced and we do not:
+        their pinned links and their entries in the pinned maps. Returns their ids."""
+        if self.pin_dir is None:
+            return []
+        table = self.bpf[b"episodes"]
+        stale = {int(p.name.split("-")[1]) for p in (self.pin_dir / "links").glob("cg-*")}
+        stale |= {key.value for key in table.keys()}
+        stale -= set(self._links)
+        for cgid in stale:
+            self.unpin_cgroup(cgid)
+            try:
+                del table[ctypes.c_uint64(cgid)]
+            except KeyError:
+                pass
+        return sorted(stale)
 
     def set_flow_update_interval(self, ns: int) -> None:
         """How often an active flow reports its counters (REC_FLOW_UPDATE)."""
@@ -188,7 +327,55 @@ class Probes:
         table = self.bpf[b"lost"]
         return {reason: int(sum(table[ctypes.c_int(i)])) for i, reason in enumerate(LOSS_REASONS)}
 
-    def close(self) -> None:
-        for cgid in list(self._links):
-            self.detach(cgid)
+    # -- fail-closed ----------------------------------------------------------------
+    def _liveness(self) -> tuple[int, int, int]:
+        """(refreshed_ns, timeout_ns, lost_reported) as the map holds them."""
+        value = self.bpf[b"liveness"][ctypes.c_int(0)]
+        return value.refreshed_ns, value.timeout_ns, value.lost_reported
+
+    def set_fail_closed(self, timeout_ns: int) -> None:
+        """Refuse episode connects and sends once no tracer refreshed liveness for timeout_ns (0: never).
+
+        A thread refreshes it: the main loop may spend seconds in one poll under a flood, or
+        in a slow output, and that must not refuse the sandbox's connects. What it tells the
+        probes is that this process lives and runs (not killed, not stopped)."""
+        self._timeout_ns = timeout_ns
+        self._refresh_liveness()
+        if self._liveness_thread is None:
+            self._liveness_thread = threading.Thread(target=self._keep_alive, name="eptrace-liveness", daemon=True)
+            self._liveness_thread.start()
+
+    def _keep_alive(self) -> None:
+        while not self._stopping.wait(LIVENESS_REFRESH_NS / 1e9):
+            self._refresh_liveness()
+
+    def _refresh_liveness(self) -> None:
+        table = self.bpf[b"liveness"]
+        table[ctypes.c_int(0)] = table.Leaf(time.monotonic_ns(), self._timeout_ns, sum(self.lost().values()))
+
+    def refused(self) -> dict[int, int]:
+        """Episode cgroup id -> connects and sends refused while no tracer was alive."""
+        return {k.value: v.value for k, v in self.bpf[b"refused"].items()}
+
+    def close(self, keep_pins: bool = False) -> None:
+        """Detach. keep_pins (a tracer that did not finish cleanly): leave the pinned state to the next one."""
+        self._stopping.set()
+        if self._liveness_thread is not None:
+            self._liveness_thread.join()
+        if keep_pins:
+            for links in self._links.values():
+                for link in links:
+                    os.close(link)
+            self._links.clear()
+        else:
+            for cgid in list(self._links):
+                self.detach(cgid)
+            if self.pin_dir is not None:
+                pins.remove(self.pin_dir)
+        for link in self._tracepoint_links:
+            os.close(link)
+        self._tracepoint_links = []
         self.bpf.cleanup()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

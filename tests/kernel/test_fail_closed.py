@@ -1,0 +1,249 @@
+"""Fail-closed tracing (issue 9 A), each attack for real: the episode kills or stops its tracer, a watch dies
+and is restarted on its pinned state, a dead tracer's run cgroup is left behind, the command runs as another
+user. Every test pins under its own directory and removes it, even when it fails."""
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import harness
+from eptrace_helpers import (Watcher, cgroup2_mount, dump, get, kill, read_docs, run_eptrace, select,
+                             start_eptrace, stop, wait_for_docs, wait_until)
+from harness import HOST_IP, PYTHON
+from tracer.kernel import cgroups
+
+# Logs every accepted connection as "accept IP PORT" (a connect that is refused never gets here).
+ACCEPT_LOGGER = r'''
+import socket, sys
+server = socket.create_server((sys.argv[1], int(sys.argv[2])), backlog=64)
+print("listening", flush=True)
+while True:
+    conn, addr = server.accept()
+    print("accept", addr[0], addr[1], flush=True)
+    conn.close()
+'''
+
+# Tries to connect every 0.1 s for argv[3] seconds; prints each outcome.
+CONNECT_LOOP = r'''
+import socket, sys, time
+host, port, until = sys.argv[1], int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
+while time.monotonic() < until:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        print("connected", flush=True)
+    except OSError as e:
+        print("refused", e.errno, flush=True)
+    time.sleep(0.1)
+'''
+
+
+@pytest.fixture
+def pin_dir(monkeypatch):
+    """A pin root of the test's own (eptrace reads EPTRACE_PIN_DIR), removed at the end."""
+    path = Path(f"/sys/fs/bpf/eptrace-test-{secrets.token_hex(3)}")
+    monkeypatch.setenv("EPTRACE_PIN_DIR", str(path))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def accepts(peer) -> list[str]:
+    """Connections from the sandbox (the readiness probe comes from the test host's own address)."""
+    return [line for line in peer.stdout if line.startswith("accept") and line.split()[1] != HOST_IP]
+
+
+def test_tracer_killed_from_inside_the_episode_kills_it(net, tmp_path, pin_dir):
+    """The issue's attack: `kill -9 $PPID`, then connect out. The watchdog kills the episode first."""
+    port = 7901
+    script = (f'kill -9 $PPID; '
+              f'exec {PYTHON} -u -c \'{CONNECT_LOOP}\' {HOST_IP} {port} 5')
+    with harness.python_server(net, ACCEPT_LOGGER, port, args=(HOST_IP, port), banner="listening\n") as peer:
+        started = set(p.name for p in (cgroup2_mount() / "eptrace").iterdir()) \
+            if (cgroup2_mount() / "eptrace").is_dir() else set()
+        r = run_eptrace("run", "--episode", "ep-killer", "--output", f"file:{tmp_path / 'ev.ndjson'}", "--",
+                        *net.sandbox_prefix(), "sh", "-c", script, timeout=60)
+        assert r.returncode == -9, f"eptrace was not killed: {r.returncode} {r.stderr}"
+        assert "killed the episode" in r.stderr, r.stderr
+        # the whole episode is gone: its cgroup is removed, and nothing reached the test host
+        mine = lambda: [n for n in ((cgroup2_mount() / "eptrace").iterdir() if  # noqa: E731
+                                    (cgroup2_mount() / "eptrace").is_dir() else [])
+                        if n.name.startswith("ep-killer@") and n.name not in started]
+        wait_until(lambda: not mine(), 10, lambda: f"run cgroup still there: {mine()}")
+        time.sleep(1.0)
+        assert not accepts(peer), f"the killed episode reached the test host: {peer.stdout}"
+        assert "connected" not in r.stdout + r.stderr
+    assert not list(pin_dir.glob("run-*")), "the dead run's pins were not removed"
+
+
+def test_tracer_stopped_connects_refused_and_counted(net, tmp_path, pin_dir):
+    """SIGSTOP instead of kill: no watchdog fires, but the probes see no live tracer and refuse (EPERM);
+    the tracer, once continued, puts the count in the verdict and the metrics."""
+    port = 7902
+    config = tmp_path / "c.toml"
+    config.write_text("[tracing]\nliveness_timeout_seconds = 0.5\n")
+    connect_once = (f"import socket\ntry:\n    socket.create_connection(('{HOST_IP}', {port}), timeout=2)"
+                    f"\n    print('connected')\nexcept OSError as e:\n    print('refused', e.errno)")
+    script = f"kill -STOP $PPID; sleep 2; {PYTHON} -c \"{connect_once}\"; kill -CONT $PPID"
+    events, verdict = tmp_path / "ev.ndjson", tmp_path / "verdict.json"
+    with harness.python_server(net, ACCEPT_LOGGER, port, args=(HOST_IP, port), banner="listening\n") as peer:
+        r = run_eptrace("run", "--episode", "ep-stopper", "--config", config, "--output", f"file:{events}",
+                        "--verdict", verdict, "--", *net.sandbox_prefix(), "sh", "-c", script, timeout=60)
+        assert r.returncode == 0, r.stderr
+        time.sleep(0.5)
+        assert not accepts(peer), f"a connect went through while the tracer was stopped: {peer.stdout}"
+    assert "refused 1" in r.stdout, f"the connect was not refused with EPERM: {r.stdout!r} {r.stderr}"
+    assert json.loads(verdict.read_text())["connects_refused"] >= 1
+    assert "refused while the tracer was not alive" in r.stderr
+    docs = read_docs(events)
+    assert get([d for d in docs if get(d, "event.kind") == "metric"][-1], "eptrace.stats.connects_refused") >= 1
+    attempts = select(docs, "connection_attempted", port=port, episode="ep-stopper")
+    assert attempts and get(attempts[0], "event.outcome") == "failure", dump(docs)
+
+
+def test_user_cannot_signal_the_tracer(tmp_path, pin_dir):
+    script = 'id -u; kill -9 $PPID; echo "kill status $?"'
+    r = run_eptrace("run", "--episode", "ep-user", "--user", "nobody", "--output", f"file:{tmp_path / 'e'}",
+                    "--", "sh", "-c", script, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split()
+    assert lines[0] == "65534", r.stdout
+    assert "kill status 1" in r.stdout and "Operation not permitted" in r.stderr, (r.stdout, r.stderr)
+    assert "episode ep-user: exit 0" in r.stderr
+
+
+def test_watch_restart_delivers_what_was_recorded_while_it_was_dead(net, tmp_path, episode_cgroup, pin_dir):
+    port = 7903
+    token = secrets.token_hex(3)
+    eid, state = f"ep-pin-{token}", tmp_path / "state"
+    cg = episode_cgroup(f"pin-{token}")
+    ev1, ev2 = tmp_path / "first.ndjson", tmp_path / "second.ndjson"
+    assert run_eptrace("episode", "add", "--id", eid, "--cgroup", cg, state_dir=state).returncode == 0
+    with harness.tcp_echo_server(net, port) as server:
+        with Watcher(ev1, state) as first:
+            first.ready(episodes=1)
+            kill(first.proc)                                      # SIGKILL: no clean end
+        assert (pin_dir / "watch" / "links").is_dir(), "watch pinned nothing"
+        client = harness.spawn_in_cgroup(cg, net.sandbox_prefix() + [
+            PYTHON, "-c", f"import socket\nfor i in range(3):\n    s = socket.create_connection(('{HOST_IP}', "
+                          f"{port}), timeout=5); s.sendall(b'while-away'); s.recv(10); s.close()"])
+        try:
+            assert client.wait(timeout=30) == 0
+        finally:
+            kill(client)
+        server.wait_received(b"while-away")
+        time.sleep(1.0)
+        assert not ev2.exists()
+        with Watcher(ev2, state) as second:
+            wait_for_docs(ev2, lambda docs: len(select(docs, "connection_attempted", port=port, episode=eid)) >= 3,
+                          60, "the connections made while watch was dead")
+            resumed = wait_for_docs(ev2, lambda docs: [d for d in docs if get(d, "eptrace.stats.tracer_resumed")],
+                                    10, "the resumption metric")[0]
+            away = get(resumed, "eptrace.stats.away_seconds")
+            assert away >= 1.0, resumed
+            assert get(resumed, "eptrace.stats.records_lost_while_away") == 0, resumed
+            assert get(resumed, "eptrace.stats.records_delivered_from_pins") >= 3, resumed
+            for d in select(read_docs(ev2), port=port):
+                assert get(d, "labels.episode_id") == eid, d
+            assert second.stop() == 0, second.stderr.text()
+    assert not (pin_dir / "watch").exists(), "a clean stop left the pins"
+
+
+def test_fail_closed_watch_refuses_while_dead_and_reports_the_count(net, tmp_path, episode_cgroup, pin_dir):
+    port = 7904
+    token = secrets.token_hex(3)
+    eid, state = f"ep-fc-{token}", tmp_path / "state"
+    cg = episode_cgroup(f"fc-{token}")
+    config = tmp_path / "c.toml"
+    config.write_text("[tracing]\nfail_closed = true\nliveness_timeout_seconds = 0.5\n")
+    ev1, ev2 = tmp_path / "first.ndjson", tmp_path / "second.ndjson"
+    assert run_eptrace("episode", "add", "--id", eid, "--cgroup", cg, state_dir=state).returncode == 0
+    args = ("watch", "--config", config, "--stats-interval", 0.25, "--output")
+    ready = lambda docs: [d for d in docs if get(d, "eptrace.stats.episodes") == 1]  # noqa: E731
+    with harness.python_server(net, ACCEPT_LOGGER, port, args=(HOST_IP, port), banner="listening\n") as peer:
+        first = start_eptrace(*args, f"file:{ev1}", state_dir=state, stderr=subprocess.PIPE)
+        try:
+            wait_for_docs(ev1, ready, 60, "the first watch")
+        finally:
+            kill(first)
+        time.sleep(1.5)                       # three times the timeout
+        client = harness.spawn_in_cgroup(cg, net.sandbox_prefix() + [
+            PYTHON, "-u", "-c", CONNECT_LOOP, HOST_IP, port, 1], stdout=subprocess.PIPE, text=True)
+        try:
+            out, _ = client.communicate(timeout=30)
+        finally:
+            kill(client)
+        assert out and set(out.split("\n")[:-1]) == {"refused 1"}, out
+        assert not accepts(peer), peer.stdout
+        second = start_eptrace(*args, f"file:{ev2}", state_dir=state, stderr=subprocess.PIPE)
+        try:
+            resumed = wait_for_docs(ev2, lambda docs: [d for d in docs if get(d, "eptrace.stats.tracer_resumed")],
+                                    60, "the resumption metric")[0]
+            refused = get(resumed, "eptrace.stats.connects_refused")[eid]
+            assert refused == len(out.split("\n")[:-1]), (resumed, out)
+            attempts = wait_for_docs(ev2, lambda docs: select(docs, "connection_attempted", port=port, episode=eid),
+                                     10, "the refused attempts, delivered")
+            assert all(get(d, "event.outcome") == "failure" for d in attempts), dump(attempts)
+            # the new watch is alive: the episode may connect again
+            again = harness.spawn_in_cgroup(cg, net.sandbox_prefix() + [
+                PYTHON, "-u", "-c", CONNECT_LOOP, HOST_IP, port, 0.05], stdout=subprocess.PIPE, text=True)
+            try:
+                assert again.communicate(timeout=30)[0].startswith("connected"), "still refused after the restart"
+            finally:
+                kill(again)
+            assert stop(second) == 0
+        finally:
+            kill(second)
+    assert not (pin_dir / "watch").exists()
+
+
+def test_leftover_run_cgroup_is_killed_reported_and_removed(tmp_path, pin_dir):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    parent = cgroup2_mount() / "eptrace"
+    parent.mkdir(exist_ok=True)
+    leftover = parent / f"ep-left-{secrets.token_hex(3)}@{dead.pid}"
+    leftover.mkdir()
+    sleeper = None
+    try:
+        sleeper = harness.spawn_in_cgroup(leftover, ["sleep", "300"])
+        wait_until(lambda: cgroups.pids(leftover), 10, "the sleeper in the leftover cgroup")
+        events = tmp_path / "ev.ndjson"
+        r = run_eptrace("run", "--episode", "ep-next", "--output", f"file:{events}", "--", "true", timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert sleeper.wait(timeout=10) == -9
+        assert not leftover.exists()
+        reports = [d for d in read_docs(events) if get(d, "eptrace.stats.leftover_run_cgroup")
+                   == cgroups.relative(leftover)]
+        assert len(reports) == 1, dump(read_docs(events))
+        assert get(reports[0], "eptrace.stats.leftover_processes_killed") == 1
+        assert "killed 1 process(es) left by a dead eptrace" in r.stderr
+    finally:
+        if sleeper is not None:
+            kill(sleeper)
+        cgroups.kill_and_remove(leftover)
+
+
+def test_doctor_lists_pinned_state_and_unpin_clears_a_dead_one(tmp_path, pin_dir):
+    state = tmp_path / "state"
+    with Watcher(tmp_path / "ev.ndjson", state) as watcher:
+        watcher.ready()
+        r = run_eptrace("unpin", state_dir=state)
+        assert r.returncode == 0 and "a live eptrace uses it" in r.stderr, r.stderr
+        assert list((pin_dir / "watch").glob("maps-*/events")), "watch pinned no ring buffer"
+        kill(watcher.proc)
+    r = run_eptrace("doctor", state_dir=state)
+    line = [x for x in r.stdout.splitlines() if "pinned state" in x]
+    assert line and f"{pin_dir}/watch" in line[0] and "NO live eptrace" in line[0], r.stdout
+    assert "eptrace unpin" in r.stdout
+    r = run_eptrace("unpin", state_dir=state)
+    assert r.returncode == 0 and f"removed {pin_dir}/watch" in r.stderr, r.stderr
+    assert not (pin_dir / "watch").exists()
+    r = run_eptrace("doctor", state_dir=state)
+    assert f"pinned state: none under {pin_dir}" in r.stdout, r.stdout
