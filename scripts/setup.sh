@@ -24,7 +24,7 @@ PACKAGES=(
     python3-click python3-pyroute2 python3-msgpack python3-pytest
     iproute2
     gcc libc6-dev liburing-dev make
-    socat openssh-server openssh-client rsyslog rsyslog-gnutls curl git
+    socat openssh-server openssh-client rsyslog rsyslog-gnutls curl git netcat-openbsd openssl
 )
 
 is_installed() {

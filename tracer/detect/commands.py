@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from ..decoding import is_loopback
-from ..events import NetworkEvent, ProcessEvent, StdioSocket
+from ..events import NetworkEvent, PipedShell, ProcessEvent, StdioSocket
 from . import Context, Finding, argv, rules, where, who
 
 CONNECTS = ("connection_established", "connection_attempted", "udp_sent")
@@ -61,6 +61,19 @@ def stdio_socket(event, ctx: Context) -> Iterator[Finding]:
                   f"{event.transport}: `{' '.join(event.process.args)[:200]}`", 99, [event])
 
 
+def piped_shell(event, ctx: Context) -> Iterator[Finding]:
+    """A shell reading commands from stdin, fed by a network helper (nc, openssl s_client) through pipes or
+    FIFOs, with its output piped back to it: tracer.state.pipes found the shape in /proc."""
+    if not isinstance(event, PipedShell):
+        return
+    dst = event.destination
+    yield Finding(rules.REVERSE_SHELL, ("peer", dst.ip, dst.port),
+                  f"{who(event.process)} in episode {event.episode.id} takes its commands from the network and "
+                  f"sends its output back: {event.holder_name} (pid {event.holder_pid}) holds a connection to "
+                  f"{dst.ip}:{dst.port}/{event.transport}; stdin {event.feed}; output {event.back}: "
+                  f"`{' '.join(event.process.args)[:200]}`", 99, [event])
+
+
 def crypto_mining(event, ctx: Context) -> Iterator[Finding]:
     if isinstance(event, ProcessEvent) and event.action == "process_started":
         why = argv.miner_argv(event.process.args, event.process.executable)
@@ -70,4 +83,4 @@ def crypto_mining(event, ctx: Context) -> Iterator[Finding]:
                           f"`{' '.join(event.process.args)[:300]}`", 80)
 
 
-DETECTORS = (reverse_tunnel, reverse_shell, stdio_socket, crypto_mining)
+DETECTORS = (reverse_tunnel, reverse_shell, stdio_socket, piped_shell, crypto_mining)
