@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import msgpack
 
-from . import procfs
+from . import procfs, sshconfig
 from .events import Endpoint, Process
 
 FORMAT = "eptrace-capture/1"
@@ -64,6 +64,11 @@ class Recorder:
         self.write("pids", cgroup_path, found)
         return found
 
+    def ssh_forwarding(self, pid: int, args: list[str]) -> str | None:
+        found = sshconfig.ssh_forwarding(pid, args)
+        self.write("ssh", pid, found)
+        return found
+
     def close(self) -> None:
         self._file.close()
 
@@ -77,6 +82,7 @@ class Answers:
         self.files: dict[int, list | None] = {}
         self.sockets: dict[int, dict[str, list]] = {}
         self.pids: dict[str, list[int]] = {}
+        self.ssh: dict[int, str | None] = {}
 
     def process_info(self, pid: int) -> Process | None:
         found = self.processes.get(pid)
@@ -100,6 +106,9 @@ class Answers:
 
     def episode_pids(self, cgroup_path: str) -> list[int]:
         return self.pids.get(cgroup_path, [])
+
+    def ssh_forwarding(self, pid: int, args: list[str]) -> str | None:
+        return self.ssh.get(pid)
 
 
 class ReplayProbes:
@@ -172,6 +181,8 @@ def replay(path: str | Path, encoder, outputs, config=None):
             answers.sockets[entry[1]] = entry[2]
         elif kind == "pids":
             answers.pids[entry[1]] = entry[2]
+        elif kind == "ssh":
+            answers.ssh[entry[1]] = entry[2]
         elif kind == "rec":
             probes.handle(entry[1])
         elif kind == "sweep":

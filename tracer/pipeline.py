@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 0.25
 POLL_MS = 50          # how often the ring buffer is read: the latency of an event
+MAX_SSH_CONFIGS = 4096  # ssh clients whose config was read, remembered
 
 
 class Clock:
@@ -63,7 +64,9 @@ class Tracer:
                                update_interval_ns=int(self.config.flows.update_interval_seconds * 1e9),
                                lineage=self._lineage_pids)
         probes.set_flow_update_interval(self.flows.update_interval_ns)
-        self.detectors = Engine(self.config, parent_of=self.processes.parent_of, flows=self.flows)
+        self.detectors = Engine(self.config, parent_of=self.processes.parent_of, flows=self.flows,
+                                ssh_forwarding=self._ssh_forwarding)
+        self._ssh_configs: dict[tuple[int, int | None], str | None] = {}
         self.shells = PipeShells(self.proc, observe=self._inspect, lookup=self.processes.known)
         self.observers: list = []          # callables that see every emitted event (verdicts)
         self._next_sweep = self._next_stats = time.monotonic()
@@ -76,6 +79,15 @@ class Tracer:
             pids.append(process.pid)
             process = self.processes.parent_of(process)
         return pids
+
+    def _ssh_forwarding(self, process) -> str | None:
+        """What an ssh client's config makes it forward: read once per process (ssh -G costs ~50 ms)."""
+        key = (process.pid, process.start_ns)
+        if key not in self._ssh_configs:
+            if len(self._ssh_configs) >= MAX_SSH_CONFIGS:
+                self._ssh_configs.pop(next(iter(self._ssh_configs)))
+            self._ssh_configs[key] = self.proc.ssh_forwarding(process.pid, process.args)
+        return self._ssh_configs[key]
 
     # -- episodes -------------------------------------------------------------------
     def add_episode(self, episode_id: str, cgroup_path: Path, labels: dict[str, str] | None = None) -> Episode:

@@ -3,6 +3,7 @@ on a descriptor, which pipes and FIFOs it holds, and which processes an
 episode's cgroup holds. Racy by nature (the process may be gone): None then."""
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
 import stat
@@ -127,3 +128,79 @@ def process_info(pid: int) -> Process | None:
                        parent_pid=int(status.get("PPid", "0").strip() or 0) or None)
     except (OSError, ValueError):
         return None
+
+
+# Files inside a sandbox, as the sandbox sees them: opened under /proc/<pid>/root with openat2's
+# RESOLVE_IN_ROOT, so that an absolute symlink (/tmp/cfg -> /etc/shadow) resolves inside the sandbox's
+# root and not the tracer's, and no magic link (/proc/self/fd/..) leads out.
+_SYS_OPENAT2 = 437                 # the same number on every architecture (since Linux 5.6)
+_RESOLVE_NO_MAGICLINKS, _RESOLVE_IN_ROOT = 0x02, 0x10
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def open_in_root(pid: int, path: str, flags: int = os.O_RDONLY) -> int:
+    """A descriptor for path as process pid sees it (relative paths from its cwd). Never blocks on a FIFO
+    (O_NONBLOCK). Raises OSError."""
+    if not path.startswith("/"):
+        path = os.path.join(os.readlink(f"/proc/{pid}/cwd"), path)
+    root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        how = _OpenHow(flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, 0,
+                       _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
+        fd = _libc.syscall(_SYS_OPENAT2, root, path.encode(), ctypes.byref(how), ctypes.sizeof(how))
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+        return fd
+    finally:
+        os.close(root)
+
+
+def read_in_root(pid: int, path: str, limit: int) -> bytes:
+    """The first `limit` bytes of a regular file, as process pid sees it. OSError for anything else:
+    a FIFO, a device, a socket, a directory, a missing file."""
+    fd = open_in_root(pid, path)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) \
+                else "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise OSError(0, kind, path)
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def list_in_root(pid: int, path: str) -> list[str]:
+    """The names in a directory, as process pid sees it."""
+    fd = open_in_root(pid, path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return os.listdir(fd)
+    finally:
+        os.close(fd)
+
+
+def user_of(pid: int) -> tuple[int, str] | None:
+    """(real uid, home directory from the sandbox's /etc/passwd) of a process."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+        for line in read_in_root(pid, "/etc/passwd", 1 << 20).decode(errors="replace").splitlines():
+            fields = line.split(":")
+            if len(fields) >= 7 and fields[2] == str(uid):
+                return uid, fields[5]
+        return uid, ""
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def ssh_forwarding(pid: int, args: list[str]) -> str | None:
+    """What an ssh client's config makes it forward (tracer.sshconfig): one place for every lookup."""
+    from .sshconfig import ssh_forwarding as resolve
+    return resolve(pid, args)

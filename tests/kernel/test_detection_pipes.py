@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 
 import harness
+import test_detection
 from eptrace_helpers import alerts, dump, get, wait_until
 from harness import HOST_IP, PYTHON
 from test_detection import (EpisodeRun, TUNNEL_TARGET, TUNNEL_USER, assert_alert, assert_no_alerts, flow_of,
@@ -51,6 +53,18 @@ while b"pwned-42" not in buf:
 print("got", buf.hex(), flush=True)
 conn.close()
 '''
+@pytest.fixture(autouse=True)
+def record_fixture(request, monkeypatch):
+    """With EPTRACE_RECORD_FIXTURES=DIR, each run is also captured (--capture) to DIR/<test id>.capture: how
+    tests/fixtures/pipes_*.capture were made for tests/unit/test_replay.py."""
+    directory = os.environ.get("EPTRACE_RECORD_FIXTURES")
+    if directory:
+        name = "pipes_" + request.node.name.removeprefix("test_").replace("[", "_").rstrip("]")
+        start = test_detection.start_eptrace
+        monkeypatch.setattr(test_detection, "start_eptrace", lambda command, *args, **kw: start(
+            command, "--capture", str(Path(directory).resolve() / f"{name}.capture"), *args, **kw))
+
+
 COMMAND = "echo pwned-$((6*7)); exit\n"    # the answer, pwned-42, is not an echo of the input; exit ends it
 
 

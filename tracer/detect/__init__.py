@@ -31,6 +31,8 @@ class Context:
     config: Config
     parent_of: Callable[[Process], Process | None]
     flows: object = None          # the state's FlowTable: open flows, local relays
+    # what an ssh client's config files make it forward (tracer.sshconfig), once per process
+    ssh_forwarding: Callable[[Process], str | None] = lambda process: None
 
     def flow_of(self, cookie: int):
         return self.flows.flows.get(cookie) if self.flows is not None else None
@@ -57,9 +59,12 @@ Detector = Callable[[NetworkEvent | ProcessEvent | PayloadSeen | StdioSocket | P
 
 class Engine:
     def __init__(self, config: Config, parent_of: Callable[[Process], Process | None], flows=None,
-                 detectors: tuple[Detector, ...] | None = None):
+                 detectors: tuple[Detector, ...] | None = None,
+                 ssh_forwarding: Callable[[Process], str | None] | None = None):
         from . import commands, network, payloads, tunnels
         self.context = Context(config, parent_of, flows)
+        if ssh_forwarding is not None:
+            self.context.ssh_forwarding = ssh_forwarding
         # payload and tunnel detectors keep windows of their own: fresh ones per engine
         self.detectors = detectors or (*network.DETECTORS, *commands.DETECTORS, *payloads.detectors(),
                                        *tunnels.detectors())

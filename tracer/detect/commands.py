@@ -33,6 +33,13 @@ def reverse_tunnel(event, ctx: Context) -> Iterator[Finding]:
                           + ("" if proc is event.process else f" (its ancestor {who(proc)})"),
                           90, [event])
             return
+    process = event.process
+    if process is not None and argv.name_of(process.args, process.executable) in ("ssh", "dbclient"):
+        why = ctx.ssh_forwarding(process)
+        if why:
+            yield Finding(rules.REVERSE_TUNNEL, ("pid", process.pid),
+                          f"{who(process)} in episode {event.episode.id} opened an outbound flow to {where(event)} "
+                          f"for a tunnel set in its config: {why}; `{' '.join(process.args)[:300]}`", 90, [event])
 
 
 def reverse_shell(event, ctx: Context) -> Iterator[Finding]:
