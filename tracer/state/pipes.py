@@ -211,7 +211,8 @@ class PipeShells:
             if len(self._reported) >= MAX_REPORTED:
                 self._reported.clear()
             self._reported.add((episode_id, pid))
-            self.observe(PipedShell(ts_ns, episode, cgroup_id, cgroup_path, shell, conn.pid, names[conn.pid],
+            # dated when /proc showed it: the record that led here may be older than the connection
+            self.observe(PipedShell(max(ts_ns, self.proc.wall_ns()), episode, cgroup_id, cgroup_path, shell, conn.pid, names[conn.pid],
                                     feed, back, conn.transport, conn.local, conn.remote))
 
     def _name(self, pid: int) -> str:

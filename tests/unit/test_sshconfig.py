@@ -1,0 +1,51 @@
+"""tracer.sshconfig on real files and the real `ssh -G` (openssh-client, from scripts/setup.sh), as this
+process sees them (no kernel needed)."""
+import os
+
+from tracer.sshconfig import ssh_forwarding
+
+
+def forwarding(*args):
+    return ssh_forwarding(os.getpid(), ["ssh", *map(str, args)])
+
+
+def test_a_forward_in_the_host_block_that_applies(tmp_path):
+    cfg = tmp_path / "cfg"
+    cfg.write_text("Host backup\n  HostName 198.51.100.1\n  RemoteForward 9000 127.0.0.1:8000\n"
+                   "Host other\n  DynamicForward 1080\n")
+    assert forwarding("-F", cfg, "-N", "backup").startswith("remoteforward 9000 [127.0.0.1]:8000 (config ")
+    assert forwarding("-F", cfg, "other", "true").startswith("dynamicforward 1080")
+    assert forwarding("-F", cfg, "198.51.100.7") is None          # no block for it
+    assert forwarding("-F", cfg, "-G", "backup") is None            # ssh -G prints, never connects
+
+
+def test_a_relative_config_path_is_read_from_the_process_cwd(tmp_path, monkeypatch):
+    (tmp_path / "cfg").write_text("Tunnel yes\n")
+    monkeypatch.chdir(tmp_path)
+    assert forwarding("-F", "cfg", "h").startswith("tunnel ")
+
+
+def test_match_exec_never_runs_and_its_block_counts(tmp_path):
+    marker = tmp_path / "ran"
+    cfg = tmp_path / "cfg"
+    cfg.write_text(f'Match exec "touch {marker}"\n  LocalForward 8000 127.0.0.1:80\n')
+    assert forwarding("-F", cfg, "anyhost").startswith("localforward 8000")
+    assert not marker.exists()
+
+
+def test_includes_are_inlined_with_their_wildcards(tmp_path):
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "a.conf").write_text("Host *\n  RemoteForward 9001 127.0.0.1:22\n")
+    cfg = tmp_path / "cfg"
+    cfg.write_text(f"Include {tmp_path}/conf.d/*.conf\n")
+    found = forwarding("-F", cfg, "h")
+    assert found.startswith("remoteforward 9001") and "a.conf" in found, found
+
+
+def test_a_config_that_cannot_be_checked_fails_closed(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)      # opened O_NONBLOCK and refused: no hang, no read that would take ssh's data
+    assert "cannot be checked (a FIFO)" in forwarding("-F", fifo, "h")
+    assert "cannot be checked" in forwarding("-F", tmp_path / "removed-since", "h")
+    assert forwarding("-F", "/dev/null", "h") is None
+    assert forwarding("-F", "none", "h") is None
