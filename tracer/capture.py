@@ -69,8 +69,8 @@ class Recorder:
         self.write("now", now)
         return now
 
-    def ssh_forwarding(self, pid: int, args: list[str]) -> str | None:
-        found = sshconfig.ssh_forwarding(pid, args)
+    def ssh_forwarding(self, pid: int, args: list[str], started_ns: int | None = None) -> str | None:
+        found = sshconfig.ssh_forwarding(pid, args, started_ns)
         self.write("ssh", pid, found)
         return found
 
@@ -113,7 +113,7 @@ class Answers:
     def episode_pids(self, cgroup_path: str) -> list[int]:
         return self.pids.get(cgroup_path, [])
 
-    def ssh_forwarding(self, pid: int, args: list[str]) -> str | None:
+    def ssh_forwarding(self, pid: int, args: list[str], started_ns: int | None = None) -> str | None:
         return self.ssh.get(pid)
 
     def wall_ns(self) -> int:

@@ -86,7 +86,7 @@ class Tracer:
         if key not in self._ssh_configs:
             if len(self._ssh_configs) >= MAX_SSH_CONFIGS:
                 self._ssh_configs.pop(next(iter(self._ssh_configs)))
-            self._ssh_configs[key] = self.proc.ssh_forwarding(process.pid, process.args)
+            self._ssh_configs[key] = self.proc.ssh_forwarding(process.pid, process.args, process.start_ns)
         return self._ssh_configs[key]
 
     # -- episodes -------------------------------------------------------------------

@@ -168,9 +168,9 @@ def open_in_root(pid: int, path: str, flags: int = os.O_RDONLY) -> int:
         os.close(root)
 
 
-def read_in_root(pid: int, path: str, limit: int) -> bytes:
-    """The first `limit` bytes of a regular file, as process pid sees it. OSError for anything else:
-    a FIFO, a device, a socket, a directory, a missing file."""
+def read_in_root(pid: int, path: str, limit: int) -> tuple[bytes, int]:
+    """The first `limit` bytes of a regular file, as process pid sees it, and its ctime (ns). OSError for
+    anything else: a FIFO, a device, a socket, a directory, a missing file."""
     fd = open_in_root(pid, path)
     try:
         st = os.fstat(fd)
@@ -178,7 +178,7 @@ def read_in_root(pid: int, path: str, limit: int) -> bytes:
             kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) \
                 else "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
             raise OSError(0, kind, path)
-        return os.read(fd, limit)
+        return os.read(fd, limit), st.st_ctime_ns
     finally:
         os.close(fd)
 
@@ -197,7 +197,7 @@ def user_of(pid: int) -> tuple[int, str] | None:
     try:
         with open(f"/proc/{pid}/status") as f:
             uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
-        for line in read_in_root(pid, "/etc/passwd", 1 << 20).decode(errors="replace").splitlines():
+        for line in read_in_root(pid, "/etc/passwd", 1 << 20)[0].decode(errors="replace").splitlines():
             fields = line.split(":")
             if len(fields) >= 7 and fields[2] == str(uid):
                 return uid, fields[5]
@@ -206,7 +206,7 @@ def user_of(pid: int) -> tuple[int, str] | None:
         return None
 
 
-def ssh_forwarding(pid: int, args: list[str]) -> str | None:
+def ssh_forwarding(pid: int, args: list[str], started_ns: int | None = None) -> str | None:
     """What an ssh client's config makes it forward (tracer.sshconfig): one place for every lookup."""
     from .sshconfig import ssh_forwarding as resolve
-    return resolve(pid, args)
+    return resolve(pid, args, started_ns)

@@ -12,6 +12,7 @@ under -G: such a Match line is rewritten to `Match all` (its block counts: fail 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import os
 import re
@@ -34,18 +35,22 @@ _MATCH_EXEC = re.compile(r"^\s*match\b.*\bexec\b", re.I)
 _INCLUDE = re.compile(r"^\s*include(\s*=\s*|\s+)(.*)$", re.I)
 
 
-def ssh_forwarding(pid: int, args: list[str]) -> str | None:
-    """Why this ssh client forwards ("remoteforward 9000 [127.0.0.1]:8000 (config /tmp/cfg)"), or None."""
+def ssh_forwarding(pid: int, args: list[str], started_ns: int | None = None) -> str | None:
+    """Why this ssh client forwards ("remoteforward 9000 [127.0.0.1]:8000 (config /tmp/cfg)"), or None.
+    started_ns, when the ssh was exec'd (wall clock): a config changed since may not be what it read."""
     parsed = _parse_argv(args)
     if parsed is None:
         return None
     config_file, options, destination = parsed
+    changed: list[str] = []
     try:
-        text, sources = _config_text(pid, config_file)
+        text, sources = _config_text(pid, config_file, started_ns, changed)
     except OSError as e:
         # ssh was given this file and read it at start; now it is gone, or no regular file (a FIFO or
         # process substitution): what it said cannot be checked. Fail closed.
         return f"its config file -F {config_file} cannot be checked ({e.strerror or e})"
+    if changed:     # swapped after ssh read it? What it read cannot be checked: fail closed
+        return f"its config {', '.join(changed)} changed after ssh started"
     if not text.strip():
         return None
     resolved = _ssh_g(text, options, destination)
@@ -97,36 +102,42 @@ def _parse_argv(args: list[str]) -> tuple[str | None, list[str], str] | None:
     return (config_file, options, destination) if destination else None
 
 
-def _config_text(pid: int, config_file: str | None) -> tuple[str, list[str]]:
-    """The config ssh read, includes inlined, and the files it came from. OSError only for -F FILE."""
+def _config_text(pid: int, config_file: str | None, started_ns: int | None,
+                 changed: list[str]) -> tuple[str, list[str]]:
+    """The config ssh read, includes inlined, and the files it came from; the files changed since
+    started_ns go to `changed`. OSError only for -F FILE."""
     user = procfs.user_of(pid)
     home = user[1] if user else ""
     budget = [MAX_CONFIG_BYTES]
     sources: list[str] = []
+    read = functools.partial(_read, pid, home=home, budget=budget, sources=sources, started_ns=started_ns,
+                             changed=changed)
     if config_file is not None:
         if config_file == "none":
             return "", []
         path = _expand(config_file, home)
         if path == "/dev/null":
             return "", []
-        return _read(pid, path, home, os.path.dirname(path), budget, sources, 0, strict=True), sources
+        return read(path, base=os.path.dirname(path), depth=0, strict=True), sources
     parts = []
     if home:
-        parts.append(_read(pid, f"{home}/.ssh/config", home, f"{home}/.ssh", budget, sources, 0))
-    parts.append(_read(pid, "/etc/ssh/ssh_config", home, "/etc/ssh", budget, sources, 0))
+        parts.append(read(f"{home}/.ssh/config", base=f"{home}/.ssh", depth=0))
+    parts.append(read("/etc/ssh/ssh_config", base="/etc/ssh", depth=0))
     return "\n".join(parts), sources
 
 
-def _read(pid: int, path: str, home: str, base: str, budget: list[int], sources: list[str], depth: int,
-          strict: bool = False) -> str:
+def _read(pid: int, path: str, *, home: str, base: str, budget: list[int], sources: list[str],
+          started_ns: int | None, changed: list[str], depth: int, strict: bool = False) -> str:
     try:
-        data = procfs.read_in_root(pid, path, budget[0])
+        data, ctime_ns = procfs.read_in_root(pid, path, budget[0])
     except OSError:
         if strict:
             raise
         return ""
     budget[0] -= len(data)
     sources.append(path)
+    if started_ns is not None and ctime_ns > started_ns:
+        changed.append(path)
     lines = []
     for line in data.decode(errors="replace").splitlines():
         include = _INCLUDE.match(line)
@@ -135,7 +146,9 @@ def _read(pid: int, path: str, home: str, base: str, budget: list[int], sources:
                 for pattern in include.group(2).split():
                     for included in _glob(pid, _expand(pattern, home, base)):
                         if budget[0] > 0:
-                            lines.append(_read(pid, included, home, base, budget, sources, depth + 1))
+                            lines.append(_read(pid, included, home=home, base=base, budget=budget,
+                                               sources=sources, started_ns=started_ns, changed=changed,
+                                               depth=depth + 1))
             continue
         lines.append("Match all" if _MATCH_EXEC.match(line) else line)
     return "\n".join(lines)

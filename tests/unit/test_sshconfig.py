@@ -1,6 +1,7 @@
 """tracer.sshconfig on real files and the real `ssh -G` (openssh-client, from scripts/setup.sh), as this
 process sees them (no kernel needed)."""
 import os
+import time
 
 from tracer.sshconfig import ssh_forwarding
 
@@ -49,3 +50,11 @@ def test_a_config_that_cannot_be_checked_fails_closed(tmp_path):
     assert "cannot be checked" in forwarding("-F", tmp_path / "removed-since", "h")
     assert forwarding("-F", "/dev/null", "h") is None
     assert forwarding("-F", "none", "h") is None
+
+
+def test_a_config_changed_after_ssh_started_fails_closed(tmp_path):
+    cfg = tmp_path / "cfg"
+    cfg.write_text("Host *\n  User nobody\n")
+    started = time.time_ns()
+    assert ssh_forwarding(os.getpid(), ["ssh", "-F", str(cfg), "h"], started - 10**9) is not None   # swapped since
+    assert ssh_forwarding(os.getpid(), ["ssh", "-F", str(cfg), "h"], started + 10**9) is None
