@@ -104,6 +104,7 @@ class Tracer:
         self.probes.detach(cgroup_id)
         episode = self.episodes.remove(cgroup_id)
         if episode:
+            self.shells.forget_episode(episode.id)
             log.info("stopped tracing episode %s", episode.id)
 
     # -- records --------------------------------------------------------------------

@@ -151,7 +151,12 @@ class PipeShells:
             shells.pop(next(iter(shells)))
         shells[proc.pid] = (proc, event.cgroup_id, event.cgroup_path)
         self._episodes[episode_id] = event.episode
-        self._scan(episode_id, event.timestamp_ns)     # a new shell: at once
+        self._trigger(episode_id, event.timestamp_ns)   # a new shell (a loop of them: rate-limited too)
+
+    def forget_episode(self, episode_id: str) -> None:
+        """The episode is no longer traced: its shells will send no process_ended."""
+        self._forget(episode_id)
+        self._reported = {key for key in self._reported if key[0] != episode_id}
 
     def _forget(self, episode_id: str) -> None:
         for table in (self._shells, self._episodes, self._last_scan):
