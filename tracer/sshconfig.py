@@ -5,9 +5,10 @@ and the sandbox's /etc/ssh/ssh_config.
 The files belong to the sandbox (the adversary): they are read as the sandbox sees them (under
 /proc/<pid>/root, openat2 RESOLVE_IN_ROOT, tracer.procfs), bounded, never blocking on a FIFO. Their
 Include lines are inlined the same way. `ssh -G` then resolves them for the same host and -o/-p/-l
-options, as ssh itself would (Host and Match blocks, first value wins): it runs as nobody, without
-the sandbox's environment, with a timeout, and never connects. `Match exec` would run a command even
-under -G: such a Match line is rewritten to `Match all` (its block counts: fail closed).
+options, as ssh itself would (Host and Match blocks, first value wins): it runs as nobody, in a network
+namespace of its own, without the sandbox's environment, with a timeout, and never connects. `Match exec`
+would run a command even under -G, and `Match localuser`/`localnetwork` would be judged by the tracer's
+side: such a Match line is rewritten to `Match all` (its block counts: fail closed).
 """
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ NOBODY = 65534
 _ARG_OPTIONS = set("BbcDEeFIiJLlmOoPpQRSWw")     # ssh(1) options that take a value
 _PASSED_OPTIONS = {"o", "p", "l"}                   # those that change what ssh -G resolves (-F is replaced)
 _FORWARDS = ("remoteforward", "localforward", "dynamicforward")
-_MATCH_EXEC = re.compile(r"^\s*match\b.*\bexec\b", re.I)
+# Match criteria that ssh -G would run (exec) or would judge by the tracer's side (localuser: nobody,
+# localnetwork: no network): made `Match all`, so their blocks count (fail closed)
+_MATCH_UNRESOLVABLE = re.compile(r"^\s*match\b.*\b(exec|localuser|localnetwork)\b", re.I)
 _INCLUDE = re.compile(r"^\s*include(\s*=\s*|\s+)(.*)$", re.I)
 
 
@@ -150,7 +153,7 @@ def _read(pid: int, path: str, *, home: str, base: str, budget: list[int], sourc
                                                sources=sources, started_ns=started_ns, changed=changed,
                                                depth=depth + 1))
             continue
-        lines.append("Match all" if _MATCH_EXEC.match(line) else line)
+        lines.append("Match all" if _MATCH_UNRESOLVABLE.match(line) else line)
     return "\n".join(lines)
 
 
@@ -185,10 +188,11 @@ def _ssh_g(text: str, options: list[str], destination: str) -> str | None:
         with open(config, "w") as f:
             f.write(text + "\n")
         os.chmod(config, 0o644)
+        # CanonicalizeHostname would look the (adversary's) name up in DNS: off, and it comes first, so it wins
+        argv = [ssh, "-G", "-o", "CanonicalizeHostname=no", "-F", config, *options, "--", destination]
         try:
-            done = subprocess.run([ssh, "-G", "-F", config, *options, "--", destination], env={"PATH": "/usr/bin:/bin"},
-                                  cwd="/", stdin=subprocess.DEVNULL, capture_output=True, timeout=SSH_G_TIMEOUT_S,
-                                  text=True, errors="replace", **_unprivileged())
+            done = subprocess.run(_isolated(argv), env={"PATH": "/usr/bin:/bin"}, cwd="/", stdin=subprocess.DEVNULL,
+                                  capture_output=True, timeout=SSH_G_TIMEOUT_S, text=True, errors="replace")
         except (OSError, subprocess.SubprocessError) as e:
             log.warning("ssh -G failed: %s", e)
             return None
@@ -198,9 +202,13 @@ def _ssh_g(text: str, options: list[str], destination: str) -> str | None:
     return done.stdout.lower()
 
 
-def _unprivileged() -> dict:
-    """As nobody when the tracer runs as root (it does): the config is the adversary's."""
-    return {"user": NOBODY, "group": NOBODY, "extra_groups": []} if os.geteuid() == 0 else {}
+def _isolated(argv: list[str]) -> list[str]:
+    """When the tracer runs as root (it does): in a network namespace of its own (no network at all) and
+    as nobody, since the config is the adversary's."""
+    unshare, setpriv = shutil.which("unshare"), shutil.which("setpriv")
+    if os.geteuid() != 0 or not unshare or not setpriv:
+        return argv
+    return [unshare, "--net", "--", setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--", *argv]
 
 
 def _any_forwarding(text: str, sources: list[str]) -> str | None:

@@ -2,7 +2,7 @@
 network through pipes and FIFOs, and which are only fed by it (curl | sh)."""
 from tracer.detect.argv import reads_commands_from_stdin
 from tracer.events import Endpoint, Episode, NetworkEvent, PipedShell, Process, ProcessEvent
-from tracer.state.pipes import SCAN_INTERVAL_NS, Connection, PipeShells, wiring
+from tracer.state.pipes import RESCAN_INTERVAL_NS, SCAN_INTERVAL_NS, Connection, PipeShells, wiring
 
 PEER = Endpoint("198.51.100.1", 4444)
 LOCAL = Endpoint("198.51.100.2", 40000)
@@ -183,3 +183,15 @@ def test_a_terminal_whose_master_is_outside_the_episode_is_left_alone():
     # an interactive shell on /dev/pts/3 (sshd or a terminal holds the master, outside the episode)
     files = {11: [(0, "pty", "3", "rw"), (1, "pty", "3", "rw")], 12: FIFO_NC[12]}
     assert wiring(11, files, {12: [conn(12)]}) is None
+
+
+def test_a_shell_rewired_without_any_trigger_is_found_by_the_rescan():
+    proc = FakeProc({11: [(0, "pipe", "1", "r"), (1, "pipe", "2", "w")]}, {})   # fed by nothing yet
+    seen: list[PipedShell] = []
+    shells = PipeShells(proc, seen.append)
+    shells.on_event(started(11, ["sh"], 0))
+    proc.files, proc.sockets = dict(FIFO_NC), {12: {"900": ("tcp", LOCAL, PEER, "established")}}
+    shells.flush(RESCAN_INTERVAL_NS // 2)
+    assert seen == []                           # no trigger, not due yet
+    shells.flush(RESCAN_INTERVAL_NS)
+    assert len(seen) == 1

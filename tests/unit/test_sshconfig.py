@@ -34,6 +34,12 @@ def test_match_exec_never_runs_and_its_block_counts(tmp_path):
     assert not marker.exists()
 
 
+def test_match_localuser_counts_whoever_resolves_it(tmp_path):
+    cfg = tmp_path / "cfg"
+    cfg.write_text("Match localuser someone-else\n  RemoteForward 9002 127.0.0.1:22\n")
+    assert forwarding("-F", cfg, "h").startswith("remoteforward 9002")
+
+
 def test_includes_are_inlined_with_their_wildcards(tmp_path):
     (tmp_path / "conf.d").mkdir()
     (tmp_path / "conf.d" / "a.conf").write_text("Host *\n  RemoteForward 9001 127.0.0.1:22\n")

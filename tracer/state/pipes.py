@@ -29,6 +29,7 @@ MAX_HOPS = 6                   # processes followed along one pipe chain
 MAX_SHELLS = 256               # candidate shells remembered per episode
 MAX_REPORTED = 65536           # shells already reported, remembered
 SCAN_INTERVAL_NS = 100_000_000  # an episode's pipes are read at most this often; a scan put off runs at the sweep
+RESCAN_INTERVAL_NS = 5_000_000_000  # and at least this often while it has candidate shells: rewiring needs no trigger
 CONNECTED = {"established", "syn_sent"}          # a connected UDP socket shows as established too
 TRIGGERS = ("connection_established", "connection_attempted")
 # what carries bytes between processes and is followed: pipes, FIFOs, and ptys (master and slave share the
@@ -172,8 +173,10 @@ class PipeShells:
         self._scan(episode_id, ts_ns)
 
     def flush(self, now_ns: int) -> None:
-        """Scans put off by the rate limit (the sweep calls this: about every 250 ms)."""
-        for episode_id in sorted(self._pending):
+        """Scans put off by the rate limit, and those of episodes not scanned for RESCAN_INTERVAL_NS (the
+        sweep calls this: about every 250 ms)."""
+        due = {e for e in self._shells if now_ns - self._last_scan.get(e, now_ns) >= RESCAN_INTERVAL_NS}
+        for episode_id in sorted(self._pending | due):
             self._scan(episode_id, now_ns)
 
     def _scan(self, episode_id: str, ts_ns: int) -> None:
