@@ -169,7 +169,7 @@ def open_in_root(pid: int, path: str, flags: int = os.O_RDONLY) -> int:
     """A descriptor for path as process pid sees it (relative paths from its cwd). Never blocks on a FIFO
     (O_NONBLOCK). Raises OSError."""
     if not path.startswith("/"):
-        path = os.path.join(os.readlink(f"/proc/{pid}/cwd"), path)
+        path = os.path.join(_cwd_in_root(pid), path)
     root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         how = _OpenHow(flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, 0,
@@ -181,6 +181,15 @@ def open_in_root(pid: int, path: str, flags: int = os.O_RDONLY) -> int:
         return fd
     finally:
         os.close(root)
+
+
+def _cwd_in_root(pid: int) -> str:
+    """The process's cwd as the process names it. /proc shows both links from the tracer's root: a cwd
+    under a chroot comes as /srv/root/work and is /work inside (in another mount namespace, root shows /)."""
+    cwd, root = os.readlink(f"/proc/{pid}/cwd"), os.readlink(f"/proc/{pid}/root")
+    if root != "/" and (cwd == root or cwd.startswith(root + "/")):
+        cwd = cwd[len(root):] or "/"
+    return cwd
 
 
 def read_in_root(pid: int, path: str, limit: int) -> tuple[bytes, int]:

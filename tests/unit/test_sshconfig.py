@@ -1,8 +1,11 @@
 """tracer.sshconfig on real files and the real `ssh -G` (openssh-client, from scripts/setup.sh), as this
 process sees them (no kernel needed)."""
 import os
+import subprocess
+import sys
 import time
 
+from tracer import procfs
 from tracer.sshconfig import ssh_forwarding
 
 
@@ -64,3 +67,21 @@ def test_a_config_changed_after_ssh_started_fails_closed(tmp_path):
     started = time.time_ns()
     assert ssh_forwarding(os.getpid(), ["ssh", "-F", str(cfg), "h"], started - 10**9) is not None   # swapped since
     assert ssh_forwarding(os.getpid(), ["ssh", "-F", str(cfg), "h"], started + 10**9) is None
+
+
+def test_files_are_read_as_the_sandbox_sees_them(tmp_path):
+    """A process chrooted into tmp_path: its absolute symlink resolves inside its root, not the tracer's."""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "hostname").write_text("Host *\n  RemoteForward 9003 127.0.0.1:22\n")
+    (tmp_path / "cfg").symlink_to("/etc/hostname")
+    (tmp_path / "escape").symlink_to("/proc/self/root/etc/hostname")     # a magic link: refused
+    child = subprocess.Popen([sys.executable, "-c", "import os, sys, time; os.chroot(sys.argv[1]); os.chdir('/'); "
+                              "print('in', flush=True); time.sleep(30)", tmp_path], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "in\n"
+        assert procfs.read_in_root(child.pid, "/cfg", 4096)[0].startswith(b"Host *")
+        assert ssh_forwarding(child.pid, ["ssh", "-F", "cfg", "h"]).startswith("remoteforward 9003")
+        assert "cannot be checked" in ssh_forwarding(child.pid, ["ssh", "-F", "/escape", "h"])
+    finally:
+        child.kill()
+        child.wait()
