@@ -132,21 +132,34 @@ def test_fifo_reverse_shell(net, tmp_path, helper):
     assert lag <= 2.0, f"alert {lag:.3f}s after the first command's output"
 
 
-CURL_SCRIPT = f"""echo script-ran
-curl -s --noproxy '*' http://{HOST_IP}:8090/data.txt
-sleep 1
-echo script-done
-"""
+# On the test host: an HTTP server that sends the install script in two parts, 2 s apart, so that curl
+# still holds its connection and feeds sh's stdin while the script runs (and connects out again).
+SLOW_SCRIPT_SERVER = r'''
+import socket, sys, threading, time
+parts = [p.encode() for p in sys.argv[1:3]]
+server = socket.create_server(("198.51.100.1", 8090))
+print("listening", flush=True)
+def serve(conn):
+    with conn:
+        request = conn.recv(4096)
+        if b"/data.txt" in request:
+            body = b"data-from-host\n"
+            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            return
+        conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % sum(map(len, parts)) + parts[0])
+        time.sleep(2)
+        conn.sendall(parts[1])
+while True:
+    conn, _ = server.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+'''
+SCRIPT_PARTS = (f"echo script-ran\ncurl -s --noproxy '*' http://{HOST_IP}:8090/data.txt\n", "sleep 1\necho script-done\n")
 
 
 def test_curl_pipe_sh_is_no_reverse_shell(net, tmp_path):
     """A shell fed by the network whose output goes elsewhere (through `cat`, and the script's own curl
-    writing into the same pipe): no alert of any rule."""
-    root = tmp_path / "www"
-    root.mkdir()
-    (root / "install.sh").write_text(CURL_SCRIPT)
-    (root / "data.txt").write_text("data-from-host\n")
-    with harness.http_server(net, 8090, root):
+    writing into the same pipe): no alert of any rule. curl feeds sh for 2 s while sh runs."""
+    with harness.python_server(net, SLOW_SCRIPT_SERVER, 8090, args=SCRIPT_PARTS, banner="listening\n"):
         cmd = ["/bin/sh", "-c", f"curl -s --noproxy '*' http://{HOST_IP}:8090/install.sh | sh | cat"]
         with EpisodeRun(tmp_path, "ep-curl-sh", net.sandbox_prefix() + cmd) as run:
             docs = run.finish()

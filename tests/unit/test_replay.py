@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tracer import config as config_module
-from tracer.capture import CaptureError, replay
+from tracer.capture import CaptureError, entries, replay
 from tracer.outputs import Fanout, KindFilter
 from tracer.schema import EcsEncoder
 
@@ -92,8 +92,20 @@ def test_shell_fed_and_answered_through_a_fifo(helper):
 
 
 def test_curl_pipe_sh_is_no_reverse_shell():
-    # curl -s http://198.51.100.1:8090/install.sh | sh | cat, where the script runs curl again
-    assert alerts("pipes_curl_pipe_sh_is_no_reverse_shell.capture") == []
+    # curl -s http://198.51.100.1:8090/install.sh | sh | cat, where the script runs curl again; the server
+    # sends the script in two parts 2 s apart, so that curl feeds sh while it runs
+    capture = FIXTURES / "pipes_curl_pipe_sh_is_no_reverse_shell.capture"
+    assert alerts(capture.name) == []
+    # not vacuous: /proc was read while curl held its connection and wrote into the pipe sh reads
+    files, fed = {}, False
+    for entry in entries(capture):
+        if entry[0] == "files" and entry[2]:
+            files[entry[1]] = entry[2]
+        elif entry[0] == "socks" and any(remote[1] == 8090 and state == "established"
+                                         for _t, _local, remote, state in entry[2].values()):
+            writes = {ident for _fd, kind, ident, mode in files[entry[1]] if kind == "pipe" and "w" in mode}
+            fed |= any(fd == 0 and ident in writes for held in files.values() for fd, _k, ident, _m in held)
+    assert fed
 
 
 def test_ssh_config_with_remote_forward():
