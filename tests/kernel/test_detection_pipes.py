@@ -153,7 +153,8 @@ while True:
     conn, _ = server.accept()
     threading.Thread(target=serve, args=(conn,), daemon=True).start()
 '''
-SCRIPT_PARTS = (f"echo script-ran\ncurl -s --noproxy '*' http://{HOST_IP}:8090/data.txt\n", "sleep 1\necho script-done\n")
+SCRIPT_PARTS = (f"echo script-ran\ncurl -s --noproxy '*' http://{HOST_IP}:8090/data.txt\n",
+                "sleep 1\necho script-done\n")
 
 
 def test_curl_pipe_sh_is_no_reverse_shell(net, tmp_path):

@@ -27,7 +27,6 @@ from ..procfs import OpenFile
 
 MAX_HOPS = 6                   # processes followed along one pipe chain
 MAX_SHELLS = 256               # candidate shells remembered per episode
-MAX_REPORTED = 65536           # shells already reported, remembered
 SCAN_INTERVAL_NS = 100_000_000  # an episode's pipes are read at most this often; a scan put off runs at the sweep
 RESCAN_INTERVAL_NS = 5_000_000_000  # and at least this often while it has candidate shells: rewiring needs no trigger
 CONNECTED = {"established", "syn_sent"}          # a connected UDP socket shows as established too
@@ -125,7 +124,6 @@ class PipeShells:
         self._episodes: dict[str, Episode] = {}
         self._last_scan: dict[str, int] = {}
         self._pending: set[str] = set()
-        self._reported: set[tuple[str, int]] = set()
         self.scans = 0
 
     def on_event(self, event) -> None:
@@ -157,7 +155,6 @@ class PipeShells:
     def forget_episode(self, episode_id: str) -> None:
         """The episode is no longer traced: its shells will send no process_ended."""
         self._forget(episode_id)
-        self._reported = {key for key in self._reported if key[0] != episode_id}
 
     def _forget(self, episode_id: str) -> None:
         for table in (self._shells, self._episodes, self._last_scan):
@@ -194,6 +191,9 @@ class PipeShells:
                 shells.pop(pid)         # gone
             else:
                 files[pid] = held
+        if not shells:
+            self._forget(episode_id)
+            return
         # only a shell whose stdin is a pipe, FIFO or socket needs the rest of the episode
         if not any(kind in ENDS + ("socket",) for held in files.values()
                    for fd, kind, _i, _m in held if fd == 0):
@@ -213,18 +213,16 @@ class PipeShells:
                     connections.setdefault(pid, []).append(Connection(pid, inode, transport, local, remote))
         names: dict[int, str] = {}
         for pid, (shell, cgroup_id, cgroup_path) in list(shells.items()):
-            if (episode_id, pid) in self._reported or pid not in files:
-                continue
             found = wiring(pid, files, connections, lambda p: names.get(p) or names.setdefault(p, self._name(p)))
             if found is None:
                 continue
             conn, feed, back = found
-            if len(self._reported) >= MAX_REPORTED:
-                self._reported.clear()
-            self._reported.add((episode_id, pid))
+            shells.pop(pid)         # reported: no more scans for it
             # dated when /proc showed it: the record that led here may be older than the connection
-            self.observe(PipedShell(max(ts_ns, self.proc.wall_ns()), episode, cgroup_id, cgroup_path, shell, conn.pid, names[conn.pid],
-                                    feed, back, conn.transport, conn.local, conn.remote))
+            self.observe(PipedShell(max(ts_ns, self.proc.wall_ns()), episode, cgroup_id, cgroup_path, shell,
+                                    conn.pid, names[conn.pid], feed, back, conn.transport, conn.local, conn.remote))
+        if not shells:
+            self._forget(episode_id)
 
     def _name(self, pid: int) -> str:
         """What runs there now: /proc is newer than the state (a forked shell may have exec'd nc since)."""
