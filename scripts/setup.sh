@@ -27,6 +27,7 @@ PACKAGES=(
     socat openssh-server openssh-client rsyslog rsyslog-gnutls rsyslog-relp curl git
     kcat
     strace openssl
+    netcat-openbsd
 )
 
 is_installed() {

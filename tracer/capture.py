@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import msgpack
 
-from . import procfs
+from . import procfs, sshconfig
 from .events import Endpoint, Process
 
 FORMAT = "eptrace-capture/1"
@@ -48,6 +48,32 @@ class Recorder:
                    [found[0], dataclasses.astuple(found[1]), dataclasses.astuple(found[2]), found[3]])
         return found
 
+    def open_files(self, pid: int):
+        found = procfs.open_files(pid)
+        self.write("files", pid, found)
+        return found
+
+    def inet_sockets(self, pid: int, inodes: set[str]):
+        found = procfs.inet_sockets(pid, inodes)
+        self.write("socks", pid, {inode: [t, dataclasses.astuple(local), dataclasses.astuple(remote), state]
+                                  for inode, (t, local, remote, state) in found.items()})
+        return found
+
+    def episode_pids(self, cgroup_path: str) -> list[int]:
+        found = procfs.episode_pids(cgroup_path)
+        self.write("pids", cgroup_path, found)
+        return found
+
+    def wall_ns(self) -> int:
+        now = procfs.wall_ns()
+        self.write("now", now)
+        return now
+
+    def ssh_forwarding(self, pid: int, args: list[str], started_ns: int | None = None) -> str | None:
+        found = sshconfig.ssh_forwarding(pid, args, started_ns)
+        self.write("ssh", pid, found)
+        return found
+
     def close(self) -> None:
         self._file.close()
 
@@ -58,6 +84,11 @@ class Answers:
     def __init__(self) -> None:
         self.processes: dict[int, dict | None] = {}
         self.fds: dict[tuple[int, int], list | None] = {}
+        self.files: dict[int, list | None] = {}
+        self.sockets: dict[int, dict[str, list]] = {}
+        self.pids: dict[str, list[int]] = {}
+        self.ssh: dict[int, str | None] = {}
+        self.now_ns = 0
 
     def process_info(self, pid: int) -> Process | None:
         found = self.processes.get(pid)
@@ -69,6 +100,24 @@ class Answers:
             return None
         transport, local, remote, state = found
         return transport, Endpoint(*local), Endpoint(*remote), state
+
+
+    def open_files(self, pid: int):
+        found = self.files.get(pid)
+        return None if found is None else [tuple(f) for f in found]
+
+    def inet_sockets(self, pid: int, inodes: set[str]):
+        return {inode: (t, Endpoint(*local), Endpoint(*remote), state)
+                for inode, (t, local, remote, state) in self.sockets.get(pid, {}).items() if inode in inodes}
+
+    def episode_pids(self, cgroup_path: str) -> list[int]:
+        return self.pids.get(cgroup_path, [])
+
+    def ssh_forwarding(self, pid: int, args: list[str], started_ns: int | None = None) -> str | None:
+        return self.ssh.get(pid)
+
+    def wall_ns(self) -> int:
+        return self.now_ns
 
 
 class ReplayProbes:
@@ -138,8 +187,18 @@ def replay(path: str | Path, encoder, outputs, config=None):
             answers.processes[entry[1]] = entry[2]
         elif kind == "fd":
             answers.fds[(entry[1], entry[2])] = entry[3]
+        elif kind == "files":
+            answers.files[entry[1]] = entry[2]
+        elif kind == "socks":
+            answers.sockets[entry[1]] = entry[2]
+        elif kind == "pids":
+            answers.pids[entry[1]] = entry[2]
+        elif kind == "ssh":
+            answers.ssh[entry[1]] = entry[2]
+        elif kind == "now":
+            answers.now_ns = entry[1]
         elif kind == "rec":
             probes.handle(entry[1])
         elif kind == "sweep":
-            tracer.flows.sweep(entry[1], final=entry[2])
+            tracer.replay_sweep(entry[1], final=entry[2])
     return tracer

@@ -108,6 +108,28 @@ class StdioSocket:
 
 
 @dataclass(slots=True)
+class PipedShell:
+    """Internal (never a document): a shell reading commands from stdin, fed through pipes or FIFOs by a
+    process that holds a network connection, with its output going back to that process (or socket)."""
+    timestamp_ns: int
+    episode: Episode
+    cgroup_id: int
+    cgroup_path: str
+    process: Process          # the shell
+    holder_pid: int           # the process that holds the connection
+    holder_name: str
+    feed: str                 # how stdin is fed: "pipe:[12] <- nc (pid 40)", ...
+    back: str                 # where stdout/stderr go
+    transport: str
+    source: Endpoint          # the holder's end of the connection
+    destination: Endpoint     # the peer
+
+    @property
+    def direction(self) -> str:
+        return "egress"
+
+
+@dataclass(slots=True)
 class ProcessEvent:
     action: str               # process_started / process_ended
     timestamp_ns: int
@@ -148,7 +170,7 @@ class Alert:
     process: Process | None
     message: str              # says why, with the evidence
     risk_score: float
-    evidence: list = field(default_factory=list)   # NetworkEvent, PayloadSeen or StdioSocket: each has endpoints
+    evidence: list = field(default_factory=list)   # NetworkEvent, PayloadSeen, StdioSocket or PipedShell: each has endpoints
 
 
 Event = NetworkEvent | ProcessEvent | Metric | Alert

@@ -13,17 +13,19 @@ from .decoding import NetRecord, ProcessRecord, RecordType, SocketRecord
 from .config import Config
 from .detect import Engine
 from .detect.argv import is_shell_or_interpreter
-from .events import Episode, Metric, NetworkEvent, PayloadSeen, ProcessEvent, StdioSocket
+from .events import Episode, Metric, NetworkEvent, PayloadSeen, PipedShell, ProcessEvent, StdioSocket
 from .kernel import cgroups
 from .kernel.loader import Probes
 from .state.episodes import Episodes
 from .state.flows import FlowTable
+from .state.pipes import PipeShells
 from .state.processes import Processes
 
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 0.25
 POLL_MS = 50          # how often the ring buffer is read: the latency of an event
+MAX_SSH_CONFIGS = 4096  # ssh clients whose config was read, remembered
 
 
 class Clock:
@@ -62,7 +64,10 @@ class Tracer:
                                update_interval_ns=int(self.config.flows.update_interval_seconds * 1e9),
                                lineage=self._lineage_pids)
         probes.set_flow_update_interval(self.flows.update_interval_ns)
-        self.detectors = Engine(self.config, parent_of=self.processes.parent_of, flows=self.flows)
+        self.detectors = Engine(self.config, parent_of=self.processes.parent_of, flows=self.flows,
+                                ssh_forwarding=self._ssh_forwarding)
+        self._ssh_configs: dict[tuple[int, int | None], str | None] = {}
+        self.shells = PipeShells(self.proc, observe=self._inspect, lookup=self.processes.known)
         self.observers: list = []          # callables that see every emitted event (verdicts)
         self._next_sweep = self._next_stats = time.monotonic()
         self._next_stats += stats_interval_s
@@ -74,6 +79,15 @@ class Tracer:
             pids.append(process.pid)
             process = self.processes.parent_of(process)
         return pids
+
+    def _ssh_forwarding(self, process) -> str | None:
+        """What an ssh client's config makes it forward: read once per process (ssh -G costs ~50 ms)."""
+        key = (process.pid, process.start_ns)
+        if key not in self._ssh_configs:
+            if len(self._ssh_configs) >= MAX_SSH_CONFIGS:
+                self._ssh_configs.pop(next(iter(self._ssh_configs)))
+            self._ssh_configs[key] = self.proc.ssh_forwarding(process.pid, process.args, process.start_ns)
+        return self._ssh_configs[key]
 
     # -- episodes -------------------------------------------------------------------
     def add_episode(self, episode_id: str, cgroup_path: Path, labels: dict[str, str] | None = None) -> Episode:
@@ -90,6 +104,7 @@ class Tracer:
         self.probes.detach(cgroup_id)
         episode = self.episodes.remove(cgroup_id)
         if episode:
+            self.shells.forget_episode(episode.id)
             log.info("stopped tracing episode %s", episode.id)
 
     # -- records --------------------------------------------------------------------
@@ -163,11 +178,14 @@ class Tracer:
                                           transport, local, remote, state))
                 return
 
-    def _inspect(self, seen: PayloadSeen | StdioSocket) -> None:
-        """First bytes, DNS queries, sockets on stdio: to the detectors only, not to the outputs."""
+    def _inspect(self, seen: PayloadSeen | StdioSocket | PipedShell) -> None:
+        """First bytes, DNS queries, sockets on stdio, shells on pipes: to the detectors only, not to
+        the outputs."""
         for alert in self.detectors.observe(seen):
             self.stats["alerts"] += 1
             self.emit(alert)
+        if isinstance(seen, PayloadSeen):
+            self.shells.on_event(seen)      # the first bytes of a flow: a pipeline may be complete now
 
     def emit(self, event) -> None:
         self.outputs.write(self.encoder.encode_document(event))
@@ -178,6 +196,7 @@ class Tracer:
             for alert in self.detectors.observe(event):
                 self.stats["alerts"] += 1
                 self.emit(alert)
+            self.shells.on_event(event)
 
     # -- loop -------------------------------------------------------------------------
     def poll(self, timeout_ms: int = POLL_MS) -> None:
@@ -195,8 +214,14 @@ class Tracer:
             self.emit_stats()
 
     def _sweep(self, now_ns: int, final: bool) -> None:
+        self.shells.flush(self.clock.wall_ns(now_ns))   # before the entry: its /proc answers come first
         if self.capture:
             self.capture.write("sweep", now_ns, final)
+        self.flows.sweep(now_ns, final=final)
+
+    def replay_sweep(self, now_ns: int, final: bool) -> None:
+        """A captured sweep, replayed: what _sweep did after its /proc reads."""
+        self.shells.flush(self.clock.wall_ns(now_ns))
         self.flows.sweep(now_ns, final=final)
 
     def drain(self) -> None:

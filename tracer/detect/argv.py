@@ -137,3 +137,59 @@ def is_shell_or_interpreter(args: list[str], executable: str = "") -> bool:
     """What a reverse shell runs: a shell, or an interpreter that can act as one."""
     name = os.path.basename(executable) if executable else name_of(args)
     return name in _SHELLS or bool(_INTERPRETERS.match(name)) or name_of(args) in _SHELLS
+
+
+# Options after which the program comes from argv, not stdin: sh -c, python -c/-m, perl -e, node -e/-p,
+# php -r, ruby -e, lua -e, pwsh -Command/-File. A first operand (a script file) does the same.
+_CODE_OPTIONS = {"shell": set("c"), "python": set("cm"), "perl": set("eE"), "ruby": set("e"),
+                 "node": set("ep"), "php": set("rfF"), "lua": set("e"), "pwsh": set("cCfF")}
+# Options that take a value (so their value is no script operand): sh -o opt, python -W/-X, perl -I/-M, ...
+_VALUE_OPTIONS = {"shell": set("oO"), "python": set("WXQ"), "perl": set("IMmx"), "ruby": set("IrCE"),
+                  "node": set("r"), "php": set("cdz"), "lua": set("l"), "pwsh": set()}
+
+
+def _family(name: str) -> str | None:
+    if name in _SHELLS:
+        return "shell"
+    for family in ("python", "perl", "ruby", "node", "php", "lua", "pwsh"):
+        if name.startswith(family) and _INTERPRETERS.match(name):
+            return family
+    return "ruby" if name == "irb" else "node" if name == "nodejs" else "lua" if name == "tclsh" else None
+
+
+def reads_commands_from_stdin(args: list[str], executable: str = "") -> bool:
+    """A shell or interpreter that takes its commands from stdin: no -c/-e program, no script file
+    (`sh`, `sh -i`, `bash -s`, `python3 -`, `python3 -i`, `perl`). awk is left out: its stdin is data."""
+    name = os.path.basename(executable) if executable else name_of(args)
+    if name == "busybox" or (name_of(args) == "busybox" and len(args) > 1):
+        args, name = args[1:], name_of(args[1:])
+    family = _family(name) or _family(name_of(args))
+    if family is None:
+        return False
+    code, value = _CODE_OPTIONS[family], _VALUE_OPTIONS[family]
+    i = 1
+    while i < len(args):
+        arg = args[i]
+        if arg == "-" or (family == "shell" and arg == "--"):
+            return True         # "the program is on stdin", or the end of sh's options
+        if arg.startswith("--") or (family == "shell" and arg.startswith("+")):
+            i += 1              # long options (--norc, --login, ...) and sh's +o: none names a program
+            continue
+        if not arg.startswith("-"):
+            return False        # a script file
+        flags = arg[1:]
+        if family == "pwsh":
+            return flags.lower() in ("noexit", "i", "interactive", "noprofile", "nologo")
+        from_stdin = False
+        for j, flag in enumerate(flags):
+            if flag in code:
+                return False    # even with -i: `bash -ic CMD` runs CMD
+            from_stdin |= flag == "i" or (family == "shell" and flag == "s")   # interactive, or sh -s
+            if flag in value:
+                if not flags[j + 1:]:
+                    i += 1      # the value is the next argument
+                break
+        if from_stdin:
+            return True
+        i += 1
+    return True

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from ..decoding import is_loopback
-from ..events import NetworkEvent, ProcessEvent, StdioSocket
+from ..events import NetworkEvent, PipedShell, ProcessEvent, StdioSocket
 from . import Context, Finding, argv, rules, where, who
 
 CONNECTS = ("connection_established", "connection_attempted", "udp_sent")
@@ -33,6 +33,13 @@ def reverse_tunnel(event, ctx: Context) -> Iterator[Finding]:
                           + ("" if proc is event.process else f" (its ancestor {who(proc)})"),
                           90, [event])
             return
+    process = event.process
+    if process is not None and argv.name_of(process.args, process.executable) in ("ssh", "dbclient"):
+        why = ctx.ssh_forwarding(process)
+        if why:
+            yield Finding(rules.REVERSE_TUNNEL, ("pid", process.pid),
+                          f"{who(process)} in episode {event.episode.id} opened an outbound flow to {where(event)} "
+                          f"for a tunnel set in its config: {why}; `{' '.join(process.args)[:300]}`", 90, [event])
 
 
 def reverse_shell(event, ctx: Context) -> Iterator[Finding]:
@@ -61,6 +68,19 @@ def stdio_socket(event, ctx: Context) -> Iterator[Finding]:
                   f"{event.transport}: `{' '.join(event.process.args)[:200]}`", 99, [event])
 
 
+def piped_shell(event, ctx: Context) -> Iterator[Finding]:
+    """A shell reading commands from stdin, fed by a network helper (nc, openssl s_client) through pipes or
+    FIFOs, with its output piped back to it: tracer.state.pipes found the shape in /proc."""
+    if not isinstance(event, PipedShell):
+        return
+    dst = event.destination
+    yield Finding(rules.REVERSE_SHELL, ("peer", dst.ip, dst.port),
+                  f"{who(event.process)} in episode {event.episode.id} takes its commands from the network and "
+                  f"sends its output back: {event.holder_name} (pid {event.holder_pid}) holds a connection to "
+                  f"{dst.ip}:{dst.port}/{event.transport}; stdin {event.feed}; output {event.back}: "
+                  f"`{' '.join(event.process.args)[:200]}`", 99, [event])
+
+
 def crypto_mining(event, ctx: Context) -> Iterator[Finding]:
     if isinstance(event, ProcessEvent) and event.action == "process_started":
         why = argv.miner_argv(event.process.args, event.process.executable)
@@ -70,4 +90,4 @@ def crypto_mining(event, ctx: Context) -> Iterator[Finding]:
                           f"`{' '.join(event.process.args)[:300]}`", 80)
 
 
-DETECTORS = (reverse_tunnel, reverse_shell, stdio_socket, crypto_mining)
+DETECTORS = (reverse_tunnel, reverse_shell, stdio_socket, piped_shell, crypto_mining)

@@ -60,6 +60,10 @@ class Processes:
             return None
         return self._live.get(proc.parent_pid) or self._exited.get(proc.parent_pid)
 
+    def known(self, pid: int) -> Process | None:
+        """A process seen so far, live or recently exited; no /proc lookup."""
+        return self._live.get(pid) or self._exited.get(pid)
+
     def get(self, owner: Owner) -> Process:
         """The process of a record's owner, creating it from /proc when unseen."""
         pid = owner.tgid
