@@ -148,7 +148,10 @@ def cli(verbose: int, state_dir: str | None) -> None:
         os.environ["EPTRACE_STATE_DIR"] = state_dir
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
+# Options end at "--" or at the first argument that is not an option: the command starts there, and what
+# follows reaches it untouched. A mistyped option before it is click's usage error (exit 2), before anything
+# is loaded, never a command named "--outptu".
+@cli.command(context_settings={"allow_interspersed_args": False})
 @click.option("--episode", "episode_id", required=True, metavar="ID",
               help="Episode id: 1-128 characters of A-Z a-z 0-9 . _ : -")
 @click.option("--output", "outputs", multiple=True, metavar="SPEC", help=OUTPUT_HELP)
