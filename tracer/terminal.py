@@ -1,0 +1,26 @@
+"""Text from the sandbox (argv, comm, DNS names, labels) on a terminal: control characters escaped.
+
+An ANSI escape or a newline in an argv could otherwise clear the screen, forge a summary line or an
+`episode ls` row. Human-readable output goes through printable(); JSON and syslog stay exact.
+"""
+from __future__ import annotations
+
+import re
+
+# C0 controls (tab and newline included), DEL, C1 controls, Unicode line/paragraph separators and the
+# bidirectional overrides that reorder what a terminal shows; and the backslash, so that an escape shown
+# can never be told from the same text typed literally.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\\]")
+
+
+def _escape(match: re.Match) -> str:
+    char = match.group()
+    if char == "\\":
+        return "\\\\"
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    """text with every control character written as \\xNN (\\uNNNN), and '\\' as '\\\\': one visible line."""
+    return _UNPRINTABLE.sub(_escape, text)
