@@ -72,7 +72,10 @@ def _registration(data, name: str) -> Registration:
         raise RegistryError(f"registration {name}: cgroup must be an absolute path")
     if not all(isinstance(v, str) for v in labels.values()):
         raise RegistryError(f"registration {name}: label values must be strings")
-    parse_labels([f"{k}={v}" for k, v in labels.items()])
+    try:
+        parse_labels([f"{k}={v}" for k, v in labels.items()])
+    except RegistryError as e:
+        raise RegistryError(f"registration {name}: {e}") from None
     return Registration(episode_id, cgroup, dict(labels))
 
 

@@ -13,14 +13,18 @@ import re
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\\]")
 
 
+_NAMED = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
 def _escape(match: re.Match) -> str:
     char = match.group()
-    if char == "\\":
-        return "\\\\"
+    if char in _NAMED:
+        return _NAMED[char]
     code = ord(char)
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def printable(text: str) -> str:
-    """text with every control character written as \\xNN (\\uNNNN), and '\\' as '\\\\': one visible line."""
+    """text with every control character written as \\n, \\t, \\r or \\xNN (\\uNNNN), and '\\' as '\\\\':
+    one visible line."""
     return _UNPRINTABLE.sub(_escape, text)
