@@ -154,7 +154,7 @@ Exit status:
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="eptrace")
 @click.option("-v", "--verbose", count=True, help="More diagnostics on stderr (-vv for debug).")
-@click.option("--state-dir", envvar="EPTRACE_STATE_DIR", type=click.Path(file_okay=False), default=None,
+@click.option("--state-dir", envvar="EPTRACE_STATE_DIR", type=click.Path(), default=None,
               help="Where registrations are kept [default: /var/lib/eptrace; env EPTRACE_STATE_DIR].")
 def cli(verbose: int, state_dir: str | None) -> None:
     """Trace the network activity of AI-agent sandboxes, tagged by episode.

@@ -338,3 +338,55 @@ def test_metrics_endpoint_warns_off_loopback(caplog):
     caplog.clear()
     MetricsServer("127.0.0.1:0", lambda: STATS).close()
     assert not caplog.records
+
+
+# ---- dead letters -------------------------------------------------------------------------------------------
+
+class Refuser:
+    """A Sender whose receiver refuses every document for good."""
+    name = "test://refuser"
+
+    def send(self, docs):
+        return [(d, "refused") for d in docs]
+
+    def close(self):
+        pass
+
+
+def _dead_letter_output(tmp_path):
+    from tracer.outputs.delivery import DeliveryOutput
+    return DeliveryOutput(Refuser(), spool_dir=tmp_path / "spool")
+
+
+def _doc(i):
+    from tracer.schema import Document
+    return Document(json.dumps({"event": {"id": f"id-{i}", "kind": "event"}}), "event")
+
+
+def _wait(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_dead_letters_are_private(tmp_path):
+    out = _dead_letter_output(tmp_path)
+    out.write(_doc(1))
+    _wait(lambda: out.dropped.get("rejected:refused"))
+    out.close(timeout_s=0.1)
+    letters = out.spool.dir / "dead-letter.ndjson"
+    assert "id-1" in letters.read_text() and stat.S_IMODE(os.stat(letters).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(out.spool.dir).st_mode) == 0o700
+
+
+def test_dead_letters_never_follow_a_link(tmp_path, caplog):
+    victim = tmp_path / "victim"
+    victim.write_text("victim\n")
+    out = _dead_letter_output(tmp_path)
+    (out.spool.dir / "dead-letter.ndjson").symlink_to(victim)
+    out.write(_doc(1))
+    _wait(lambda: out.dropped.get("rejected:refused"))
+    out.close(timeout_s=0.1)
+    assert victim.read_text() == "victim\n"
+    assert any("symbolic link" in r.getMessage() for r in caplog.records)
