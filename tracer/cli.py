@@ -138,7 +138,7 @@ def _metrics_address(address: str | None) -> str | None:
         raise Failure(f"--metrics-listen wants ADDR:PORT, e.g. 127.0.0.1:9464, not {address!r}", EXIT_BAD_INPUT)
     return address
 OUTPUT_HELP = ("Where documents go (repeat for several): '-' (stdout, the default), 'file:PATH[?max_mb=N&keep=K]', "
-               "'syslog+tcp|tls|udp://HOST:PORT', 'forward://HOST:PORT', 'hec[s]://HOST:PORT?token=T', "
+               "'syslog+tcp|tls|udp://HOST:PORT', 'forward://HOST:PORT', 'hec[s]://HOST:PORT?token_file=FILE', "
                "'es[s]://HOST:PORT/INDEX'; see the README. Without it, the config's [output] specs.")
 
 EPILOG = """\b
@@ -208,7 +208,7 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
     \b
     Examples:
       sudo eptrace run --episode ep-42 -- python3 agent.py --task 7
-      sudo eptrace run --episode ep-42 --output file:/tmp/ep-42.ndjson -- curl -s http://198.51.100.1/
+      sudo eptrace run --episode ep-42 --output file:/var/log/eptrace/ep-42.ndjson -- curl -s http://198.51.100.1/
       sudo eptrace run --episode ep-42 --label run=ppo-7 -- bash -c 'pip download requests'
     """
     _episode_id(episode_id)

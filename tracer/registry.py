@@ -136,7 +136,13 @@ class Registry:
         regs = []
         for d in (self.dir.parent, self.dir):
             if os.path.lexists(d) and (os.path.islink(d) or not os.path.isdir(d)):
-                raise RegistryError(f"state directory {d} is not a directory (a file or a link is in its place)")
+                error = RegistryError(f"state directory {d} is not a directory (a file or a link is in its place)")
+                if strict:
+                    raise error
+                if str(d) not in _reported:
+                    _reported.add(str(d))
+                    log.warning("%s; no registration is read from it", error)
+                return regs
         if not self.dir.is_dir():
             return regs
         for f in sorted(self.dir.glob("*.json")):
