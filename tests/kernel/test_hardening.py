@@ -314,18 +314,16 @@ def test_the_cgroup2_root_and_nested_cgroups_are_not_episodes(clean, episode_cgr
     outer = episode_cgroup(f"outer-{secrets.token_hex(3)}")
     inner = outer / "inner"
     inner.mkdir()
+
+    def episode(*args):
+        return run_eptrace("episode", *args, state_dir=clean.state)
     try:
-        r = run_eptrace("episode", "add", "--id", "ep-outer", "--cgroup", outer, state_dir=clean.state)
-        assert r.returncode == 0, r.stderr
-        r = run_eptrace("episode", "add", "--id", "ep-inner", "--cgroup", inner, state_dir=clean.state)
-        assert "inside" in assert_one_line_error(r, 2)
-        r = run_eptrace("episode", "rm", "--id", "ep-outer", state_dir=clean.state)
-        assert r.returncode == 0, r.stderr
-        r = run_eptrace("episode", "add", "--id", "ep-inner", "--cgroup", inner, state_dir=clean.state)
-        assert r.returncode == 0, r.stderr
-        r = run_eptrace("episode", "add", "--id", "ep-outer", "--cgroup", outer, state_dir=clean.state)
-        assert "above" in assert_one_line_error(r, 2)
-        r = run_eptrace("episode", "rm", "--id", "ep-inner", state_dir=clean.state)
-        assert r.returncode == 0, r.stderr
+        # Registered first, then the other one: inside it, or above it, is refused.
+        for first, first_cgroup, second, second_cgroup, where in (("ep-outer", outer, "ep-inner", inner, "inside"),
+                                                                  ("ep-inner", inner, "ep-outer", outer, "above")):
+            r = episode("add", "--id", first, "--cgroup", first_cgroup)
+            assert r.returncode == 0, r.stderr
+            assert where in assert_one_line_error(episode("add", "--id", second, "--cgroup", second_cgroup), 2)
+            assert episode("rm", "--id", first).returncode == 0
     finally:
         inner.rmdir()
