@@ -8,6 +8,8 @@ The rules, the way OpenSSH's StrictModes checks a home directory:
   world, or a group other than root's) without the sticky bit: whoever can write there can swap the file
   or a directory on the way to it between the check and the open.
 - Files that hold argv and payload bytes are 0600, eptrace's own directories 0700.
+- /dev/null is the one exception (benchmarks and dry runs write there): opened as it is, never chmod-ed or
+  renamed over.
 Each refusal is an UnsafePathError with a one-line message that names the path and says why.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+DEVNULL = Path(os.devnull)
 
 
 class UnsafePathError(Exception):
@@ -82,6 +85,8 @@ def check_target(path: str | os.PathLike, what: str) -> Path:
     """Check, without creating anything, that a file may be written at path (its directories, and the file if
     it exists). Call it for every path before anything is made, so that a bad one leaves nothing behind."""
     path = Path(os.path.abspath(path))
+    if path == DEVNULL:
+        return path
     if path.name in ("", ".", ".."):
         raise UnsafePathError(f"{what} {path} is a directory; give a file path")
     check_directory(path.parent, what)
@@ -99,6 +104,8 @@ def open_for_writing(path: str | os.PathLike, what: str, mode: int = PRIVATE_FIL
     """An fd open for writing (appending, or from the start) on a regular file of root's, made with mode if it
     is new; the mode (and group) is set on an existing file too. Raises UnsafePathError, OSError."""
     path = check_target(path, what)
+    if path == DEVNULL:
+        return os.open(DEVNULL, os.O_WRONLY | os.O_CLOEXEC)
     fd = os.open(path, _WRITE_FLAGS | (os.O_APPEND if append else os.O_TRUNC), mode)
     try:
         _check_existing(os.fstat(fd), path, what)     # what was opened, not what was checked
@@ -118,6 +125,10 @@ class AtomicFile:
     def __init__(self, path: str | os.PathLike, what: str, mode: int = PRIVATE_FILE):
         self.path = check_target(path, what)
         self.what = what
+        if self.path == DEVNULL:
+            self.tmp = None
+            self.file = open(DEVNULL, "wb")
+            return
         self.tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
         fd = os.open(self.tmp, _WRITE_FLAGS | os.O_EXCL, mode)
         os.fchmod(fd, mode)
@@ -129,6 +140,9 @@ class AtomicFile:
     def commit(self) -> None:
         """Flush, sync and rename over the target (checked again: it may have appeared since)."""
         if self.file.closed:
+            return
+        if self.tmp is None:
+            self.file.close()
             return
         try:
             self.file.flush()
@@ -143,7 +157,8 @@ class AtomicFile:
     def abort(self) -> None:
         if not self.file.closed:
             self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
 
 
 def write_atomically(path: str | os.PathLike, data: bytes, what: str, mode: int = PRIVATE_FILE) -> None:

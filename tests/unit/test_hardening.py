@@ -92,6 +92,18 @@ def test_modes(tmp_path):
     assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_gid == 0
 
 
+def test_dev_null_is_written_as_it_is():
+    """Benchmarks write to /dev/null: accepted, never chmod-ed, rotated or renamed over."""
+    before = os.stat(os.devnull)
+    out = parse_output_spec("file:/dev/null?max_mb=1")
+    out.write(__import__("tracer.schema", fromlist=["Document"]).Document("{}" + " " * 2_000_000, "event"))
+    out.close()
+    safefiles.write_atomically(os.devnull, b"{}", "--verdict")
+    after = os.stat(os.devnull)
+    assert stat.S_ISCHR(after.st_mode) and after.st_mode == before.st_mode and after.st_ino == before.st_ino
+    assert not os.path.lexists("/dev/null.1")
+
+
 def test_a_file_in_place_of_the_state_directory_is_refused(tmp_path):
     (tmp_path / "state").write_text("")
     with pytest.raises(safefiles.UnsafePathError, match="not a directory"):

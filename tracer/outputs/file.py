@@ -37,6 +37,8 @@ class FileOutput(Output):
         self.keep = keep
         self.group = group
         self.max_bytes = int(max_mb * 1024 * 1024) if max_mb is not None else None
+        if os.path.abspath(path) == os.devnull:
+            self.max_bytes = None       # never rotated: that would rename /dev/null
         check_file_target(path)
         self._fd = self._open()
         self._size = os.fstat(self._fd).st_size
