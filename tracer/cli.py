@@ -66,10 +66,11 @@ class FiniteFloatRange(click.FloatRange):
     """A FloatRange that refuses nan (which every range comparison lets through) and inf."""
 
     def convert(self, value, param, ctx):
-        number = super().convert(value, param, ctx)
+        number = click.FLOAT.convert(value, param, ctx)
         if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number.", param, ctx)
-        return number
+            name = param.opts[0] if param is not None else "a number"
+            raise Failure(f"{name} must be a finite number of seconds, not {value!r}", EXIT_BAD_INPUT)
+        return super().convert(number, param, ctx)
 
 
 SCHEMA_OPTION = click.option("--schema", type=click.Choice(["ecs", "ocsf"]), default="ecs", show_default=True,
