@@ -10,17 +10,18 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from . import safefiles
 from .kernel import cgroups
+from .terminal import CONTROL
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = Path("/var/lib/eptrace")
 EPISODE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-log = logging.getLogger(__name__)
 LABEL_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
-CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")   # C0, DEL, C1 and Unicode line breaks
 
 
 class RegistryError(Exception):
@@ -52,7 +53,7 @@ def parse_labels(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
             raise RegistryError(f"invalid label {pair!r}: use KEY=VALUE with KEY like team or run.kind")
         if key == "episode_id":
             raise RegistryError("label key 'episode_id' is reserved: it is the episode's id")
-        if CONTROL_CHARS.search(value):
+        if CONTROL.search(value):
             raise RegistryError(f"invalid label {pair!r}: the value has control characters (tabs, newlines, escapes)")
         labels[key] = value
     return labels
@@ -60,9 +61,11 @@ def parse_labels(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
 
 def _registration(data, name: str) -> Registration:
     """A registration file's content, checked: the types of its fields, and its id against its file name."""
-    if not isinstance(data, dict) or set(data) != {"id", "cgroup", "labels"}:
-        raise RegistryError(f"registration {name} must be an object with id, cgroup and labels")
-    episode_id, cgroup, labels = data["id"], data["cgroup"], data["labels"]
+    known = {f.name for f in fields(Registration)}
+    if not isinstance(data, dict) or not {"id", "cgroup"} <= set(data) or set(data) - known:
+        raise RegistryError(f"registration {name} must be an object with id, cgroup and labels "
+                            f"(fields: {', '.join(sorted(known))})")
+    episode_id, cgroup, labels = data["id"], data["cgroup"], data.get("labels", {})
     if not isinstance(episode_id, str) or not isinstance(cgroup, str) or not isinstance(labels, dict):
         raise RegistryError(f"registration {name}: id and cgroup must be strings, labels an object")
     if f"{episode_id}.json" != name:
@@ -76,7 +79,7 @@ def _registration(data, name: str) -> Registration:
         parse_labels([f"{k}={v}" for k, v in labels.items()])
     except RegistryError as e:
         raise RegistryError(f"registration {name}: {e}") from None
-    return Registration(episode_id, cgroup, dict(labels))
+    return Registration(**{**data, "labels": dict(labels)})
 
 
 class Registry:

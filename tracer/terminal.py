@@ -8,9 +8,11 @@ from __future__ import annotations
 import re
 
 # C0 controls (tab and newline included), DEL, C1 controls, Unicode line/paragraph separators and the
-# bidirectional overrides that reorder what a terminal shows; and the backslash, so that an escape shown
-# can never be told from the same text typed literally.
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\\]")
+# bidirectional overrides that reorder what a terminal shows.
+CONTROL_CHARS = "\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+CONTROL = re.compile(f"[{CONTROL_CHARS}]")
+# ... and the backslash, so that an escape shown can never be told from the same text typed literally.
+_UNPRINTABLE = re.compile(f"[{CONTROL_CHARS}\\\\]")
 
 
 _NAMED = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}

@@ -275,7 +275,8 @@ def test_label_values_with_control_characters_are_refused(value):
     {"id": ["ep-1"], "cgroup": "/x", "labels": {}},
     {"id": "ep-2", "cgroup": "/x", "labels": {}},           # not its file name
     {"id": "ep-1", "cgroup": "/x", "labels": {"k": "\x1b[2J"}},
-    {"id": "ep-1", "cgroup": "/x"},
+    {"id": "ep-1", "labels": {}},
+    {"id": "ep-1", "cgroup": "/x", "labels": {}, "colour": "red"},
 ])
 def test_bad_registration_files(tmp_path, content):
     (tmp_path / "episodes").mkdir(mode=0o700)
