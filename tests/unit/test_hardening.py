@@ -86,10 +86,10 @@ def test_modes(tmp_path):
     d = safefiles.private_dir(tmp_path / "state" / "spool", "x")
     assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(tmp_path / "state").st_mode) == 0o700
-    out = parse_output_spec(f"file:{tmp_path}/events.ndjson?group=0")
+    out = parse_output_spec(f"file:{tmp_path}/events.ndjson?group={os.getegid()}")
     out.close()
     st = os.stat(tmp_path / "events.ndjson")
-    assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_gid == 0
+    assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_gid == os.getegid()
 
 
 def test_dev_null_is_written_as_it_is():
