@@ -9,15 +9,17 @@ captured fixtures, and a new rule or threshold can be tried on old episodes.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import msgpack
 
-from . import procfs, sshconfig
+from . import procfs, safefiles, sshconfig
 from .events import Endpoint, Process
 
 FORMAT = "eptrace-capture/1"
+log = logging.getLogger(__name__)
 
 
 class CaptureError(Exception):
@@ -25,13 +27,17 @@ class CaptureError(Exception):
 
 
 class Recorder:
-    """Appends entries to a capture file; also wraps /proc lookups so their answers are kept."""
+    """Appends entries to a capture file; also wraps /proc lookups so their answers are kept.
+    The capture (argv, payload bytes) is written 0600 under a temporary name and renamed at close."""
 
     def __init__(self, path: str | Path):
         try:
-            self._file = open(path, "wb")
+            self._atomic = safefiles.AtomicFile(path, "capture")
+        except safefiles.UnsafePathError as e:
+            raise CaptureError(str(e)) from None
         except OSError as e:
             raise CaptureError(f"cannot write capture {path}: {e.strerror}") from None
+        self._file = self._atomic.file
         self._packer = msgpack.Packer(use_bin_type=True)
 
     def write(self, *entry: Any) -> None:
@@ -75,7 +81,10 @@ class Recorder:
         return found
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._atomic.commit()
+        except (OSError, safefiles.UnsafePathError) as e:      # at the end of a session: said, not raised
+            log.error("cannot write capture %s: %s", self._atomic.path, e)
 
 
 class Answers:

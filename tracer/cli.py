@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 
 import click
 
 from . import __version__
+from .outputs.secrets import redact
+from .terminal import printable
 
 # Exit statuses, documented in --help.
 EXIT_BAD_INPUT = 2
@@ -27,7 +30,7 @@ class Failure(click.ClickException):
         self.exit_code = exit_code
 
     def show(self, file=None) -> None:
-        click.echo(f"eptrace: error: {self.message}", err=True)
+        click.echo(f"eptrace: error: {printable(redact(self.message))}", err=True)
 
 
 class _LowerLevelFormatter(logging.Formatter):
@@ -35,7 +38,8 @@ class _LowerLevelFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         record.levelname = record.levelname.lower()
-        return super().format(record)
+        # Messages quote argv, names, paths (one line each) and output specs (never their secrets).
+        return printable(redact(super().format(record)))
 
 
 def _require_root() -> None:
@@ -46,16 +50,27 @@ def _require_root() -> None:
 def _outputs(specs: tuple[str, ...], schema: str = "ecs", config=None):
     """The outputs: --output forms, else the config file's [output] specs, else stdout."""
     from .config import Config
-    from .outputs import Fanout, OutputSpecError, Transform, parse_output_specs
+    from .outputs import Fanout, OutputError, OutputSpecError, Transform, parse_output_specs
     config = config or Config()
     try:
         fanout = Fanout(parse_output_specs(list(specs) or list(config.output.specs), config.output.spool_mb))
-    except (OutputSpecError, OSError) as e:
+    except (OutputSpecError, OutputError, OSError) as e:
         raise Failure(str(e), EXIT_BAD_INPUT) from None
     if schema == "ocsf":
         from .schema.ocsf import convert
         return Transform(fanout, convert)
     return fanout
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A FloatRange that refuses nan (which every range comparison lets through) and inf."""
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            name = param.opts[0] if param is not None else "a number"
+            raise Failure(f"{name} must be a finite number of seconds, not {value!r}", EXIT_BAD_INPUT)
+        return super().convert(number, param, ctx)
 
 
 SCHEMA_OPTION = click.option("--schema", type=click.Choice(["ecs", "ocsf"]), default="ecs", show_default=True,
@@ -79,14 +94,28 @@ def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
         raise Failure(str(e), EXIT_BAD_INPUT) from None
 
 
-def _capture(path: str | None):
+def _capture(path: str | None, fanout=None):
+    """The capture recorder; on an error, the outputs already made are closed first."""
     if not path:
         return None
     from .capture import CaptureError, Recorder
     try:
         return Recorder(path)
     except CaptureError as e:
+        if fanout is not None:
+            fanout.close()
         raise Failure(str(e), EXIT_BAD_INPUT) from None
+
+
+def _check_written_paths(**paths: str | None) -> None:
+    """--verdict, --capture: refused before anything is made when root must not write there (tracer.safefiles)."""
+    from .safefiles import UnsafePathError, check_target
+    for option, path in paths.items():
+        if path:
+            try:
+                check_target(path, f"--{option}")
+            except UnsafePathError as e:
+                raise Failure(str(e), EXIT_BAD_INPUT) from None
 
 
 CAPTURE_HELP = "Also record the input stream to PATH (msgpack), for 'eptrace replay'."
@@ -133,7 +162,7 @@ def _metrics_address(address: str | None) -> str | None:
         raise Failure(f"--metrics-listen wants ADDR:PORT, e.g. 127.0.0.1:9464, not {address!r}", EXIT_BAD_INPUT)
     return address
 OUTPUT_HELP = ("Where documents go (repeat for several): '-' (stdout, the default), 'file:PATH[?max_mb=N&keep=K]', "
-               "'syslog+tcp|tls|udp|relp://HOST:PORT', 'forward://HOST:PORT', 'hec[s]://HOST:PORT?token=T', "
+               "'syslog+tcp|tls|udp|relp://HOST:PORT', 'forward://HOST:PORT', 'hec[s]://HOST:PORT?token_file=FILE', "
                "'es[s]://HOST:PORT/INDEX', 'kafka://BROKER[,BROKER...]/TOPIC'; see the README. Without it, the config's [output] specs.")
 
 EPILOG = """\b
@@ -149,7 +178,7 @@ Exit status:
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="eptrace")
 @click.option("-v", "--verbose", count=True, help="More diagnostics on stderr (-vv for debug).")
-@click.option("--state-dir", envvar="EPTRACE_STATE_DIR", type=click.Path(file_okay=False), default=None,
+@click.option("--state-dir", envvar="EPTRACE_STATE_DIR", type=click.Path(), default=None,
               help="Where registrations are kept [default: /var/lib/eptrace; env EPTRACE_STATE_DIR].")
 @click.option("--pin-dir", envvar="EPTRACE_PIN_DIR", type=click.Path(file_okay=False), default=None,
               help="Where the probes are pinned, on bpffs [default: /sys/fs/bpf/eptrace; env EPTRACE_PIN_DIR].")
@@ -175,14 +204,17 @@ def cli(verbose: int, state_dir: str | None, pin_dir: str | None) -> None:
         os.environ["EPTRACE_PIN_DIR"] = os.path.abspath(pin_dir)
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
+# Options end at "--" or at the first argument that is not an option: the command starts there, and what
+# follows reaches it untouched. A mistyped option before it is click's usage error (exit 2), before anything
+# is loaded, never a command named "--outptu".
+@cli.command(context_settings={"allow_interspersed_args": False})
 @click.option("--episode", "episode_id", required=True, metavar="ID",
               help="Episode id: 1-128 characters of A-Z a-z 0-9 . _ : -")
 @click.option("--output", "outputs", multiple=True, metavar="SPEC", help=OUTPUT_HELP)
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Extra labels.* on every event.")
-@click.option("--grace", default=10.0, show_default=True, type=click.FloatRange(0, 3600), metavar="SECONDS",
+@click.option("--grace", default=10.0, show_default=True, type=FiniteFloatRange(0, 3600), metavar="SECONDS",
               help="After CMD exits, how long to wait for its children and flows to finish.")
-@click.option("--stats-interval", default=10.0, show_default=True, type=click.FloatRange(0.1, 86400),
+@click.option("--stats-interval", default=10.0, show_default=True, type=FiniteFloatRange(0.1, 86400),
               metavar="SECONDS", help="How often health metrics are emitted (and always at exit).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE", help=CONFIG_HELP)
 @click.option("--verdict", "verdict_path", type=click.Path(dir_okay=False, writable=True), metavar="PATH",
@@ -208,7 +240,7 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
     \b
     Examples:
       sudo eptrace run --episode ep-42 -- python3 agent.py --task 7
-      sudo eptrace run --episode ep-42 --output file:/tmp/ep-42.ndjson -- curl -s http://198.51.100.1/
+      sudo eptrace run --episode ep-42 --output file:/var/log/eptrace/ep-42.ndjson -- curl -s http://198.51.100.1/
       sudo eptrace run --episode ep-42 --label run=ppo-7 -- bash -c 'pip download requests'
     """
     _episode_id(episode_id)
@@ -217,13 +249,15 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
     metrics_listen = _metrics_address(metrics_listen)
     user = _user(run_as) if run_as else None
     _require_root()
+    _check_written_paths(verdict=verdict_path, capture=capture_path)
     fanout = _outputs(outputs, schema, config)
+    capture = _capture(capture_path, fanout)
     from .kernel.cgroups import CgroupError
     from .kernel.loader import ProbeError
     from .session import run_episode
     try:
         verdict = run_episode(episode_id, list(command), fanout, labels=label_map, grace_s=grace,
-                              stats_interval_s=stats_interval, config=config, capture=_capture(capture_path),
+                              stats_interval_s=stats_interval, config=config, capture=capture,
                               metrics_listen=metrics_listen, user=user)
     except ProbeError as e:
         raise Failure(str(e), EXIT_KERNEL) from None
@@ -233,17 +267,17 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
         raise Failure(str(e), EXIT_BAD_INPUT) from None
     click.echo(verdict.human(), err=True)
     if verdict_path:
+        from .safefiles import UnsafePathError, write_atomically
         try:
-            with open(verdict_path, "w") as f:
-                f.write(verdict.to_json() + "\n")
-        except OSError as e:
-            log.error("cannot write the verdict to %s: %s", verdict_path, e.strerror)
+            write_atomically(verdict_path, (verdict.to_json() + "\n").encode(), "--verdict")
+        except (OSError, UnsafePathError) as e:
+            log.error("cannot write the verdict to %s: %s", verdict_path, e)
     sys.exit(EXIT_ALERTED if fail_on_alert and verdict.alerted else verdict.exit_code)
 
 
 @cli.command()
 @click.option("--output", "outputs", multiple=True, metavar="SPEC", help=OUTPUT_HELP)
-@click.option("--stats-interval", default=10.0, show_default=True, type=click.FloatRange(0.1, 86400),
+@click.option("--stats-interval", default=10.0, show_default=True, type=FiniteFloatRange(0.1, 86400),
               metavar="SECONDS", help="How often health metrics are emitted (and always at exit).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE", help=CONFIG_HELP)
 @click.option("--capture", "capture_path", type=click.Path(dir_okay=False), metavar="PATH", help=CAPTURE_HELP)
@@ -263,13 +297,20 @@ def watch(outputs, stats_interval, config_path, capture_path, metrics_listen, sc
     config = _config(config_path)
     metrics_listen = _metrics_address(metrics_listen)
     _require_root()
+    _check_written_paths(capture=capture_path)
+    from .registry import Registry, RegistryError
+    registry = Registry()
+    try:
+        registry.list(strict=True)      # a bad registration is an error at start-up, skipped later
+    except RegistryError as e:
+        raise Failure(str(e), EXIT_BAD_INPUT) from None
     fanout = _outputs(outputs, schema, config)
+    capture = _capture(capture_path, fanout)
     from .kernel.loader import ProbeError
-    from .registry import Registry
     from .session import watch as watch_episodes
     try:
-        sys.exit(watch_episodes(fanout, Registry(), stats_interval_s=stats_interval, config=config,
-                                capture=_capture(capture_path), metrics_listen=metrics_listen))
+        sys.exit(watch_episodes(fanout, registry, stats_interval_s=stats_interval, config=config,
+                                capture=capture, metrics_listen=metrics_listen))
     except ProbeError as e:
         raise Failure(str(e), EXIT_KERNEL) from None
     except ValueError as e:        # the metrics address cannot be bound
@@ -303,7 +344,7 @@ def episode_add(episode_id, cgroup, labels) -> None:
         reg = Registry().add(episode_id, cgroup, label_map)
     except RegistryError as e:
         raise Failure(str(e), EXIT_BAD_INPUT) from None
-    click.echo(f"registered episode {reg.id} for cgroup {reg.cgroup}", err=True)
+    click.echo(f"registered episode {reg.id} for cgroup {printable(reg.cgroup)}", err=True)
 
 
 @episode.command("rm")
@@ -324,13 +365,17 @@ def episode_rm(episode_id) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def episode_ls(as_json) -> None:
     """List registered episodes: id, cgroup and labels."""
-    from .registry import Registry
-    for reg in Registry().list():
+    from .registry import Registry, RegistryError
+    try:
+        registrations = Registry().list(strict=True)
+    except RegistryError as e:
+        raise Failure(str(e), EXIT_BAD_INPUT) from None
+    for reg in registrations:
         if as_json:
             click.echo(json.dumps(reg.__dict__))
         else:
-            labels = " ".join(f"{k}={v}" for k, v in sorted(reg.labels.items()))
-            click.echo(f"{reg.id}\t{reg.cgroup}\t{labels}".rstrip())
+            labels = " ".join(f"{k}={printable(v)}" for k, v in sorted(reg.labels.items()))
+            click.echo(f"{reg.id}\t{printable(reg.cgroup)}\t{labels}".rstrip())
 
 
 @cli.command()

@@ -1,12 +1,15 @@
 """The tracer's configuration: one TOML file (--config), every key with a default.
 
 An unknown key or a value of the wrong type or range is an error that names the
-key, so a typo never silently falls back to a default.
+key, so a typo never silently falls back to a default. Numbers are checked by the
+type of their default, for every key alike: an int key takes only whole numbers,
+no number may be inf or nan, and the unit in a key's name (_seconds, _mb) bounds it.
 """
 from __future__ import annotations
 
 import functools
 import ipaddress
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -14,6 +17,15 @@ from pathlib import Path
 
 class ConfigError(ValueError):
     """A one-line message naming the bad key."""
+
+
+MAX_INT = 2 ** 53                 # beyond this an int key is a typo, and floats lose it
+# Bounds by the unit a key's name ends with: below them a value makes no sense (a spool of one byte,
+# a sweep every nanosecond), above them it is a typo that would overflow a timer.
+UNIT_BOUNDS: dict[str, tuple[float, float]] = {
+    "_seconds": (0.001, 10 * 365 * 86400.0),
+    "_mb": (1.0, 1024.0 * 1024),
+}
 
 
 @dataclass(frozen=True)
@@ -93,9 +105,11 @@ def load(path: str | Path | None) -> Config:
     if path is None:
         return Config()
     try:
-        data = tomllib.loads(Path(path).read_text())
+        data = tomllib.loads(Path(path).read_bytes().decode("utf-8"))
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config {path} is not valid TOML: {e}") from None
     return _build(Config, data, "")
@@ -125,9 +139,7 @@ def _check(key: str, default, value):
             raise ConfigError(f"config key {key} must be true or false, not {value!r}")
         return value
     if isinstance(default, (int, float)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ConfigError(f"config key {key} must be a positive number, not {value!r}")
-        return type(default)(value) if isinstance(default, float) else value
+        return _check_number(key, default, value)
     if isinstance(default, tuple):
         if not isinstance(value, list):
             raise ConfigError(f"config key {key} must be a list, not {value!r}")
@@ -136,6 +148,26 @@ def _check(key: str, default, value):
             _check_item(key, item)
         return items
     raise ConfigError(f"config key {key} has an unsupported type")
+
+
+def _check_number(key: str, default: int | float, value):
+    """A number for a key whose default is an int (whole numbers only) or a float (finite), positive,
+    and within the bounds of the key's unit."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"config key {key} must be a positive number, not {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key {key} must be a finite number, not {value!r}")
+    if isinstance(default, int):
+        if not isinstance(value, int):
+            raise ConfigError(f"config key {key} must be a whole number, not {value!r}")
+        if not 0 < value <= MAX_INT:
+            raise ConfigError(f"config key {key} must be between 1 and {MAX_INT}, not {value!r}")
+    elif value <= 0:
+        raise ConfigError(f"config key {key} must be a positive number, not {value!r}")
+    for unit, (low, high) in UNIT_BOUNDS.items():
+        if key.endswith(unit) and not low <= value <= high:
+            raise ConfigError(f"config key {key} must be between {low:g} and {high:g}, not {value!r}")
+    return float(value) if isinstance(default, float) else value
 
 
 def _check_item(key: str, item) -> None:

@@ -1,8 +1,11 @@
 """Ring-buffer records -> typed records. The one Python place that knows the
-binary layout of probes/records.h; tests/kernel check that the two agree."""
+binary layout of probes/records.h; tests/kernel/test_record_layouts.py checks, for
+every record type in LAYOUTS, that the struct sizes and field offsets clang gives
+(through bcc's generated types) are the ones the formats below read."""
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import struct
 from dataclasses import dataclass
@@ -49,6 +52,46 @@ NET_RECORD_SIZE = HEADER.size + NET_BODY.size
 PAYLOAD_RECORD_SIZE = HEADER.size + PAYLOAD_BODY.size + PAYLOAD_LEN
 SOCKET_RECORD_SIZE = HEADER.size + SOCKET_BODY.size
 PROCESS_RECORD_SIZE = HEADER.size + PROCESS_BODY.size + ARGS_BUF
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A record struct as the decoder reads it: its C name, its size, and where each field is."""
+    struct: str                  # in probes/records.h
+    size: int
+    offsets: dict[str, int]      # C field path ("h.owner.tgid", "ep.dport", "data") -> byte offset
+
+
+def _offsets(fmt: struct.Struct, names: list[str], start: int = 0) -> dict[str, int]:
+    """The offset of each item of a packed ('<') format, named in order; an array ('8H') is one name."""
+    offsets, offset = {}, start
+    items = iter(names)
+    for count, code in re.findall(r"(\d*)([a-zA-Z?])", fmt.format.lstrip("<=")):
+        size = struct.calcsize("<" + code) * (int(count) if count and code != "s" else 1)
+        size = int(count) if code == "s" and count else size
+        if code != "x":
+            offsets[next(items)] = offset
+        offset += size
+    assert offset - start == fmt.size and next(items, None) is None, fmt.format
+    return offsets
+
+
+_HEADER_FIELDS = ["h.type", "h.size", "h.ts_ns", "h.cookie", "h.owner.cgroup_id", "h.owner.episode_cgroup_id",
+                  "h.owner.tgid", "h.owner.pid", "h.owner.comm"]
+_ENDPOINT_FIELDS = ["ep.saddr", "ep.daddr", "ep.sport", "ep.dport", "ep.family", "ep.protocol", "ep.socktype"]
+_HEADER_OFFSETS = _offsets(HEADER, _HEADER_FIELDS)
+
+NET_LAYOUT = Layout("net_record", NET_RECORD_SIZE, {**_HEADER_OFFSETS, **_offsets(NET_BODY, _ENDPOINT_FIELDS + [
+    "c.bytes_out", "c.bytes_in", "c.packets_out", "c.packets_in", "a.last_ns", "a.exchanges_out", "a.exchanges_in",
+    "a.gaps", "start_ns", "flags", "ret"], HEADER.size)})
+PAYLOAD_LAYOUT = Layout("payload_record", PAYLOAD_RECORD_SIZE, {**_HEADER_OFFSETS, **_offsets(
+    PAYLOAD_BODY, _ENDPOINT_FIELDS + ["len", "total", "egress", "index"], HEADER.size),
+    "data": HEADER.size + PAYLOAD_BODY.size})
+SOCKET_LAYOUT = Layout("socket_record", SOCKET_RECORD_SIZE, {**_HEADER_OFFSETS, **_offsets(
+    SOCKET_BODY, ["family", "type", "protocol", "ret"], HEADER.size)})
+PROCESS_LAYOUT = Layout("process_record", PROCESS_RECORD_SIZE, {**_HEADER_OFFSETS, **_offsets(
+    PROCESS_BODY, ["parent_tgid", "child_pid", "exit_code", "data_len"], HEADER.size),
+    "data": HEADER.size + PROCESS_BODY.size})
 
 PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp", 136: "udplite", 255: "raw"}
 SOCKET_TYPES = {1: "SOCK_STREAM", 2: "SOCK_DGRAM", 3: "SOCK_RAW", 4: "SOCK_RDM", 5: "SOCK_SEQPACKET",
@@ -148,6 +191,12 @@ _PROCESS_TYPES = {RecordType.PROCESS_FORKED, RecordType.PROCESS_ARGS, RecordType
                   RecordType.PROCESS_EXITED, RecordType.STDIO_DUP}
 
 
+# Every record type and the layout its records have: decode() refuses a record of another size.
+LAYOUTS: dict[RecordType, Layout] = {
+    **{t: NET_LAYOUT for t in _NET_TYPES}, **{t: PROCESS_LAYOUT for t in _PROCESS_TYPES},
+    RecordType.PAYLOAD: PAYLOAD_LAYOUT, RecordType.SOCKET_CREATED: SOCKET_LAYOUT,
+}
+_SIZES = {t.value: layout.size for t, layout in LAYOUTS.items()}
 _TYPES = {t.value: t for t in RecordType}     # a dict lookup is much cheaper than RecordType(n)
 _ip_texts: dict[tuple[bytes, int], str | None] = {}
 _comms: dict[bytes, str] = {}
@@ -198,8 +247,9 @@ def decode(raw: bytes) -> Record:
     kind = _TYPES.get(rtype)
     if kind is None:
         raise DecodeError(f"unknown record type {rtype}")
-    if size != len(raw):
-        raise DecodeError(f"record type {kind.name} says {size} bytes but has {len(raw)}")
+    if size != len(raw) or len(raw) != _SIZES.get(rtype):
+        raise DecodeError(f"record type {kind.name} says {size} bytes and has {len(raw)}, "
+                          f"but its struct has {_SIZES.get(rtype)}")
     header = Header(kind, ts, cookie, Owner(cgid, epid, tgid, pid, _comm_text(comm)))
     off = HEADER.size
     if kind in _NET_TYPES:

@@ -1,12 +1,21 @@
-"""--metrics-listen: the tracer's health counters in the Prometheus text format."""
+"""--metrics-listen: the tracer's health counters in the Prometheus text format.
+
+The endpoint answers anyone who can reach it, so it is bounded: a request has REQUEST_TIMEOUT_S to arrive
+and be answered, at most MAX_CONNECTIONS are served at once (more are closed at once), and an address
+that is not loopback is warned about.
+"""
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT_S = 5.0
+MAX_CONNECTIONS = 8
 
 
 def exposition(stats: dict) -> str:
@@ -23,6 +32,8 @@ def exposition(stats: dict) -> str:
     metric("records_received_total", "counter", "Ring-buffer records read.", [({}, stats["records_received"])])
     metric("records_lost_total", "counter", "Records the kernel could not send, by reason.",
            [({"reason": r}, n) for r, n in stats["records_lost_by_reason"].items()])
+    metric("records_undecodable_total", "counter", "Records refused by the decoder (a size or type not "
+           "in its layouts).", [({}, stats.get("records_undecodable", 0))])
     metric("events_emitted_total", "counter", "Documents produced.", [({}, stats["events_emitted"])])
     metric("alerts_total", "counter", "Alerts raised.", [({}, stats["alerts"])])
     metric("episodes", "gauge", "Episodes traced.", [({}, stats["episodes"])])
@@ -53,6 +64,8 @@ class MetricsServer:
         snapshot_fn = snapshot
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = REQUEST_TIMEOUT_S     # a client that sends nothing, or reads nothing, is dropped
+
             def do_GET(self) -> None:
                 if self.path.split("?")[0] != "/metrics":
                     self.send_error(404, "see /metrics")
@@ -68,9 +81,12 @@ class MetricsServer:
                 pass
 
         try:
-            self.server = ThreadingHTTPServer((host.strip("[]"), int(port)), Handler)
+            self.server = _BoundedServer((host.strip("[]"), int(port)), Handler)
         except OSError as e:
             raise ValueError(f"--metrics-listen {address}: {e.strerror}") from None
+        if not _is_loopback(host.strip("[]")):
+            log.warning("--metrics-listen %s is reachable from other hosts (and from sandboxes routed here); "
+                        "bind it to 127.0.0.1 unless that is meant", address)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
         self.thread.start()
@@ -82,3 +98,32 @@ class MetricsServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """One thread per connection, at most MAX_CONNECTIONS at once: the others are closed unanswered."""
+    daemon_threads = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused = getattr(self, "refused", 0) + 1
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()

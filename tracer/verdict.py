@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from .events import Alert, NetworkEvent
+from .terminal import printable
 
 MAX_DESTINATIONS = 200      # listed in full up to this many; the count is always exact
 
@@ -45,7 +46,7 @@ class Verdict:
             lines.append(f"  {self.connects_refused} connect(s) or send(s) refused while the tracer was not alive")
         for alert in self.alerts:
             lines.append(f"  ALERT {alert['rule']} (severity {alert['severity']}): {alert['message']}")
-        return "\n".join(lines)
+        return "\n".join(printable(line) for line in lines)      # argv, names: the sandbox's text
 
 
 class VerdictBuilder:

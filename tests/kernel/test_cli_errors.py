@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,36 @@ def test_strace_sees_bpf_when_probes_do_load(env):
     assert r.returncode == 0, r.stderr
     assert any("bpf(" in c for c in log.read_text().splitlines())
 
+
+
+# ---- the command line of run -------------------------------------------------------------------------------
+
+def _bpf_calls(log: Path) -> list[str]:
+    return [c for c in log.read_text().splitlines() if "bpf(" in c]
+
+
+def test_run_rejects_a_mistyped_option_before_the_command(env):
+    """Click's own usage error and exit 2, before any cgroup is made or probe loaded; never run as CMD."""
+    strace = shutil.which("strace")
+    log = env.tmp / "strace.log"
+    prefix = [strace, "-f", "-qq", "-e", "trace=bpf", "-o", str(log)] if strace else []
+    r = run_eptrace("run", "--episode", "ep-typo", "--outptu", f"file:{env.tmp}/x.ndjson", "--", "touch",
+                    env.marker, state_dir=env.state, prefix=prefix, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "Error: No such option: --outptu" in r.stderr, r.stderr
+    assert "--output" in r.stderr.splitlines()[-1], r.stderr     # click names the option meant
+    assert not (env.tmp / "x.ndjson").exists()
+    if strace:
+        assert not _bpf_calls(log), "bpf() was called before the error"
+
+
+@pytest.mark.parametrize("dashdash", [True, False], ids=["after-dashdash", "without-dashdash"])
+def test_run_passes_option_like_arguments_to_the_command(env, dashdash):
+    """After '--', or after the first argument that is no option, '--outptu' belongs to the command."""
+    out = env.tmp / "argv.txt"
+    script = "import sys; open(sys.argv[1], 'w').write(repr(sys.argv[2:]))"
+    command = [sys.executable, "-c", script, out, "--outptu", "-x"]
+    args = ["run", "--episode", "ep-argv", "--output", f"file:{env.tmp}/ev.ndjson"] + (["--"] if dashdash else [])
+    r = run_eptrace(*args, *command, state_dir=env.state, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == repr(["--outptu", "-x"])

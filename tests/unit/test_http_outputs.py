@@ -358,7 +358,7 @@ def test_good_specs(tmp_path, certs):
 
 
 @pytest.mark.parametrize("spec,message", [
-    ("hec://splunk:8088", "token= is required"),
+    ("hec://splunk:8088", "token is required"),
     ("hec://splunk?token=T", "HOST:PORT is required"),
     ("hec://splunk:0?token=T", "HOST:PORT is required"),
     ("hec://splunk:70000?token=T", "out of range|HOST:PORT"),
@@ -418,7 +418,7 @@ def test_parse_output_spec_builds_delivery_outputs(tmp_path, monkeypatch):
             assert isinstance(out, DeliveryOutput) and out.name == name
         finally:
             out.close(timeout_s=0.1)
-    with pytest.raises(OutputSpecError, match="token= is required"):
+    with pytest.raises(OutputSpecError, match="token is required"):
         parse_output_spec("hec://127.0.0.1:9")
     with pytest.raises(OutputSpecError, match="hec://"):
         parse_output_spec("splunk://127.0.0.1:9")

@@ -38,6 +38,7 @@ def test_the_key_is_the_episode_id_or_the_host_name():
 def test_spec_forms_and_producer_settings(tmp_path):
     secret = tmp_path / "pw"
     secret.write_text("s3cret\n")
+    secret.chmod(0o600)
     s = parse_kafka_spec(f"kafka://k1:9092,[::1]:9093/events?compression=lz4&alerts_topic=alerts&sasl=scram-sha-512"
                          f"&user=eptrace&password_file={secret}")
     try:
@@ -62,7 +63,7 @@ def test_spec_forms_and_producer_settings(tmp_path):
     ("kafka://k1:9092/t?ca=/etc/hosts", "TLS only"),
     ("kafka://k1:9092/t?sasl=plain&user=u", "password_file"),
     ("kafka://k1:9092/t?user=u&password=hunter2", "SASL only"),
-    ("kafka://k1:9092/t?sasl=plain&user=u&password=hunter2&password_file=/nonexistent", "not both"),
+    ("kafka://k1:9092/t?sasl=plain&user=u&password=hunter2&password_file=/nonexistent", "give password once"),
     ("kafka://k1:9092/t?sasl=plain&user=u&password_file=/nonexistent/hunter2", "cannot read"),
     ("kafka://k1:9092/t?bogus=1", "unknown option"),
 ])

@@ -1,9 +1,14 @@
 """Outputs: where ECS documents go. `parse_output_spec` turns `--output` values into outputs."""
 from __future__ import annotations
 
+import grp
+from typing import Callable
+
+from tracer import safefiles
 from tracer.outputs.base import Fanout, KindFilter, Output, OutputError, Transform
-from tracer.outputs.file import FileOutput
+from tracer.outputs.file import FileOutput, check_file_target
 from tracer.outputs.delivery import DEFAULT_SPOOL_MB, DeliveryOutput
+from tracer.outputs.secrets import redact
 from tracer.outputs.stdout import StdoutOutput
 from tracer.outputs.syslog import parse_syslog_spec
 from tracer.outputs.forward import parse_forward_spec
@@ -15,13 +20,14 @@ from tracer.registry import state_dir
 __all__ = ["Fanout", "FileOutput", "KindFilter", "Transform", "Output", "OutputError", "OutputSpecError", "StdoutOutput",
            "parse_output_spec", "parse_output_specs"]
 
-ACCEPTED_FORMS = ("'-' (stdout), 'file:PATH', 'file:PATH?max_mb=N&keep=K', 'syslog+tcp://HOST:PORT', "
+ACCEPTED_FORMS = ("'-' (stdout), 'file:PATH', 'file:PATH?max_mb=N&keep=K&group=G', 'syslog+tcp://HOST:PORT', "
                   "'syslog+udp://HOST:PORT', 'syslog+tls://HOST:PORT?ca=FILE[&cert=FILE&key=FILE]', "
-                  "'hec://HOST:PORT?token=T[&index=I&sourcetype=S]', 'hecs://HOST:PORT?token=T[&...&ca=FILE]', "
-                  "'es://HOST:PORT/INDEX', 'ess://HOST:PORT/INDEX[?ca=FILE][&user=U&password=P | &api_key=K]', "
-                  "'forward://HOST:PORT[?tag=T&shared_key=K&compress=gzip&tls=1&ca=FILE&cert=FILE&key=FILE]', "
+                  "'hec://HOST:PORT?token_file=F[&index=I&sourcetype=S]', 'hecs://HOST:PORT?token_file=F[&...&ca=FILE]', "
+                  "'es://HOST:PORT/INDEX', 'ess://HOST:PORT/INDEX[?ca=FILE][&user=U&password_file=F | &api_key_file=F]', "
+                  "'forward://HOST:PORT[?tag=T&shared_key_file=F&compress=gzip&tls=1&ca=FILE&cert=FILE&key=FILE]', "
                   "'kafka://BROKER[,BROKER...]/TOPIC[?compression=...&alerts_topic=T&tls=1&ca=FILE&sasl=...&user=U"
-                  "&password_file=FILE]', 'syslog+relp://HOST:PORT[?tls=1&ca=FILE&cert=FILE&key=FILE]'")
+                  "&password_file=F]', 'syslog+relp://HOST:PORT[?tls=1&ca=FILE&cert=FILE&key=FILE]' "
+                  "(each secret also as NAME= or NAME_env=VAR)")
 
 
 # Network outputs: a sender per protocol, each driven by the delivery core (queue, spool, retries).
@@ -37,38 +43,63 @@ class OutputSpecError(ValueError):
 
 
 def parse_output_spec(spec: str, spool_mb: float = DEFAULT_SPOOL_MB) -> Output:
-    """'-' -> stdout; 'file:PATH[?max_mb=N&keep=K]' -> FileOutput (N, K positive integers);
-    'syslog+tcp|tls|udp://...', 'hec[s]://...', 'es[s]://...' -> syslog, Splunk HEC, Elasticsearch
-    through the delivery core (queue, spool under the state dir)."""
+    """'-' -> stdout; 'file:PATH[?max_mb=N&keep=K&group=G]' -> FileOutput (N, K positive integers, G a group);
+    'syslog+tcp|tls|udp://...', 'hec[s]://...', 'es[s]://...', 'forward://...' -> syslog, Splunk HEC,
+    Elasticsearch, Fluent Forward through the delivery core (queue, spool under the state dir)."""
+    return _plan(spec, spool_mb)[1]()
+
+
+def _plan(spec: str, spool_mb: float) -> tuple[str, Callable[[], Output]]:
+    """The output's name and what makes it, once the whole spec is checked; nothing is made here."""
     if spec == "-":
-        return StdoutOutput()
+        return "stdout", StdoutOutput
     if spec.startswith("file:"):
         path, _, query = spec[len("file:"):].partition("?")
         if not path:
             raise OutputSpecError(f"output {spec!r} has no path; accepted forms: {ACCEPTED_FORMS}")
-        options = _parse_query(spec, query, allowed=("max_mb", "keep"))
-        return FileOutput(path, max_mb=options.get("max_mb"), keep=options.get("keep", 5))
+        options = _parse_query(spec, query, allowed=("max_mb", "keep", "group"))
+        try:
+            check_file_target(path)
+        except OutputError as e:
+            raise OutputSpecError(str(e)) from None
+        group = options.get("group")
+        return f"file:{path}", lambda: FileOutput(path, max_mb=options.get("max_mb"), keep=options.get("keep", 5),
+                                                  group=group)
     for prefixes, parse_sender in NETWORK_SENDERS:
         if spec.startswith(prefixes):
             try:
                 sender = parse_sender(spec)     # their errors never echo a token, password or key
             except ValueError as e:
-                raise OutputSpecError(str(e)) from None
-            return DeliveryOutput(sender, spool_dir=state_dir() / "spool", spool_mb=spool_mb)
-    raise OutputSpecError(f"unknown output {spec!r}; accepted forms: {ACCEPTED_FORMS}")
+                raise OutputSpecError(redact(str(e))) from None
+            spool_dir = state_dir() / "spool"
+            try:
+                safefiles.check_private_dir(spool_dir, "spool directory")
+            except safefiles.UnsafePathError as e:
+                sender.close()
+                raise OutputSpecError(f"output {sender.name}: {e}") from None
+            return sender.name, lambda: DeliveryOutput(sender, spool_dir=spool_dir, spool_mb=spool_mb)
+    raise OutputSpecError(f"unknown output {redact(spec)!r}; accepted forms: {ACCEPTED_FORMS}")
 
 
 def parse_output_specs(specs: list[str], spool_mb: float = DEFAULT_SPOOL_MB) -> list[Output]:
-    """All outputs for a list of specs; no specs means stdout. The same sink twice is an error."""
+    """All outputs for a list of specs; no specs means stdout. The same sink twice is an error.
+    Every spec is checked before any output is made, so a bad one leaves no spool or file behind."""
     if not specs:
         return [StdoutOutput()]
+    plans: list[tuple[str, Callable[[], Output]]] = []
+    for spec in specs:
+        name, make = _plan(spec, spool_mb)
+        if any(other == name for other, _ in plans):
+            raise OutputSpecError(f"output {name} is given twice; give each sink once")
+        plans.append((name, make))
     outputs: list[Output] = []
     try:
-        for spec in specs:
-            output = parse_output_spec(spec, spool_mb)
-            outputs.append(output)
-            if any(o.name == output.name for o in outputs[:-1]):
-                raise OutputSpecError(f"output {output.name} is given twice; give each sink once")
+        for _, make in plans:
+            outputs.append(make())
+    except safefiles.UnsafePathError as e:
+        for output in outputs:
+            output.close()
+        raise OutputSpecError(str(e)) from None
     except Exception:
         for output in outputs:
             output.close()
@@ -77,6 +108,7 @@ def parse_output_specs(specs: list[str], spool_mb: float = DEFAULT_SPOOL_MB) -> 
 
 
 def _parse_query(spec: str, query: str, allowed: tuple[str, ...]) -> dict[str, int]:
+    """max_mb, keep: positive integers; group: a group name or gid, as its gid."""
     options: dict[str, int] = {}
     if not query:
         return options
@@ -87,7 +119,17 @@ def _parse_query(spec: str, query: str, allowed: tuple[str, ...]) -> dict[str, i
                                   f" accepted forms: {ACCEPTED_FORMS}")
         if key in options:
             raise OutputSpecError(f"output {spec!r}: option {key} is given twice")
+        if key == "group":
+            options[key] = _group_id(spec, value)
+            continue
         if not (value.isascii() and value.isdigit() and int(value) > 0):
             raise OutputSpecError(f"output {spec!r}: {key} must be a positive integer, got {value!r}")
         options[key] = int(value)
     return options
+
+
+def _group_id(spec: str, group: str) -> int:
+    try:
+        return int(group) if group.isascii() and group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise OutputSpecError(f"output {spec!r}: no group named {group!r} on this host") from None

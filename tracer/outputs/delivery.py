@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+from tracer import safefiles
 from tracer.outputs.base import Output
 from tracer.outputs.senders import SendError, Sender
 from tracer.schema import Document
@@ -35,11 +36,12 @@ DEFAULT_SPOOL_MB = 512
 
 
 class Spool:
-    """Segment files of 'kind<TAB>json' lines, oldest first; a segment is deleted once delivered."""
+    """Segment files of 'kind<TAB>json' lines, oldest first; a segment is deleted once delivered.
+    They hold argv and payload text: the directories are 0700, the files 0600, no link is followed."""
 
     def __init__(self, directory: Path, max_bytes: int):
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
+        safefiles.private_dir(directory.parent, "spool directory")
+        self.dir = safefiles.private_dir(directory, "spool directory")
         self.max_bytes = max_bytes
         self._next = max((int(p.name.split(".")[0]) for p in self.dir.glob("*.spool")), default=0) + 1
 
@@ -54,7 +56,9 @@ class Spool:
         self._next += 1
         data = "".join(f"{d.kind}\t{d.json}\n" for d in docs).encode("utf-8", "replace")
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
+        tmp.unlink(missing_ok=True)     # left by a run killed while writing it
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, safefiles.PRIVATE_FILE)
+        with open(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -63,7 +67,7 @@ class Spool:
     @staticmethod
     def read(path: Path) -> list[Document]:
         docs = []
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open(safefiles.open_for_reading(path), encoding="utf-8", errors="replace") as f:
             for line in f:
                 kind, _, text = line.rstrip("\n").partition("\t")
                 if text:
@@ -198,9 +202,10 @@ class DeliveryOutput(Output):
         for _, reason in rejected:
             self.count_drop(f"rejected:{reason}")
         try:
-            with open(self.spool.dir / "dead-letter.ndjson", "a", encoding="utf-8") as f:
+            fd = safefiles.open_for_writing(self.spool.dir / "dead-letter.ndjson", "dead-letter file")
+            with open(fd, "a", encoding="utf-8") as f:
                 f.write("".join(f"{doc.json}\n" for doc, _ in rejected))
-        except OSError as e:
+        except (OSError, safefiles.UnsafePathError) as e:
             log.warning("output %s: cannot write the dead letters: %s", self.name, e)
 
     # -- shutdown ----------------------------------------------------------------------------

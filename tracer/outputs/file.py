@@ -5,26 +5,29 @@
 - Rotation renames (path -> path.1 -> ... -> path.KEEP) and creates a new file;
   it never truncates in place, so a tailer that follows the renamed inode
   reads every line exactly once.
+- The file is opened the safe way (tracer.safefiles: no link followed, no file of
+  another user's, no directory others can write to) with mode 0640, its group
+  given by `group=` so that a shipper in that group can read it.
 """
 from __future__ import annotations
 
 import logging
 import os
 
+from tracer import safefiles
 from tracer.outputs.base import Output, OutputError
 from tracer.schema import Document
 
 log = logging.getLogger(__name__)
 
 FLUSH_BYTES = 64 * 1024
-_OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-_MODE = 0o640
+MODE = 0o640
 
 
 class FileOutput(Output):
     """Appends NDJSON to path; rotates by size when max_mb is set, keeping `keep` old files."""
 
-    def __init__(self, path: str, max_mb: float | None = None, keep: int = 5) -> None:
+    def __init__(self, path: str, max_mb: float | None = None, keep: int = 5, group: int | None = None) -> None:
         super().__init__()
         if max_mb is not None and max_mb <= 0:
             raise OutputError(f"file output {path}: max_mb must be positive, got {max_mb}")
@@ -32,10 +35,11 @@ class FileOutput(Output):
             raise OutputError(f"file output {path}: keep must be at least 1, got {keep}")
         self.path = path
         self.keep = keep
+        self.group = group
         self.max_bytes = int(max_mb * 1024 * 1024) if max_mb is not None else None
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory):
-            raise OutputError(f"file output {path}: directory {directory} does not exist; create it first")
+        if os.path.abspath(path) == os.devnull:
+            self.max_bytes = None       # never rotated: that would rename /dev/null
+        check_file_target(path)
         self._fd = self._open()
         self._size = os.fstat(self._fd).st_size
         self._pending: list[bytes] = []
@@ -88,7 +92,9 @@ class FileOutput(Output):
 
     def _open(self) -> int:
         try:
-            return os.open(self.path, _OPEN_FLAGS, _MODE)
+            return safefiles.open_for_writing(self.path, "file output", MODE, group=self.group)
+        except safefiles.UnsafePathError as exc:
+            raise OutputError(str(exc)) from None
         except OSError as exc:
             raise OutputError(f"file output {self.path}: cannot open for appending: {exc.strerror}; "
                               "check the path and its permissions") from None
@@ -129,7 +135,7 @@ class FileOutput(Output):
         try:
             for i in range(self.keep - 1, 0, -1):
                 older = f"{self.path}.{i}"
-                if os.path.exists(older):
+                if os.path.lexists(older):
                     os.replace(older, f"{self.path}.{i + 1}")
             os.replace(self.path, f"{self.path}.1")
         except OSError as exc:  # keep appending to the same file rather than lose documents
@@ -146,3 +152,11 @@ class FileOutput(Output):
         if not self._warned:
             self._warned = True
             log.warning("file output %s: %s", self.path, message)
+
+
+def check_file_target(path: str) -> None:
+    """What FileOutput would refuse, checked before anything is made: OutputError."""
+    try:
+        safefiles.check_target(path, "file output")
+    except safefiles.UnsafePathError as exc:
+        raise OutputError(str(exc)) from None

@@ -41,6 +41,7 @@ from urllib.parse import parse_qsl
 
 import msgpack
 
+from tracer.outputs.secrets import option_names, redact, secret_param
 from tracer.outputs.senders import SendError
 from tracer.outputs.addresses import split_address
 from tracer.outputs.tls import client_context, describe, open_stream
@@ -51,9 +52,9 @@ log = logging.getLogger(__name__)
 __all__ = ["SendError", "ForwardSender", "parse_forward_spec", "ACCEPTED_FORMS", "event_time", "pack_entries",
            "forward_message", "DEFAULT_TAG"]
 
-ACCEPTED_FORMS = ("'forward://HOST:PORT[?tag=TAG&shared_key=KEY&compress=gzip&tls=1&ca=CA_FILE"
-                  "&cert=CERT_FILE&key=KEY_FILE]' (IPv6 hosts in brackets)")
-OPTIONS = ("tag", "shared_key", "compress", "tls", "ca", "cert", "key")
+ACCEPTED_FORMS = ("'forward://HOST:PORT[?tag=TAG&shared_key_file=FILE&compress=gzip&tls=1&ca=CA_FILE"
+                  "&cert=CERT_FILE&key=KEY_FILE]' (shared_key=, shared_key_env= too; IPv6 hosts in brackets)")
+OPTIONS = ("tag", *option_names("shared_key"), "compress", "tls", "ca", "cert", "key")
 
 DEFAULT_TAG = "eptrace"
 DEFAULT_TIMEOUT_S = 10.0        # connect, handshake, write
@@ -382,7 +383,7 @@ def _describe(exc: BaseException) -> str:
 
 
 def _redacted(spec: str) -> str:
-    return re.sub(r"(shared_key=)[^&#]*", r"\1***", spec)
+    return redact(spec)
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -409,7 +410,7 @@ def parse_forward_spec(spec: str) -> ForwardSender:
     options: dict[str, str] = {}
     if parts.query:
         try:
-            items = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True)
+            items = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True, errors="strict")
         except ValueError:
             raise ValueError(f"forward output {shown!r}: malformed options {_redacted(parts.query)!r}; "
                              f"accepted forms: {ACCEPTED_FORMS}") from None
@@ -431,8 +432,9 @@ def parse_forward_spec(spec: str) -> ForwardSender:
     if compress not in (None, "gzip"):
         raise ValueError(f"forward output {shown!r}: compress must be gzip (the only Forward compression), "
                          f"got {compress!r}")
+    shared_key = secret_param(options, "shared_key", f"forward output {shown!r}")
     try:
-        return ForwardSender(host, port, tag=options.get("tag", DEFAULT_TAG), shared_key=options.get("shared_key"),
+        return ForwardSender(host, port, tag=options.get("tag", DEFAULT_TAG), shared_key=shared_key,
                              compress=compress == "gzip", tls=tls_value in _TRUE, ca_file=options.get("ca"),
                              cert_file=options.get("cert"), key_file=options.get("key"))
     except ValueError as exc:

@@ -51,6 +51,7 @@ import time
 import uuid
 from urllib.parse import unquote
 
+from tracer.outputs.secrets import option_names, redact, secret_param
 from tracer.outputs.senders import SendError
 from tracer.outputs.addresses import split_address
 from tracer.outputs.tls import client_context, describe
@@ -61,9 +62,10 @@ log = logging.getLogger(__name__)
 __all__ = ["ACCEPTED_FORMS", "ElasticsearchSender", "HecSender", "parse_es_spec", "parse_hec_spec",
            "parse_http_spec"]
 
-HEC_FORMS = ("'hec://HOST:PORT?token=T[&index=I&sourcetype=S]', "
-             "'hecs://HOST:PORT?token=T[&index=I&sourcetype=S&ca=FILE]'")
-ES_FORMS = "'es://HOST:PORT/INDEX', 'ess://HOST:PORT/INDEX[?ca=FILE][&user=U&password=P | &api_key=K]'"
+HEC_FORMS = ("'hec://HOST:PORT?token_file=FILE[&index=I&sourcetype=S]', "
+             "'hecs://HOST:PORT?token_file=FILE[&index=I&sourcetype=S&ca=FILE]' (or token_env=VAR)")
+ES_FORMS = ("'es://HOST:PORT/INDEX', 'ess://HOST:PORT/INDEX[?ca=FILE][&user=U&password_file=FILE | "
+            "&api_key_file=FILE]' (or password_env=VAR, api_key_env=VAR)")
 ACCEPTED_FORMS = f"{HEC_FORMS}, {ES_FORMS} (IPv6 hosts in brackets)"
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -421,12 +423,14 @@ def parse_hec_spec(spec: str) -> HecSender:
     tls = scheme == "hecs"
     if path not in ("", "/"):
         raise ValueError(f"hec output {spec!r}: no path is accepted after HOST:PORT; accepted forms: {HEC_FORMS}")
-    allowed = ("token", "index", "sourcetype") + (("ca",) if tls else ())
+    allowed = option_names("token") + ("index", "sourcetype") + (("ca",) if tls else ())
     _check_options(spec, options, allowed, HEC_FORMS)
-    if "token" not in options:
-        raise ValueError(f"hec output {spec!r}: token= is required; accepted forms: {HEC_FORMS}")
+    token = secret_param(options, "token", f"hec output {_redacted(spec)!r}")
+    if token is None:
+        raise ValueError(f"hec output {_redacted(spec)!r}: a token is required: give token_file=FILE (or token_env=VAR); "
+                         f"accepted forms: {HEC_FORMS}")
     try:
-        return HecSender(host, port, options["token"], tls=tls, ca_file=options.get("ca"),
+        return HecSender(host, port, token, tls=tls, ca_file=options.get("ca"),
                          index=options.get("index"), sourcetype=options.get("sourcetype", "_json"))
     except ValueError as exc:
         raise ValueError(f"{exc} (in {_redacted(spec)!r})") from None
@@ -439,12 +443,13 @@ def parse_es_spec(spec: str) -> ElasticsearchSender:
     if not index or "/" in index:
         raise ValueError(f"es output {_redacted(spec)!r}: one INDEX (or data stream) name is required after "
                          f"HOST:PORT/; accepted forms: {ES_FORMS}")
-    allowed = ("user", "password", "api_key") + (("ca",) if tls else ())
+    allowed = ("user",) + option_names("password") + option_names("api_key") + (("ca",) if tls else ())
     _check_options(spec, options, allowed, ES_FORMS)
+    label = f"es output {_redacted(spec)!r}"
+    password, api_key = secret_param(options, "password", label), secret_param(options, "api_key", label)
     try:
         return ElasticsearchSender(host, port, index, tls=tls, ca_file=options.get("ca"),
-                                   user=options.get("user"), password=options.get("password"),
-                                   api_key=options.get("api_key"))
+                                   user=options.get("user"), password=password, api_key=api_key)
     except ValueError as exc:
         raise ValueError(f"{exc} (in {_redacted(spec)!r})") from None
 
@@ -468,7 +473,11 @@ def _split_spec(spec: str, schemes: tuple[str, ...], forms: str) -> tuple[str, s
                                  f"(KEY=VALUE expected); accepted forms: {forms}")
             if key in options:
                 raise ValueError(f"{kind} output {shown!r}: option {key} is given twice; accepted forms: {forms}")
-            options[key] = unquote(value, errors="strict") if "%" in value else value
+            try:
+                options[key] = unquote(value, errors="strict") if "%" in value else value
+            except UnicodeDecodeError:
+                raise ValueError(f"{kind} output {shown!r}: option {key} is not percent-encoded UTF-8 "
+                                 f"(%XX bytes that decode to no text); accepted forms: {forms}") from None
     return scheme, host, port, parts.path, options
 
 
@@ -483,17 +492,12 @@ def _check_options(spec: str, options: dict[str, str], allowed: tuple[str, ...],
             raise ValueError(f"{kind} output {_redacted(spec)!r}: option {key} is empty; accepted forms: {forms}")
 
 
-_SECRET_RE = re.compile(r"((?:^|[?&])(?:token|password|api_key)=)[^&#]*")
-
-
 def _redacted(spec: str) -> str:
     """The spec as it may appear in errors and logs: secrets replaced by ***."""
-    head, sep, query = spec.partition("?")
-    return head + sep + _SECRET_RE.sub(r"\1***", query) if sep else spec
+    return redact(spec)
 
 
-def _redacted_item(item: str) -> str:
-    return _SECRET_RE.sub(r"\1***", item)
+_redacted_item = _redacted
 
 
 # --- helpers ------------------------------------------------------------------------------

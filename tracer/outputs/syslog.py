@@ -353,7 +353,7 @@ def parse_syslog_spec(spec: str) -> SyslogSender:
     allowed = ("ca", "cert", "key") if transport == "tls" else ()
     if parts.query:
         try:
-            items = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True)
+            items = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True, errors="strict")
         except ValueError:
             raise ValueError(f"syslog output {spec!r}: malformed options {parts.query!r}; "
                              f"accepted forms: {ACCEPTED_FORMS}") from None

@@ -13,6 +13,7 @@ from typing import Any
 
 from tracer.events import Alert, Episode, Metric, NetworkEvent, Process, ProcessEvent
 from tracer.schema.community_id import community_id
+from tracer.terminal import printable
 
 ECS_VERSION = "9.4.0"
 AGENT_NAME = "eptrace"
@@ -371,7 +372,7 @@ def format_human(doc: dict[str, Any]) -> str:
         parts.extend(_network_words(doc))
     if event.get("outcome") == "failure":
         parts.append("FAILED" + (f": {doc['error']['message']}" if "error" in doc else ""))
-    return " ".join(p for p in parts if p)
+    return printable(" ".join(str(p) for p in parts if p))     # argv, names: the sandbox's text
 
 
 def _network_words(doc: dict[str, Any]) -> list[str]:
