@@ -25,6 +25,7 @@ PACKAGES=(
     iproute2
     gcc libc6-dev liburing-dev make
     socat openssh-server openssh-client rsyslog rsyslog-gnutls curl git
+    python3-paramiko    # tests: an SSH library's reverse forward (tests/kernel/test_detection_relay.py)
 )
 
 is_installed() {

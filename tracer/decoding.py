@@ -25,6 +25,7 @@ class RecordType(IntEnum):
     PAYLOAD = 13
     FLOW_UPDATE = 14
     STDIO_DUP = 15
+    BURST = 16
 
 
 # Flow flags (FLOW_* in records.h).
@@ -41,12 +42,16 @@ GAP_BUCKETS = 8
 # struct endpoints + len, total, egress, index, pad[6], data[PAYLOAD_LEN]
 PAYLOAD_LEN = 256
 PAYLOAD_BODY = struct.Struct("<16s16sHHHBB IIBB6x")
+# struct burst_record: idle_ns, bytes, egress, protocol, pad[2]
+BURST_BODY = struct.Struct("<QIBB2x")
+BURST_IDLE_NS = 200_000_000
 SOCKET_BODY = struct.Struct("<IIIi")
 PROCESS_BODY = struct.Struct("<IIiI")
 ARGS_BUF = 1024 + 256   # ARGS_LEN + ARG_CHUNK
 
 NET_RECORD_SIZE = HEADER.size + NET_BODY.size
 PAYLOAD_RECORD_SIZE = HEADER.size + PAYLOAD_BODY.size + PAYLOAD_LEN
+BURST_RECORD_SIZE = HEADER.size + BURST_BODY.size
 SOCKET_RECORD_SIZE = HEADER.size + SOCKET_BODY.size
 PROCESS_RECORD_SIZE = HEADER.size + PROCESS_BODY.size + ARGS_BUF
 
@@ -115,6 +120,16 @@ class PayloadRecord:
 
 
 @dataclass(slots=True)
+class BurstRecord:
+    """Data one way after >= BURST_IDLE_NS of silence that way: header.ts_ns is its first packet."""
+    header: Header
+    idle_ns: int          # the silence before it; 0: the first data this way
+    bytes: int            # payload bytes of its first packet
+    egress: bool
+    protocol: int
+
+
+@dataclass(slots=True)
 class SocketRecord:
     header: Header
     family: int
@@ -140,7 +155,7 @@ class ProcessRecord:
         return self.data.split(b"\0", 1)[0].decode(errors="replace")
 
 
-Record = NetRecord | SocketRecord | ProcessRecord | PayloadRecord
+Record = NetRecord | SocketRecord | ProcessRecord | PayloadRecord | BurstRecord
 
 _NET_TYPES = {RecordType.CONNECT, RecordType.CONNECT_RESULT, RecordType.UDP_SENT, RecordType.LISTENING,
               RecordType.ESTABLISHED, RecordType.ACCEPTED, RecordType.FLOW_ENDED, RecordType.FLOW_UPDATE}
@@ -214,6 +229,9 @@ def decode(raw: bytes) -> Record:
         off += PAYLOAD_BODY.size
         return PayloadRecord(header, family, proto, ip_text(saddr, family), sport, ip_text(daddr, family), dport,
                              bool(egress), index, total, raw[off:off + min(length, PAYLOAD_LEN)])
+    if kind == RecordType.BURST:
+        idle, nbytes, egress, proto = BURST_BODY.unpack_from(raw, off)
+        return BurstRecord(header, idle, nbytes, bool(egress), proto)
     if kind == RecordType.SOCKET_CREATED:
         family, stype, proto, ret = SOCKET_BODY.unpack_from(raw, off)
         return SocketRecord(header, family, stype, proto, ret)

@@ -13,7 +13,7 @@ from .decoding import NetRecord, ProcessRecord, RecordType, SocketRecord
 from .config import Config
 from .detect import Engine
 from .detect.argv import is_shell_or_interpreter
-from .events import Episode, Metric, NetworkEvent, PayloadSeen, ProcessEvent, StdioSocket
+from .events import Burst, Episode, Metric, NetworkEvent, PayloadSeen, ProcessEvent, StdioSocket
 from .kernel import cgroups
 from .kernel.loader import Probes
 from .state.episodes import Episodes
@@ -163,8 +163,8 @@ class Tracer:
                                           transport, local, remote, state))
                 return
 
-    def _inspect(self, seen: PayloadSeen | StdioSocket) -> None:
-        """First bytes, DNS queries, sockets on stdio: to the detectors only, not to the outputs."""
+    def _inspect(self, seen: PayloadSeen | StdioSocket | Burst) -> None:
+        """First bytes, DNS queries, sockets on stdio, bursts: to the detectors only, not to the outputs."""
         for alert in self.detectors.observe(seen):
             self.stats["alerts"] += 1
             self.emit(alert)

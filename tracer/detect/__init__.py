@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Iterator
 
 from ..config import Config
 from ..decoding import is_loopback
-from ..events import Alert, NetworkEvent, PayloadSeen, Process, ProcessEvent, Rule, StdioSocket
+from ..events import Alert, Burst, NetworkEvent, PayloadSeen, Process, ProcessEvent, Rule, StdioSocket
 
 MAX_LINEAGE = 16     # ancestors looked at for a tunnel or miner command line
 MAX_FIRED = 262144   # remembered (rule, key) pairs; beyond, the oldest are forgotten
@@ -47,11 +47,11 @@ class Context:
         process = event.process
         if process is not None and self.config.allows_executable(process.executable):
             return True
-        dst = getattr(event, "destination", None)
+        dst = event.source if isinstance(event, Burst) and not event.egress else getattr(event, "destination", None)
         return dst is not None and self.config.allows_destination(dst.ip, dst.port)
 
 
-Detector = Callable[[NetworkEvent | ProcessEvent | PayloadSeen | StdioSocket, Context], Iterable[Finding]]
+Detector = Callable[[NetworkEvent | ProcessEvent | PayloadSeen | StdioSocket | Burst, Context], Iterable[Finding]]
 
 
 class Engine:
@@ -67,7 +67,7 @@ class Engine:
         self._for_loopback = tuple(d for d in self.detectors if getattr(d, "sees_loopback", False))
         self._fired: dict[tuple, None] = {}
 
-    def observe(self, event: NetworkEvent | ProcessEvent | PayloadSeen | StdioSocket) -> list[Alert]:
+    def observe(self, event: NetworkEvent | ProcessEvent | PayloadSeen | StdioSocket | Burst) -> list[Alert]:
         detectors = self.detectors
         if isinstance(event, NetworkEvent) and _loopback_peer(event):
             detectors = self._for_loopback

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 PROBES_DIR = Path(__file__).resolve().parents[2] / "probes"
 PROBE_FILES = ("sockets.c", "tcp.c", "packets.c", "processes.c")
-LOSS_REASONS = ("ringbuf_full", "no_socket_storage")   # enum loss_reason in records.h
+LOSS_REASONS = ("ringbuf_full", "no_socket_storage", "burst_budget")   # enum loss_reason in records.h
 # 32 MiB: absorbs a burst of ~200k records while userspace catches up (see make bench).
 RINGBUF_PAGES = 8192
 
