@@ -26,7 +26,7 @@ enum record_type {
     REC_PAYLOAD = 13,         /* the first bytes of a flow in one direction; every DNS query */
     REC_FLOW_UPDATE = 14,     /* counters of an active flow, at most once per update interval */
     REC_STDIO_DUP = 15,       /* dup2/dup3 onto fd 0, 1 or 2: parent_tgid = old fd, child_pid = new fd */
-    REC_BURST = 16,           /* data one way after BURST_IDLE_NS of silence that way: relay timing */
+    REC_BURST = 16,           /* data one way after a silence or a turn: relay timing */
 };
 
 /* Who did it: true at task-context hooks, copied from socket storage elsewhere. */
@@ -109,12 +109,14 @@ struct payload_record {       /* REC_PAYLOAD */
 };
 
 /* A burst: the first data packet one way after >= BURST_IDLE_NS of silence
- * that way (or the first data that way). Relay correlation needs when each
- * exchange starts and how big it is; one record per burst, never per packet. */
+ * that way, or after the other side sent data (a turn), or the first data that
+ * way. Relay correlation needs when each exchange starts and how big it is;
+ * one record per burst, never per packet (a bulk transfer is one burst: its
+ * ACKs carry no data). */
 #define BURST_IDLE_NS 200000000ULL
 struct burst_record {         /* REC_BURST; h.ts_ns: the burst's first packet */
     struct record_header h;
-    __u64 idle_ns;            /* the silence before it this way; 0: the first data this way */
+    __u64 idle_ns;            /* the silence before it this way (short at a turn); 0: the first data */
     __u32 bytes;              /* payload bytes of that first packet */
     __u8 egress;              /* 1: sandbox -> peer */
     __u8 protocol;            /* IPPROTO_* */

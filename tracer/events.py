@@ -89,8 +89,8 @@ class PayloadSeen:
 
 @dataclass(slots=True)
 class Burst:
-    """Internal (never a document): a flow's data resumed one way after a silence (the kernel's
-    REC_BURST), for relay correlation. source and destination are as the data went."""
+    """Internal (never a document): a flow's data resumed one way after a silence or a turn (the
+    kernel's REC_BURST), for relay correlation. source and destination are as the data went."""
     timestamp_ns: int         # its first packet
     episode: Episode
     cgroup_id: int

@@ -88,12 +88,12 @@ def score(facts: FlowFacts, cfg: ReverseTunnel, long_flow_s: float) -> list[tupl
             signals.append((cfg.ssh_in_upgrade_points, "SSH inside an HTTP 101 upgrade"))
     if port == 443 and facts.first_out_protocol is not None and facts.first_out_protocol != "tls":
         signals.append((cfg.not_tls_on_443_points, f"{facts.first_out_protocol} instead of TLS on port 443"))
-    if facts.local_relays:
+    if facts.mirrored_exchanges:     # the stronger form of the local relay below: the two never add up
+        signals.append((cfg.mirrored_exchange_points * facts.mirrored_exchanges,
+                        f"local relay: {facts.mirrored_exchanges} exchange(s) mirrored on a local flow"))
+    elif facts.local_relays:
         signals.append((cfg.local_relay_points, f"local relay: {facts.local_relays} loopback connection(s) by it "
                                                 "or a descendant while the flow is open"))
-    if facts.mirrored_exchanges:
-        signals.append((cfg.mirrored_exchange_points * facts.mirrored_exchanges,
-                        f"{facts.mirrored_exchanges} exchange(s) mirrored on a local flow"))
     if facts.forward_argv:
         signals.append((cfg.forward_argv_points, facts.forward_argv))
     total_gaps = sum(facts.gaps)
@@ -143,6 +143,7 @@ def _is_local_connection(event) -> bool:
 @dataclass
 class _Seen:
     burst: Burst
+    peer: str = ""            # a local flow's peer, ip:port (the flow may have ended when it is matched)
     used: bool = False        # mirrored already: one burst mirrors at most one other
 
 
@@ -150,6 +151,7 @@ class _Seen:
 class _Pair:
     """An outside flow and a local flow that mirrored each other at least once."""
     reverse: bool             # the remote spoke first (or a local connect followed it)
+    local: str                # the local flow's peer, ip:port
     inbound: int = 0          # remote -> local: bursts mirrored, or local connects that followed the remote
     outbound: int = 0         # local answers mirrored out to the remote
     steps: list[str] = field(default_factory=list)
@@ -248,12 +250,12 @@ class Tunnels:
             relays = self.relays[episode_id] = _EpisodeRelays()
         return relays
 
-    def _pair(self, relays: _EpisodeRelays, outside: int, local: int, reverse: bool) -> _Pair:
+    def _pair(self, relays: _EpisodeRelays, outside: int, local: int, peer: str, reverse: bool) -> _Pair:
         pair = relays.pairs.get((outside, local))
         if pair is None:
             if len(relays.pairs) >= MAX_PAIRS:
                 relays.pairs.pop(next(iter(relays.pairs)))
-            pair = relays.pairs[(outside, local)] = _Pair(reverse)
+            pair = relays.pairs[(outside, local)] = _Pair(reverse, peer)
         return pair
 
     def _burst(self, burst: Burst, ctx: Context) -> Iterator[Finding]:
@@ -277,7 +279,7 @@ class Tunnels:
                 cause = _latest_unused(relays.remote_in, start, window, lambda b: True)
                 if cause is not None and flow.initiated:
                     cause.used = True
-                    pair = self._pair(relays, cause.burst.cookie, flow.cookie, reverse=True)
+                    pair = self._pair(relays, cause.burst.cookie, flow.cookie, _endpoint(flow.remote), reverse=True)
                     pair.inbound += 1
                     pair.steps.append(f"remote {cause.burst.bytes} B, then a local connect to "
                                       f"{_endpoint(flow.remote)} {(start - cause.burst.timestamp_ns) / 1e6:.1f} ms later")
@@ -286,13 +288,13 @@ class Tunnels:
                 cause = _latest_unused(relays.remote_in, t, window, lambda b: sizes_match(b.bytes, burst.bytes, cfg))
                 if cause is not None:
                     cause.used = True
-                    pair = self._pair(relays, cause.burst.cookie, flow.cookie, reverse=True)
+                    pair = self._pair(relays, cause.burst.cookie, flow.cookie, _endpoint(flow.remote), reverse=True)
                     pair.inbound += 1
                     pair.steps.append(f"remote {cause.burst.bytes} B in, local {burst.bytes} B out "
                                       f"{(t - cause.burst.timestamp_ns) / 1e6:.1f} ms later")
                     touched.append((pair, cause.burst))
             else:
-                relays.local_in.append(_Seen(burst))
+                relays.local_in.append(_Seen(burst, _endpoint(flow.remote)))
             for pair, outside in touched:
                 yield from self._conclude(relays, pair, outside, burst, ctx)
             return
@@ -306,7 +308,8 @@ class Tunnels:
         if answer is None:
             return
         answer.used = True
-        pair = self._pair(relays, flow.cookie, answer.burst.cookie, reverse=False)   # local first: forward
+        # a new pair here means the local side spoke first: a forward proxy, never counted
+        pair = self._pair(relays, flow.cookie, answer.burst.cookie, answer.peer, reverse=False)
         pair.outbound += 1
         pair.steps.append(f"local {answer.burst.bytes} B in, remote {burst.bytes} B out "
                           f"{(t - answer.burst.timestamp_ns) / 1e6:.1f} ms later")
@@ -326,9 +329,9 @@ class Tunnels:
             age_s = (outside.timestamp_ns - ctx.flows.wall_ns(flow.start_ns)) / 1e9
             yield from self._finding(flow, flow.process, ctx, age_s, outside)
             return
-        steps = [s for (o, _), p in relays.pairs.items() if o == outside.cookie and p.reverse for s in p.steps]
-        locals_ = sorted({_endpoint(f.remote) for (o, l), p in relays.pairs.items()
-                          if o == outside.cookie and p.reverse and (f := ctx.flow_of(l)) is not None})
+        relayed = [p for (o, _), p in relays.pairs.items() if o == outside.cookie and p.reverse]
+        steps = [s for p in relayed for s in p.steps]
+        locals_ = sorted({p.local for p in relayed})
         process = flow.process
         yield Finding(rules.REVERSE_TUNNEL, ("pid", process.pid if process else flow.cookie),
                       f"{who(process)} in episode {flow.episode.id} relays its outbound flow to {_target(flow)} "

@@ -47,8 +47,8 @@ else:
     send, recv = conn.sendall, (lambda: conn.recv(65536))
     if mode == "ws":
         f = conn.makefile("rb")
-        key = next(line.split(b":", 1)[1].strip() for line in iter(f.readline, b"\r\n")
-                   if line.lower().startswith(b"sec-websocket-key"))
+        headers = list(iter(f.readline, b"\r\n"))     # the whole request, so frames start after it
+        key = next(line.split(b":", 1)[1].strip() for line in headers if line.lower().startswith(b"sec-websocket-key"))
         accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest()).decode()
         conn.sendall(f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                      f"Sec-WebSocket-Accept: {accept}\r\n\r\n".encode())
