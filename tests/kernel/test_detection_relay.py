@@ -178,3 +178,179 @@ def test_paramiko_reverse_forward_used_twice(net, tmp_path):
             docs = run.finish(status=None)
     check_relay_alert(run, docs, "reverse_tunnel paramiko request_port_forward", pid, start, last,
                       [HOST_IP, str(sshd.port), f"127.0.0.1:{SERVICE_PORT}"])
+
+
+# ---- look-alikes: no alert of any rule -------------------------------------------------------------------
+
+# On the test host: an HTTP server that takes the absolute URIs a proxy passes on unchanged (so that every
+# byte the proxy relays keeps its size: the hardest case for telling a forward proxy from a relay).
+ABSOLUTE_URI_SERVER = r'''
+import os
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+BODIES = {"small.txt": b"hello through the proxy\n", "big.bin": os.urandom(300_000)}
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = BODIES[self.path.rsplit("/", 1)[1]]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+server = ThreadingHTTPServer(("198.51.100.1", 8080), H)
+print("listening", flush=True)
+server.serve_forever()
+'''
+
+
+def test_forward_proxy_used_by_curl_is_no_tunnel(net, tmp_path):
+    """The local client connects and speaks first, the proxy connects out after it: a forward proxy."""
+    curl = "curl -sS -x http://127.0.0.1:3128 -o /dev/null -w '%{http_code}\\n'"
+    urls = [f"http://{HOST_IP}:8080/{name}" for name in ("small.txt", "big.bin", "small.txt", "big.bin")]
+    # back to back: each curl connects right after the previous answer
+    script = (f"{PYTHON} -u {HELPERS / 'forward_proxy.py'} 3128 & sleep 0.5; "
+              + "; ".join(f"{curl} {u}" for u in urls) + "; kill $!")
+    with harness.python_server(net, ABSOLUTE_URI_SERVER, 8080, banner="listening\n"):
+        with EpisodeRun(tmp_path, "ep-forward-proxy", net.sandbox_prefix() + ["/bin/sh", "-c", script],
+                        capture=capture_path(tmp_path, "forward_proxy")) as run:
+            docs = run.finish(status=None)
+    assert [line.strip() for line in run.out.lines if line.strip().isdigit()] == ["200"] * len(urls), \
+        run.out.text() + run.err.text()
+    upstream = select(docs, "connection_established", destination__ip=HOST_IP, destination__port=8080)
+    local = select(docs, "connection_established", destination__ip="127.0.0.1", destination__port=3128)
+    assert len(upstream) == len(urls) and len(local) == len(urls), dump(docs)
+    assert_no_alerts(docs)
+
+
+# On the test host: pushes a numbered update every 1.2 s on each connection and reads the client's ack.
+PUSH_SERVER = r'''
+import socket, threading, time
+def serve(conn):
+    with conn:
+        for i in range(8):
+            conn.sendall(f"update {i} ".encode() + b"x" * 200 + b"\n")
+            if not conn.recv(100):
+                return
+            time.sleep(1.2)
+server = socket.create_server(("198.51.100.1", 8090))
+print("listening", flush=True)
+while True:
+    threading.Thread(target=serve, args=(server.accept()[0],), daemon=True).start()
+'''
+
+# In the sandbox: subscribes and acknowledges every update.
+PUSH_CLIENT = r'''
+import socket
+with socket.create_connection(("198.51.100.1", 8090), timeout=10) as s, s.makefile("rb") as f:
+    for line in f:
+        s.sendall(b"ack " + line.split()[1] + b"\n")
+        print("got", line.split()[1].decode(), flush=True)
+'''
+
+
+def test_server_push_stream_with_acks_past_long_flow_seconds(net, tmp_path):
+    config = "[flows]\nlong_flow_seconds = 3.0\nupdate_interval_seconds = 1.0\n"
+    with harness.python_server(net, PUSH_SERVER, 8090, banner="listening\n"):
+        with EpisodeRun(tmp_path, "ep-push", net.sandbox_prefix() + [PYTHON, "-u", "-c", PUSH_CLIENT],
+                        config=config, capture=capture_path(tmp_path, "server_push")) as run:
+            docs = run.finish()
+    assert run.out.text().count("got ") == 8, run.out.text()
+    ended = select(docs, "flow_ended", destination__ip=HOST_IP, destination__port=8090)
+    assert ended and get(ended[0], "event.duration") > 3e9 * 2, dump(docs)
+    assert select(docs, "flow_updated", destination__ip=HOST_IP, destination__port=8090), dump(docs)
+    assert_no_alerts(docs)
+
+
+# In the sandbox: one process downloads a file the test host serves slowly (a chunk every 0.3 s), while
+# it runs local HTTP tests against its own server on 127.0.0.1: GETs and POSTs of 2 KB, every 0.15 s.
+DOWNLOAD_AND_LOCAL_TESTS = r'''
+import http.client, http.server, os, threading, time
+class Local(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.reply(b"ok " + self.path.encode())
+    def do_POST(self):
+        self.reply(b"stored " + str(len(self.rfile.read(int(self.headers["Content-Length"])))).encode())
+    def reply(self, body):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+local = http.server.ThreadingHTTPServer(("127.0.0.1", 8001), Local)
+threading.Thread(target=local.serve_forever, daemon=True).start()
+done = threading.Event()
+def download():
+    c = http.client.HTTPConnection("198.51.100.1", 8091, timeout=30)
+    c.request("GET", "/model.bin")
+    print("downloaded", len(c.getresponse().read()), flush=True)
+    done.set()
+threading.Thread(target=download).start()
+tests = 0
+while not done.is_set():
+    c = http.client.HTTPConnection("127.0.0.1", 8001, timeout=5)
+    if tests % 2:
+        c.request("POST", "/results", body=os.urandom(2048))
+    else:
+        c.request("GET", f"/health/{tests}")
+    assert c.getresponse().read()
+    c.close()
+    tests += 1
+    time.sleep(0.15)
+print("local tests", tests, flush=True)
+'''
+
+SLOW_SERVER = r'''
+import socket, threading, time
+def serve(conn):
+    with conn:
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1310720\r\nConnection: close\r\n\r\n")
+        for _ in range(20):
+            conn.sendall(b"m" * 65536)
+            time.sleep(0.3)
+server = socket.create_server(("198.51.100.1", 8091))
+print("listening", flush=True)
+while True:
+    threading.Thread(target=serve, args=(server.accept()[0],), daemon=True).start()
+'''
+
+
+def test_long_download_beside_local_http_tests_in_the_same_process(net, tmp_path):
+    with harness.python_server(net, SLOW_SERVER, 8091, banner="listening\n"):
+        with EpisodeRun(tmp_path, "ep-download-local", net.sandbox_prefix() + [PYTHON, "-u", "-c",
+                                                                               DOWNLOAD_AND_LOCAL_TESTS],
+                        capture=capture_path(tmp_path, "download_local")) as run:
+            docs = run.finish()
+    assert "downloaded 1310720" in run.out.text(), run.out.text() + run.err.text()
+    tests = int(run.line("local").split()[1])
+    assert tests >= 20, run.out.text()
+    local = select(docs, "connection_established", destination__ip="127.0.0.1", destination__port=8001)
+    assert len(local) >= 20, dump(docs)
+    assert_no_alerts(docs)
+
+
+def test_long_git_clone_over_ssh(net, tmp_path):
+    """A clone of a few MB over ssh from the test host's sshd: ssh talks to git through pipes."""
+    work, bare, dest = tmp_path / "work", tmp_path / "repo.git", tmp_path / "clone"
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "-c", "init.defaultBranch=main"]
+    subprocess.run(git + ["init", "-q", str(work)], check=True)
+    for i in range(3):
+        for j in range(8):
+            (work / f"blob{j}.bin").write_bytes(os.urandom(256 * 1024))
+        subprocess.run(git + ["-C", str(work), "add", "."], check=True)
+        subprocess.run(git + ["-C", str(work), "commit", "-q", "-m", f"step {i}"], check=True)
+    subprocess.run(git + ["clone", "-q", "--bare", str(work), str(bare)], check=True)
+    with harness.sshd(net) as sshd:
+        ssh = " ".join(sshd.ssh_argv()[:-3])          # ssh and its options, without -p PORT user@host
+        cmd = ["env", f"GIT_SSH_COMMAND={ssh}", "git", "clone", "-q",
+               f"ssh://root@{HOST_IP}:{sshd.port}{bare}", str(dest)]
+        with EpisodeRun(tmp_path, "ep-git-long", net.sandbox_prefix() + cmd,
+                        capture=capture_path(tmp_path, "git_clone")) as run:
+            docs = run.finish()
+    assert (dest / "blob7.bin").stat().st_size == 256 * 1024
+    assert select(docs, "connection_established", destination__ip=HOST_IP, destination__port=sshd.port), dump(docs)
+    ended = select(docs, "flow_ended", destination__ip=HOST_IP, destination__port=sshd.port)
+    assert ended and get(ended[0], "destination.bytes") > 6 * 1024 * 1024, dump(ended)
+    assert_no_alerts(docs)

@@ -274,10 +274,13 @@ class Tunnels:
                 if len(relays.connects_checked) >= MAX_PAIRS:
                     relays.connects_checked.clear()
                 relays.connects_checked.add(flow.cookie)
-                # the remote spoke and a local connect followed: the remote opened a channel
+                # the remote spoke and the same process (or a child) connected locally: the remote opened a
+                # channel. Not another process: a forward proxy's next client may connect just then.
                 start = ctx.flows.wall_ns(flow.start_ns)
-                cause = _latest_unused(relays.remote_in, start, window, lambda b: True)
-                if cause is not None and flow.initiated:
+                lineage = {p.pid for p in ctx.lineage(flow.process)} if flow.initiated else set()
+                cause = _latest_unused(relays.remote_in, start, window,
+                                       lambda b: b.process is not None and b.process.pid in lineage)
+                if cause is not None:
                     cause.used = True
                     pair = self._pair(relays, cause.burst.cookie, flow.cookie, _endpoint(flow.remote), reverse=True)
                     pair.inbound += 1
