@@ -65,11 +65,16 @@ class Engine:
         # Loopback connections inside the sandbox matter only as relays of a tunnel: only the
         # tunnel score sees them (this path runs for every connection of a busy sandbox).
         self._for_loopback = tuple(d for d in self.detectors if getattr(d, "sees_loopback", False))
+        self._for_bursts = tuple(d for d in self.detectors if getattr(d, "sees_bursts", False))
         self._fired: dict[tuple, None] = {}
 
     def observe(self, event: NetworkEvent | ProcessEvent | PayloadSeen | StdioSocket | Burst) -> list[Alert]:
         detectors = self.detectors
-        if isinstance(event, NetworkEvent) and _loopback_peer(event):
+        if isinstance(event, Burst):
+            detectors = self._for_bursts          # relay timing: only the tunnel detector reads it
+            if self.context.allowed(event):
+                return []
+        elif isinstance(event, NetworkEvent) and _loopback_peer(event):
             detectors = self._for_loopback
         elif self.context.allowed(event):
             return []

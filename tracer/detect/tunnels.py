@@ -192,6 +192,7 @@ class Tunnels:
     """The reverse_tunnel detector: the score on flow events, relay correlation on bursts.
     One per engine: it keeps recent bursts per episode."""
     sees_loopback = True     # a loopback connection may be a relay (see Engine)
+    sees_bursts = True
 
     def __init__(self) -> None:
         self.relays: dict[str, _EpisodeRelays] = {}
@@ -266,11 +267,9 @@ class Tunnels:
         window = int(cfg.mirror_ms * 1e6)
         t = burst.timestamp_ns
         if flow.is_local:
-            relays = self.relays.get(burst.episode.id)
-            if relays is None or not relays.remote_in:
-                return          # nothing outside spoke yet: a local flow alone is no relay
+            relays = self._episode(burst.episode.id)
             touched = []
-            if flow.cookie not in relays.connects_checked:
+            if relays.remote_in and flow.cookie not in relays.connects_checked:
                 if len(relays.connects_checked) >= MAX_PAIRS:
                     relays.connects_checked.clear()
                 relays.connects_checked.add(flow.cookie)
@@ -287,7 +286,7 @@ class Tunnels:
                     pair.steps.append(f"remote {cause.burst.bytes} B, then a local connect to "
                                       f"{_endpoint(flow.remote)} {(start - cause.burst.timestamp_ns) / 1e6:.1f} ms later")
                     touched.append((pair, cause.burst))
-            if burst.egress:
+            if burst.egress and relays.remote_in:
                 cause = _latest_unused(relays.remote_in, t, window, lambda b: sizes_match(b.bytes, burst.bytes, cfg))
                 if cause is not None:
                     cause.used = True
