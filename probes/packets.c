@@ -94,8 +94,10 @@ static __always_inline void note_burst(struct sock_state *st, __u64 cookie, __u8
     __u64 other = egress ? st->burst_in_ns : st->burst_out_ns;
     __u64 prev = *last;
     *last = now;
-    if (prev && now - prev < BURST_IDLE_NS && other <= prev)
-        return;               /* the same burst: no silence, and the other side has not spoken since */
+    /* The same burst: no silence, and no turn (the other side has not spoken since). A turn
+     * counts on flows to the outside only: a loopback ping-pong would make every packet one. */
+    if (prev && now - prev < BURST_IDLE_NS && (other <= prev || is_local_peer(&st->ep)))
+        return;
     __u64 episode = st->owner.episode_cgroup_id;
     struct burst_window *w = burst_windows.lookup(&episode);
     int local = is_local_peer(&st->ep);

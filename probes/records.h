@@ -109,8 +109,8 @@ struct payload_record {       /* REC_PAYLOAD */
 };
 
 /* A burst: the first data packet one way after >= BURST_IDLE_NS of silence
- * that way, or after the other side sent data (a turn), or the first data that
- * way. Relay correlation needs when each exchange starts and how big it is;
+ * that way, or after the other side sent data (a turn, on flows to the outside
+ * only), or the first data that way. Relay correlation needs when each exchange starts and how big it is;
  * one record per burst, never per packet (a bulk transfer is one burst: its
  * ACKs carry no data). */
 #define BURST_IDLE_NS 200000000ULL
