@@ -354,3 +354,26 @@ def test_long_git_clone_over_ssh(net, tmp_path):
     ended = select(docs, "flow_ended", destination__ip=HOST_IP, destination__port=sshd.port)
     assert ended and get(ended[0], "destination.bytes") > 6 * 1024 * 1024, dump(ended)
     assert_no_alerts(docs)
+
+
+def test_openssh_remote_forward_from_a_config_file_is_caught_by_its_relay(net, tmp_path):
+    """ssh -F FILE with RemoteForward in FILE: nothing in argv names a tunnel; its use does."""
+    with harness.sshd(net) as sshd:
+        config = tmp_path / "cfg"
+        config.write_text(f"Host box\n  HostName {HOST_IP}\n  Port {sshd.port}\n  User root\n"
+                          f"  IdentityFile {sshd.client_key}\n  IdentitiesOnly yes\n  StrictHostKeyChecking no\n"
+                          f"  UserKnownHostsFile /dev/null\n  BatchMode yes\n  LogLevel ERROR\n"
+                          f"  RemoteForward 127.0.0.1:{CLIENT_PORT} 127.0.0.1:{SERVICE_PORT}\n")
+        service = f"{PYTHON} -u {HELPERS / 'answer_service.py'} {SERVICE_PORT} &"
+        argv = net.sandbox_prefix() + ["/bin/sh", "-c", f'{service} sleep 0.3; echo pid $$; exec "$@"', "sh",
+                                       "ssh", "-F", config, "box", "echo ready; sleep 60"]
+        with EpisodeRun(tmp_path, "ep-ssh-config", argv, capture=capture_path(tmp_path, "ssh_config")) as run:
+            pid = run.pid()
+            run.line("ready", timeout=30)
+            time.sleep(0.5)
+            start, last = act(net, run, CLIENT_PORT)
+            run.wait_alert("reverse_tunnel", timeout=10)
+            os.kill(pid, signal.SIGTERM)
+            docs = run.finish(status=None)
+    check_relay_alert(run, docs, "reverse_tunnel ssh -F with RemoteForward", pid, start, last,
+                      [HOST_IP, str(sshd.port)])

@@ -96,7 +96,9 @@ def test_a_used_tunnel_from_a_renamed_ssh_alerts_at_the_relay():
 # Relays and their look-alikes, captured by tests/kernel/test_detection_relay.py (EPTRACE_RELAY_CAPTURES):
 # worker.py connects out to the test host and relays each request it gets to 127.0.0.1:8000 in the sandbox;
 # the test host used it twice, 2 s apart. The default long_flow_seconds (600) cannot count.
-@pytest.mark.parametrize("mode, port", [("tcp", 7443), ("tls", 7443), ("ws", 7443), ("udp", 7443), ("paramiko", 2222)])
+# paramiko: request_port_forward; ssh_config: OpenSSH with RemoteForward in a -F file (nothing in argv).
+@pytest.mark.parametrize("mode, port", [("tcp", 7443), ("tls", 7443), ("ws", 7443), ("udp", 7443), ("paramiko", 2222),
+                                        ("ssh_config", 2222)])
 def test_a_relay_used_twice_is_a_tunnel_by_its_mirrored_exchanges(mode, port):
     docs = alerts(f"relay_{mode}.capture")
     assert rules(docs) == ["reverse_tunnel"]
