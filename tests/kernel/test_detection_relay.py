@@ -77,6 +77,18 @@ def act(net, run: EpisodeRun, port: int) -> tuple[float, float]:
     return start, time.time()
 
 
+def use_twice_and_finish(net, run: EpisodeRun, ready) -> tuple[int, float, float, list[dict]]:
+    """Once ready() returns, use the tunnel twice, wait for the alert, end the relay: (pid, act start, last
+    answer, documents)."""
+    pid = run.pid()
+    ready()
+    time.sleep(0.5)
+    start, last = act(net, run, CLIENT_PORT)
+    run.wait_alert("reverse_tunnel", timeout=10)
+    os.kill(pid, signal.SIGTERM)
+    return pid, start, last, run.finish(status=None)
+
+
 def check_relay_alert(run: EpisodeRun, docs: list[dict], scenario: str, pid: int, start: float, last: float,
                       mentions: list[str]) -> None:
     tunnel = alerts(docs, "reverse_tunnel")
@@ -120,13 +132,8 @@ def test_custom_relay_used_twice_from_outside(net, tmp_path, mode):
         argv = net.sandbox_prefix() + ["/bin/sh", "-c", script, "sh", PYTHON, "-u", worker, mode, HOST_IP, HUB_PORT,
                                        SERVICE_PORT, *extra]
         with EpisodeRun(tmp_path, episode, argv, capture=capture_path(tmp_path, mode)) as run:
-            pid = run.pid()
-            wait_until(lambda: "attached\n" in hub_peer.stdout, 15, lambda: f"hub: {hub_peer.stderr}")
-            time.sleep(0.5)
-            start, last = act(net, run, CLIENT_PORT)
-            run.wait_alert("reverse_tunnel", timeout=10)
-            os.kill(pid, signal.SIGTERM)
-            docs = run.finish(status=None)
+            pid, start, last, docs = use_twice_and_finish(net, run, lambda: wait_until(
+                lambda: "attached\n" in hub_peer.stdout, 15, lambda: f"hub: {hub_peer.stderr}"))
     check_relay_alert(run, docs, f"reverse_tunnel custom relay over {mode}", pid, start, last,
                       [HOST_IP, str(HUB_PORT), f"127.0.0.1:{SERVICE_PORT}"])
 
@@ -169,13 +176,7 @@ def test_paramiko_reverse_forward_used_twice(net, tmp_path):
         argv = net.sandbox_prefix() + ["/bin/sh", "-c", f'{service} sleep 0.3; exec "$@"', "sh", PYTHON, "-u",
                                        script, HOST_IP, sshd.port, sshd.client_key, CLIENT_PORT, SERVICE_PORT]
         with EpisodeRun(tmp_path, "ep-paramiko", argv, capture=capture_path(tmp_path, "paramiko")) as run:
-            pid = run.pid()
-            run.line("forwarding", timeout=30)
-            time.sleep(0.5)
-            start, last = act(net, run, CLIENT_PORT)
-            run.wait_alert("reverse_tunnel", timeout=10)
-            os.kill(pid, signal.SIGTERM)
-            docs = run.finish(status=None)
+            pid, start, last, docs = use_twice_and_finish(net, run, lambda: run.line("forwarding", timeout=30))
     check_relay_alert(run, docs, "reverse_tunnel paramiko request_port_forward", pid, start, last,
                       [HOST_IP, str(sshd.port), f"127.0.0.1:{SERVICE_PORT}"])
 
@@ -368,12 +369,6 @@ def test_openssh_remote_forward_from_a_config_file_is_caught_by_its_relay(net, t
         argv = net.sandbox_prefix() + ["/bin/sh", "-c", f'{service} sleep 0.3; echo pid $$; exec "$@"', "sh",
                                        "ssh", "-F", config, "box", "echo ready; sleep 60"]
         with EpisodeRun(tmp_path, "ep-ssh-config", argv, capture=capture_path(tmp_path, "ssh_config")) as run:
-            pid = run.pid()
-            run.line("ready", timeout=30)
-            time.sleep(0.5)
-            start, last = act(net, run, CLIENT_PORT)
-            run.wait_alert("reverse_tunnel", timeout=10)
-            os.kill(pid, signal.SIGTERM)
-            docs = run.finish(status=None)
+            pid, start, last, docs = use_twice_and_finish(net, run, lambda: run.line("ready", timeout=30))
     check_relay_alert(run, docs, "reverse_tunnel ssh -F with RemoteForward", pid, start, last,
                       [HOST_IP, str(sshd.port)])

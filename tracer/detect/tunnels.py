@@ -280,23 +280,14 @@ class Tunnels:
                 cause = _latest_unused(relays.remote_in, start, window,
                                        lambda b: b.process is not None and b.process.pid in lineage)
                 if cause is not None:
-                    cause.used = True
-                    pair = self._pair(relays, cause.burst.cookie, flow.cookie, _endpoint(flow.remote), reverse=True)
-                    pair.inbound += 1
-                    pair.steps.append(f"remote {cause.burst.bytes} B, then a local connect to "
-                                      f"{_endpoint(flow.remote)} {(start - cause.burst.timestamp_ns) / 1e6:.1f} ms later")
-                    touched.append((pair, cause.burst))
-            if burst.egress and relays.remote_in:
+                    touched.append(self._inbound(relays, cause, flow, start, "then a local connect to "
+                                                 f"{_endpoint(flow.remote)}"))
+            if not burst.egress:
+                relays.local_in.append(_Seen(burst, _endpoint(flow.remote)))
+            elif relays.remote_in:
                 cause = _latest_unused(relays.remote_in, t, window, lambda b: sizes_match(b.bytes, burst.bytes, cfg))
                 if cause is not None:
-                    cause.used = True
-                    pair = self._pair(relays, cause.burst.cookie, flow.cookie, _endpoint(flow.remote), reverse=True)
-                    pair.inbound += 1
-                    pair.steps.append(f"remote {cause.burst.bytes} B in, local {burst.bytes} B out "
-                                      f"{(t - cause.burst.timestamp_ns) / 1e6:.1f} ms later")
-                    touched.append((pair, cause.burst))
-            else:
-                relays.local_in.append(_Seen(burst, _endpoint(flow.remote)))
+                    touched.append(self._inbound(relays, cause, flow, t, f"local {burst.bytes} B out"))
             for pair, outside in touched:
                 yield from self._conclude(relays, pair, outside, burst, ctx)
             return
@@ -316,6 +307,15 @@ class Tunnels:
         pair.steps.append(f"local {answer.burst.bytes} B in, remote {burst.bytes} B out "
                           f"{(t - answer.burst.timestamp_ns) / 1e6:.1f} ms later")
         yield from self._conclude(relays, pair, burst, answer.burst, ctx)
+
+    def _inbound(self, relays: _EpisodeRelays, cause: _Seen, local: FlowView, t_ns: int,
+                 what: str) -> tuple[_Pair, Burst]:
+        """The remote's burst `cause` was mirrored on a local flow (or made it connect) at t_ns."""
+        cause.used = True
+        pair = self._pair(relays, cause.burst.cookie, local.cookie, _endpoint(local.remote), reverse=True)
+        pair.inbound += 1
+        pair.steps.append(f"remote {cause.burst.bytes} B in, {what} {(t_ns - cause.burst.timestamp_ns) / 1e6:.1f} ms later")
+        return pair, cause.burst
 
     def _conclude(self, relays: _EpisodeRelays, pair: _Pair, outside: Burst, local: Burst,
                   ctx: Context) -> Iterator[Finding]:
