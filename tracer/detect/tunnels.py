@@ -36,6 +36,7 @@ SHRINK_BYTES = 8          # a relayed burst may lose this much (a proxy that rew
 RECENT_BURSTS = 256       # bursts kept per episode and kind for matching (pruned by mirror_ms anyway)
 MAX_EPISODES = 4096
 MAX_PAIRS = 4096          # (outside flow, local flow) pairs remembered per episode
+MAX_STEPS = 8             # mirrored bursts described per pair
 
 
 class FlowView(Protocol):
@@ -154,7 +155,7 @@ class _Pair:
     local: str                # the local flow's peer, ip:port
     inbound: int = 0          # remote -> local: bursts mirrored, or local connects that followed the remote
     outbound: int = 0         # local answers mirrored out to the remote
-    steps: list[str] = field(default_factory=list)
+    steps: deque = field(default_factory=lambda: deque(maxlen=MAX_STEPS))   # the latest, for the message
 
     @property
     def exchanges(self) -> int:
