@@ -372,3 +372,29 @@ def test_openssh_remote_forward_from_a_config_file_is_caught_by_its_relay(net, t
             pid, start, last, docs = use_twice_and_finish(net, run, lambda: run.line("ready", timeout=30))
     check_relay_alert(run, docs, "reverse_tunnel ssh -F with RemoteForward", pid, start, last,
                       [HOST_IP, str(sshd.port)])
+
+
+# In the sandbox: a fast UDP ping-pong with the test host for 2 s: every datagram is a turn, so a burst.
+UDP_PING_PONG = r'''
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+s.connect(("198.51.100.1", 9999))
+n, end = 0, time.time() + 2
+while time.time() < end:
+    s.send(b"ping")
+    s.recv(100)
+    n += 1
+print("round trips", n, flush=True)
+'''
+
+
+def test_bursts_beyond_the_episode_budget_are_counted_as_lost(net, tmp_path):
+    with harness.udp_echo_server(net, 9999):
+        with EpisodeRun(tmp_path, "ep-burst-budget", net.sandbox_prefix() + [PYTHON, "-u", "-c", UDP_PING_PONG]) as run:
+            docs = run.finish()
+    trips = int(run.line("round").split()[1])
+    assert trips > 1500, f"too few round trips to pass the budget of 1,000 bursts a second: {trips}"
+    lost = get([d for d in docs if get(d, "event.kind") == "metric"][-1], "eptrace.stats.records_lost_by_reason")
+    assert lost["burst_budget"] > 0 and lost["ringbuf_full"] == 0, lost
+    assert_no_alerts(docs)
