@@ -150,3 +150,18 @@ def test_score_weights_come_from_the_config():
 
 def test_score_of_a_quiet_flow_is_empty():
     assert score(FlowFacts(age_s=5, remote_port=443, first_out_protocol="tls"), ReverseTunnel(), 600) == []
+
+
+def test_reverse_tunnel_keys_load_from_the_config(tmp_path):
+    from tracer import config as config_module
+    path = tmp_path / "c.toml"
+    path.write_text("[reverse_tunnel]\nmirror_ms = 50\nexchanges_to_alert = 3\nlong_flow_points = 40\n")
+    cfg = config_module.load(path).reverse_tunnel
+    assert (cfg.mirror_ms, cfg.exchanges_to_alert, cfg.long_flow_points, cfg.alert_score) == (50.0, 3, 40, 70)
+    path.write_text("[reverse_tunnel]\nmirror_millis = 50\n")
+    try:
+        config_module.load(path)
+    except config_module.ConfigError as e:
+        assert "reverse_tunnel.mirror_millis" in str(e)
+    else:
+        raise AssertionError("an unknown key was accepted")
