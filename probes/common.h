@@ -82,6 +82,8 @@ struct sock_state {
     struct activity a;
     __u64 start_ns;
     __u64 last_update_ns;     /* the last REC_FLOW_UPDATE */
+    __u64 burst_out_ns;       /* the last data packet out, and in: bursts start after BURST_IDLE_NS */
+    __u64 burst_in_ns;
     __u32 flags;
     __u8 captured_out;        /* data packets captured this way (PAYLOAD_PACKETS at most) */
     __u8 captured_in;
@@ -118,6 +120,14 @@ static __always_inline struct socket_record *reserve_socket(void)
 static __always_inline struct payload_record *reserve_payload(void)
 {
     struct payload_record *r = events.ringbuf_reserve(sizeof(struct payload_record));
+    if (!r)
+        count_lost(LOST_RINGBUF_FULL);
+    return r;
+}
+
+static __always_inline struct burst_record *reserve_burst(void)
+{
+    struct burst_record *r = events.ringbuf_reserve(sizeof(struct burst_record));
     if (!r)
         count_lost(LOST_RINGBUF_FULL);
     return r;

@@ -58,6 +58,82 @@ static __always_inline void note_activity(struct activity *a, __u64 now, int egr
         a->exchanges_in++;
 }
 
+/* Bursts: per episode, at most BURSTS_PER_SECOND (beyond, counted as lost), and
+ * bursts of local flows (loopback, or to the sandbox's own address) only within
+ * LOCAL_BURST_WINDOW_NS of a burst on a flow to the outside: a relay's local leg
+ * moves when its outside leg does, and a busy local workload alone costs nothing. */
+#define BURSTS_PER_SECOND 1000
+#define LOCAL_BURST_WINDOW_NS 10000000000ULL
+struct burst_window {
+    __u64 start_ns;           /* this second's budget began */
+    __u64 outside_ns;         /* the last burst on a flow to the outside */
+    __u32 count;              /* bursts sent this second */
+    __u32 pad;
+};
+BPF_F_TABLE(PINNED("lru_hash", burst_windows), __u64, struct burst_window, burst_windows, 4096, 0);
+
+static __always_inline int is_local_peer(const struct endpoints *ep)
+{
+    __u32 d[4], s[4];
+    __builtin_memcpy(d, ep->daddr, 16);
+    __builtin_memcpy(s, ep->saddr, 16);
+    if (ep->family == AF_INET)
+        return ep->daddr[0] == 127 || (d[0] && d[0] == s[0]);
+    const __u8 *b = ep->daddr;
+    if (d[0] == 0 && d[1] == 0 && d[2] == 0 && !b[12] && !b[13] && !b[14] && b[15] == 1)
+        return 1;                                           /* ::1 */
+    if (d[0] == 0 && d[1] == 0 && !b[8] && !b[9] && b[10] == 0xff && b[11] == 0xff && b[12] == 127)
+        return 1;                                           /* ::ffff:127.x */
+    return (d[0] | d[1] | d[2] | d[3]) && d[0] == s[0] && d[1] == s[1] && d[2] == s[2] && d[3] == s[3];
+}
+
+static __always_inline void note_burst(struct sock_state *st, __u64 cookie, __u8 protocol, __u32 bytes,
+                                       int egress, __u64 now)
+{
+    __u64 *last = egress ? &st->burst_out_ns : &st->burst_in_ns;
+    __u64 other = egress ? st->burst_in_ns : st->burst_out_ns;
+    __u64 prev = *last;
+    *last = now;
+    /* The same burst: no silence, and no turn (the other side has not spoken since). A turn
+     * counts on flows to the outside only: a loopback ping-pong would make every packet one. */
+    if (prev && now - prev < BURST_IDLE_NS && (other <= prev || is_local_peer(&st->ep)))
+        return;
+    __u64 episode = st->owner.episode_cgroup_id;
+    struct burst_window *w = burst_windows.lookup(&episode);
+    int local = is_local_peer(&st->ep);
+    if (!w) {
+        if (local)
+            return;           /* nothing outside has moved yet */
+        struct burst_window fresh = {.start_ns = now, .outside_ns = now};
+        burst_windows.update(&episode, &fresh);
+        w = burst_windows.lookup(&episode);
+        if (!w)
+            return;
+    }
+    if (local && now - w->outside_ns > LOCAL_BURST_WINDOW_NS)
+        return;
+    if (!local)
+        w->outside_ns = now;
+    if (now - w->start_ns >= 1000000000ULL) {
+        w->start_ns = now;
+        w->count = 0;
+    }
+    if (w->count >= BURSTS_PER_SECOND) {
+        count_lost(LOST_BURST_BUDGET);
+        return;
+    }
+    __sync_fetch_and_add(&w->count, 1);
+    struct burst_record *r = reserve_burst();
+    if (!r)
+        return;
+    fill_header(&r->h, REC_BURST, sizeof(*r), cookie, &st->owner);
+    r->idle_ns = prev ? now - prev : 0;
+    r->bytes = bytes;
+    r->egress = egress;
+    r->protocol = protocol;
+    events.ringbuf_submit(r, SUBMIT_FLAGS);
+}
+
 static __always_inline void capture_payload(struct __sk_buff *skb, struct sock_state *st, __u8 protocol,
                                             __u32 headers, __u32 bytes, int egress, __u8 index)
 {
@@ -162,6 +238,7 @@ static __always_inline int count_packet(struct __sk_buff *skb, int egress)
         return 1;                   /* handshakes and bare ACKs: counted, nothing more */
     __u64 now = bpf_ktime_get_ns();
     note_activity(&st->a, now, egress);
+    note_burst(st, bpf_get_socket_cookie(skb), protocol, bytes, egress, now);
     /* The first data packets each way name the protocol; every DNS query counts. */
     __u8 *captured = egress ? &st->captured_out : &st->captured_in;
     int dns_query = egress && protocol == IPPROTO_UDP && udp_dport(skb, headers) == 53;

@@ -26,6 +26,7 @@ enum record_type {
     REC_PAYLOAD = 13,         /* the first bytes of a flow in one direction; every DNS query */
     REC_FLOW_UPDATE = 14,     /* counters of an active flow, at most once per update interval */
     REC_STDIO_DUP = 15,       /* dup2/dup3 onto fd 0, 1 or 2: parent_tgid = old fd, child_pid = new fd */
+    REC_BURST = 16,           /* data one way after a silence or a turn: relay timing */
 };
 
 /* Who did it: true at task-context hooks, copied from socket storage elsewhere. */
@@ -107,6 +108,21 @@ struct payload_record {       /* REC_PAYLOAD */
     __u8 data[PAYLOAD_LEN];
 };
 
+/* A burst: the first data packet one way after >= BURST_IDLE_NS of silence
+ * that way, or after the other side sent data (a turn, on flows to the outside
+ * only), or the first data that way. Relay correlation needs when each exchange starts and how big it is;
+ * one record per burst, never per packet (a bulk transfer is one burst: its
+ * ACKs carry no data). */
+#define BURST_IDLE_NS 200000000ULL
+struct burst_record {         /* REC_BURST; h.ts_ns: the burst's first packet */
+    struct record_header h;
+    __u64 idle_ns;            /* the silence before it this way (short at a turn); 0: the first data */
+    __u32 bytes;              /* payload bytes of that first packet */
+    __u8 egress;              /* 1: sandbox -> peer */
+    __u8 protocol;            /* IPPROTO_* */
+    __u8 pad[2];
+};
+
 struct process_record {       /* FORKED, ARGS, EXEC, EXITED, STDIO_DUP */
     struct record_header h;
     __u32 parent_tgid;        /* FORKED: the parent; EXEC: old pid */
@@ -120,7 +136,8 @@ struct process_record {       /* FORKED, ARGS, EXEC, EXITED, STDIO_DUP */
 enum loss_reason {
     LOST_RINGBUF_FULL = 0,
     LOST_NO_STORAGE = 1,
-    LOSS_REASONS = 2,
+    LOST_BURST_BUDGET = 2,    /* a burst over its episode's budget (BURSTS_PER_SECOND) */
+    LOSS_REASONS = 3,
 };
 
 #endif

@@ -28,6 +28,7 @@ PACKAGES=(
     kcat
     strace openssl
     netcat-openbsd
+    python3-paramiko    # tests: an SSH library's reverse forward (tests/kernel/test_detection_relay.py)
 )
 
 is_installed() {

@@ -36,7 +36,23 @@ class Flows:
 
 @dataclass(frozen=True)
 class ReverseTunnel:
-    alert_score: int = 70                   # sum of signal points that raises reverse_tunnel (see detect/tunnels.py)
+    """The tunnel score (detect/tunnels.py): points per signal, and relay correlation."""
+    alert_score: int = 70                   # sum of signal points that raises reverse_tunnel
+    long_flow_points: int = 30              # open past [flows] long_flow_seconds
+    ssh_on_22_points: int = 5               # an SSH banner on port 22
+    ssh_off_22_points: int = 15             # ... on another port
+    ssh_not_a_client_points: int = 15       # SSH spoken by a binary that is no SSH client
+    ssh_in_upgrade_points: int = 30         # SSH inside an HTTP 101 upgrade
+    not_tls_on_443_points: int = 20
+    local_relay_points: int = 30            # a loopback connect by the process or a descendant while open
+    forward_argv_points: int = 25           # a port-forward spec or ssh -N in argv
+    keepalive_points: int = 10              # silences of one length
+    peer_starts_points: int = 25            # the peer started most exchanges
+    mirrored_exchange_points: int = 35      # one relayed exchange (below exchanges_to_alert)
+    exchanges_to_alert: int = 2             # mirrored exchanges that alert at once
+    mirror_ms: float = 200.0                # a burst relayed within this long mirrors another
+    framing_bytes: int = 160                # outside burst minus local burst, at most (TLS, WebSocket, SSH)
+    segment_bytes: int = 1000               # bursts both this big match in size (first packets are segments)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ class RecordType(IntEnum):
     PAYLOAD = 13
     FLOW_UPDATE = 14
     STDIO_DUP = 15
+    BURST = 16
 
 
 # Flow flags (FLOW_* in records.h).
@@ -44,12 +45,16 @@ GAP_BUCKETS = 8
 # struct endpoints + len, total, egress, index, pad[6], data[PAYLOAD_LEN]
 PAYLOAD_LEN = 256
 PAYLOAD_BODY = struct.Struct("<16s16sHHHBB IIBB6x")
+# struct burst_record: idle_ns, bytes, egress, protocol, pad[2]
+BURST_BODY = struct.Struct("<QIBB2x")
+BURST_IDLE_NS = 200_000_000
 SOCKET_BODY = struct.Struct("<IIIi")
 PROCESS_BODY = struct.Struct("<IIiI")
 ARGS_BUF = 1024 + 256   # ARGS_LEN + ARG_CHUNK
 
 NET_RECORD_SIZE = HEADER.size + NET_BODY.size
 PAYLOAD_RECORD_SIZE = HEADER.size + PAYLOAD_BODY.size + PAYLOAD_LEN
+BURST_RECORD_SIZE = HEADER.size + BURST_BODY.size
 SOCKET_RECORD_SIZE = HEADER.size + SOCKET_BODY.size
 PROCESS_RECORD_SIZE = HEADER.size + PROCESS_BODY.size + ARGS_BUF
 
@@ -89,6 +94,8 @@ PAYLOAD_LAYOUT = Layout("payload_record", PAYLOAD_RECORD_SIZE, {**_HEADER_OFFSET
     "data": HEADER.size + PAYLOAD_BODY.size})
 SOCKET_LAYOUT = Layout("socket_record", SOCKET_RECORD_SIZE, {**_HEADER_OFFSETS, **_offsets(
     SOCKET_BODY, ["family", "type", "protocol", "ret"], HEADER.size)})
+BURST_LAYOUT = Layout("burst_record", BURST_RECORD_SIZE, {**_HEADER_OFFSETS, **_offsets(
+    BURST_BODY, ["idle_ns", "bytes", "egress", "protocol"], HEADER.size)})
 PROCESS_LAYOUT = Layout("process_record", PROCESS_RECORD_SIZE, {**_HEADER_OFFSETS, **_offsets(
     PROCESS_BODY, ["parent_tgid", "child_pid", "exit_code", "data_len"], HEADER.size),
     "data": HEADER.size + PROCESS_BODY.size})
@@ -158,6 +165,17 @@ class PayloadRecord:
 
 
 @dataclass(slots=True)
+class BurstRecord:
+    """Data one way after >= BURST_IDLE_NS of silence that way, or after the other side spoke (a turn):
+    header.ts_ns is its first packet."""
+    header: Header
+    idle_ns: int          # the silence before it this way (short at a turn); 0: the first data this way
+    bytes: int            # payload bytes of its first packet
+    egress: bool
+    protocol: int
+
+
+@dataclass(slots=True)
 class SocketRecord:
     header: Header
     family: int
@@ -183,7 +201,7 @@ class ProcessRecord:
         return self.data.split(b"\0", 1)[0].decode(errors="replace")
 
 
-Record = NetRecord | SocketRecord | ProcessRecord | PayloadRecord
+Record = NetRecord | SocketRecord | ProcessRecord | PayloadRecord | BurstRecord
 
 _NET_TYPES = {RecordType.CONNECT, RecordType.CONNECT_RESULT, RecordType.UDP_SENT, RecordType.LISTENING,
               RecordType.ESTABLISHED, RecordType.ACCEPTED, RecordType.FLOW_ENDED, RecordType.FLOW_UPDATE}
@@ -194,7 +212,7 @@ _PROCESS_TYPES = {RecordType.PROCESS_FORKED, RecordType.PROCESS_ARGS, RecordType
 # Every record type and the layout its records have: decode() refuses a record of another size.
 LAYOUTS: dict[RecordType, Layout] = {
     **{t: NET_LAYOUT for t in _NET_TYPES}, **{t: PROCESS_LAYOUT for t in _PROCESS_TYPES},
-    RecordType.PAYLOAD: PAYLOAD_LAYOUT, RecordType.SOCKET_CREATED: SOCKET_LAYOUT,
+    RecordType.PAYLOAD: PAYLOAD_LAYOUT, RecordType.SOCKET_CREATED: SOCKET_LAYOUT, RecordType.BURST: BURST_LAYOUT,
 }
 _SIZES = {t.value: layout.size for t, layout in LAYOUTS.items()}
 _TYPES = {t.value: t for t in RecordType}     # a dict lookup is much cheaper than RecordType(n)
@@ -264,6 +282,9 @@ def decode(raw: bytes) -> Record:
         off += PAYLOAD_BODY.size
         return PayloadRecord(header, family, proto, ip_text(saddr, family), sport, ip_text(daddr, family), dport,
                              bool(egress), index, total, raw[off:off + min(length, PAYLOAD_LEN)])
+    if kind == RecordType.BURST:
+        idle, nbytes, egress, proto = BURST_BODY.unpack_from(raw, off)
+        return BurstRecord(header, idle, nbytes, bool(egress), proto)
     if kind == RecordType.SOCKET_CREATED:
         family, stype, proto, ret = SOCKET_BODY.unpack_from(raw, off)
         return SocketRecord(header, family, stype, proto, ret)

@@ -88,6 +88,27 @@ class PayloadSeen:
 
 
 @dataclass(slots=True)
+class Burst:
+    """Internal (never a document): a flow's data resumed one way after a silence or a turn (the
+    kernel's REC_BURST), for relay correlation. source and destination are as the data went."""
+    timestamp_ns: int         # its first packet
+    episode: Episode
+    cgroup_id: int
+    cgroup_path: str
+    process: Process | None
+    cookie: int
+    transport: str
+    egress: bool
+    bytes: int                # payload bytes of its first packet
+    source: Endpoint | None
+    destination: Endpoint | None
+
+    @property
+    def direction(self) -> str:
+        return "egress" if self.egress else "ingress"
+
+
+@dataclass(slots=True)
 class StdioSocket:
     """Internal (never a document): a process has a network socket on stdin, stdout or stderr."""
     timestamp_ns: int

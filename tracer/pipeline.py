@@ -13,7 +13,7 @@ from .decoding import NetRecord, ProcessRecord, RecordType, SocketRecord
 from .config import Config
 from .detect import Engine
 from .detect.argv import is_shell_or_interpreter
-from .events import Episode, Metric, NetworkEvent, PayloadSeen, PipedShell, ProcessEvent, StdioSocket
+from .events import Burst, Episode, Metric, NetworkEvent, PayloadSeen, PipedShell, ProcessEvent, StdioSocket
 from .kernel import cgroups
 from .kernel.loader import Probes
 from .state.episodes import Episodes
@@ -178,8 +178,8 @@ class Tracer:
                                           transport, local, remote, state))
                 return
 
-    def _inspect(self, seen: PayloadSeen | StdioSocket | PipedShell) -> None:
-        """First bytes, DNS queries, sockets on stdio, shells on pipes: to the detectors only, not to
+    def _inspect(self, seen: PayloadSeen | StdioSocket | PipedShell | Burst) -> None:
+        """First bytes, DNS queries, sockets on stdio, shells on pipes, bursts: to the detectors only, not to
         the outputs."""
         for alert in self.detectors.observe(seen):
             self.stats["alerts"] += 1

@@ -93,7 +93,7 @@ def test_every_record_arrives_once_and_nothing_is_lost(probes, episode_cgroup):
         proc.kill()
     assert got.of(proc.pid) == expected(CONNECTIONS)
     assert got.of(proc.pid)[T.ESTABLISHED] == got.of(proc.pid)[T.ACCEPTED] == CONNECTIONS
-    assert probes.lost() == {"ringbuf_full": 0, "no_socket_storage": 0}
+    assert probes.lost() == {"ringbuf_full": 0, "no_socket_storage": 0, "burst_budget": 0}
 
 
 def test_records_wrapping_around_the_buffer_arrive_whole(small_probes, episode_cgroup):
@@ -120,4 +120,4 @@ def test_records_wrapping_around_the_buffer_arrive_whole(small_probes, episode_c
         proc.kill()
     assert got.of(proc.pid) == expected(CONNECTIONS)
     assert sum(map(len, got.raws)) > 40 * 32 * 1024   # the buffer wrapped dozens of times
-    assert small_probes.lost() == {"ringbuf_full": 0, "no_socket_storage": 0}
+    assert small_probes.lost() == {"ringbuf_full": 0, "no_socket_storage": 0, "burst_budget": 0}

@@ -2,6 +2,7 @@
 
 Fixtures were captured from the real scenarios in the test network: see each test for what ran.
 """
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,38 @@ def test_a_used_tunnel_from_a_renamed_ssh_alerts_at_the_relay():
     docs = alerts("relayed_tunnel.capture")
     assert rules(docs) == ["reverse_tunnel"]
     assert "local relay" in docs[0]["message"] and docs[0]["process"]["name"] == "syncd"
+
+
+# Relays and their look-alikes, captured by tests/kernel/test_detection_relay.py (EPTRACE_RELAY_CAPTURES):
+# worker.py connects out to the test host and relays each request it gets to 127.0.0.1:8000 in the sandbox;
+# the test host used it twice, 2 s apart. The default long_flow_seconds (600) cannot count.
+# paramiko: request_port_forward; ssh_config: OpenSSH with RemoteForward in a -F file (nothing in argv).
+@pytest.mark.parametrize("mode, port", [("tcp", 7443), ("tls", 7443), ("ws", 7443), ("udp", 7443), ("paramiko", 2222),
+                                        ("ssh_config", 2222)])
+def test_a_relay_used_twice_is_a_tunnel_by_its_mirrored_exchanges(mode, port):
+    docs = alerts(f"relay_{mode}.capture")
+    assert rules(docs) == ["reverse_tunnel"]
+    message = docs[0]["message"]
+    assert "2 exchanges started by the remote were mirrored" in message and "127.0.0.1:8000" in message, message
+    assert docs[0]["destination"] == {"ip": "198.51.100.1", "port": port}
+
+
+@pytest.mark.parametrize("capture", ["relay_forward_proxy.capture", "relay_download_local.capture",
+                                     "relay_git_clone.capture", "relay_server_push.capture"])
+def test_relay_look_alikes_raise_nothing(capture):
+    # curl x4 through a forward proxy in the sandbox; a slow download beside local HTTP tests in one process;
+    # a 6 MB git clone over ssh; a server-push stream with acks for ~10 s (past long_flow_seconds = 5 here)
+    assert alerts(capture, SHORT) == []
+    assert alerts(capture) == []
+
+
+def test_one_relayed_exchange_only_adds_to_the_score():
+    # With three exchanges needed, the two of the capture score 2 x 35 = 70 with nothing else: alert at the
+    # score; with four needed and mirrored exchanges worth 10, nothing.
+    strict = config_module.Config()
+    three = dataclasses.replace(strict, reverse_tunnel=dataclasses.replace(strict.reverse_tunnel, exchanges_to_alert=3))
+    docs = alerts("relay_tcp.capture", three)
+    assert rules(docs) == ["reverse_tunnel"] and "looks like a tunnel (score 70)" in docs[0]["message"]
+    quiet = dataclasses.replace(strict, reverse_tunnel=dataclasses.replace(
+        strict.reverse_tunnel, exchanges_to_alert=4, mirrored_exchange_points=10))
+    assert alerts("relay_tcp.capture", quiet) == []

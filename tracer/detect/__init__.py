@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Iterator
 
 from ..config import Config
 from ..decoding import is_loopback
-from ..events import Alert, NetworkEvent, PayloadSeen, PipedShell, Process, ProcessEvent, Rule, StdioSocket
+from ..events import Alert, Burst, NetworkEvent, PayloadSeen, PipedShell, Process, ProcessEvent, Rule, StdioSocket
 
 MAX_LINEAGE = 16     # ancestors looked at for a tunnel or miner command line
 MAX_FIRED = 262144   # remembered (rule, key) pairs; beyond, the oldest are forgotten
@@ -49,11 +49,11 @@ class Context:
         process = event.process
         if process is not None and self.config.allows_executable(process.executable):
             return True
-        dst = getattr(event, "destination", None)
+        dst = event.source if isinstance(event, Burst) and not event.egress else getattr(event, "destination", None)
         return dst is not None and self.config.allows_destination(dst.ip, dst.port)
 
 
-Detector = Callable[[NetworkEvent | ProcessEvent | PayloadSeen | StdioSocket | PipedShell, Context],
+Detector = Callable[[NetworkEvent | ProcessEvent | PayloadSeen | StdioSocket | PipedShell | Burst, Context],
                     Iterable[Finding]]
 
 
@@ -71,11 +71,16 @@ class Engine:
         # Loopback connections inside the sandbox matter only as relays of a tunnel: only the
         # tunnel score sees them (this path runs for every connection of a busy sandbox).
         self._for_loopback = tuple(d for d in self.detectors if getattr(d, "sees_loopback", False))
+        self._for_bursts = tuple(d for d in self.detectors if getattr(d, "sees_bursts", False))
         self._fired: dict[tuple, None] = {}
 
-    def observe(self, event: NetworkEvent | ProcessEvent | PayloadSeen | StdioSocket | PipedShell) -> list[Alert]:
+    def observe(self, event: NetworkEvent | ProcessEvent | PayloadSeen | StdioSocket | PipedShell | Burst) -> list[Alert]:
         detectors = self.detectors
-        if isinstance(event, NetworkEvent) and _loopback_peer(event):
+        if isinstance(event, Burst):
+            detectors = self._for_bursts          # relay timing: only the tunnel detector reads it
+            if self.context.allowed(event):
+                return []
+        elif isinstance(event, NetworkEvent) and _loopback_peer(event):
             detectors = self._for_loopback
         elif self.context.allowed(event):
             return []

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 PROBES_DIR = Path(__file__).resolve().parents[2] / "probes"
 PROBE_FILES = ("sockets.c", "tcp.c", "packets.c", "processes.c")
-LOSS_REASONS = ("ringbuf_full", "no_socket_storage")   # enum loss_reason in records.h
+LOSS_REASONS = ("ringbuf_full", "no_socket_storage", "burst_budget")   # enum loss_reason in records.h
 BPF_PERF_EVENT = 41                                    # enum bpf_attach_type: a tracepoint's perf event
 PERF_TYPE_TRACEPOINT, PERF_SAMPLE_RAW, PERF_ATTR_SIZE = 2, 1 << 10, 128
 SYS_PERF_EVENT_OPEN = 298                              # x86_64

@@ -15,9 +15,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..decoding import (FLOW_ACCEPTED, FLOW_FAILED, FLOW_INITIATED, PROTOCOLS, SOCKET_TYPES, NetRecord,
-                        PayloadRecord, RecordType, SocketRecord, is_loopback)
-from ..events import Endpoint, Episode, NetworkEvent, PayloadSeen, Process
+from ..decoding import (FLOW_ACCEPTED, FLOW_FAILED, FLOW_INITIATED, PROTOCOLS, SOCKET_TYPES, BurstRecord,
+                        NetRecord, PayloadRecord, RecordType, SocketRecord, is_loopback)
+from ..events import Burst, Endpoint, Episode, NetworkEvent, PayloadSeen, Process
 from ..protocols import Sighting, identify
 
 ATTEMPT_GRACE_NS = 1_000_000_000
@@ -53,6 +53,13 @@ class Flow:
     def protocol(self) -> Sighting | None:
         return self.sightings[0][1] if self.sightings else None
 
+    @property
+    def is_local(self) -> bool:
+        """To this machine: loopback, or the sandbox's own address (a relay's local leg)."""
+        remote = self.remote
+        return remote is not None and (is_loopback(remote.ip) or
+                                       (self.local is not None and bool(remote.ip) and remote.ip == self.local.ip))
+
     def saw(self, protocol: str, **details) -> bool:
         return any(s.protocol == protocol and all(s.details.get(k) == v for k, v in details.items())
                    for _, s in self.sightings)
@@ -73,9 +80,10 @@ class FlowTable:
     """Holds open flows and emits NetworkEvents through `emit`; first bytes go to
     `observe` (detectors) as PayloadSeen, never as documents."""
     emit: Callable[[NetworkEvent], None]
-    resolve: Callable[[NetRecord | SocketRecord | PayloadRecord], tuple[Episode, int, str, Process] | None]
+    resolve: Callable[[NetRecord | SocketRecord | PayloadRecord | BurstRecord],
+                      tuple[Episode, int, str, Process] | None]
     wall_ns: Callable[[int], int]
-    observe: Callable[[PayloadSeen], None] = lambda seen: None
+    observe: Callable[[PayloadSeen | Burst], None] = lambda seen: None
     update_interval_ns: int = 10_000_000_000
     lineage: Callable[[Process | None], list[int]] = lambda p: [p.pid] if p else []   # pid, then ancestors
     flows: dict[int, Flow] = field(default_factory=dict)
@@ -130,6 +138,9 @@ class FlowTable:
             return
         if isinstance(rec, PayloadRecord):
             self._payload(rec, ctx)
+            return
+        if isinstance(rec, BurstRecord):
+            self._burst(rec, ctx)
             return
         kind = rec.header.type
         if kind == RecordType.FLOW_UPDATE:
@@ -287,6 +298,15 @@ class FlowTable:
         self.observe(PayloadSeen(self.wall_ns(rec.header.ts_ns), episode, cgroup_id, cgroup_path, process,
                                  rec.header.cookie, transport, rec.egress, src, dst, rec.data,
                                  sighting.protocol if sighting else None, sighting.details if sighting else {}))
+
+    def _burst(self, rec: BurstRecord, ctx) -> None:
+        flow = self.flows.get(rec.header.cookie)
+        if flow is None or flow.remote is None:
+            return          # a flow this table does not know (or a UDP socket with several peers)
+        episode, cgroup_id, cgroup_path, process = ctx
+        src, dst = (flow.local, flow.remote) if rec.egress else (flow.remote, flow.local)
+        self.observe(Burst(self.wall_ns(rec.header.ts_ns), episode, cgroup_id, cgroup_path, process or flow.process,
+                           flow.cookie, flow.transport, rec.egress, rec.bytes, src, dst))
 
     def _socket_created(self, rec: SocketRecord, ctx) -> None:
         failed = rec.ret < 0
