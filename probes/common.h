@@ -34,8 +34,10 @@ struct connect_in_flight {
 };
 BPF_HASH(connects_in_flight, __u64, struct connect_in_flight, 16384);
 
-/* Settings written by userspace: [0] flow update interval (ns). */
-BPF_ARRAY(settings, __u64, 1);
+/* Settings written by userspace: [0] flow update interval (ns), [1] ICMP large payload (bytes). */
+#define SETTING_UPDATE_INTERVAL 0
+#define SETTING_ICMP_LARGE 1
+BPF_ARRAY(settings, __u64, 2);
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(lost, __u64, LOSS_REASONS);
@@ -85,6 +87,14 @@ static __always_inline struct socket_record *reserve_socket(void)
 static __always_inline struct payload_record *reserve_payload(void)
 {
     struct payload_record *r = events.ringbuf_reserve(sizeof(struct payload_record));
+    if (!r)
+        count_lost(LOST_RINGBUF_FULL);
+    return r;
+}
+
+static __always_inline struct icmp_record *reserve_icmp(void)
+{
+    struct icmp_record *r = events.ringbuf_reserve(sizeof(struct icmp_record));
     if (!r)
         count_lost(LOST_RINGBUF_FULL);
     return r;

@@ -25,6 +25,7 @@ PACKAGES=(
     iproute2
     gcc libc6-dev liburing-dev make
     socat openssh-server openssh-client rsyslog rsyslog-gnutls curl git
+    iputils-ping
 )
 
 is_installed() {

@@ -25,6 +25,7 @@ class RecordType(IntEnum):
     PAYLOAD = 13
     FLOW_UPDATE = 14
     STDIO_DUP = 15
+    ICMP_ECHO = 16
 
 
 # Flow flags (FLOW_* in records.h).
@@ -41,12 +42,15 @@ GAP_BUCKETS = 8
 # struct endpoints + len, total, egress, index, pad[6], data[PAYLOAD_LEN]
 PAYLOAD_LEN = 256
 PAYLOAD_BODY = struct.Struct("<16s16sHHHBB IIBB6x")
+# struct endpoints + first_ns, data_bytes, echoes, data_echoes, largest, payload
+ICMP_BODY = struct.Struct("<16s16sHHHBB QQIIII")
 SOCKET_BODY = struct.Struct("<IIIi")
 PROCESS_BODY = struct.Struct("<IIiI")
 ARGS_BUF = 1024 + 256   # ARGS_LEN + ARG_CHUNK
 
 NET_RECORD_SIZE = HEADER.size + NET_BODY.size
 PAYLOAD_RECORD_SIZE = HEADER.size + PAYLOAD_BODY.size + PAYLOAD_LEN
+ICMP_RECORD_SIZE = HEADER.size + ICMP_BODY.size
 SOCKET_RECORD_SIZE = HEADER.size + SOCKET_BODY.size
 PROCESS_RECORD_SIZE = HEADER.size + PROCESS_BODY.size + ARGS_BUF
 
@@ -115,6 +119,23 @@ class PayloadRecord:
 
 
 @dataclass(slots=True)
+class IcmpRecord:
+    """Echo requests of an episode to one destination that carried data (struct icmp_record)."""
+    header: Header
+    family: int
+    protocol: int          # IPPROTO_ICMP or IPPROTO_ICMPV6
+    socktype: int          # SOCK_DGRAM (ping socket) or SOCK_RAW
+    local_ip: str | None
+    remote_ip: str | None
+    first_ns: int          # CLOCK_MONOTONIC of the first echo to this destination
+    data_bytes: int        # payload bytes of the echoes that carried data
+    echoes: int            # echo requests in all
+    data_echoes: int       # ... that carried data
+    largest: int           # the largest payload
+    payload: int           # this echo's payload
+
+
+@dataclass(slots=True)
 class SocketRecord:
     header: Header
     family: int
@@ -140,7 +161,7 @@ class ProcessRecord:
         return self.data.split(b"\0", 1)[0].decode(errors="replace")
 
 
-Record = NetRecord | SocketRecord | ProcessRecord | PayloadRecord
+Record = NetRecord | SocketRecord | ProcessRecord | PayloadRecord | IcmpRecord
 
 _NET_TYPES = {RecordType.CONNECT, RecordType.CONNECT_RESULT, RecordType.UDP_SENT, RecordType.LISTENING,
               RecordType.ESTABLISHED, RecordType.ACCEPTED, RecordType.FLOW_ENDED, RecordType.FLOW_UPDATE}
@@ -214,6 +235,11 @@ def decode(raw: bytes) -> Record:
         off += PAYLOAD_BODY.size
         return PayloadRecord(header, family, proto, ip_text(saddr, family), sport, ip_text(daddr, family), dport,
                              bool(egress), index, total, raw[off:off + min(length, PAYLOAD_LEN)])
+    if kind == RecordType.ICMP_ECHO:
+        (saddr, daddr, _sport, _dport, family, proto, stype,
+         first, data_bytes, echoes, data_echoes, largest, payload) = ICMP_BODY.unpack_from(raw, off)
+        return IcmpRecord(header, family, proto, stype, ip_text(saddr, family), ip_text(daddr, family),
+                          first, data_bytes, echoes, data_echoes, largest, payload)
     if kind == RecordType.SOCKET_CREATED:
         family, stype, proto, ret = SOCKET_BODY.unpack_from(raw, off)
         return SocketRecord(header, family, stype, proto, ret)

@@ -47,10 +47,10 @@ class EpisodeRun:
     """`eptrace run --episode E --grace 3 --output file:... -- argv`, with the workload's stdout and stderr
     collected, and the wall time at which each alert document first appeared in the output file."""
 
-    def __init__(self, tmp_path: Path, episode: str, argv: list, config: str | None = None):
+    def __init__(self, tmp_path: Path, episode: str, argv: list, config: str | None = None, extra_args=()):
         self.episode = episode
         self.events = tmp_path / f"{episode}.ndjson"
-        args = ["run", "--episode", episode, "--grace", GRACE, "--output", f"file:{self.events}"]
+        args = ["run", "--episode", episode, "--grace", GRACE, "--output", f"file:{self.events}", *extra_args]
         if config is not None:
             cfg = tmp_path / f"{episode}.toml"
             cfg.write_text(config)

@@ -15,9 +15,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..decoding import (FLOW_ACCEPTED, FLOW_FAILED, FLOW_INITIATED, PROTOCOLS, SOCKET_TYPES, NetRecord,
+from ..decoding import (FLOW_ACCEPTED, FLOW_FAILED, FLOW_INITIATED, PROTOCOLS, SOCKET_TYPES, IcmpRecord, NetRecord,
                         PayloadRecord, RecordType, SocketRecord, is_loopback)
-from ..events import Endpoint, Episode, NetworkEvent, PayloadSeen, Process
+from ..events import Endpoint, Episode, IcmpEchoes, NetworkEvent, PayloadSeen, Process
 from ..protocols import Sighting, identify
 
 ATTEMPT_GRACE_NS = 1_000_000_000
@@ -130,6 +130,9 @@ class FlowTable:
             return
         if isinstance(rec, PayloadRecord):
             self._payload(rec, ctx)
+            return
+        if isinstance(rec, IcmpRecord):
+            self._icmp(rec, ctx)
             return
         kind = rec.header.type
         if kind == RecordType.FLOW_UPDATE:
@@ -287,6 +290,15 @@ class FlowTable:
         self.observe(PayloadSeen(self.wall_ns(rec.header.ts_ns), episode, cgroup_id, cgroup_path, process,
                                  rec.header.cookie, transport, rec.egress, src, dst, rec.data,
                                  sighting.protocol if sighting else None, sighting.details if sighting else {}))
+
+    def _icmp(self, rec: IcmpRecord, ctx) -> None:
+        episode, cgroup_id, cgroup_path, process = ctx
+        self.observe(IcmpEchoes(self.wall_ns(rec.header.ts_ns), episode, cgroup_id, cgroup_path, process,
+                                rec.header.cookie, PROTOCOLS.get(rec.protocol, str(rec.protocol)),
+                                SOCKET_TYPES.get(rec.socktype, str(rec.socktype)),
+                                Endpoint(rec.local_ip, 0) if rec.local_ip else None, Endpoint(rec.remote_ip, 0),
+                                self.wall_ns(rec.first_ns), rec.echoes, rec.data_echoes, rec.data_bytes,
+                                rec.largest))
 
     def _socket_created(self, rec: SocketRecord, ctx) -> None:
         failed = rec.ret < 0

@@ -1,0 +1,131 @@
+"""dns_tunnel: DNS query names that carry data, judged by what they say.
+
+Following Paxson et al. ("Practical Comprehensive Bounds on Surreptitious Communication Over DNS",
+USENIX Security 2013), what the lookups under one registered domain can carry is bounded by the
+compressed size of their distinct names. Per episode and domain, within a window of event time, each new
+name adds the bytes it adds to the zlib-compressed names before it, weighted by how random it looks:
+readable names (a crawler, a CDN, a package mirror) count a little, base32 or hex labels in full. The
+rule alerts when that estimate passes `[dns] information_bytes`, or at once for a name longer than
+`[dns] long_query_chars`. Event time, not the clock of the tracer: a replay gives the same alerts.
+"""
+from __future__ import annotations
+
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from ..events import PayloadSeen
+from . import Context, Finding, rules, who
+from .rules import DNS_LABELS, RISK, LabelScoring
+
+MAX_DOMAINS = 4096      # (episode, domain) windows remembered; the least recently used go first
+MAX_NAMES = 4096        # distinct names remembered per window; beyond, every name counts as new
+CONTEXT_BYTES = 1024    # names compressed together: enough for their shared words to count once
+SEPARATORS = str.maketrans("", "", ".-_")
+
+
+def randomness(text: str, scoring: LabelScoring = DNS_LABELS) -> float:
+    """0 for readable words, 1 for random-looking data (base32, hex, base64), in between for mixtures."""
+    text = text.lower().translate(SEPARATORS)
+    if not text:
+        return 0.0
+    letters = sum(c.isalpha() for c in text)
+    digits = sum(c.isdigit() for c in text)
+    tells = [0.0]
+    if letters >= scoring.min_letters:
+        share = sum(c in scoring.vowels for c in text) / letters
+        tells.append(_ramp(scoring.readable_vowel_share - share,
+                           scoring.readable_vowel_share - scoring.random_vowel_share))
+    if digits and letters:
+        tells.append(_ramp(digits / len(text), scoring.random_digit_share))
+    elif digits >= scoring.all_digits_chars:
+        tells.append(1.0)
+    run = longest = 0
+    for c in text:
+        run = run + 1 if c.isalpha() and c not in scoring.vowels else 0
+        longest = max(longest, run)
+    tells.append(_ramp(longest - scoring.readable_consonant_run,
+                       scoring.random_consonant_run - scoring.readable_consonant_run))
+    return max(tells)
+
+
+def _ramp(value: float, full: float) -> float:
+    return min(1.0, max(0.0, value / full))
+
+
+@dataclass
+class Window:
+    """One episode's names under one domain since start_ns."""
+    start_ns: int
+    names: set[str] = field(default_factory=set)
+    context: bytes = b""          # the latest distinct names, joined, at most CONTEXT_BYTES
+    compressed: int = 0           # len(zlib.compress(context))
+    information: float = 0.0      # estimated bytes carried
+
+    def add(self, sub: str, readable_weight: float) -> bool:
+        """Count a name's information if it is new; False when it was seen in this window."""
+        if sub in self.names:
+            return False
+        if len(self.names) < MAX_NAMES:
+            self.names.add(sub)
+        raw = sub.encode()
+        joined = self.context + b"." + raw if self.context else raw
+        if len(joined) > CONTEXT_BYTES:       # start a new context: its first name counts in full
+            self.context, self.compressed, joined = b"", len(zlib.compress(b"", 9)), raw[-CONTEXT_BYTES:]
+        size = len(zlib.compress(joined, 9))
+        gain = max(1, size - self.compressed)
+        self.context, self.compressed = joined, size
+        self.information += gain * (readable_weight + (1 - readable_weight) * randomness(sub))
+        return True
+
+
+class DnsTunnel:
+    """A name too long, or too much information through one domain's names, per episode."""
+
+    def __init__(self) -> None:
+        self._windows: OrderedDict[tuple[str, str], Window] = OrderedDict()
+        self.evicted = 0          # windows forgotten for room (tracer stats)
+
+    def __call__(self, event, ctx: Context) -> Iterator[Finding]:
+        if not isinstance(event, PayloadSeen) or event.protocol != "dns":
+            return
+        name = (event.details.get("qname") or "").rstrip(".").lower()
+        if not name:
+            return
+        limits = ctx.config.dns
+        domain = base_domain(name)
+        if len(name) > limits.long_query_chars:
+            yield Finding(rules.DNS_TUNNEL, ("long", domain),
+                          f"{who(event.process)} in episode {event.episode.id} queried a {len(name)}-character "
+                          f"name under {domain} (limit {limits.long_query_chars}): {name[:120]}",
+                          RISK.dns_long_name, [])
+        sub = name[:-len(domain)].rstrip(".")
+        if not sub:
+            return
+        key = (event.episode.id, domain)
+        window = self._windows.pop(key, None)
+        if window is None or event.timestamp_ns - window.start_ns > limits.window_seconds * 1e9:
+            window = Window(event.timestamp_ns)
+        self._windows[key] = window
+        if len(self._windows) > MAX_DOMAINS:
+            self._windows.popitem(last=False)
+            self.evicted += 1
+        if window.add(sub, limits.readable_weight) and window.information > limits.information_bytes:
+            seconds = (event.timestamp_ns - window.start_ns) / 1e9
+            yield Finding(rules.DNS_TUNNEL, ("information", domain),
+                          f"{who(event.process)} in episode {event.episode.id} sent about "
+                          f"{window.information:.0f} bytes of information through {len(window.names)} distinct "
+                          f"names under {domain} in {seconds:.1f} s (limit {limits.information_bytes} per "
+                          f"{limits.window_seconds:.0f} s), e.g. {name[:120]}", RISK.dns_information, [])
+
+
+def base_domain(name: str) -> str:
+    """The registrable part of a name, roughly: the last two labels, three under short second levels."""
+    labels = name.split(".")
+    take = 3 if len(labels) >= 3 and len(labels[-2]) <= 3 and len(labels[-1]) == 2 else 2
+    return ".".join(labels[-take:])
+
+
+def detectors() -> tuple:
+    return (DnsTunnel(),)
