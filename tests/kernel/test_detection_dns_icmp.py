@@ -15,7 +15,8 @@ import pytest
 from eptrace_helpers import alerts, dump, get, select
 from harness import HOST_IP, PYTHON
 from test_detection import EpisodeRun, assert_alert, assert_no_alerts, rule_counts, ts
-from tracer.capture import replay
+from tracer import decoding
+from tracer.capture import entries, replay
 from tracer.outputs import Fanout, KindFilter
 from tracer.schema import EcsEncoder
 from tracer.testbed import dns_server
@@ -187,9 +188,24 @@ def test_icmp_tunnel_of_a_file_in_echo_payloads(net, tmp_path, kind):
     assert rule_counts(docs) == expected, dump(alerts(docs))
     assert_alert(alert, "icmp_tunnel", episode, pid,
                  [HOST_IP, "ping socket" if kind == "ping" else "raw socket", "carrying data"])
-    assert get(alert, "threat.technique.id") == "T1095" or "T1095" in get(alert, "threat.technique.id")
+    assert get(alert, "destination.ip") == HOST_IP and get(alert, "network.transport") == "icmp", alert
+    assert get(alert, "network.community_id"), alert
     time_to_alert(f"icmp_tunnel 1000-byte echo payloads through a {kind} socket, 20 a second", run, alert, start)
+    # the kernel's sums: every echo to the test host carried data, one record per data echo up to 16, then 32
+    records = icmp_records(tmp_path / f"{episode}.capture")
+    assert [r.data_echoes for r in records] == list(range(1, 17)), records
+    last = records[-1]
+    assert (last.remote_ip, last.echoes, last.data_bytes, last.largest) == (HOST_IP, 16, 16000, 1000), last
+    assert last.socktype == (2 if kind == "ping" else 3) and last.header.owner.tgid == pid, last
     check_replay(tmp_path, episode, docs)
+
+
+def icmp_records(capture: Path) -> list[decoding.IcmpRecord]:
+    """The REC_ICMP_ECHO records of a capture, each checked against the size of struct icmp_record."""
+    raws = [e[1] for e in entries(capture)
+            if e[0] == "rec" and decoding.HEADER.unpack_from(e[1])[0] == decoding.RecordType.ICMP_ECHO]
+    assert all(len(raw) == decoding.ICMP_RECORD_SIZE for raw in raws), [len(raw) for raw in raws]
+    return [decoding.decode(raw) for raw in raws]
 
 
 def test_ordinary_ping_is_silent(net, tmp_path):
@@ -206,3 +222,5 @@ def test_ordinary_ping_is_silent(net, tmp_path):
     assert len(icmp) == 2 and all(get(d, "source.packets") >= 5 for d in icmp), dump(docs)
     assert_no_alerts(docs)
     check_replay(tmp_path, episode, docs)
+    # only the large ping's first echo counted as data: its fill pattern repeats
+    assert [(r.data_echoes, r.data_bytes) for r in icmp_records(tmp_path / f"{episode}.capture")] == [(1, 1000)]

@@ -27,7 +27,7 @@ def icmp_tunnel(event, ctx: Context) -> Iterator[Finding]:
                   f"requests carrying data ({event.data_bytes} payload bytes, the largest {event.largest}) to "
                   f"{event.destination.ip} in {seconds:.1f} s, of {event.echoes} echoes there, through a "
                   f"{'ping' if event.socket_type == 'SOCK_DGRAM' else 'raw'} socket (limits "
-                  f"{limits.data_echoes} echoes or {limits.data_bytes} bytes)", RISK.icmp_data, [])
+                  f"{limits.data_echoes} echoes or {limits.data_bytes} bytes)", RISK.icmp_data, [event])
 
 
 DETECTORS = (icmp_tunnel,)

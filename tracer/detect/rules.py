@@ -64,10 +64,10 @@ class LabelScoring:
     """How random a DNS name looks, 0 (readable) to 1 (random), from three tells of encoded data:
     few vowels, digits mixed with letters, long consonant runs. The largest tell counts."""
     vowels: str = "aeiouy"
-    readable_vowel_share: float = 0.32   # at or above: no tell (English words are ~0.38 or more)
-    random_vowel_share: float = 0.16     # at or below: full tell (random a-z2-7 is ~0.19)
-    min_letters: int = 4                 # fewer letters: the vowel share says nothing
-    random_digit_share: float = 0.2      # digits among letters: full tell at this share (base32 ~0.19)
+    readable_vowel_share: float = 0.26   # at or above: no tell (English words: ~0.38, a few 0.25)
+    random_vowel_share: float = 0.16     # at or below: full tell (random letters: 6/26, 0.23)
+    min_letters: int = 8                 # fewer letters: the vowel share says nothing (docs, smtp)
+    random_digit_share: float = 0.12     # digits among letters: full tell at this share (base32: 6/32)
     all_digits_chars: int = 8            # a run of this many digits alone is data
     readable_consonant_run: int = 3      # consonant runs up to this are words (-ngth, -mpf)
     random_consonant_run: int = 6        # ... from this length, full tell
