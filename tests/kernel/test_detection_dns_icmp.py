@@ -8,17 +8,16 @@ its first query or echo) and printed as "TIME-TO-ALERT" lines (pytest -s).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from eptrace_helpers import alerts, dump, get, select
+from eptrace_helpers import alerts, dump, get, run_eptrace, select
 from harness import HOST_IP, PYTHON
 from test_detection import EpisodeRun, assert_alert, assert_no_alerts, rule_counts, ts
 from tracer import decoding
-from tracer.capture import entries, replay
-from tracer.outputs import Fanout, KindFilter
-from tracer.schema import EcsEncoder
+from tracer.capture import entries
 from tracer.testbed import dns_server
 
 # Ping sockets (SOCK_DGRAM, IPPROTO_ICMP) need the caller's group in this per-namespace range: open it in the
@@ -26,26 +25,11 @@ from tracer.testbed import dns_server
 OPEN_PING_SOCKETS = "echo '0 2147483647' > /proc/sys/net/ipv4/ping_group_range"
 
 
-class Collect:
-    name, sent, dropped = "collect", 0, {}
-
-    def __init__(self):
-        self.docs = []
-
-    def write(self, doc):
-        self.docs.append(doc.fields())
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
-
-
 def replayed_rules(capture: Path) -> list[str]:
-    sink = Collect()
-    replay(capture, EcsEncoder("replay", "test"), KindFilter(Fanout([sink]), {"alert"}))
-    return sorted(get(d, "rule.name") for d in sink.docs)
+    """The rules `eptrace replay` raises on a capture (it prints the alert documents)."""
+    done = run_eptrace("replay", capture)
+    assert done.returncode == 0, done.stderr
+    return sorted(get(json.loads(line), "rule.name") for line in done.stdout.splitlines() if line.strip())
 
 
 def run_captured(tmp_path: Path, episode: str, argv: list) -> EpisodeRun:

@@ -10,13 +10,11 @@ from pathlib import Path
 import pytest
 
 from tracer import config as config_module
-from tracer.capture import replay
 from tracer.config import ConfigError
 from tracer.detect.dns import Window, randomness
-from tracer.outputs import Fanout, KindFilter
-from tracer.schema import EcsEncoder
 
-FIXTURES = Path(__file__).parent.parent / "fixtures"
+from test_replay import alerts as replay_alerts
+
 READABLE = ["numpy", "scikit-learn", "requests", "docs", "opencv-python", "pytorch-lightning", "sphinx",
             "beautifulsoup", "charset-normalizer", "huggingface", "transformers", "prometheus-client", "api",
             "www", "mail", "static", "login", "download", "mirrors", "packages"]
@@ -31,31 +29,13 @@ BASE32 = random_labels(150, "abcdefghijklmnopqrstuvwxyz234567")
 HEX = random_labels(150, "0123456789abcdef", seed=2)
 
 
-class Collect:
-    name, sent, dropped = "collect", 0, {}
-
-    def __init__(self):
-        self.docs = []
-
-    def write(self, doc):
-        self.docs.append(doc.fields())
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
-
-
 def alerts(capture: str, config_text: str | None = None, tmp_path: Path | None = None) -> list[dict]:
     config = None
     if config_text is not None:
         path = tmp_path / "eptrace.toml"
         path.write_text(config_text)
         config = config_module.load(path)
-    sink = Collect()
-    replay(FIXTURES / capture, EcsEncoder("replay", "test"), KindFilter(Fanout([sink]), {"alert"}), config=config)
-    return sink.docs
+    return replay_alerts(capture, config)
 
 
 def rules(docs: list[dict]) -> list[str]:
