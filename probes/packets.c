@@ -182,8 +182,14 @@ static __always_inline void note_icmp_echo(struct __sk_buff *skb, struct sock_st
     }
     __u32 setting = SETTING_ICMP_LARGE;
     __u64 *large = settings.lookup(&setting);
-    /* ping's payload starts with its send time, then a fixed fill pattern */
-    __u32 from = payload > ICMP_STAMP_LEN ? start + ICMP_STAMP_LEN : start;
+    /* ping's payload starts with its send time (a struct timeval: seconds below
+     * 2^40 and microseconds below 2^20, little-endian), then a fixed fill
+     * pattern. The digest leaves out such a time, and only one of that shape. */
+    __u32 from = start;
+    __u64 stamp[2] = {};
+    if (payload > ICMP_STAMP_LEN && !bpf_skb_load_bytes(skb, start, stamp, sizeof(stamp)) &&
+        !(stamp[0] >> 40) && !(stamp[1] >> 20))
+        from = start + ICMP_STAMP_LEN;
     __u64 digest = payload_digest(skb, from, skb->len);
     int first = s->echoes == 0;   /* racy across CPUs, as the digest: a count, not a proof */
     __sync_fetch_and_add(&s->echoes, 1);

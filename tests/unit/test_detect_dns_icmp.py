@@ -98,15 +98,24 @@ def test_the_window_runs_on_event_time(tmp_path):
     assert seen(alerts("dns_tunnel.capture")) == seen(alerts("dns_tunnel.capture"))
 
 
-@pytest.mark.parametrize("capture, socket_kind, others", [("icmp_ping_socket.capture", "ping socket", []),
-                                                         ("icmp_raw_socket.capture", "raw socket", ["raw_socket"])])
-def test_file_in_echo_payloads_alerts(capture, socket_kind, others):
-    # 20 kB of random data in 1,000-byte echo payloads to 198.51.100.1
+@pytest.mark.parametrize("capture, socket_kind, host, others", [
+    ("icmp_ping_socket.capture", "ping socket", "198.51.100.1", []),
+    ("icmp_ping6_socket.capture", "ping socket", "2001:db8::1", []),
+    ("icmp_raw_socket.capture", "raw socket", "198.51.100.1", ["raw_socket"])])
+def test_file_in_echo_payloads_alerts(capture, socket_kind, host, others):
+    # 20 kB of random data in 1,000-byte echo payloads to the test host: alerted at the 5th (4096 bytes)
     docs = alerts(capture)
     assert rules(docs) == sorted(["icmp_tunnel", *others])
     icmp = next(d for d in docs if d["rule"]["name"] == "icmp_tunnel")
-    assert socket_kind in icmp["message"] and icmp["destination"]["ip"] == "198.51.100.1"
+    assert socket_kind in icmp["message"] and icmp["destination"]["ip"] == host
+    assert "sent 5 ICMP echo requests carrying data (5000 payload bytes" in icmp["message"]
     assert icmp["rule"]["id"] == "EPT-0006" and icmp["threat"]["technique"]["id"] == ["T1095"]
+
+
+def test_data_in_ping_sized_echoes_alerts_by_count(tmp_path):
+    # 56-byte echoes, 16 bytes of data where ping keeps its send time: 16 changed payloads raise it
+    assert "16 ICMP echo requests carrying data (896" in alerts("icmp_ping_sized.capture")[0]["message"]
+    assert alerts("icmp_ping_sized.capture", "[icmp]\ndata_echoes = 100\n", tmp_path) == []
 
 
 def test_ordinary_ping_is_silent_yet_seen(tmp_path):
