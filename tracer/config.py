@@ -31,6 +31,7 @@ class ReverseTunnel:
 class Dns:
     long_query_chars: int = 80              # a query name longer than this is a tunnel signal
     information_bytes: int = 2000           # data estimated sent through one domain's names per window, per episode
+    episode_information_bytes: int = 8000   # ... through all the names an episode looks up per window
     readable_weight: float = 0.1            # share of a readable name's compressed bytes counted (random ones: all)
     window_seconds: float = 900.0
 

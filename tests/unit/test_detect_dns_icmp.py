@@ -161,3 +161,36 @@ def test_bad_rule_settings_name_the_key(tmp_path, text, words):
     with pytest.raises(ConfigError) as e:
         config_module.load(path)
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+# ---- the detector on its own: data spread over domains, bounded tables ------------------------------------------
+
+def lookups(names: list[str], episode: str = "ep", start_ns: int = 0, step_ns: int = 50_000_000) -> list:
+    from tracer.events import Endpoint, Episode, PayloadSeen
+    ep = Episode(episode, "/sys/fs/cgroup/x", 1)
+    return [PayloadSeen(start_ns + i * step_ns, ep, 1, "/x", None, 7, "udp", True, Endpoint("198.51.100.2", 5353),
+                        Endpoint("198.51.100.1", 53), b"", "dns", {"qname": name}) for i, name in enumerate(names)]
+
+
+def findings(detector, events) -> list:
+    from tracer.config import Config
+    from tracer.detect import Context
+    context = Context(Config(), parent_of=lambda p: None)
+    return [f for event in events for f in detector(event, context)]
+
+
+def test_data_spread_over_domains_adds_up_per_episode():
+    from tracer.detect.dns import DnsTunnel
+    # 400 random labels over 10 domains: each domain stays under its 2000 bytes, the episode passes 8000
+    labels = random_labels(400, "abcdefghijklmnopqrstuvwxyz234567")
+    found = findings(DnsTunnel(), lookups([f"{label}.d{i % 10}.example" for i, label in enumerate(labels)]))
+    assert {f.key for f in found} == {("episode information",)}, found[0].message
+    assert "under 10 domains" in found[0].message
+
+
+def test_bounded_windows_count_what_they_forget(monkeypatch):
+    from tracer.detect import dns
+    monkeypatch.setattr(dns, "MAX_DOMAINS", 3)
+    detector = dns.DnsTunnel()
+    findings(detector, lookups([f"www.site{i}.example" for i in range(10)]))
+    assert detector.evicted == 7 and len(detector._windows) == 3

@@ -76,10 +76,11 @@ class Engine:
         # tunnel score sees them (this path runs for every connection of a busy sandbox).
         self._for_loopback = tuple(d for d in self.detectors if getattr(d, "sees_loopback", False))
         self._fired: dict[tuple, None] = {}
+        self._fired_evicted = 0
 
     def evicted(self) -> int:
-        """Entries the detectors' bounded tables forgot for room."""
-        return sum(getattr(d, "evicted", 0) for d in self.detectors)
+        """Entries the bounded tables of the detectors (and of alerts fired) forgot for room."""
+        return self._fired_evicted + sum(getattr(d, "evicted", 0) for d in self.detectors)
 
     def observe(self, event: Event) -> list[Alert]:
         detectors = self.detectors
@@ -95,6 +96,7 @@ class Engine:
                     continue
                 if len(self._fired) >= MAX_FIRED:
                     self._fired.pop(next(iter(self._fired)))
+                    self._fired_evicted += 1
                 self._fired[key] = None
                 alerts.append(Alert(rule=finding.rule, timestamp_ns=event.timestamp_ns, episode=event.episode,
                                     cgroup_id=event.cgroup_id, cgroup_path=event.cgroup_path,

@@ -5,8 +5,9 @@ USENIX Security 2013), what the lookups under one registered domain can carry is
 compressed size of their distinct names. Per episode and domain, within a window of event time, each new
 name adds the bytes it adds to the zlib-compressed names before it, weighted by how random it looks:
 readable names (a crawler, a CDN, a package mirror) count a little, base32 or hex labels in full. The
-rule alerts when that estimate passes `[dns] information_bytes`, or at once for a name longer than
-`[dns] long_query_chars`. Event time, not the clock of the tracer: a replay gives the same alerts.
+rule alerts when that estimate passes `[dns] information_bytes`, or the sum over all the episode's
+domains passes `[dns] episode_information_bytes` (data spread over many domains), or at once for a name
+longer than `[dns] long_query_chars`. Event time, not the clock of the tracer: a replay gives the same alerts.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from . import Context, Finding, rules, who
 from .rules import DNS_LABELS, RISK, LabelScoring
 
 MAX_DOMAINS = 4096      # (episode, domain) windows remembered; the least recently used go first
+MAX_EPISODES = 4096     # episode totals remembered, likewise
 MAX_NAMES = 4096        # distinct names remembered per window; beyond, every name counts as new
 CONTEXT_BYTES = 1024    # names compressed together: enough for their shared words to count once
 SEPARATORS = str.maketrans("", "", ".-_")
@@ -80,11 +82,20 @@ class Window:
         return True
 
 
+@dataclass
+class Total:
+    """One episode's information over all its domains since start_ns."""
+    start_ns: int
+    information: float = 0.0
+    domains: set[str] = field(default_factory=set)
+
+
 class DnsTunnel:
-    """A name too long, or too much information through one domain's names, per episode."""
+    """A name too long, or too much information through one domain's names (or all), per episode."""
 
     def __init__(self) -> None:
         self._windows: OrderedDict[tuple[str, str], Window] = OrderedDict()
+        self._totals: OrderedDict[str, Total] = OrderedDict()
         self.evicted = 0          # windows forgotten for room (tracer stats)
 
     def __call__(self, event, ctx: Context) -> Iterator[Finding]:
@@ -103,21 +114,42 @@ class DnsTunnel:
         sub = name[:-len(domain)].rstrip(".")
         if not sub:
             return
-        key = (event.episode.id, domain)
-        window = self._windows.pop(key, None)
-        if window is None or event.timestamp_ns - window.start_ns > limits.window_seconds * 1e9:
-            window = Window(event.timestamp_ns)
-        self._windows[key] = window
-        if len(self._windows) > MAX_DOMAINS:
-            self._windows.popitem(last=False)
-            self.evicted += 1
-        if window.add(sub, limits.readable_weight) and window.information > limits.information_bytes:
+        window = self._current(self._windows, (event.episode.id, domain), event.timestamp_ns,
+                               limits.window_seconds, MAX_DOMAINS, Window)
+        before = window.information
+        if not window.add(sub, limits.readable_weight):
+            return
+        total = self._current(self._totals, event.episode.id, event.timestamp_ns, limits.window_seconds,
+                              MAX_EPISODES, Total)
+        total.information += window.information - before
+        if len(total.domains) < MAX_NAMES:
+            total.domains.add(domain)
+        if window.information > limits.information_bytes:
             seconds = (event.timestamp_ns - window.start_ns) / 1e9
             yield Finding(rules.DNS_TUNNEL, ("information", domain),
                           f"{who(event.process)} in episode {event.episode.id} sent about "
                           f"{window.information:.0f} bytes of information through {len(window.names)} distinct "
                           f"names under {domain} in {seconds:.1f} s (limit {limits.information_bytes} per "
                           f"{limits.window_seconds:.0f} s), e.g. {name[:120]}", RISK.dns_information, [])
+        if total.information > limits.episode_information_bytes:
+            seconds = (event.timestamp_ns - total.start_ns) / 1e9
+            yield Finding(rules.DNS_TUNNEL, ("episode information",),
+                          f"{who(event.process)} in episode {event.episode.id} sent about "
+                          f"{total.information:.0f} bytes of information through the names it looked up under "
+                          f"{len(total.domains)} domains in {seconds:.1f} s (limit "
+                          f"{limits.episode_information_bytes} per {limits.window_seconds:.0f} s), e.g. "
+                          f"{name[:120]}", RISK.dns_information, [])
+
+    def _current(self, table: OrderedDict, key, now_ns: int, window_s: float, most: int, make):
+        """The window of key in table, a fresh one (make(now_ns)) if it expired; the most recently used last."""
+        window = table.pop(key, None)
+        if window is None or now_ns - window.start_ns > window_s * 1e9:
+            window = make(now_ns)
+        table[key] = window
+        if len(table) > most:
+            table.popitem(last=False)
+            self.evicted += 1
+        return window
 
 
 def base_domain(name: str) -> str:
