@@ -133,7 +133,8 @@ def test_crawler_of_readable_names_is_silent(net, dns, tmp_path):
 # ---- ICMP --------------------------------------------------------------------------------------------------
 
 # In the sandbox: a 20,000-byte file sent in 1,000-byte echo payloads, through a ping socket (SOCK_DGRAM,
-# IPPROTO_ICMP: no privilege needed; ping6: IPPROTO_ICMPV6) or a raw socket, waiting for each reply.
+# IPPROTO_ICMP: no privilege needed; ping6: IPPROTO_ICMPV6) or a raw socket (raw6: ICMPv6 behind a hop-by-hop
+# options header), waiting for each reply.
 # small: ping-sized echoes (56 bytes), 16 bytes of the file in each where ping puts its send time, then
 # ping's own fill pattern.
 ICMP_SENDER = r'''
@@ -145,8 +146,11 @@ def checksum(b):
     total = sum(struct.unpack(f"!{len(b) // 2}H", b))
     total = (total >> 16) + (total & 0xffff)
     return ~(total + (total >> 16)) & 0xffff
-if kind == "ping6":
-    s, echo_request = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6), 128
+if kind in ("ping6", "raw6"):
+    stype = socket.SOCK_RAW if kind == "raw6" else socket.SOCK_DGRAM
+    s, echo_request = socket.socket(socket.AF_INET6, stype, socket.IPPROTO_ICMPV6), 128
+    if kind == "raw6":     # 8 bytes: next header, length 0, PadN of 6
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_HOPOPTS, b"\0\0\x01\x04\0\0\0\0")
 else:
     stype = socket.SOCK_RAW if kind == "raw" else socket.SOCK_DGRAM
     s, echo_request = socket.socket(socket.AF_INET, stype, socket.IPPROTO_ICMP), 8
@@ -165,21 +169,21 @@ print("sent", off + step, flush=True)
 '''
 
 
-@pytest.mark.parametrize("kind", ["ping", "raw", "ping6"])
+@pytest.mark.parametrize("kind", ["ping", "raw", "ping6", "raw6"])
 def test_icmp_tunnel_of_a_file_in_echo_payloads(net, tmp_path, kind):
-    episode, host = f"ep-icmp-{kind}", HOST_IP6 if kind == "ping6" else HOST_IP
+    episode, host = f"ep-icmp-{kind}", HOST_IP6 if kind.endswith("6") else HOST_IP
     argv = ["/bin/sh", "-c", f'{OPEN_PING_SOCKETS} && exec "$@"', "sh", PYTHON, "-u", "-c", ICMP_SENDER, kind, host]
     with run_captured(tmp_path, episode, net.sandbox_prefix() + argv) as run:
         pid, start = run.pid(), float(run.line("start"))
         alert = run.wait_alert("icmp_tunnel", timeout=20)
         assert run.line("sent") == "20000"
         docs = run.finish()
-    expected = {"icmp_tunnel": 1, "raw_socket": 1} if kind == "raw" else {"icmp_tunnel": 1}
+    raw = kind.startswith("raw")
+    expected = {"icmp_tunnel": 1, "raw_socket": 1} if raw else {"icmp_tunnel": 1}
     assert rule_counts(docs) == expected, dump(alerts(docs))
-    assert_alert(alert, "icmp_tunnel", episode, pid,
-                 [host, "raw socket" if kind == "raw" else "ping socket", "carrying data"])
+    assert_alert(alert, "icmp_tunnel", episode, pid, [host, "raw socket" if raw else "ping socket", "carrying data"])
     assert get(alert, "destination.ip") == host, alert
-    assert get(alert, "network.transport") == ("ipv6-icmp" if kind == "ping6" else "icmp"), alert
+    assert get(alert, "network.transport") == ("ipv6-icmp" if kind.endswith("6") else "icmp"), alert
     assert get(alert, "network.community_id"), alert
     time_to_alert(f"icmp_tunnel 1000-byte echo payloads through a {kind} socket, 20 a second", run, alert, start)
     # the kernel's sums: every echo to the test host carried data, one record per data echo up to 16, then 32
@@ -187,7 +191,7 @@ def test_icmp_tunnel_of_a_file_in_echo_payloads(net, tmp_path, kind):
     assert [r.data_echoes for r in records] == list(range(1, 17)), records
     last = records[-1]
     assert (last.remote_ip, last.echoes, last.data_bytes, last.largest) == (host, 16, 16000, 1000), last
-    assert last.socktype == (3 if kind == "raw" else 2) and last.header.owner.tgid == pid, last
+    assert last.socktype == (3 if raw else 2) and last.header.owner.tgid == pid, last
     check_replay(tmp_path, episode, docs)
 
 
