@@ -195,7 +195,7 @@ static __always_inline void note_icmp_echo(struct __sk_buff *skb, struct sock_st
      * pattern. The digest leaves out such a time, and only one of that shape. */
     __u32 from = start;
     __u64 stamp[2] = {};
-    if (payload > ICMP_STAMP_LEN && !bpf_skb_load_bytes(skb, start, stamp, sizeof(stamp)) &&
+    if (payload >= ICMP_STAMP_LEN && !bpf_skb_load_bytes(skb, start, stamp, sizeof(stamp)) &&
         !(stamp[0] >> 40) && !(stamp[1] >> 20))
         from = start + ICMP_STAMP_LEN;
     __u64 digest = payload_digest(skb, from, skb->len);

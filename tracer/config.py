@@ -45,6 +45,7 @@ class Icmp:
     large_payload_bytes: int = 256          # a first echo request to a destination this large carries data
     data_echoes: int = 16                   # echo requests carrying data to one destination that raise icmp_tunnel
     data_bytes: int = 4096                  # ... or their payload bytes, whichever comes first
+    episode_data_bytes: int = 16384         # payload bytes of data echoes to all destinations of an episode
 
 
 @dataclass(frozen=True)

@@ -194,3 +194,21 @@ def test_bounded_windows_count_what_they_forget(monkeypatch):
     detector = dns.DnsTunnel()
     findings(detector, lookups([f"www.site{i}.example" for i in range(10)]))
     assert detector.evicted == 7 and len(detector._windows) == 3
+
+
+def echoes(destinations: int, per_destination: int, size: int = 1000) -> list:
+    """The reports the kernel sends for data echoes to several destinations, interleaved."""
+    from tracer.events import Endpoint, Episode, IcmpEchoes
+    ep = Episode("ep", "/sys/fs/cgroup/x", 1)
+    return [IcmpEchoes(n * 1000 + d, ep, 1, "/x", None, 7, "icmp", "SOCK_DGRAM", Endpoint("198.51.100.2", 0),
+                       Endpoint(f"198.51.100.{10 + d}", 0), 0, n, n, n * size, size)
+            for n in range(1, per_destination + 1) for d in range(destinations)]
+
+
+def test_icmp_data_spread_over_destinations_adds_up_per_episode():
+    from tracer.detect.icmp import IcmpTunnel
+    # 3 data echoes of 1000 bytes to each of 10 destinations: each under its 16 echoes and 4096 bytes
+    found = findings(IcmpTunnel(), echoes(10, 3))
+    assert {f.key for f in found} == {("episode",)}, found[0].message
+    assert "17000 payload bytes in ICMP echo requests carrying data to 10 destinations" in found[0].message
+    assert findings(IcmpTunnel(), echoes(5, 3)) == []

@@ -69,9 +69,9 @@ class Engine:
                  detectors: tuple[Detector, ...] | None = None):
         from . import commands, dns, icmp, network, payloads, tunnels
         self.context = Context(config, parent_of, flows)
-        # DNS and tunnel detectors keep windows of their own: fresh ones per engine
+        # DNS, ICMP and tunnel detectors keep state of their own: fresh ones per engine
         self.detectors = detectors or (*network.DETECTORS, *commands.DETECTORS, *payloads.detectors(),
-                                       *dns.detectors(), *icmp.DETECTORS, *tunnels.detectors())
+                                       *dns.detectors(), *icmp.detectors(), *tunnels.detectors())
         # Loopback connections inside the sandbox matter only as relays of a tunnel: only the
         # tunnel score sees them (this path runs for every connection of a busy sandbox).
         self._for_loopback = tuple(d for d in self.detectors if getattr(d, "sees_loopback", False))
