@@ -156,7 +156,7 @@ static __always_inline void note_icmp_echo(struct __sk_buff *skb, struct sock_st
         if (bpf_skb_load_bytes(skb, 6, &proto, 1) || bpf_skb_load_bytes(skb, 8, saddr, 16) ||
             bpf_skb_load_bytes(skb, 24, key.daddr, 16))
             return;
-        /* hop-by-hop, routing and destination options (IPV6_HOPOPTS... on a ping socket) come first */
+        /* hop-by-hop, routing and destination options (IPV6_HOPOPTS... on a raw socket) come first */
         for (int i = 0; i < 4 && (proto == 0 || proto == 43 || proto == 60); i++) {
             __u8 ext[2];
             if (bpf_skb_load_bytes(skb, ip_len & 0x3ff, ext, 2))

@@ -212,3 +212,12 @@ def test_icmp_data_spread_over_destinations_adds_up_per_episode():
     assert {f.key for f in found} == {("episode",)}, found[0].message
     assert "17000 payload bytes in ICMP echo requests carrying data to 10 destinations" in found[0].message
     assert findings(IcmpTunnel(), echoes(5, 3)) == []
+
+
+def test_registered_domains_and_their_names():
+    from tracer.detect.dns import DnsTunnel, base_domain
+    assert base_domain("www.bbc.co.uk") == "bbc.co.uk" and base_domain("a.b.example.com") == "example.com"
+    assert base_domain("k7x2q9.abc.io") == "abc.io"      # not a registered domain of its own
+    # random registered domains under one TLD add up too: their own label is what they say
+    found = findings(DnsTunnel(), lookups([f"{label}.io" for label in BASE32]))
+    assert {f.key for f in found} == {("information", "io")}

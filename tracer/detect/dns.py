@@ -25,6 +25,9 @@ MAX_EPISODES = 4096     # episode totals remembered, likewise
 MAX_NAMES = 4096        # distinct names remembered per window; beyond, every name counts as new
 CONTEXT_BYTES = 1024    # names compressed together: enough for their shared words to count once
 SEPARATORS = str.maketrans("", "", ".-_")
+# Second levels under which country domains are registered (example.co.uk): not any short label, or
+# <data>.abc.io would pass for a registered domain with nothing under it.
+SECOND_LEVELS = frozenset("ac co com edu gob gov go ltd me mil ne net nic or org plc sch".split())
 
 
 def randomness(text: str, scoring: LabelScoring = DNS_LABELS) -> float:
@@ -112,6 +115,8 @@ class DnsTunnel:
                           f"name under {domain} (limit {limits.long_query_chars}): {name[:120]}",
                           RISK.dns_long_name, [])
         sub = name[:-len(domain)].rstrip(".")
+        if not sub and "." in name:     # a registered domain itself: its own label is what it says
+            sub, domain = name.split(".", 1)
         if not sub:
             return
         window = self._current(self._windows, (event.episode.id, domain), event.timestamp_ns,
@@ -153,9 +158,9 @@ class DnsTunnel:
 
 
 def base_domain(name: str) -> str:
-    """The registrable part of a name, roughly: the last two labels, three under short second levels."""
+    """The registrable part of a name, roughly: the last two labels, three under a country's second levels."""
     labels = name.split(".")
-    take = 3 if len(labels) >= 3 and len(labels[-2]) <= 3 and len(labels[-1]) == 2 else 2
+    take = 3 if len(labels) >= 3 and labels[-2] in SECOND_LEVELS and len(labels[-1]) == 2 else 2
     return ".".join(labels[-take:])
 
 
