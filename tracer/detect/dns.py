@@ -11,6 +11,8 @@ longer than `[dns] long_query_chars`. Event time, not the clock of the tracer: a
 """
 from __future__ import annotations
 
+import functools
+import re
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -35,24 +37,26 @@ def randomness(text: str, scoring: LabelScoring = DNS_LABELS) -> float:
     text = text.lower().translate(SEPARATORS)
     if not text:
         return 0.0
-    letters = sum(c.isalpha() for c in text)
-    digits = sum(c.isdigit() for c in text)
+    letters = sum(map(str.isalpha, text))
+    digits = sum(map(str.isdigit, text))
     tells = [0.0]
     if letters >= scoring.min_letters:
-        share = sum(c in scoring.vowels for c in text) / letters
+        share = sum(map(text.count, scoring.vowels)) / letters
         tells.append(_ramp(scoring.readable_vowel_share - share,
                            scoring.readable_vowel_share - scoring.random_vowel_share))
     if digits and letters:
         tells.append(_ramp(digits / len(text), scoring.random_digit_share))
     elif digits >= scoring.all_digits_chars:
         tells.append(1.0)
-    run = longest = 0
-    for c in text:
-        run = run + 1 if c.isalpha() and c not in scoring.vowels else 0
-        longest = max(longest, run)
+    longest = max(map(len, _consonant_runs(scoring.vowels).findall(text)), default=0)
     tells.append(_ramp(longest - scoring.readable_consonant_run,
                        scoring.random_consonant_run - scoring.readable_consonant_run))
     return max(tells)
+
+
+@functools.lru_cache(maxsize=4)
+def _consonant_runs(vowels: str) -> re.Pattern:
+    return re.compile(f"[^{re.escape(vowels)}\\W\\d_]+")
 
 
 def _ramp(value: float, full: float) -> float:
@@ -67,6 +71,7 @@ class Window:
     context: bytes = b""          # the latest distinct names, joined, at most CONTEXT_BYTES
     compressed: int = 0           # len(zlib.compress(context))
     information: float = 0.0      # estimated bytes carried
+    reported: bool = False        # a finding went out: the engine alerts once anyway
 
     def add(self, sub: str, readable_weight: float) -> bool:
         """Count a name's information if it is new; False when it was seen in this window."""
@@ -77,8 +82,8 @@ class Window:
         raw = sub.encode()
         joined = self.context + b"." + raw if self.context else raw
         if len(joined) > CONTEXT_BYTES:       # start a new context: its first name counts in full
-            self.context, self.compressed, joined = b"", len(zlib.compress(b"", 9)), raw[-CONTEXT_BYTES:]
-        size = len(zlib.compress(joined, 9))
+            self.context, self.compressed, joined = b"", len(zlib.compress(b"")), raw[-CONTEXT_BYTES:]
+        size = len(zlib.compress(joined))
         gain = max(1, size - self.compressed)
         self.context, self.compressed = joined, size
         self.information += gain * (readable_weight + (1 - readable_weight) * randomness(sub))
@@ -91,6 +96,7 @@ class Total:
     start_ns: int
     information: float = 0.0
     domains: set[str] = field(default_factory=set)
+    reported: bool = False
 
 
 class DnsTunnel:
@@ -129,14 +135,16 @@ class DnsTunnel:
         total.information += window.information - before
         if len(total.domains) < MAX_NAMES:
             total.domains.add(domain)
-        if window.information > limits.information_bytes:
+        if window.information > limits.information_bytes and not window.reported:
+            window.reported = True
             seconds = (event.timestamp_ns - window.start_ns) / 1e9
             yield Finding(rules.DNS_TUNNEL, ("information", domain),
                           f"{who(event.process)} in episode {event.episode.id} sent about "
                           f"{window.information:.0f} bytes of information through {len(window.names)} distinct "
                           f"names under {domain} in {seconds:.1f} s (limit {limits.information_bytes} per "
                           f"{limits.window_seconds:.0f} s), e.g. {name[:120]}", RISK.dns_information, [])
-        if total.information > limits.episode_information_bytes:
+        if total.information > limits.episode_information_bytes and not total.reported:
+            total.reported = True
             seconds = (event.timestamp_ns - total.start_ns) / 1e9
             yield Finding(rules.DNS_TUNNEL, ("episode information",),
                           f"{who(event.process)} in episode {event.episode.id} sent about "
