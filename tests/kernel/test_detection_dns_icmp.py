@@ -111,7 +111,10 @@ def test_dns_tunnel_of_random_labels_under_the_old_limits(net, dns, tmp_path):
         docs = run.finish()
     assert len(queried(dns)) == 150
     assert rule_counts(docs) == {"dns_tunnel": 1}, dump(alerts(docs))
-    assert_alert(alert, "dns_tunnel", episode, pid, [domain, "bytes of information", "distinct names"])
+    lookups = select(docs, ("connection_attempted", "udp_sent"), pid=pid, destination__port=53)
+    assert lookups, dump(docs)
+    assert_alert(alert, "dns_tunnel", episode, pid, [domain, "bytes of information", "distinct names"],
+                 evidence=lookups[0])
     time_to_alert("dns_tunnel random base32 labels, 20 queries/s", run, alert, start)
     check_replay(tmp_path, episode, docs)
 

@@ -81,6 +81,8 @@ def test_random_label_dns_tunnel_alerts():
     docs = alerts("dns_tunnel.capture")
     assert rules(docs) == ["dns_tunnel"]
     assert "exfil-test.example" in docs[0]["message"] and "bytes of information" in docs[0]["message"]
+    # the query is the evidence: the DNS server it went to, and the flow's Community ID
+    assert docs[0]["destination"] == {"ip": "198.51.100.1", "port": 53} and docs[0]["network"]["community_id"]
 
 
 def test_crawler_of_readable_names_is_silent_yet_counted(tmp_path):

@@ -119,7 +119,7 @@ class DnsTunnel:
             yield Finding(rules.DNS_TUNNEL, ("long", domain),
                           f"{who(event.process)} in episode {event.episode.id} queried a {len(name)}-character "
                           f"name under {domain} (limit {limits.long_query_chars}): {name[:120]}",
-                          RISK.dns_long_name, [])
+                          RISK.dns_long_name, [event])
         sub = name[:-len(domain)].rstrip(".")
         if not sub and "." in name:     # a registered domain itself: its own label is what it says
             sub, domain = name.split(".", 1)
@@ -142,7 +142,7 @@ class DnsTunnel:
                           f"{who(event.process)} in episode {event.episode.id} sent about "
                           f"{window.information:.0f} bytes of information through {len(window.names)} distinct "
                           f"names under {domain} in {seconds:.1f} s (limit {limits.information_bytes} per "
-                          f"{limits.window_seconds:.0f} s), e.g. {name[:120]}", RISK.dns_information, [])
+                          f"{limits.window_seconds:.0f} s), e.g. {name[:120]}", RISK.dns_information, [event])
         if total.information > limits.episode_information_bytes and not total.reported:
             total.reported = True
             seconds = (event.timestamp_ns - total.start_ns) / 1e9
@@ -151,7 +151,7 @@ class DnsTunnel:
                           f"{total.information:.0f} bytes of information through the names it looked up under "
                           f"{len(total.domains)} domains in {seconds:.1f} s (limit "
                           f"{limits.episode_information_bytes} per {limits.window_seconds:.0f} s), e.g. "
-                          f"{name[:120]}", RISK.dns_information, [])
+                          f"{name[:120]}", RISK.dns_information, [event])
 
     def _current(self, table: OrderedDict, key, now_ns: int, window_s: float, most: int, make):
         """The window of key in table, a fresh one (make(now_ns)) if it expired; the most recently used last."""
