@@ -44,8 +44,10 @@ struct connect_in_flight {
 };
 BPF_F_TABLE(PINNED("hash", connects_in_flight), __u64, struct connect_in_flight, connects_in_flight, 16384, 0);
 
-/* Settings written by userspace: [0] flow update interval (ns). */
-BPF_F_TABLE(PINNED("array", settings), int, __u64, settings, 1, 0);
+/* Settings written by userspace: [0] flow update interval (ns), [1] ICMP large payload (bytes). */
+#define SETTING_UPDATE_INTERVAL 0
+#define SETTING_ICMP_LARGE 1
+BPF_F_TABLE(PINNED("array", settings), int, __u64, settings, 2, 0);
 
 /* BPF_RINGBUF_OUTPUT, with a pin: bcc's macro has no pinned form. */
 struct events_table_t {
@@ -128,6 +130,14 @@ static __always_inline struct payload_record *reserve_payload(void)
 static __always_inline struct burst_record *reserve_burst(void)
 {
     struct burst_record *r = events.ringbuf_reserve(sizeof(struct burst_record));
+    if (!r)
+        count_lost(LOST_RINGBUF_FULL);
+    return r;
+}
+
+static __always_inline struct icmp_record *reserve_icmp(void)
+{
+    struct icmp_record *r = events.ringbuf_reserve(sizeof(struct icmp_record));
     if (!r)
         count_lost(LOST_RINGBUF_FULL);
     return r;

@@ -1,5 +1,6 @@
 /* Per-packet byte and packet counts, kept in socket storage so that userspace
- * sees one record per flow, never one per packet. */
+ * sees one record per flow, never one per packet; ICMP echo payloads summed per
+ * destination, reported only when they carry data. */
 #include "common.h"
 
 /* The length of the IP and TCP/UDP headers, read directly (cgroup_skb sees the
@@ -157,9 +158,160 @@ static __always_inline void capture_payload(struct __sk_buff *skb, struct sock_s
     events.ringbuf_submit(r, SUBMIT_FLAGS);
 }
 
+/* Echo requests per (episode, destination), whatever socket sent them: a new
+ * socket per echo resets nothing. Bounded: the least recently used go first. */
+struct icmp_key {
+    __u64 episode;
+    __u8 daddr[16];
+    __u32 family;
+    __u32 pad;
+};
+struct icmp_state {
+    __u64 first_ns;
+    __u64 data_bytes;
+    __u64 digest;             /* of the previous echo's payload */
+    __u32 echoes;
+    __u32 data_echoes;
+    __u32 largest;
+    __u32 pad;
+};
+BPF_F_TABLE(PINNED("lru_hash", icmp_echoes), struct icmp_key, struct icmp_state, icmp_echoes, 4096, 0);
+
+/* FNV-1a over the payload [start, end) in 8-byte words, at most ICMP_DIGEST_LEN
+ * bytes, the last (partial) word read overlapping its predecessor. */
+static __always_inline __u64 payload_digest(struct __sk_buff *skb, __u32 start, __u32 end)
+{
+    __u64 hash = 0xcbf29ce484222325ULL ^ (end - start);
+    __u64 words[4];
+    __u32 off = start;
+    for (int i = 0; i < ICMP_DIGEST_LEN / 32; i++) {
+        if (off + 32 > end || bpf_skb_load_bytes(skb, off, words, 32))
+            break;
+        for (int j = 0; j < 4; j++)
+            hash = (hash ^ words[j]) * 0x100000001b3ULL;
+        off += 32;
+    }
+    for (int i = 0; i < 3; i++) {
+        if (off + 8 > end || bpf_skb_load_bytes(skb, off, words, 8))
+            break;
+        hash = (hash ^ words[0]) * 0x100000001b3ULL;
+        off += 8;
+    }
+    if (off < end && end - start >= 8 && !bpf_skb_load_bytes(skb, end - 8, words, 8))
+        hash = (hash ^ words[0]) * 0x100000001b3ULL;
+    else if (off < end) {
+        __u8 b = 0;
+        for (int i = 0; i < 8; i++) {
+            if (off + i >= end || bpf_skb_load_bytes(skb, off + i, &b, 1))
+                break;
+            hash = (hash ^ b) * 0x100000001b3ULL;
+        }
+    }
+    return hash;
+}
+
+/* An ICMP echo request leaving a socket of the episode (ping socket or raw):
+ * counted per destination; a record only when it carried data, at the first
+ * ICMP_REPORT_ALL such echoes and then at powers of two. */
+static __always_inline void note_icmp_echo(struct __sk_buff *skb, struct sock_state *st, __u8 socktype)
+{
+    struct icmp_key key = {};
+    __u8 saddr[16] = {};
+    __u32 ip_len = 40;
+    __u8 proto = 0, type = 0, echo_request;
+    if (skb->family == AF_INET) {
+        __u8 vihl = 0;
+        if (bpf_skb_load_bytes(skb, 0, &vihl, 1) || bpf_skb_load_bytes(skb, 9, &proto, 1) ||
+            bpf_skb_load_bytes(skb, 12, saddr, 4) || bpf_skb_load_bytes(skb, 16, key.daddr, 4))
+            return;
+        ip_len = (vihl & 0x0f) * 4;
+        if (proto != IPPROTO_ICMP)
+            return;
+        echo_request = 8;
+    } else if (skb->family == AF_INET6) {
+        if (bpf_skb_load_bytes(skb, 6, &proto, 1) || bpf_skb_load_bytes(skb, 8, saddr, 16) ||
+            bpf_skb_load_bytes(skb, 24, key.daddr, 16))
+            return;
+        /* hop-by-hop, routing and destination options (IPV6_HOPOPTS... on a raw socket) come first */
+        for (int i = 0; i < 4 && (proto == 0 || proto == 43 || proto == 60); i++) {
+            __u8 ext[2];
+            if (bpf_skb_load_bytes(skb, ip_len & 0x3ff, ext, 2))
+                return;
+            proto = ext[0];
+            ip_len += (ext[1] + 1) * 8;
+        }
+        if (proto != IPPROTO_ICMPV6)
+            return;
+        echo_request = 128;
+    } else {
+        return;
+    }
+    if (bpf_skb_load_bytes(skb, ip_len, &type, 1) || type != echo_request)
+        return;
+    __u32 start = ip_len + 8;                   /* after type, code, checksum, id, sequence */
+    if (skb->len < start)
+        return;
+    __u32 payload = skb->len - start;
+    key.episode = st->owner.episode_cgroup_id;
+    key.family = skb->family;
+    __u64 now = bpf_ktime_get_ns();
+    struct icmp_state *s = icmp_echoes.lookup(&key);
+    if (!s) {
+        struct icmp_state fresh = {};
+        fresh.first_ns = now;
+        icmp_echoes.update(&key, &fresh);
+        s = icmp_echoes.lookup(&key);
+        if (!s)
+            return;
+    }
+    __u32 setting = SETTING_ICMP_LARGE;
+    __u64 *large = settings.lookup(&setting);
+    /* ping's payload starts with its send time (a struct timeval: seconds below
+     * 2^40 and microseconds below 2^20, little-endian), then a fixed fill
+     * pattern. The digest leaves out such a time, and only one of that shape. */
+    __u32 from = start;
+    __u64 stamp[2] = {};
+    if (payload >= ICMP_STAMP_LEN && !bpf_skb_load_bytes(skb, start, stamp, sizeof(stamp)) &&
+        !(stamp[0] >> 40) && !(stamp[1] >> 20))
+        from = start + ICMP_STAMP_LEN;
+    __u64 digest = payload_digest(skb, from, skb->len);
+    int first = s->echoes == 0;   /* racy across CPUs, as the digest: a count, not a proof */
+    __sync_fetch_and_add(&s->echoes, 1);
+    __u64 previous = s->digest;
+    s->digest = digest;
+    if (payload > s->largest)
+        s->largest = payload;
+    int data = payload > ICMP_STAMP_LEN + ICMP_DIGEST_LEN ||
+               (first ? large && *large && payload >= *large : digest != previous);
+    if (!data)
+        return;
+    __sync_fetch_and_add(&s->data_echoes, 1);   /* bcc's default target has no fetching XADD */
+    __sync_fetch_and_add(&s->data_bytes, payload);
+    __u32 n = s->data_echoes;
+    if (n > ICMP_REPORT_ALL && (n & (n - 1)))
+        return;
+    struct icmp_record *r = reserve_icmp();
+    if (!r)
+        return;
+    fill_header(&r->h, REC_ICMP_ECHO, sizeof(*r), bpf_get_socket_cookie(skb), &st->owner);
+    __builtin_memset(&r->ep, 0, sizeof(r->ep));
+    __builtin_memcpy(r->ep.saddr, saddr, 16);
+    __builtin_memcpy(r->ep.daddr, key.daddr, 16);
+    r->ep.family = skb->family;
+    r->ep.protocol = proto;
+    r->ep.socktype = socktype;
+    r->first_ns = s->first_ns;
+    r->data_bytes = s->data_bytes;
+    r->echoes = s->echoes;
+    r->data_echoes = n;
+    r->largest = s->largest;
+    r->payload = payload;
+    events.ringbuf_submit(r, SUBMIT_FLAGS);
+}
+
 static __always_inline void report_update(struct __sk_buff *skb, struct sock_state *st, __u64 now)
 {
-    __u32 key = 0;
+    __u32 key = SETTING_UPDATE_INTERVAL;
     __u64 *interval = settings.lookup(&key);
     if (!interval || !*interval || !st->last_update_ns) {
         if (!st->last_update_ns)
@@ -234,6 +386,8 @@ static __always_inline int count_packet(struct __sk_buff *skb, int egress)
         __sync_fetch_and_add(&st->c.bytes_in, bytes);
         __sync_fetch_and_add(&st->c.packets_in, segs);
     }
+    if (egress && (protocol == IPPROTO_ICMP || protocol == IPPROTO_ICMPV6 || sk->type == SOCK_RAW))
+        note_icmp_echo(skb, st, sk->type);
     if (!bytes || !headers)
         return 1;                   /* handshakes and bare ACKs: counted, nothing more */
     __u64 now = bpf_ktime_get_ns();

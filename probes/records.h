@@ -27,6 +27,7 @@ enum record_type {
     REC_FLOW_UPDATE = 14,     /* counters of an active flow, at most once per update interval */
     REC_STDIO_DUP = 15,       /* dup2/dup3 onto fd 0, 1 or 2: parent_tgid = old fd, child_pid = new fd */
     REC_BURST = 16,           /* data one way after a silence or a turn: relay timing */
+    REC_ICMP_ECHO = 17,       /* echo requests to one destination carried data (see struct icmp_record) */
 };
 
 /* Who did it: true at task-context hooks, copied from socket storage elsewhere. */
@@ -130,6 +131,25 @@ struct process_record {       /* FORKED, ARGS, EXEC, EXITED, STDIO_DUP */
     __s32 exit_code;          /* EXITED, when known */
     __u32 data_len;
     char data[ARGS_LEN + ARG_CHUNK]; /* ARGS: argv NUL-separated; EXEC: filename */
+};
+
+/* ICMP echo requests of one episode to one destination, summed in the kernel
+ * (packets.c). An echo carries data when its payload (after the first
+ * ICMP_STAMP_LEN bytes if they look like ping's timestamp) differs from the
+ * previous echo's, or when it is the first and at least the large-payload setting.
+ * Sent at the first data echoes (1..ICMP_REPORT_ALL), then at powers of two. */
+#define ICMP_STAMP_LEN 16
+#define ICMP_DIGEST_LEN 1536      /* payload bytes digested; a longer echo always counts as data */
+#define ICMP_REPORT_ALL 16
+struct icmp_record {          /* REC_ICMP_ECHO */
+    struct record_header h;
+    struct endpoints ep;      /* daddr: the echo's destination; protocol: IPPROTO_ICMP or ICMPV6 */
+    __u64 first_ns;           /* the first echo to this destination */
+    __u64 data_bytes;         /* payload bytes of the data echoes */
+    __u32 echoes;             /* echo requests in all */
+    __u32 data_echoes;        /* ... that carried data */
+    __u32 largest;            /* the largest payload, bytes */
+    __u32 payload;            /* this echo's payload, bytes */
 };
 
 /* Per-CPU counters of records that could not be sent, read by userspace. */

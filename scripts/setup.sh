@@ -29,6 +29,7 @@ PACKAGES=(
     strace openssl
     netcat-openbsd
     python3-paramiko    # tests: an SSH library's reverse forward (tests/kernel/test_detection_relay.py)
+    iputils-ping
 )
 
 is_installed() {

@@ -141,6 +141,9 @@ class ReplayProbes:
     def set_flow_update_interval(self, ns: int) -> None:
         pass
 
+    def set_icmp_large_payload(self, nbytes: int) -> None:
+        pass
+
     def attach(self, cgroup_path) -> int:
         raise CaptureError("replay attaches nothing")
 

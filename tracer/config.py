@@ -58,8 +58,22 @@ class ReverseTunnel:
 @dataclass(frozen=True)
 class Dns:
     long_query_chars: int = 80              # a query name longer than this is a tunnel signal
-    unique_subdomains: int = 200            # distinct names under one domain per window, per episode
+    information_bytes: int = 2000           # data estimated sent through one domain's names per window, per episode
+    episode_information_bytes: int = 8000   # ... through all the names an episode looks up per window
+    readable_weight: float = 0.1            # share of a readable name's compressed bytes counted (random ones: all)
     window_seconds: float = 900.0
+
+    def __post_init__(self) -> None:
+        if self.readable_weight > 1:
+            raise ConfigError(f"config key dns.readable_weight must be at most 1, not {self.readable_weight!r}")
+
+
+@dataclass(frozen=True)
+class Icmp:
+    large_payload_bytes: int = 256          # a first echo request to a destination this large carries data
+    data_echoes: int = 16                   # echo requests carrying data to one destination that raise icmp_tunnel
+    data_bytes: int = 4096                  # ... or their payload bytes, whichever comes first
+    episode_data_bytes: int = 16384         # payload bytes of data echoes to all destinations of an episode
 
 
 @dataclass(frozen=True)
@@ -76,12 +90,39 @@ class Output:
 
 
 @dataclass(frozen=True)
-class Allowlist:
-    """Exceptions that apply to every rule."""
-    cidrs: tuple[str, ...] = ()           # destinations never alerted on
-    ports: tuple[int, ...] = ()           # destination ports never alerted on
-    domains: tuple[str, ...] = ()         # DNS names (and their subdomains) never alerted on
-    executables: tuple[str, ...] = ()     # process.executable paths never alerted on
+class Exceptions:
+    """What is never alerted on."""
+    cidrs: tuple[str, ...] = ()           # destinations
+    ports: tuple[int, ...] = ()           # destination ports
+    domains: tuple[str, ...] = ()         # DNS names queried (and their subdomains)
+    executables: tuple[str, ...] = ()     # process.executable paths
+
+    def allows_destination(self, ip: str | None, port: int | None) -> bool:
+        if port is not None and port in self.ports:
+            return True
+        if not ip or not self.cidrs:     # the usual case, on every event: no parsing
+            return False
+        addr = ipaddress.ip_address(ip)
+        return any(addr in network for network in self._networks)
+
+    @functools.cached_property
+    def _networks(self) -> list:
+        return [ipaddress.ip_network(c, strict=False) for c in self.cidrs]
+
+    def allows_executable(self, path: str | None) -> bool:
+        return bool(path) and path in self.executables
+
+    def allows_domain(self, name: str) -> bool:
+        return bool(name) and any(name == d or name.endswith("." + d) for d in self.domains)
+
+
+@dataclass(frozen=True)
+class Allowlist(Exceptions):
+    """Exceptions for every rule, and for one rule each: [allowlist.rules.RULE] with the same keys."""
+    rules: tuple[tuple[str, Exceptions], ...] = field(default=(), metadata={"table_of": Exceptions})
+
+    def for_rule(self, name: str) -> Exceptions | None:
+        return next((exceptions for rule, exceptions in self.rules if rule == name), None)
 
 
 @dataclass(frozen=True)
@@ -96,25 +137,17 @@ class Config:
     flows: Flows = field(default_factory=Flows)
     reverse_tunnel: ReverseTunnel = field(default_factory=ReverseTunnel)
     dns: Dns = field(default_factory=Dns)
+    icmp: Icmp = field(default_factory=Icmp)
     cloud_metadata: CloudMetadata = field(default_factory=CloudMetadata)
     allowlist: Allowlist = field(default_factory=Allowlist)
     output: Output = field(default_factory=Output)
     tracing: Tracing = field(default_factory=Tracing)
 
     def allows_destination(self, ip: str | None, port: int | None) -> bool:
-        if port is not None and port in self.allowlist.ports:
-            return True
-        if not ip or not self.allowlist.cidrs:     # the usual case, on every event: no parsing
-            return False
-        addr = ipaddress.ip_address(ip)
-        return any(addr in network for network in self._networks)
-
-    @functools.cached_property
-    def _networks(self) -> list:
-        return [ipaddress.ip_network(c, strict=False) for c in self.allowlist.cidrs]
+        return self.allowlist.allows_destination(ip, port)
 
     def allows_executable(self, path: str | None) -> bool:
-        return bool(path) and path in self.allowlist.executables
+        return self.allowlist.allows_executable(path)
 
 
 def load(path: str | Path | None) -> Config:
@@ -128,7 +161,13 @@ def load(path: str | Path | None) -> Config:
         raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config {path} is not valid TOML: {e}") from None
-    return _build(Config, data, "")
+    config = _build(Config, data, "")
+    from .detect.rules import ALL     # here, not at the top: tracer.detect imports this module
+    known = {rule.name for rule in ALL}
+    for name, _ in config.allowlist.rules:
+        if name not in known:
+            raise ConfigError(f"unknown rule allowlist.rules.{name} (rules: {', '.join(sorted(known))})")
+    return config
 
 
 def _build(cls, data: dict, prefix: str):
@@ -142,7 +181,12 @@ def _build(cls, data: dict, prefix: str):
     for name, value in data.items():
         default = getattr(cls(), name)
         key = prefix + name
-        if hasattr(default, "__dataclass_fields__"):
+        table_of = known[name].metadata.get("table_of")
+        if table_of is not None:        # [KEY.NAME] tables of one kind, in file order
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {key} must be a table")
+            values[name] = tuple((sub, _build(table_of, item, f"{key}.{sub}.")) for sub, item in value.items())
+        elif hasattr(default, "__dataclass_fields__"):
             values[name] = _build(type(default), value, key + ".")
         else:
             values[name] = _check(key, default, value)

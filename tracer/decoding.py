@@ -29,6 +29,7 @@ class RecordType(IntEnum):
     FLOW_UPDATE = 14
     STDIO_DUP = 15
     BURST = 16
+    ICMP_ECHO = 17
 
 
 # Flow flags (FLOW_* in records.h).
@@ -48,6 +49,8 @@ PAYLOAD_BODY = struct.Struct("<16s16sHHHBB IIBB6x")
 # struct burst_record: idle_ns, bytes, egress, protocol, pad[2]
 BURST_BODY = struct.Struct("<QIBB2x")
 BURST_IDLE_NS = 200_000_000
+# struct endpoints + first_ns, data_bytes, echoes, data_echoes, largest, payload
+ICMP_BODY = struct.Struct("<16s16sHHHBB QQIIII")
 SOCKET_BODY = struct.Struct("<IIIi")
 PROCESS_BODY = struct.Struct("<IIiI")
 ARGS_BUF = 1024 + 256   # ARGS_LEN + ARG_CHUNK
@@ -55,6 +58,7 @@ ARGS_BUF = 1024 + 256   # ARGS_LEN + ARG_CHUNK
 NET_RECORD_SIZE = HEADER.size + NET_BODY.size
 PAYLOAD_RECORD_SIZE = HEADER.size + PAYLOAD_BODY.size + PAYLOAD_LEN
 BURST_RECORD_SIZE = HEADER.size + BURST_BODY.size
+ICMP_RECORD_SIZE = HEADER.size + ICMP_BODY.size
 SOCKET_RECORD_SIZE = HEADER.size + SOCKET_BODY.size
 PROCESS_RECORD_SIZE = HEADER.size + PROCESS_BODY.size + ARGS_BUF
 
@@ -96,6 +100,9 @@ SOCKET_LAYOUT = Layout("socket_record", SOCKET_RECORD_SIZE, {**_HEADER_OFFSETS, 
     SOCKET_BODY, ["family", "type", "protocol", "ret"], HEADER.size)})
 BURST_LAYOUT = Layout("burst_record", BURST_RECORD_SIZE, {**_HEADER_OFFSETS, **_offsets(
     BURST_BODY, ["idle_ns", "bytes", "egress", "protocol"], HEADER.size)})
+ICMP_LAYOUT = Layout("icmp_record", ICMP_RECORD_SIZE, {**_HEADER_OFFSETS, **_offsets(
+    ICMP_BODY, _ENDPOINT_FIELDS + ["first_ns", "data_bytes", "echoes", "data_echoes", "largest", "payload"],
+    HEADER.size)})
 PROCESS_LAYOUT = Layout("process_record", PROCESS_RECORD_SIZE, {**_HEADER_OFFSETS, **_offsets(
     PROCESS_BODY, ["parent_tgid", "child_pid", "exit_code", "data_len"], HEADER.size),
     "data": HEADER.size + PROCESS_BODY.size})
@@ -176,6 +183,23 @@ class BurstRecord:
 
 
 @dataclass(slots=True)
+class IcmpRecord:
+    """Echo requests of an episode to one destination that carried data (struct icmp_record)."""
+    header: Header
+    family: int
+    protocol: int          # IPPROTO_ICMP or IPPROTO_ICMPV6
+    socktype: int          # SOCK_DGRAM (ping socket) or SOCK_RAW
+    local_ip: str | None
+    remote_ip: str | None
+    first_ns: int          # CLOCK_MONOTONIC of the first echo to this destination
+    data_bytes: int        # payload bytes of the echoes that carried data
+    echoes: int            # echo requests in all
+    data_echoes: int       # ... that carried data
+    largest: int           # the largest payload
+    payload: int           # this echo's payload
+
+
+@dataclass(slots=True)
 class SocketRecord:
     header: Header
     family: int
@@ -201,7 +225,7 @@ class ProcessRecord:
         return self.data.split(b"\0", 1)[0].decode(errors="replace")
 
 
-Record = NetRecord | SocketRecord | ProcessRecord | PayloadRecord | BurstRecord
+Record = NetRecord | SocketRecord | ProcessRecord | PayloadRecord | BurstRecord | IcmpRecord
 
 _NET_TYPES = {RecordType.CONNECT, RecordType.CONNECT_RESULT, RecordType.UDP_SENT, RecordType.LISTENING,
               RecordType.ESTABLISHED, RecordType.ACCEPTED, RecordType.FLOW_ENDED, RecordType.FLOW_UPDATE}
@@ -213,6 +237,7 @@ _PROCESS_TYPES = {RecordType.PROCESS_FORKED, RecordType.PROCESS_ARGS, RecordType
 LAYOUTS: dict[RecordType, Layout] = {
     **{t: NET_LAYOUT for t in _NET_TYPES}, **{t: PROCESS_LAYOUT for t in _PROCESS_TYPES},
     RecordType.PAYLOAD: PAYLOAD_LAYOUT, RecordType.SOCKET_CREATED: SOCKET_LAYOUT, RecordType.BURST: BURST_LAYOUT,
+    RecordType.ICMP_ECHO: ICMP_LAYOUT,
 }
 _SIZES = {t.value: layout.size for t, layout in LAYOUTS.items()}
 _TYPES = {t.value: t for t in RecordType}     # a dict lookup is much cheaper than RecordType(n)
@@ -285,6 +310,11 @@ def decode(raw: bytes) -> Record:
     if kind == RecordType.BURST:
         idle, nbytes, egress, proto = BURST_BODY.unpack_from(raw, off)
         return BurstRecord(header, idle, nbytes, bool(egress), proto)
+    if kind == RecordType.ICMP_ECHO:
+        (saddr, daddr, _sport, _dport, family, proto, stype,
+         first, data_bytes, echoes, data_echoes, largest, payload) = ICMP_BODY.unpack_from(raw, off)
+        return IcmpRecord(header, family, proto, stype, ip_text(saddr, family), ip_text(daddr, family),
+                          first, data_bytes, echoes, data_echoes, largest, payload)
     if kind == RecordType.SOCKET_CREATED:
         family, stype, proto, ret = SOCKET_BODY.unpack_from(raw, off)
         return SocketRecord(header, family, stype, proto, ret)

@@ -109,6 +109,31 @@ class Burst:
 
 
 @dataclass(slots=True)
+class IcmpEchoes:
+    """Internal (never a document): ICMP echo requests of an episode to one destination that carried
+    data, as the kernel summed them (decoding.IcmpRecord). Counts since the first echo there."""
+    timestamp_ns: int
+    episode: Episode
+    cgroup_id: int
+    cgroup_path: str
+    process: Process | None
+    cookie: int
+    transport: str            # icmp / ipv6-icmp
+    socket_type: str          # SOCK_DGRAM (a ping socket) or SOCK_RAW
+    source: Endpoint | None
+    destination: Endpoint
+    first_ns: int             # wall clock of the first echo to this destination
+    echoes: int
+    data_echoes: int
+    data_bytes: int
+    largest: int
+
+    @property
+    def direction(self) -> str:
+        return "egress"
+
+
+@dataclass(slots=True)
 class StdioSocket:
     """Internal (never a document): a process has a network socket on stdin, stdout or stderr."""
     timestamp_ns: int

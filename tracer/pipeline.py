@@ -13,7 +13,7 @@ from .decoding import NetRecord, ProcessRecord, RecordType, SocketRecord
 from .config import Config
 from .detect import Engine
 from .detect.argv import is_shell_or_interpreter
-from .events import Burst, Episode, Metric, NetworkEvent, PayloadSeen, PipedShell, ProcessEvent, StdioSocket
+from .events import Burst, Episode, IcmpEchoes, Metric, NetworkEvent, PayloadSeen, PipedShell, ProcessEvent, StdioSocket
 from .kernel import cgroups
 from .kernel.loader import Probes
 from .state.episodes import Episodes
@@ -64,6 +64,7 @@ class Tracer:
                                update_interval_ns=int(self.config.flows.update_interval_seconds * 1e9),
                                lineage=self._lineage_pids)
         probes.set_flow_update_interval(self.flows.update_interval_ns)
+        probes.set_icmp_large_payload(self.config.icmp.large_payload_bytes)
         self.detectors = Engine(self.config, parent_of=self.processes.parent_of, flows=self.flows,
                                 ssh_forwarding=self._ssh_forwarding)
         self._ssh_configs: dict[tuple[int, int | None], str | None] = {}
@@ -178,9 +179,9 @@ class Tracer:
                                           transport, local, remote, state))
                 return
 
-    def _inspect(self, seen: PayloadSeen | StdioSocket | PipedShell | Burst) -> None:
-        """First bytes, DNS queries, sockets on stdio, shells on pipes, bursts: to the detectors only, not to
-        the outputs."""
+    def _inspect(self, seen: PayloadSeen | StdioSocket | PipedShell | Burst | IcmpEchoes) -> None:
+        """First bytes, DNS queries, sockets on stdio, shells on pipes, bursts, ICMP echo sums: to the detectors
+        only, not to the outputs."""
         for alert in self.detectors.observe(seen):
             self.stats["alerts"] += 1
             self.emit(alert)
@@ -241,6 +242,7 @@ class Tracer:
             "alerts": self.stats["alerts"],
             "episodes": len(self.episodes),
             "flows_open": len(self.flows.flows),
+            "detector_state_evicted": self.detectors.evicted(),
         }
         usage = resource.getrusage(resource.RUSAGE_SELF)     # this process only, not the episode
         stats["tracer_cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 3)

@@ -348,6 +348,39 @@ def udp_echo_server(net: TestNetwork, port: int, host: str = HOST_IP, reply: byt
                  f"udp server on {host}:{port}", lambda peer: "ready\n" in peer.stdout)
 
 
+# A DNS server: answers every A query with 198.51.100.1, anything else with NXDOMAIN; logs "query NAME".
+_DNS_SERVER = r'''
+import socket, struct, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((host, port))
+print("ready", flush=True)
+while True:
+    data, addr = s.recvfrom(4096)
+    if len(data) < 17:
+        continue
+    labels, at = [], 12
+    while at < len(data) and data[at]:
+        labels.append(data[at + 1:at + 1 + data[at]].decode(errors="replace"))
+        at += 1 + data[at]
+    question = data[12:at + 5]
+    qtype = struct.unpack("!H", data[at + 1:at + 3])[0] if at + 3 <= len(data) else 0
+    print("query", ".".join(labels), flush=True)
+    if qtype == 1:
+        answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton("198.51.100.1")
+        header = struct.pack("!HHHHHH", struct.unpack("!H", data[:2])[0], 0x8180, 1, 1, 0, 0)
+    else:
+        answer, header = b"", struct.pack("!HHHHHH", struct.unpack("!H", data[:2])[0], 0x8183, 1, 0, 0, 0)
+    s.sendto(header + question + answer, addr)
+'''
+
+
+def dns_server(net: TestNetwork, port: int = 53, host: str = HOST_IP):
+    """A DNS server in the host namespace; its Peer's stdout has a "query NAME" line per query."""
+    return _peer(net, [PYTHON, "-u", "-c", _DNS_SERVER, host, port], f"dns server on {host}:{port}",
+                 lambda peer: "ready\n" in peer.stdout)
+
+
 @dataclass
 class HttpServer:
     port: int

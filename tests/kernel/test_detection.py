@@ -48,10 +48,10 @@ class EpisodeRun:
     collected, and the wall time at which each alert document first appeared in the output file."""
 
     def __init__(self, tmp_path: Path, episode: str, argv: list, config: str | None = None,
-                 capture: Path | None = None):
+                 capture: Path | None = None, extra_args=()):
         self.episode = episode
         self.events = tmp_path / f"{episode}.ndjson"
-        args = ["run", "--episode", episode, "--grace", GRACE, "--output", f"file:{self.events}"]
+        args = ["run", "--episode", episode, "--grace", GRACE, "--output", f"file:{self.events}", *extra_args]
         if capture is not None:
             args += ["--capture", capture]
         if config is not None:

@@ -241,7 +241,7 @@ def test_format_human_escapes_the_sandbox_text():
     ("[dns]\nwindow_seconds = -inf\n", "finite"),
     ("[reverse_tunnel]\nalert_score = 1e308\n", "whole number"),
     ("[dns]\nlong_query_chars = 80.5\n", "whole number"),
-    ("[dns]\nunique_subdomains = 99999999999999999\n", "between 1 and"),
+    ("[dns]\nlong_query_chars = 99999999999999999\n", "between 1 and"),
     ("[output]\nspool_mb = 1e-12\n", "between 1 and"),
     ("[flows]\nupdate_interval_seconds = 1e-9\n", "between 0.001 and"),
 ])

@@ -11,6 +11,7 @@ from typing import Iterator
 from ..decoding import is_loopback
 from ..events import NetworkEvent, PipedShell, ProcessEvent, StdioSocket
 from . import Context, Finding, argv, rules, where, who
+from .rules import RISK
 
 CONNECTS = ("connection_established", "connection_attempted", "udp_sent")
 
@@ -31,7 +32,7 @@ def reverse_tunnel(event, ctx: Context) -> Iterator[Finding]:
                           f"{who(event.process)} in episode {event.episode.id} opened an outbound flow to "
                           f"{where(event)} for a tunnel: {why} in `{' '.join(proc.args)[:300]}`"
                           + ("" if proc is event.process else f" (its ancestor {who(proc)})"),
-                          90, [event])
+                          RISK.tunnel_argv, [event])
             return
     process = event.process
     if process is not None and argv.name_of(process.args, process.executable) in ("ssh", "dbclient"):
@@ -50,7 +51,7 @@ def reverse_shell(event, ctx: Context) -> Iterator[Finding]:
         if why:
             yield Finding(rules.REVERSE_SHELL, ("peer", event.destination.ip, event.destination.port),
                           f"{who(event.process)} in episode {event.episode.id} connected to {where(event)} as a "
-                          f"reverse shell: {why} in `{' '.join(proc.args)[:300]}`", 99, [event])
+                          f"reverse shell: {why} in `{' '.join(proc.args)[:300]}`", RISK.shell_argv, [event])
             return
 
 
@@ -65,7 +66,7 @@ def stdio_socket(event, ctx: Context) -> Iterator[Finding]:
     yield Finding(rules.REVERSE_SHELL, ("peer", event.destination.ip, event.destination.port),
                   f"{who(event.process)} in episode {event.episode.id} has a network socket on its "
                   f"{names[event.fd]} ({seen}), connected to {event.destination.ip}:{event.destination.port}/"
-                  f"{event.transport}: `{' '.join(event.process.args)[:200]}`", 99, [event])
+                  f"{event.transport}: `{' '.join(event.process.args)[:200]}`", RISK.stdio_socket, [event])
 
 
 def piped_shell(event, ctx: Context) -> Iterator[Finding]:
@@ -87,7 +88,7 @@ def crypto_mining(event, ctx: Context) -> Iterator[Finding]:
         if why:
             yield Finding(rules.CRYPTO_MINING, ("pid", event.process.pid),   # shared with the Stratum rule
                           f"{who(event.process)} in episode {event.episode.id} started a crypto miner: {why} in "
-                          f"`{' '.join(event.process.args)[:300]}`", 80)
+                          f"`{' '.join(event.process.args)[:300]}`", RISK.miner_argv)
 
 
 DETECTORS = (reverse_tunnel, reverse_shell, stdio_socket, piped_shell, crypto_mining)

@@ -1,6 +1,8 @@
 """The rule catalog: every rule eptrace can raise, as data (DESIGN.md names)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..events import Rule
 
 REVERSE_TUNNEL = Rule(
@@ -22,8 +24,12 @@ CLOUD_METADATA_ACCESS = Rule(
     "T1552.005", "Unsecured Credentials: Cloud Instance Metadata API", "TA0006", "Credential Access", 73)
 DNS_TUNNEL = Rule(
     "EPT-0005", "dns_tunnel",
-    "DNS queries carry data: names too long, or too many distinct names under one domain",
+    "DNS queries carry data: a name too long, or more information in one domain's names than lookups need",
     "T1071.004", "Application Layer Protocol: DNS", "TA0011", "Command and Control", 73)
+ICMP_TUNNEL = Rule(
+    "EPT-0006", "icmp_tunnel",
+    "ICMP echo requests carry data: large payloads, or many distinct payloads to one destination",
+    "T1095", "Non-Application Layer Protocol", "TA0011", "Command and Control", 73)
 RAW_SOCKET = Rule(
     "EPT-0007", "raw_socket",
     "A raw or packet socket was opened: it can forge traffic and bypass socket-level policy",
@@ -33,5 +39,38 @@ INBOUND_LISTENER = Rule(
     "A sandbox listener accepted a connection from a non-local address",
     "T1133", "External Remote Services", "TA0001", "Initial Access", 47)
 
-ALL = (REVERSE_TUNNEL, REVERSE_SHELL, CRYPTO_MINING, CLOUD_METADATA_ACCESS, DNS_TUNNEL, RAW_SOCKET,
+ALL = (REVERSE_TUNNEL, REVERSE_SHELL, CRYPTO_MINING, CLOUD_METADATA_ACCESS, DNS_TUNNEL, ICMP_TUNNEL, RAW_SOCKET,
        INBOUND_LISTENER)
+
+
+@dataclass(frozen=True)
+class RiskScores:
+    """event.risk_score of each conclusive signal (the tunnel score adds up its own points)."""
+    tunnel_argv: int = 90          # argv names a tunnel
+    shell_argv: int = 99           # argv wires a shell to a socket
+    stdio_socket: int = 99         # a network socket on a shell's stdio
+    miner_argv: int = 80
+    stratum: int = 90              # Stratum JSON-RPC in a flow's first bytes
+    dns_long_name: int = 80
+    dns_information: int = 80
+    icmp_data: int = 80
+
+
+RISK = RiskScores()
+
+
+@dataclass(frozen=True)
+class LabelScoring:
+    """How random a DNS name looks, 0 (readable) to 1 (random), from three tells of encoded data:
+    few vowels, digits mixed with letters, long consonant runs. The largest tell counts."""
+    vowels: str = "aeiouy"
+    readable_vowel_share: float = 0.26   # at or above: no tell (English words: ~0.38, a few 0.25)
+    random_vowel_share: float = 0.16     # at or below: full tell (random letters: 6/26, 0.23)
+    min_letters: int = 8                 # fewer letters: the vowel share says nothing (docs, smtp)
+    random_digit_share: float = 0.12     # digits among letters: full tell at this share (base32: 6/32)
+    all_digits_chars: int = 8            # a run of this many digits alone is data
+    readable_consonant_run: int = 3      # consonant runs up to this are words (-ngth, -mpf)
+    random_consonant_run: int = 6        # ... from this length, full tell
+
+
+DNS_LABELS = LabelScoring()

@@ -32,6 +32,7 @@ SYS_PERF_EVENT_OPEN = 298                              # x86_64
 LIVENESS_REFRESH_NS = 200_000_000                      # refreshed this often; the timeout is seconds
 # 32 MiB: absorbs a burst of ~200k records while userspace catches up (see make bench).
 RINGBUF_PAGES = 8192
+SETTING_UPDATE_INTERVAL, SETTING_ICMP_LARGE = 0, 1     # the settings array in common.h
 
 
 class ProbeError(Exception):
@@ -305,7 +306,11 @@ class Probes:
 
     def set_flow_update_interval(self, ns: int) -> None:
         """How often an active flow reports its counters (REC_FLOW_UPDATE)."""
-        self.bpf[b"settings"][ctypes.c_int(0)] = ctypes.c_uint64(ns)
+        self.bpf[b"settings"][ctypes.c_int(SETTING_UPDATE_INTERVAL)] = ctypes.c_uint64(ns)
+
+    def set_icmp_large_payload(self, nbytes: int) -> None:
+        """A first echo request to a destination with a payload this long carries data (packets.c)."""
+        self.bpf[b"settings"][ctypes.c_int(SETTING_ICMP_LARGE)] = ctypes.c_uint64(nbytes)
 
     # -- records ----------------------------------------------------------------
     def open_records(self, handle: Callable[[bytes], None]) -> None:

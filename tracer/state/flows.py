@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..decoding import (FLOW_ACCEPTED, FLOW_FAILED, FLOW_INITIATED, PROTOCOLS, SOCKET_TYPES, BurstRecord,
-                        NetRecord, PayloadRecord, RecordType, SocketRecord, is_loopback)
-from ..events import Burst, Endpoint, Episode, NetworkEvent, PayloadSeen, Process
+                        IcmpRecord, NetRecord, PayloadRecord, RecordType, SocketRecord, is_loopback)
+from ..events import Burst, Endpoint, Episode, IcmpEchoes, NetworkEvent, PayloadSeen, Process
 from ..protocols import Sighting, identify
 
 ATTEMPT_GRACE_NS = 1_000_000_000
@@ -141,6 +141,9 @@ class FlowTable:
             return
         if isinstance(rec, BurstRecord):
             self._burst(rec, ctx)
+            return
+        if isinstance(rec, IcmpRecord):
+            self._icmp(rec, ctx)
             return
         kind = rec.header.type
         if kind == RecordType.FLOW_UPDATE:
@@ -307,6 +310,15 @@ class FlowTable:
         src, dst = (flow.local, flow.remote) if rec.egress else (flow.remote, flow.local)
         self.observe(Burst(self.wall_ns(rec.header.ts_ns), episode, cgroup_id, cgroup_path, process or flow.process,
                            flow.cookie, flow.transport, rec.egress, rec.bytes, src, dst))
+
+    def _icmp(self, rec: IcmpRecord, ctx) -> None:
+        episode, cgroup_id, cgroup_path, process = ctx
+        self.observe(IcmpEchoes(self.wall_ns(rec.header.ts_ns), episode, cgroup_id, cgroup_path, process,
+                                rec.header.cookie, PROTOCOLS.get(rec.protocol, str(rec.protocol)),
+                                SOCKET_TYPES.get(rec.socktype, str(rec.socktype)),
+                                Endpoint(rec.local_ip, 0) if rec.local_ip else None, Endpoint(rec.remote_ip, 0),
+                                self.wall_ns(rec.first_ns), rec.echoes, rec.data_echoes, rec.data_bytes,
+                                rec.largest))
 
     def _socket_created(self, rec: SocketRecord, ctx) -> None:
         failed = rec.ret < 0
