@@ -30,15 +30,32 @@ BPF_ARRAY(episode_levels, __u32, 2);
 struct connect_in_flight {
     __u64 cookie;
     __u32 protocol;
-    __u32 pad;
+    __u32 routine;            /* to a known destination: the result is budgeted */
 };
 BPF_HASH(connects_in_flight, __u64, struct connect_in_flight, 16384);
 
-/* Settings written by userspace: [0] flow update interval (ns). */
-BPF_ARRAY(settings, __u64, 1);
+/* Settings written by userspace: [0] flow update interval (ns), [1] low-value records
+ * each episode may send per second (0: no budget), [2] how many it may send at once. */
+enum setting { SET_UPDATE_INTERVAL = 0, SET_BUDGET_RATE = 1, SET_BUDGET_BURST = 2, SETTINGS = 3 };
+BPF_ARRAY(settings, __u64, SETTINGS);
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
-BPF_PERCPU_ARRAY(lost, __u64, LOSS_REASONS);
+BPF_PERCPU_ARRAY(lost, __u64, LOSS_REASONS);                /* tracer-wide, every loss */
+BPF_HASH(accounts, __u64, struct episode_account, 65536);   /* episode cgroup id -> its account */
+
+/* Destinations each episode has already reached: a flow to a new one carries alert
+ * evidence and bypasses the budget; one to a known destination is routine. LRU: an
+ * eviction only makes a destination new again (more evidence), and loses nothing. */
+struct destination {
+    __u64 episode;
+    __u8 addr[16];
+    __u16 port;               /* the peer's port; for an inbound flow, the local (listening) port */
+    __u16 family;
+    __u8 protocol;
+    __u8 inbound;
+    __u8 pad[2];
+};
+BPF_TABLE("lru_hash", struct destination, __u8, destinations_seen, 65536);
 
 /* Per-socket state: the owner, recorded in task context, plus flow counters.
  * BPF_F_CLONE lets an accepted socket inherit its listener's owner. */
@@ -52,49 +69,101 @@ struct sock_state {
     __u32 flags;
     __u8 captured_out;        /* data packets captured this way (PAYLOAD_PACKETS at most) */
     __u8 captured_in;
-    __u16 pad;
+    __u8 routine;             /* a flow to a destination its episode reached before: its records are budgeted */
+    __u8 pad;
 };
 BPF_F_TABLE("sk_storage", int, struct sock_state, sockets, 0,
             BPF_F_NO_PREALLOC | BPF_F_CLONE);
 
-static __always_inline void count_lost(__u32 reason)
+/* Count a loss tracer-wide and, when the episode is known, in its account. */
+static __always_inline void count_lost(__u64 episode, __u32 reason)
 {
-    __u64 *n = lost.lookup(&reason);
+    __u32 key = reason;             /* reason itself stays a constant the verifier can see */
+    __u64 *n = lost.lookup(&key);
     if (n)
         (*n)++;
+    if (!episode || reason >= LOSS_REASONS)
+        return;
+    struct episode_account *a = accounts.lookup(&episode);
+    if (a)
+        __sync_fetch_and_add(&a->lost[reason], 1);
+}
+
+#define BUDGET_REFILL_NS 1000000ULL          /* refill at most once a millisecond */
+#define BUDGET_MAX_ELAPSED_NS 10000000000ULL /* keeps elapsed * rate far from overflow */
+
+/* May the episode send one more low-value record? A token bucket per episode, so that one
+ * episode's flood of routine records cannot fill the ring buffer that every episode shares.
+ * Updates from several CPUs may race: the bucket is approximate, never unbounded. */
+static __always_inline int within_budget(__u64 episode)
+{
+    __u32 k_rate = SET_BUDGET_RATE, k_burst = SET_BUDGET_BURST;
+    __u64 *rate = settings.lookup(&k_rate), *burst = settings.lookup(&k_burst);
+    if (!rate || !burst || !*rate)
+        return 1;
+    struct episode_account *a = accounts.lookup(&episode);
+    if (!a)
+        return 1;                           /* not an episode this tracer accounts for */
+    __u64 now = bpf_ktime_get_ns();
+    __u64 elapsed = now - a->refill_ns;
+    if (elapsed >= BUDGET_REFILL_NS) {
+        if (elapsed > BUDGET_MAX_ELAPSED_NS)
+            elapsed = BUDGET_MAX_ELAPSED_NS;
+        __s64 tokens = a->tokens + (__s64)(elapsed * *rate / 1000000000ULL);
+        if (tokens > (__s64)*burst)
+            tokens = *burst;
+        a->tokens = tokens;
+        a->refill_ns = now;
+    }
+    if (a->tokens <= 0) {
+        count_lost(episode, LOST_BUDGET);
+        return 0;
+    }
+    __sync_fetch_and_add(&a->tokens, -1);
+    return 1;
+}
+
+/* Has the episode reached this destination before? Remembers it if not. */
+static __always_inline int known_destination(struct destination *d)
+{
+    if (destinations_seen.lookup(d))
+        return 1;
+    __u8 one = 1;
+    destinations_seen.update(d, &one);      /* an LRU: a failure only means "new" next time too */
+    return 0;
 }
 
 /* Reserve a record, counting a failure as a loss. One function per record
  * type: the size must be a constant, and bcc does not expand map calls in macros. */
-static __always_inline struct net_record *reserve_net(void)
+static __always_inline struct net_record *reserve_net(__u64 episode)
 {
     struct net_record *r = events.ringbuf_reserve(sizeof(struct net_record));
     if (!r)
-        count_lost(LOST_RINGBUF_FULL);
+        count_lost(episode, LOST_RINGBUF_FULL);
     return r;
 }
 
-static __always_inline struct socket_record *reserve_socket(void)
+static __always_inline struct socket_record *reserve_socket(__u64 episode)
 {
     struct socket_record *r = events.ringbuf_reserve(sizeof(struct socket_record));
     if (!r)
-        count_lost(LOST_RINGBUF_FULL);
+        count_lost(episode, LOST_RINGBUF_FULL);
     return r;
 }
 
-static __always_inline struct payload_record *reserve_payload(void)
+static __always_inline struct payload_record *reserve_payload(__u64 episode)
 {
     struct payload_record *r = events.ringbuf_reserve(sizeof(struct payload_record));
     if (!r)
-        count_lost(LOST_RINGBUF_FULL);
+        count_lost(episode, LOST_RINGBUF_FULL);
     return r;
 }
 
-static __always_inline struct process_record *reserve_process(void)
+static __always_inline struct process_record *reserve_process(__u64 episode)
 {
     struct process_record *r = events.ringbuf_reserve(sizeof(struct process_record));
     if (!r)
-        count_lost(LOST_RINGBUF_FULL);
+        count_lost(episode, LOST_RINGBUF_FULL);
     return r;
 }
 
@@ -147,7 +216,7 @@ static __always_inline struct sock_state *owned_state(struct bpf_sock *sk, __u64
 {
     struct sock_state *st = sockets.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
     if (!st) {
-        count_lost(LOST_NO_STORAGE);
+        count_lost(episode, LOST_NO_STORAGE);
         return 0;
     }
     fill_current_owner(&st->owner, episode);
@@ -165,10 +234,13 @@ static __always_inline void fill_header(struct record_header *h, __u32 type, __u
     __builtin_memcpy(&h->owner, o, sizeof(*o));
 }
 
-/* A net_record of a socket's flow as its storage has it: the caller may adjust it, then submits. */
+/* A net_record of a socket's flow as its storage has it: the caller may adjust it, then submits.
+ * A routine flow's records are taken from its episode's budget. */
 static __always_inline struct net_record *flow_record(__u32 type, __u64 cookie, struct sock_state *st)
 {
-    struct net_record *r = reserve_net();
+    if (st->routine && !within_budget(st->owner.episode_cgroup_id))
+        return 0;
+    struct net_record *r = reserve_net(st->owner.episode_cgroup_id);
     if (!r)
         return 0;
     fill_header(&r->h, type, sizeof(*r), cookie, &st->owner);

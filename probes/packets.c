@@ -61,7 +61,12 @@ static __always_inline void note_activity(struct activity *a, __u64 now, int egr
 static __always_inline void capture_payload(struct __sk_buff *skb, struct sock_state *st, __u8 protocol,
                                             __u32 headers, __u32 bytes, int egress, __u8 index)
 {
-    struct payload_record *r = reserve_payload();
+    /* The first packets name the protocol (evidence); later ones (DNS queries) are budgeted,
+     * like every packet of a routine flow. */
+    __u64 episode = st->owner.episode_cgroup_id;
+    if ((st->routine || index >= PAYLOAD_PACKETS) && !within_budget(episode))
+        return;
+    struct payload_record *r = reserve_payload(episode);
     if (!r)
         return;
     fill_header(&r->h, REC_PAYLOAD, sizeof(*r), bpf_get_socket_cookie(skb), &st->owner);
@@ -93,6 +98,9 @@ static __always_inline void report_update(struct __sk_buff *skb, struct sock_sta
     if (now - st->last_update_ns < *interval)
         return;
     st->last_update_ns = now;
+    /* Counters only: budgeted (flow_record takes a routine flow's token itself). */
+    if (!st->routine && !within_budget(st->owner.episode_cgroup_id))
+        return;
     struct net_record *r = flow_record(REC_FLOW_UPDATE, bpf_get_socket_cookie(skb), st);
     if (r)
         events.ringbuf_submit(r, SUBMIT_FLAGS);
@@ -129,7 +137,7 @@ static __always_inline int count_packet(struct __sk_buff *skb, int egress)
             return 1;
         st = sockets.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
         if (!st) {
-            count_lost(LOST_NO_STORAGE);
+            count_lost(episode, LOST_NO_STORAGE);
             return 1;
         }
         st->owner.episode_cgroup_id = episode;

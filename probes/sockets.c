@@ -29,7 +29,7 @@ int on_sock_create(struct bpf_sock *sk)
     if (!episode)
         return 1;
     owned_state(sk, episode);
-    struct socket_record *r = reserve_socket();
+    struct socket_record *r = reserve_socket(episode);
     if (!r)
         return 1;
     struct owner o = {};
@@ -83,7 +83,13 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, __u16 family)
         return 1;
     struct sock_state *st = owned_state(sk, episode);
     __u64 cookie = bpf_get_socket_cookie(ctx);
-    struct net_record *r = reserve_net();
+    struct destination dest = {.episode = episode, .port = bpf_ntohs(ctx->user_port), .family = family,
+                               .protocol = ctx->protocol};
+    addr_from_ctx(ctx, dest.addr, family);
+    __u8 routine = known_destination(&dest);
+    if (st)
+        st->routine = routine;
+    struct net_record *r = routine && !within_budget(episode) ? 0 : reserve_net(episode);
     if (r) {
         __builtin_memset(&r->ep, 0, sizeof(r->ep));
         __builtin_memset(&r->c, 0, sizeof(r->c));
@@ -110,8 +116,9 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, __u16 family)
         events.ringbuf_submit(r, SUBMIT_FLAGS);
     }
     __u64 tid = bpf_get_current_pid_tgid();
-    struct connect_in_flight pending = {.cookie = cookie, .protocol = ctx->protocol};
-    connects_in_flight.update(&tid, &pending);
+    struct connect_in_flight pending = {.cookie = cookie, .protocol = ctx->protocol, .routine = routine};
+    if (connects_in_flight.update(&tid, &pending))
+        count_lost(episode, LOST_CONNECTS_MAP_FULL);
     return 1;
 }
 
@@ -132,15 +139,23 @@ static __always_inline int on_sendmsg(struct bpf_sock_addr *ctx, __u16 family)
     if (udp_dests_seen.lookup(&key))
         return 1;
     udp_dests_seen.update(&key, &one);
+    struct destination dest = {.episode = episode, .port = key.dport, .family = family, .protocol = ctx->protocol};
+    __builtin_memcpy(dest.addr, key.daddr, 16);
+    __u8 routine = known_destination(&dest);
     struct bpf_sock *sk = ctx->sk;
     if (sk) {
         struct sock_state *st = sockets.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-        if (st && !st->owner.episode_cgroup_id) {
+        if (!st) {
+            count_lost(episode, LOST_NO_STORAGE);
+        } else if (!st->owner.episode_cgroup_id) {
             fill_current_owner(&st->owner, episode);
             st->start_ns = bpf_ktime_get_ns();
+            st->routine = routine;      /* its first destination decides */
         }
     }
-    struct net_record *r = reserve_net();
+    if (routine && !within_budget(episode))
+        return 1;
+    struct net_record *r = reserve_net(episode);
     if (!r)
         return 1;
     __builtin_memset(&r->ep, 0, sizeof(r->ep));
@@ -176,7 +191,7 @@ static __always_inline int on_bind(struct bpf_sock_addr *ctx, __u16 family)
         owned_state(sk, episode);
     if (ctx->type != SOCK_DGRAM || ctx->user_port == 0)
         return 1;
-    struct net_record *r = reserve_net();
+    struct net_record *r = reserve_net(episode);
     if (!r)
         return 1;
     __builtin_memset(&r->ep, 0, sizeof(r->ep));

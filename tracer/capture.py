@@ -48,6 +48,9 @@ class Recorder:
                    [found[0], dataclasses.astuple(found[1]), dataclasses.astuple(found[2]), found[3]])
         return found
 
+    def resume(self, pid: int) -> None:
+        procfs.resume(pid)
+
     def close(self) -> None:
         self._file.close()
 
@@ -62,6 +65,9 @@ class Answers:
     def process_info(self, pid: int) -> Process | None:
         found = self.processes.get(pid)
         return Process(**found) if found else None
+
+    def resume(self, pid: int) -> None:
+        pass        # the capture's processes were resumed when it was made
 
     def socket_on_fd(self, pid: int, fd: int):
         found = self.fds.get((pid, fd))
@@ -83,11 +89,17 @@ class ReplayProbes:
     def set_flow_update_interval(self, ns: int) -> None:
         pass
 
+    def set_budget(self, per_second: int, burst: int) -> None:
+        pass
+
     def attach(self, cgroup_path) -> int:
         raise CaptureError("replay attaches nothing")
 
-    def detach(self, cgid: int) -> None:
-        pass
+    def detach(self, cgid: int) -> dict[str, int]:
+        return {}
+
+    def episode_lost(self, cgid: int) -> dict[str, int]:
+        return {}
 
     def poll(self, timeout_ms: int) -> None:
         pass

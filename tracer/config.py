@@ -57,6 +57,16 @@ class Allowlist:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Each episode's budget of low-value records (flow updates, DNS queries after a socket's
+    first two, forks and exits, flows to destinations it reached before), so that one episode's
+    flood cannot fill the ring buffer all episodes share. Refused records are counted as the
+    episode's losses (reason "budget") and make its verdict incomplete."""
+    record_budget_per_second: int = 100_000
+    record_budget_burst: int = 200_000
+
+
+@dataclass(frozen=True)
 class Config:
     flows: Flows = field(default_factory=Flows)
     reverse_tunnel: ReverseTunnel = field(default_factory=ReverseTunnel)
@@ -64,6 +74,7 @@ class Config:
     cloud_metadata: CloudMetadata = field(default_factory=CloudMetadata)
     allowlist: Allowlist = field(default_factory=Allowlist)
     output: Output = field(default_factory=Output)
+    limits: Limits = field(default_factory=Limits)
 
     def allows_destination(self, ip: str | None, port: int | None) -> bool:
         if port is not None and port in self.allowlist.ports:

@@ -3,6 +3,7 @@ on a descriptor. Racy by nature (the process may be gone): None then."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 
@@ -58,3 +59,11 @@ def process_info(pid: int) -> Process | None:
                        parent_pid=int(status.get("PPid", "0").strip() or 0) or None)
     except (OSError, ValueError):
         return None
+
+
+def resume(pid: int) -> None:
+    """SIGCONT a process that the exec probe stopped until its argv was read (records.h EXEC_HELD)."""
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except OSError:
+        pass        # gone already

@@ -106,7 +106,7 @@ def run_episode(episode_id: str, argv: list[str], outputs, labels: dict[str, str
     cgroup = _fresh_cgroup(episode_id)
     stop = _Stop()
     try:
-        tracer.add_episode(episode_id, cgroup, labels)
+        episode = tracer.add_episode(episode_id, cgroup, labels)
         procs_file = str(cgroup / "cgroup.procs")
 
         def enter_cgroup() -> None:     # runs in the child before exec, so exec is traced
@@ -126,11 +126,23 @@ def run_episode(episode_id: str, argv: list[str], outputs, labels: dict[str, str
         _wait_for_flows(tracer, grace_s, stop)
         tracer.finish()
         builder.verdict.exit_code = status
-        builder.verdict.records_lost = sum(tracer.probes.lost().values())
+        account(builder.verdict, tracer, episode.cgroup_id, alone=True)
         return builder.verdict
     finally:
         _close(tracer, outputs, capture, metrics)
         _remove_run_cgroup(cgroup)
+
+
+def account(verdict: Verdict, tracer: Tracer, cgroup_id: int, alone: bool) -> None:
+    """The verdict's completeness, from the episode's losses. alone: the tracer traced only this
+    episode, so a loss the kernel could not attribute to an episode is this one's too."""
+    losses = tracer.episode_losses(cgroup_id)
+    if alone:
+        tracer_wide = sum(n for reason, n in tracer.probes.lost().items() if reason != "argv_unread")
+        attributed = sum(n for reason, n in tracer.probes.episode_lost(cgroup_id).items() if reason != "argv_unread")
+        if tracer_wide > attributed:
+            losses["unattributed"] = tracer_wide - attributed
+    verdict.account(losses)
 
 
 def _wait_for_command(tracer: Tracer, child: subprocess.Popen, stop: _Stop) -> int:

@@ -17,7 +17,10 @@ log = logging.getLogger(__name__)
 
 PROBES_DIR = Path(__file__).resolve().parents[2] / "probes"
 PROBE_FILES = ("sockets.c", "tcp.c", "packets.c", "processes.c")
-LOSS_REASONS = ("ringbuf_full", "no_socket_storage")   # enum loss_reason in records.h
+# enum loss_reason in records.h, in its order
+LOSS_REASONS = ("ringbuf_full", "no_socket_storage", "budget", "argv_unread", "connects_map_full",
+                "exit_codes_map_full", "sockets_map_full", "argv_map_full")
+SET_UPDATE_INTERVAL, SET_BUDGET_RATE, SET_BUDGET_BURST = 0, 1, 2     # enum setting in common.h
 # 32 MiB: absorbs a burst of ~200k records while userspace catches up (see make bench).
 RINGBUF_PAGES = 8192
 
@@ -90,6 +93,7 @@ class Probes:
         self._lib = _libbpf()
         self._links: dict[int, list[int]] = {}          # cgroup id -> link fds
         self._levels: dict[int, int] = {}               # episode cgroup id -> level
+        self._budget_burst = 0                          # tokens a new episode starts with
 
     # -- episodes -------------------------------------------------------------
     def attach(self, cgroup_path: Path) -> int:
@@ -113,13 +117,19 @@ class Probes:
         finally:
             os.close(fd)
         self._links[cgid] = links
+        # Its account first (losses, budget), so that nothing it loses goes uncounted.
+        accounts = self.bpf[b"accounts"]
+        account = accounts.Leaf()
+        account.tokens = self._budget_burst
+        accounts[ctypes.c_uint64(cgid)] = account
         # Register only once every hook is in place, so no event is half-seen.
         self.bpf[b"episodes"][ctypes.c_uint64(cgid)] = ctypes.c_uint32(1)
         self._levels[cgid] = cgroups.level(cgroup_path)
         self._write_levels()
         return cgid
 
-    def detach(self, cgid: int) -> None:
+    def detach(self, cgid: int) -> dict[str, int]:
+        """Stop tracing an episode; returns its final losses by reason."""
         try:
             del self.bpf[b"episodes"][ctypes.c_uint64(cgid)]
         except KeyError:
@@ -128,6 +138,12 @@ class Probes:
             os.close(link)
         self._levels.pop(cgid, None)
         self._write_levels()
+        final = self.episode_lost(cgid)
+        try:
+            del self.bpf[b"accounts"][ctypes.c_uint64(cgid)]
+        except KeyError:
+            pass
+        return final
 
     def _write_levels(self) -> None:
         levels = self.bpf[b"episode_levels"]
@@ -137,7 +153,14 @@ class Probes:
 
     def set_flow_update_interval(self, ns: int) -> None:
         """How often an active flow reports its counters (REC_FLOW_UPDATE)."""
-        self.bpf[b"settings"][ctypes.c_int(0)] = ctypes.c_uint64(ns)
+        self.bpf[b"settings"][ctypes.c_int(SET_UPDATE_INTERVAL)] = ctypes.c_uint64(ns)
+
+    def set_budget(self, per_second: int, burst: int) -> None:
+        """Low-value records each episode may send: per_second on average, burst at once (0: no budget)."""
+        self._budget_burst = burst
+        settings = self.bpf[b"settings"]
+        settings[ctypes.c_int(SET_BUDGET_BURST)] = ctypes.c_uint64(burst)
+        settings[ctypes.c_int(SET_BUDGET_RATE)] = ctypes.c_uint64(per_second)
 
     # -- records ----------------------------------------------------------------
     def open_records(self, handle: Callable[[bytes], None]) -> None:
@@ -158,6 +181,14 @@ class Probes:
         """Records the kernel could not send, by reason, summed over CPUs."""
         table = self.bpf[b"lost"]
         return {reason: int(sum(table[ctypes.c_int(i)])) for i, reason in enumerate(LOSS_REASONS)}
+
+    def episode_lost(self, cgid: int) -> dict[str, int]:
+        """What one episode lost so far, by reason (zeros when it has no account)."""
+        try:
+            account = self.bpf[b"accounts"][ctypes.c_uint64(cgid)]
+        except KeyError:
+            return dict.fromkeys(LOSS_REASONS, 0)
+        return {reason: int(account.lost[i]) for i, reason in enumerate(LOSS_REASONS)}
 
     def close(self) -> None:
         for cgid in list(self._links):

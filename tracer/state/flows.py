@@ -78,6 +78,7 @@ class FlowTable:
     observe: Callable[[PayloadSeen], None] = lambda seen: None
     update_interval_ns: int = 10_000_000_000
     lineage: Callable[[Process | None], list[int]] = lambda p: [p.pid] if p else []   # pid, then ancestors
+    evicted: Callable[[Flow], None] = lambda flow: None     # a flow dropped unended, to bound memory
     flows: dict[int, Flow] = field(default_factory=dict)
     # For the local-relay signal: when each process (or a descendant) connected over loopback,
     # and which outbound flows to the outside each process holds open.
@@ -160,8 +161,7 @@ class FlowTable:
         old = self.flows.get(rec.header.cookie)
         if old is not None and old.attempt is not None:
             self._resolve_attempt(old, "unknown")     # a second connect() on the same socket
-        if len(self.flows) >= MAX_FLOWS:
-            self.flows.pop(next(iter(self.flows)))
+        self._make_room()
         flow = Flow(cookie=rec.header.cookie, start_ns=rec.header.ts_ns, episode=episode, cgroup_id=cgroup_id,
                     cgroup_path=cgroup_path, process=process, transport=transport_name(rec.protocol, rec.socktype),
                     network_type=FAMILIES.get(rec.family),
@@ -228,7 +228,15 @@ class FlowTable:
                               transport="tcp", direction="ingress", outcome="success",
                               source=flow.remote, destination=flow.local))
 
+    def _make_room(self) -> None:
+        """At MAX_FLOWS, the oldest flow goes (its flow_ended will have no context)."""
+        if len(self.flows) >= MAX_FLOWS:
+            old = self.flows.pop(next(iter(self.flows)))
+            self._untrack(old)
+            self.evicted(old)
+
     def _flow_from(self, rec: NetRecord, ctx) -> Flow:
+        self._make_room()
         episode, cgroup_id, cgroup_path, process = ctx
         flow = Flow(cookie=rec.header.cookie, start_ns=rec.start_ns or rec.header.ts_ns, episode=episode,
                     cgroup_id=cgroup_id, cgroup_path=cgroup_path, process=process, transport=transport_name(rec.protocol, rec.socktype),
