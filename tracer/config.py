@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import mmap
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -62,8 +63,21 @@ class Limits:
     first two, forks and exits, flows to destinations it reached before), so that one episode's
     flood cannot fill the ring buffer all episodes share. Refused records are counted as the
     episode's losses (reason "budget") and make its verdict incomplete."""
-    record_budget_per_second: int = 100_000
-    record_budget_burst: int = 200_000
+    record_budget_per_second: int = 50_000
+    record_budget_burst: int = 20_000
+    # The ring buffer every episode shares: 32 MiB absorb a burst of ~200k records while
+    # userspace catches up (make bench). A power of two, at least one page.
+    ringbuf_kb: int = 32768
+
+    @property
+    def ringbuf_pages(self) -> int:
+        return self.ringbuf_kb * 1024 // mmap.PAGESIZE
+
+    def __post_init__(self) -> None:
+        page_kb = mmap.PAGESIZE // 1024
+        kb = self.ringbuf_kb
+        if not isinstance(kb, int) or kb < page_kb or kb & (kb - 1):
+            raise ConfigError(f"config key limits.ringbuf_kb must be a power of two >= {page_kb}, not {kb!r}")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,11 @@ def exposition(stats: dict) -> str:
     metric("records_received_total", "counter", "Ring-buffer records read.", [({}, stats["records_received"])])
     metric("records_lost_total", "counter", "Records the kernel could not send, by reason.",
            [({"reason": r}, n) for r, n in stats["records_lost_by_reason"].items()])
+    metric("episode_losses_total", "counter", "What each episode's record lacks, by reason (nonzero only).",
+           [({"episode": e, "reason": r}, n) for e, counts in stats.get("episode_losses", {}).items()
+            for r, n in counts.items()])
+    metric("evicted_total", "counter", "Entries dropped from capped tables, by table.",
+           [({"table": t}, n) for t, n in stats.get("evicted", {}).items()])
     metric("events_emitted_total", "counter", "Documents produced.", [({}, stats["events_emitted"])])
     metric("alerts_total", "counter", "Alerts raised.", [({}, stats["alerts"])])
     metric("episodes", "gauge", "Episodes traced.", [({}, stats["episodes"])])

@@ -19,6 +19,7 @@ from .kernel.loader import Probes
 from .state.episodes import Episodes
 from .state.flows import FlowTable
 from .state.processes import Processes
+from .verdict import RECORD_LOSSES
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ class Tracer:
         lost = self.probes.lost()
         stats: dict = {
             "records_received": self.stats["records_received"],
-            "records_lost": sum(lost.values()),
+            "records_lost": sum(n for reason, n in lost.items() if reason in RECORD_LOSSES),
             "records_lost_by_reason": lost,
             "records_undecodable": self.stats["records_undecodable"],
             "records_without_episode": self.stats["records_without_episode"],
@@ -268,6 +269,7 @@ class Tracer:
         usage = resource.getrusage(resource.RUSAGE_SELF)     # this process only, not the episode
         stats["tracer_cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 3)
         stats["tracer_max_rss_bytes"] = usage.ru_maxrss * 1024
+        stats["tracer_rss_bytes"] = _current_rss()
         stats["outputs"] = {o.name: {"sent": o.sent, "dropped": dict(o.dropped), "queued": getattr(o, "queued", 0),
                                      "spooled_bytes": o.spool.size() if hasattr(o, "spool") else 0,
                                      "latency_s": round(getattr(o, "latency_s", 0.0), 6)}
@@ -284,3 +286,12 @@ class Tracer:
         self._sweep(time.monotonic_ns(), final=True)
         self.emit_stats()
         self.outputs.flush()
+
+
+def _current_rss() -> int:
+    """Resident memory now (the peak above is mostly the probes' compiler, freed after start-up)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -26,7 +26,7 @@ SYNC_INTERVAL_S = 0.5           # how often watch re-reads the registrations
 
 
 def make_tracer(outputs, stats_interval_s: float, config: Config | None = None, capture=None) -> Tracer:
-    probes = Probes()
+    probes = Probes(ringbuf_pages=(config or Config()).limits.ringbuf_pages)
     return Tracer(probes, make_encoder(), outputs, stats_interval_s=stats_interval_s, config=config,
                   capture=capture)
 

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from ..config import Limits
 from . import cgroups
 
 log = logging.getLogger(__name__)
@@ -21,8 +22,7 @@ PROBE_FILES = ("sockets.c", "tcp.c", "packets.c", "processes.c")
 LOSS_REASONS = ("ringbuf_full", "no_socket_storage", "budget", "argv_unread", "connects_map_full",
                 "exit_codes_map_full", "sockets_map_full", "argv_map_full")
 SET_UPDATE_INTERVAL, SET_BUDGET_RATE, SET_BUDGET_BURST = 0, 1, 2     # enum setting in common.h
-# 32 MiB: absorbs a burst of ~200k records while userspace catches up (see make bench).
-RINGBUF_PAGES = 8192
+RINGBUF_PAGES = Limits().ringbuf_pages     # the default size
 
 
 class ProbeError(Exception):
