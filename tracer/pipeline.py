@@ -256,8 +256,8 @@ class Tracer:
             "alerts": self.stats["alerts"],
             "episodes": len(self.episodes),
             "flows_open": len(self.flows.flows),
-            "evicted": {"flows": self.stats["flows_evicted"], **self.processes.evicted,
-                        "cgroup_paths": self.episodes.paths_evicted},
+            "evicted": {"flows": self.stats["flows_evicted"], "relay_index": self.flows.relay_index_evicted,
+                        **self.processes.evicted, "cgroup_paths": self.episodes.paths_evicted},
         }
         # Per episode, what its record lacks (only episodes with something to report).
         by_episode = dict(self._removed_losses)

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, field
 
 from .events import Alert, NetworkEvent
 
-MAX_DESTINATIONS = 200      # listed in full up to this many; the count is always exact
+MAX_DESTINATIONS = 200      # listed in full up to this many
+DISTINCT_DESTINATIONS = 262144   # the count is exact up to this many (memory); beyond, every one counts
 # Counted, but no gap in the record: argv the kernel could not read that /proc then supplied
 # (argv_unread counts the kernel's side, argv_from_proc the recoveries, argv_missing the rest).
 NOT_GAPS = frozenset({"argv_unread", "argv_from_proc"})
@@ -91,7 +92,8 @@ class VerdictBuilder:
                 text = f"[{dst.ip}]:{dst.port}/{event.transport}" if ":" in (dst.ip or "") else \
                     f"{dst.ip}:{dst.port}/{event.transport}"
                 if text not in self._destinations:
-                    self._destinations.add(text)
+                    if len(self._destinations) < DISTINCT_DESTINATIONS:
+                        self._destinations.add(text)
                     v.destination_count += 1
                     if len(v.destinations) < MAX_DESTINATIONS:
                         v.destinations.append(text)

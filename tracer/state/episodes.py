@@ -50,7 +50,10 @@ class Episodes:
                     continue
                 if cgid not in self._paths:
                     self._remember(cgid, cgroups.relative(Path(dirpath)))
-            path = self._paths.get(cgroup_id, episode.cgroup_path)
+            path = self._paths.get(cgroup_id)
+            if path is None:     # gone already: its records say the episode's path, with no walk each
+                path = episode.cgroup_path
+                self._remember(cgroup_id, path)
         return path
 
     def _remember(self, cgroup_id: int, path: str) -> None:

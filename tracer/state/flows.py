@@ -84,6 +84,7 @@ class FlowTable:
     # and which outbound flows to the outside each process holds open.
     local_starts: dict[int, deque] = field(default_factory=dict)
     outbound_by_pid: dict[int, set[int]] = field(default_factory=dict)
+    relay_index_evicted: int = 0              # pids dropped from the two indexes above, to bound memory
 
     def local_flows_since(self, pid: int, since_ns: int) -> int:
         return sum(1 for ts in self.local_starts.get(pid, ()) if ts >= since_ns)
@@ -100,12 +101,14 @@ class FlowTable:
                 return          # no flow to the outside is open: nothing this could relay
             if len(self.local_starts) >= MAX_TRACKED_PIDS:
                 self.local_starts.pop(next(iter(self.local_starts)))
+                self.relay_index_evicted += 1
             for pid in self.lineage(flow.process):
                 if pid in self.outbound_by_pid:
                     self.local_starts.setdefault(pid, deque(maxlen=64)).append(ts_ns)
         elif flow.initiated:
             if len(self.outbound_by_pid) >= MAX_TRACKED_PIDS:
                 self.outbound_by_pid.pop(next(iter(self.outbound_by_pid)))
+                self.relay_index_evicted += 1
             self.outbound_by_pid.setdefault(flow.process.pid, set()).add(flow.cookie)
 
     def _untrack(self, flow: Flow) -> None:
