@@ -30,7 +30,7 @@ BPF_ARRAY(episode_levels, __u32, 2);
 struct connect_in_flight {
     __u64 cookie;
     __u32 protocol;
-    __u32 routine;            /* to a known destination: the result is budgeted */
+    __u32 routine;            /* ROUTINE_*: the result of a refused routine flow is not sent */
 };
 BPF_HASH(connects_in_flight, __u64, struct connect_in_flight, 16384);
 
@@ -69,7 +69,7 @@ struct sock_state {
     __u32 flags;
     __u8 captured_out;        /* data packets captured this way (PAYLOAD_PACKETS at most) */
     __u8 captured_in;
-    __u8 routine;             /* a flow to a destination its episode reached before: its records are budgeted */
+    __u8 routine;             /* ROUTINE_*: a flow to a destination its episode reached before */
     __u8 pad;
 };
 BPF_F_TABLE("sk_storage", int, struct sock_state, sockets, 0,
@@ -92,10 +92,10 @@ static __always_inline void count_lost(__u64 episode, __u32 reason)
 #define BUDGET_REFILL_NS 1000000ULL          /* refill at most once a millisecond */
 #define BUDGET_MAX_ELAPSED_NS 10000000000ULL /* keeps elapsed * rate far from overflow */
 
-/* May the episode send one more low-value record? A token bucket per episode, so that one
+/* May the episode send n more low-value records? A token bucket per episode, so that one
  * episode's flood of routine records cannot fill the ring buffer that every episode shares.
  * Updates from several CPUs may race: the bucket is approximate, never unbounded. */
-static __always_inline int within_budget(__u64 episode)
+static __always_inline int take_budget(__u64 episode, __s64 n)
 {
     __u32 k_rate = SET_BUDGET_RATE, k_burst = SET_BUDGET_BURST;
     __u64 *rate = settings.lookup(&k_rate), *burst = settings.lookup(&k_burst);
@@ -115,12 +115,45 @@ static __always_inline int within_budget(__u64 episode)
         a->tokens = tokens;
         a->refill_ns = now;
     }
-    if (a->tokens <= 0) {
-        count_lost(episode, LOST_BUDGET);
+    if (a->tokens < n)
         return 0;
-    }
-    __sync_fetch_and_add(&a->tokens, -1);
+    __sync_fetch_and_add(&a->tokens, -n);
     return 1;
+}
+
+/* One low-value record: sent, or refused and counted. */
+static __always_inline int within_budget(__u64 episode)
+{
+    if (take_budget(episode, 1))
+        return 1;
+    count_lost(episode, LOST_BUDGET);
+    return 0;
+}
+
+/* A flow's records go or stay together: a routine flow is admitted whole when it starts (its
+ * lifecycle records paid for at once) or refused whole, so that userspace never holds half a
+ * flow. Each record of a refused flow is counted as it is suppressed. */
+#define ROUTINE_NO 0          /* a flow to a new destination: evidence, never budgeted */
+#define ROUTINE_PAID 1        /* routine, admitted: its lifecycle records are paid for */
+#define ROUTINE_REFUSED 2     /* routine, over the budget: none of its records is sent */
+#define TCP_OUT_RECORDS 3     /* CONNECT, ESTABLISHED (or CONNECT_RESULT), FLOW_ENDED */
+#define TCP_IN_RECORDS 2      /* ACCEPTED, FLOW_ENDED */
+#define UDP_RECORDS 2         /* UDP_SENT, FLOW_ENDED */
+
+static __always_inline __u8 admit_flow(__u64 episode, int known, __s64 records)
+{
+    if (!known)
+        return ROUTINE_NO;
+    return take_budget(episode, records) ? ROUTINE_PAID : ROUTINE_REFUSED;
+}
+
+/* May a record of this flow go out? A refused flow's record counts as one more loss. */
+static __always_inline int flow_admitted(__u64 episode, __u8 routine)
+{
+    if (routine != ROUTINE_REFUSED)
+        return 1;
+    count_lost(episode, LOST_BUDGET);
+    return 0;
 }
 
 /* Has the episode reached this destination before? Remembers it if not. */
@@ -235,10 +268,10 @@ static __always_inline void fill_header(struct record_header *h, __u32 type, __u
 }
 
 /* A net_record of a socket's flow as its storage has it: the caller may adjust it, then submits.
- * A routine flow's records are taken from its episode's budget. */
+ * None for a routine flow that the budget refused. */
 static __always_inline struct net_record *flow_record(__u32 type, __u64 cookie, struct sock_state *st)
 {
-    if (st->routine && !within_budget(st->owner.episode_cgroup_id))
+    if (!flow_admitted(st->owner.episode_cgroup_id, st->routine))
         return 0;
     struct net_record *r = reserve_net(st->owner.episode_cgroup_id);
     if (!r)

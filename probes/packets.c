@@ -64,7 +64,8 @@ static __always_inline void capture_payload(struct __sk_buff *skb, struct sock_s
     /* The first packets name the protocol (evidence); later ones (DNS queries) are budgeted,
      * like every packet of a routine flow. */
     __u64 episode = st->owner.episode_cgroup_id;
-    if ((st->routine || index >= PAYLOAD_PACKETS) && !within_budget(episode))
+    if (!flow_admitted(episode, st->routine) ||
+        (st->routine || index >= PAYLOAD_PACKETS) && !within_budget(episode))
         return;
     struct payload_record *r = reserve_payload(episode);
     if (!r)
@@ -98,8 +99,8 @@ static __always_inline void report_update(struct __sk_buff *skb, struct sock_sta
     if (now - st->last_update_ns < *interval)
         return;
     st->last_update_ns = now;
-    /* Counters only: budgeted (flow_record takes a routine flow's token itself). */
-    if (!st->routine && !within_budget(st->owner.episode_cgroup_id))
+    /* Counters only: budgeted, for every flow (flow_record refuses a refused flow's). */
+    if (st->routine != ROUTINE_REFUSED && !within_budget(st->owner.episode_cgroup_id))
         return;
     struct net_record *r = flow_record(REC_FLOW_UPDATE, bpf_get_socket_cookie(skb), st);
     if (r)

@@ -237,8 +237,8 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
     if (protocol == IPPROTO_TCP && (args->ret == 0 || args->ret == -EINPROGRESS))
         return 0;
     __u64 episode = current_episode();
-    if (routine && !within_budget(episode))
-        return 0;
+    if (!flow_admitted(episode, routine))
+        return 0;                 /* paid for with the connect, or refused with it */
     struct net_record *r = reserve_net(episode);
     if (!r)
         return 0;

@@ -86,10 +86,10 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, __u16 family)
     struct destination dest = {.episode = episode, .port = bpf_ntohs(ctx->user_port), .family = family,
                                .protocol = ctx->protocol};
     addr_from_ctx(ctx, dest.addr, family);
-    __u8 routine = known_destination(&dest);
+    __u8 routine = admit_flow(episode, known_destination(&dest), TCP_OUT_RECORDS);
     if (st)
         st->routine = routine;
-    struct net_record *r = routine && !within_budget(episode) ? 0 : reserve_net(episode);
+    struct net_record *r = flow_admitted(episode, routine) ? reserve_net(episode) : 0;
     if (r) {
         __builtin_memset(&r->ep, 0, sizeof(r->ep));
         __builtin_memset(&r->c, 0, sizeof(r->c));
@@ -141,20 +141,25 @@ static __always_inline int on_sendmsg(struct bpf_sock_addr *ctx, __u16 family)
     udp_dests_seen.update(&key, &one);
     struct destination dest = {.episode = episode, .port = key.dport, .family = family, .protocol = ctx->protocol};
     __builtin_memcpy(dest.addr, key.daddr, 16);
-    __u8 routine = known_destination(&dest);
+    int known = known_destination(&dest);
+    int sent = 0;                   /* was this record paid for (or refused) with the flow? */
     struct bpf_sock *sk = ctx->sk;
     if (sk) {
         struct sock_state *st = sockets.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
         if (!st) {
             count_lost(episode, LOST_NO_STORAGE);
         } else if (!st->owner.episode_cgroup_id) {
+            /* Its first destination decides for the socket's flow. */
             fill_current_owner(&st->owner, episode);
             st->start_ns = bpf_ktime_get_ns();
-            st->routine = routine;      /* its first destination decides */
+            st->routine = admit_flow(episode, known, UDP_RECORDS);
+            if (!flow_admitted(episode, st->routine))
+                return 1;
+            sent = 1;
         }
     }
-    if (routine && !within_budget(episode))
-        return 1;
+    if (known && !sent && !within_budget(episode))
+        return 1;                   /* a later send to a known destination: one token */
     struct net_record *r = reserve_net(episode);
     if (!r)
         return 1;

@@ -86,7 +86,7 @@ int on_sock_ops(struct bpf_sock_ops *ops)
         struct destination peer = {.episode = st->owner.episode_cgroup_id, .port = st->ep.sport,
                                    .family = st->ep.family, .protocol = IPPROTO_TCP, .inbound = 1};
         __builtin_memcpy(peer.addr, st->ep.daddr, 16);
-        st->routine = known_destination(&peer);
+        st->routine = admit_flow(st->owner.episode_cgroup_id, known_destination(&peer), TCP_IN_RECORDS);
         bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
         emit(ops, st, REC_ACCEPTED);
         break;
