@@ -81,6 +81,8 @@ def main() -> None:
     events_per_s = stats.get("events_emitted", 0) / traced_seconds
     lost = stats.get("records_lost", 0)
     rss_mb = stats["tracer_max_rss_bytes"] / 2**20
+    rss_end_mb = stats.get("tracer_rss_bytes", 0) / 2**20
+    evicted = sum(stats.get("evicted", {}).values())
     startup = statistics.median(startups)
     print(f"eptrace bench: {os.cpu_count()} cores, Linux {os.uname().release}; a {STORM_SECONDS:.0f} s loopback "
           f"TCP connect/accept/close storm, pinned to CPU 0, alternating every 0.25 s between an episode cgroup "
@@ -96,6 +98,11 @@ def main() -> None:
     print(f"  tracer CPU            {stats['tracer_cpu_seconds']:10.2f} s     over {wall:.1f} s of eptrace run "
           "(user+sys)")
     print(f"  tracer peak RSS       {rss_mb:10.1f} MB    target <= 200    {verdict(rss_mb <= 200)}")
+    print(f"  tracer RSS at the end {rss_end_mb:10.1f} MB    after {stats.get('records_received', 0):,} records; "
+          f"{evicted} table entries evicted (capped tables)")
+    by_reason = {r: n for r, n in stats.get("records_lost_by_reason", {}).items() if n}
+    if by_reason:
+        print(f"  records lost by reason {by_reason}   (budget: the episode's record budget, [limits])")
     print(f"  start-up (run -- true){startup:10.2f} s     target <= 3      {verdict(startup <= 3)}")
     floors.main()
     outputs.main()

@@ -35,7 +35,7 @@ CONTEXT = {"on_sock_create": "struct bpf_sock", "on_sock_release": "struct bpf_s
 BARE_RECORD = """
 static __always_inline void bare_record(__u32 type, __u64 cookie)
 {
-    struct net_record *r = reserve_net();
+    struct net_record *r = reserve_net(0);
     if (!r)
         return;
     r->h.type = type;

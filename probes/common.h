@@ -40,14 +40,14 @@ BPF_F_TABLE(PINNED("array", episode_levels), int, __u32, episode_levels, 2, 0);
 struct connect_in_flight {
     __u64 cookie;
     __u32 protocol;
-    __u32 pad;
+    __u32 routine;            /* ROUTINE_*: the result of a refused routine flow is not sent */
 };
 BPF_F_TABLE(PINNED("hash", connects_in_flight), __u64, struct connect_in_flight, connects_in_flight, 16384, 0);
 
-/* Settings written by userspace: [0] flow update interval (ns), [1] ICMP large payload (bytes). */
-#define SETTING_UPDATE_INTERVAL 0
-#define SETTING_ICMP_LARGE 1
-BPF_F_TABLE(PINNED("array", settings), int, __u64, settings, 2, 0);
+/* Settings written by userspace: the flow update interval (ns), the ICMP large payload (bytes), the
+ * low-value records each episode may send per second (0: no budget) and how many it may send at once. */
+enum setting { SET_UPDATE_INTERVAL = 0, SET_ICMP_LARGE = 1, SET_BUDGET_RATE = 2, SET_BUDGET_BURST = 3, SETTINGS = 4 };
+BPF_F_TABLE(PINNED("array", settings), int, __u64, settings, SETTINGS, 0);
 
 /* BPF_RINGBUF_OUTPUT, with a pin: bcc's macro has no pinned form. */
 struct events_table_t {
@@ -61,7 +61,23 @@ struct events_table_t {
 };
 __attribute__((section("maps/" PINNED("ringbuf", events))))
 struct events_table_t events = { .max_entries = RINGBUF_PAGES * PAGE_SIZE };
-BPF_F_TABLE(PINNED("percpu_array", lost), int, __u64, lost, LOSS_REASONS, 0);
+BPF_F_TABLE(PINNED("percpu_array", lost), int, __u64, lost, LOSS_REASONS, 0);        /* tracer-wide, every loss */
+/* episode cgroup id -> its account */
+BPF_F_TABLE(PINNED("hash", accounts), __u64, struct episode_account, accounts, 65536, 0);
+
+/* Destinations each episode has already reached: a flow to a new one carries alert
+ * evidence and bypasses the budget; one to a known destination is routine. LRU: an
+ * eviction only makes a destination new again (more evidence), and loses nothing. */
+struct destination {
+    __u64 episode;
+    __u8 addr[16];
+    __u16 port;               /* the peer's port; for an inbound flow, the local (listening) port */
+    __u16 family;
+    __u8 protocol;
+    __u8 inbound;
+    __u8 pad[2];
+};
+BPF_F_TABLE(PINNED("lru_hash", destinations_seen), struct destination, __u8, destinations_seen, 65536, 0);
 
 /* Fail-closed: the tracer writes refreshed_ns (CLOCK_MONOTONIC) several times a
  * second. When timeout_ns is set and the tracer has been silent longer, episode
@@ -89,65 +105,150 @@ struct sock_state {
     __u32 flags;
     __u8 captured_out;        /* data packets captured this way (PAYLOAD_PACKETS at most) */
     __u8 captured_in;
-    __u16 pad;
+    __u8 routine;             /* ROUTINE_*: a flow to a destination its episode reached before */
+    __u8 pad;
 };
 BPF_F_TABLE(PINNED("sk_storage", sockets), int, struct sock_state, sockets, 0,
             BPF_F_NO_PREALLOC | BPF_F_CLONE);
 
-static __always_inline void count_lost(__u32 reason)
+/* Count a loss tracer-wide and, when the episode is known, in its account. */
+static __always_inline void count_lost(__u64 episode, __u32 reason)
 {
-    __u64 *n = lost.lookup(&reason);
+    __u32 key = reason;             /* reason itself stays a constant the verifier can see */
+    __u64 *n = lost.lookup(&key);
     if (n)
         (*n)++;
+    if (!episode || reason >= LOSS_REASONS)
+        return;
+    struct episode_account *a = accounts.lookup(&episode);
+    if (a)
+        __sync_fetch_and_add(&a->lost[reason], 1);
+}
+
+#define BUDGET_REFILL_NS 1000000ULL          /* refill at most once a millisecond */
+#define BUDGET_MAX_ELAPSED_NS 10000000000ULL /* keeps elapsed * rate far from overflow */
+
+/* May the episode send n more low-value records? A token bucket per episode, so that one
+ * episode's flood of routine records cannot fill the ring buffer that every episode shares.
+ * Updates from several CPUs may race: the bucket is approximate, never unbounded. */
+static __always_inline int take_budget(__u64 episode, __s64 n)
+{
+    __u32 k_rate = SET_BUDGET_RATE, k_burst = SET_BUDGET_BURST;
+    __u64 *rate = settings.lookup(&k_rate), *burst = settings.lookup(&k_burst);
+    if (!rate || !burst || !*rate)
+        return 1;
+    struct episode_account *a = accounts.lookup(&episode);
+    if (!a)
+        return 1;                           /* not an episode this tracer accounts for */
+    __u64 now = bpf_ktime_get_ns();
+    __u64 elapsed = now - a->refill_ns;
+    if (elapsed >= BUDGET_REFILL_NS) {
+        if (elapsed > BUDGET_MAX_ELAPSED_NS)
+            elapsed = BUDGET_MAX_ELAPSED_NS;
+        __s64 tokens = a->tokens + (__s64)(elapsed * *rate / 1000000000ULL);
+        if (tokens > (__s64)*burst)
+            tokens = *burst;
+        a->tokens = tokens;
+        a->refill_ns = now;
+    }
+    if (a->tokens < n)
+        return 0;
+    __sync_fetch_and_add(&a->tokens, -n);
+    return 1;
+}
+
+/* One low-value record: sent, or refused and counted. */
+static __always_inline int within_budget(__u64 episode)
+{
+    if (take_budget(episode, 1))
+        return 1;
+    count_lost(episode, LOST_BUDGET);
+    return 0;
+}
+
+/* A flow's records go or stay together: a routine flow is admitted whole when it starts (its
+ * lifecycle records paid for at once) or refused whole, so that userspace never holds half a
+ * flow. Each record of a refused flow is counted as it is suppressed. */
+#define ROUTINE_NO 0          /* a flow to a new destination: evidence, never budgeted */
+#define ROUTINE_PAID 1        /* routine, admitted: its lifecycle records are paid for */
+#define ROUTINE_REFUSED 2     /* routine, over the budget: none of its records is sent */
+#define TCP_OUT_RECORDS 3     /* CONNECT, ESTABLISHED (or CONNECT_RESULT), FLOW_ENDED */
+#define TCP_IN_RECORDS 2      /* ACCEPTED, FLOW_ENDED */
+#define UDP_RECORDS 2         /* UDP_SENT, FLOW_ENDED */
+
+static __always_inline __u8 admit_flow(__u64 episode, int known, __s64 records)
+{
+    if (!known)
+        return ROUTINE_NO;
+    return take_budget(episode, records) ? ROUTINE_PAID : ROUTINE_REFUSED;
+}
+
+/* May a record of this flow go out? A refused flow's record counts as one more loss. */
+static __always_inline int flow_admitted(__u64 episode, __u8 routine)
+{
+    if (routine != ROUTINE_REFUSED)
+        return 1;
+    count_lost(episode, LOST_BUDGET);
+    return 0;
+}
+
+/* Has the episode reached this destination before? Remembers it if not. */
+static __always_inline int known_destination(struct destination *d)
+{
+    if (destinations_seen.lookup(d))
+        return 1;
+    __u8 one = 1;
+    destinations_seen.update(d, &one);      /* an LRU: a failure only means "new" next time too */
+    return 0;
 }
 
 /* Reserve a record, counting a failure as a loss. One function per record
  * type: the size must be a constant, and bcc does not expand map calls in macros. */
-static __always_inline struct net_record *reserve_net(void)
+static __always_inline struct net_record *reserve_net(__u64 episode)
 {
     struct net_record *r = events.ringbuf_reserve(sizeof(struct net_record));
     if (!r)
-        count_lost(LOST_RINGBUF_FULL);
+        count_lost(episode, LOST_RINGBUF_FULL);
     return r;
 }
 
-static __always_inline struct socket_record *reserve_socket(void)
+static __always_inline struct socket_record *reserve_socket(__u64 episode)
 {
     struct socket_record *r = events.ringbuf_reserve(sizeof(struct socket_record));
     if (!r)
-        count_lost(LOST_RINGBUF_FULL);
+        count_lost(episode, LOST_RINGBUF_FULL);
     return r;
 }
 
-static __always_inline struct payload_record *reserve_payload(void)
+static __always_inline struct payload_record *reserve_payload(__u64 episode)
 {
     struct payload_record *r = events.ringbuf_reserve(sizeof(struct payload_record));
     if (!r)
-        count_lost(LOST_RINGBUF_FULL);
+        count_lost(episode, LOST_RINGBUF_FULL);
     return r;
 }
 
-static __always_inline struct burst_record *reserve_burst(void)
+static __always_inline struct burst_record *reserve_burst(__u64 episode)
 {
     struct burst_record *r = events.ringbuf_reserve(sizeof(struct burst_record));
     if (!r)
-        count_lost(LOST_RINGBUF_FULL);
+        count_lost(episode, LOST_RINGBUF_FULL);
     return r;
 }
 
-static __always_inline struct icmp_record *reserve_icmp(void)
+static __always_inline struct icmp_record *reserve_icmp(__u64 episode)
 {
     struct icmp_record *r = events.ringbuf_reserve(sizeof(struct icmp_record));
     if (!r)
-        count_lost(LOST_RINGBUF_FULL);
+        count_lost(episode, LOST_RINGBUF_FULL);
     return r;
 }
 
-static __always_inline struct process_record *reserve_process(void)
+static __always_inline struct process_record *reserve_process(__u64 episode)
 {
     struct process_record *r = events.ringbuf_reserve(sizeof(struct process_record));
     if (!r)
-        count_lost(LOST_RINGBUF_FULL);
+        count_lost(episode, LOST_RINGBUF_FULL);
     return r;
 }
 
@@ -212,7 +313,7 @@ static __always_inline struct sock_state *owned_state(struct bpf_sock *sk, __u64
 {
     struct sock_state *st = sockets.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
     if (!st) {
-        count_lost(LOST_NO_STORAGE);
+        count_lost(episode, LOST_NO_STORAGE);
         return 0;
     }
     fill_current_owner(&st->owner, episode);
@@ -230,10 +331,13 @@ static __always_inline void fill_header(struct record_header *h, __u32 type, __u
     __builtin_memcpy(&h->owner, o, sizeof(*o));
 }
 
-/* A net_record of a socket's flow as its storage has it: the caller may adjust it, then submits. */
+/* A net_record of a socket's flow as its storage has it: the caller may adjust it, then submits.
+ * None for a routine flow that the budget refused. */
 static __always_inline struct net_record *flow_record(__u32 type, __u64 cookie, struct sock_state *st)
 {
-    struct net_record *r = reserve_net();
+    if (!flow_admitted(st->owner.episode_cgroup_id, st->routine))
+        return 0;
+    struct net_record *r = reserve_net(st->owner.episode_cgroup_id);
     if (!r)
         return 0;
     fill_header(&r->h, type, sizeof(*r), cookie, &st->owner);

@@ -120,11 +120,11 @@ static __always_inline void note_burst(struct sock_state *st, __u64 cookie, __u8
         w->count = 0;
     }
     if (w->count >= BURSTS_PER_SECOND) {
-        count_lost(LOST_BURST_BUDGET);
+        count_lost(episode, LOST_BURST_BUDGET);
         return;
     }
     __sync_fetch_and_add(&w->count, 1);
-    struct burst_record *r = reserve_burst();
+    struct burst_record *r = reserve_burst(episode);
     if (!r)
         return;
     fill_header(&r->h, REC_BURST, sizeof(*r), cookie, &st->owner);
@@ -138,7 +138,13 @@ static __always_inline void note_burst(struct sock_state *st, __u64 cookie, __u8
 static __always_inline void capture_payload(struct __sk_buff *skb, struct sock_state *st, __u8 protocol,
                                             __u32 headers, __u32 bytes, int egress, __u8 index)
 {
-    struct payload_record *r = reserve_payload();
+    /* The first packets name the protocol (evidence); later ones (DNS queries) are budgeted,
+     * like every packet of a routine flow. */
+    __u64 episode = st->owner.episode_cgroup_id;
+    if (!flow_admitted(episode, st->routine) ||
+        (st->routine || index >= PAYLOAD_PACKETS) && !within_budget(episode))
+        return;
+    struct payload_record *r = reserve_payload(episode);
     if (!r)
         return;
     fill_header(&r->h, REC_PAYLOAD, sizeof(*r), bpf_get_socket_cookie(skb), &st->owner);
@@ -264,7 +270,7 @@ static __always_inline void note_icmp_echo(struct __sk_buff *skb, struct sock_st
         if (!s)
             return;
     }
-    __u32 setting = SETTING_ICMP_LARGE;
+    __u32 setting = SET_ICMP_LARGE;
     __u64 *large = settings.lookup(&setting);
     /* ping's payload starts with its send time (a struct timeval: seconds below
      * 2^40 and microseconds below 2^20, little-endian), then a fixed fill
@@ -290,7 +296,7 @@ static __always_inline void note_icmp_echo(struct __sk_buff *skb, struct sock_st
     __u32 n = s->data_echoes;
     if (n > ICMP_REPORT_ALL && (n & (n - 1)))
         return;
-    struct icmp_record *r = reserve_icmp();
+    struct icmp_record *r = reserve_icmp(key.episode);
     if (!r)
         return;
     fill_header(&r->h, REC_ICMP_ECHO, sizeof(*r), bpf_get_socket_cookie(skb), &st->owner);
@@ -311,7 +317,7 @@ static __always_inline void note_icmp_echo(struct __sk_buff *skb, struct sock_st
 
 static __always_inline void report_update(struct __sk_buff *skb, struct sock_state *st, __u64 now)
 {
-    __u32 key = SETTING_UPDATE_INTERVAL;
+    __u32 key = SET_UPDATE_INTERVAL;
     __u64 *interval = settings.lookup(&key);
     if (!interval || !*interval || !st->last_update_ns) {
         if (!st->last_update_ns)
@@ -321,6 +327,9 @@ static __always_inline void report_update(struct __sk_buff *skb, struct sock_sta
     if (now - st->last_update_ns < *interval)
         return;
     st->last_update_ns = now;
+    /* Counters only: budgeted, for every flow (flow_record refuses a refused flow's). */
+    if (st->routine != ROUTINE_REFUSED && !within_budget(st->owner.episode_cgroup_id))
+        return;
     struct net_record *r = flow_record(REC_FLOW_UPDATE, bpf_get_socket_cookie(skb), st);
     if (r)
         events.ringbuf_submit(r, SUBMIT_FLAGS);
@@ -357,7 +366,7 @@ static __always_inline int count_packet(struct __sk_buff *skb, int egress)
             return 1;
         st = sockets.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
         if (!st) {
-            count_lost(LOST_NO_STORAGE);
+            count_lost(episode, LOST_NO_STORAGE);
             return 1;
         }
         st->owner.episode_cgroup_id = episode;

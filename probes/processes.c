@@ -11,10 +11,17 @@ struct socket_args {
 BPF_F_TABLE(PINNED("hash", sockets_in_flight), __u64, struct socket_args, sockets_in_flight, 16384, 0);
 /* tgid -> exit_group() status, read when the process's last thread exits. */
 BPF_F_TABLE(PINNED("hash", exit_codes), __u32, __s32, exit_codes, 16384, 0);
+/* tid -> 1: an exec whose argv the kernel could not read (or whose ARGS record was lost).
+ * sched_process_exec then holds the new program until userspace has read its argv. */
+BPF_F_TABLE(PINNED("hash", argv_unread), __u32, __u8, argv_unread, 16384, 0);
+
+#ifndef SIGSTOP
+#define SIGSTOP 19
+#endif
 
 static __always_inline struct process_record *process_record(__u32 type, __u64 episode)
 {
-    struct process_record *r = reserve_process();
+    struct process_record *r = reserve_process(episode);
     if (!r)
         return 0;
     struct owner o = {};
@@ -27,10 +34,12 @@ static __always_inline struct process_record *process_record(__u32 type, __u64 e
     return r;
 }
 
+/* Forks and exits are routine (a fork flood must not crowd out the others' records):
+ * they come out of the episode's budget. Execs, argv and stdio duplication do not. */
 TRACEPOINT_PROBE(sched, sched_process_fork)
 {
     __u64 episode = current_episode();
-    if (!episode)
+    if (!episode || !within_budget(episode))
         return 0;
     struct process_record *r = process_record(REC_PROCESS_FORKED, episode);
     if (!r)
@@ -41,29 +50,64 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
     return 0;
 }
 
+/* Remember (or forget) that this thread's exec has argv the kernel could not read. */
+static __always_inline void note_argv_unread(__u64 episode, __u32 tid, int unread)
+{
+    if (!unread) {
+        if (argv_unread.lookup(&tid))
+            argv_unread.delete(&tid);   /* left by an earlier exec of this thread that failed */
+        return;
+    }
+    __u8 one = 1;
+    if (argv_unread.update(&tid, &one))
+        count_lost(episode, LOST_ARGV_MAP_FULL);
+}
+
 static __always_inline int record_argv(const char *const *argv)
 {
     __u64 episode = current_episode();
     if (!episode)
         return 0;
+    __u32 tid = (__u32)bpf_get_current_pid_tgid();
     struct process_record *r = process_record(REC_PROCESS_ARGS, episode);
-    if (!r)
+    if (!r) {
+        note_argv_unread(episode, tid, 1);
         return 0;
+    }
     __u64 off = 0;
+    __u32 how = ARGV_CUT;          /* unless the terminating NULL is reached below */
     for (int i = 0; i < MAX_ARGS; i++) {
         const char *arg = 0;
-        if (bpf_probe_read_user(&arg, sizeof(arg), &argv[i]) || !arg)
+        if (bpf_probe_read_user(&arg, sizeof(arg), &argv[i])) {
+            how = ARGV_FAILED;
             break;
+        }
+        if (!arg) {
+            how = 0;
+            break;
+        }
         /* The mask keeps the verifier sure of the bound; data has ARG_CHUNK slack. */
         asm volatile("%[off] &= %[mask]" : [off] "+r"(off) : [mask] "i"(ARGS_LEN - 1));
         long n = bpf_probe_read_user_str(&r->data[off], ARG_CHUNK, arg);
-        if (n <= 0)
+        if (n <= 0) {
+            how = ARGV_FAILED;
             break;
+        }
         off += n;
-        if (off >= ARGS_LEN)
-            break;
+        if (n >= ARG_CHUNK || off >= ARGS_LEN)
+            break;                 /* cut: an argument or argv too long */
     }
     r->data_len = off < ARGS_LEN ? off : ARGS_LEN;
+    r->child_pid = how;
+    if (how) {
+        count_lost(episode, LOST_ARGV_UNREAD);
+        /* A failed read is what hiding argv looks like: hold the program for /proc.
+         * A cut one is a long command line (compilers): /proc is read without holding it. */
+        if (how == ARGV_FAILED)
+            note_argv_unread(episode, tid, 1);
+    } else {
+        note_argv_unread(episode, tid, 0);
+    }
     events.ringbuf_submit(r, SUBMIT_FLAGS);
     return 0;
 }
@@ -80,6 +124,14 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     if (!r)
         return 0;
     r->parent_tgid = args->old_pid;
+    __u32 old_tid = args->old_pid;
+    if (argv_unread.lookup(&old_tid)) {
+        argv_unread.delete(&old_tid);
+        /* Stopped before its first instruction; userspace reads its argv, then sends SIGCONT.
+         * The signal goes first, so that the record never announces a hold that is not there. */
+        if (bpf_send_signal(SIGSTOP) == 0)
+            r->child_pid = EXEC_HELD;
+    }
     __u16 loc = args->data_loc_filename & 0xFFFF;
     long n = bpf_probe_read_str(r->data, PATH_LEN, (char *)args + loc);
     r->data_len = n > 0 ? n : 0;
@@ -89,11 +141,13 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_exit_group)
 {
-    if (!current_episode())
+    __u64 episode = current_episode();
+    if (!episode)
         return 0;
     __u32 tgid = bpf_get_current_pid_tgid() >> 32;
     __s32 code = args->error_code;
-    exit_codes.update(&tgid, &code);
+    if (exit_codes.update(&tgid, &code))
+        count_lost(episode, LOST_EXIT_CODES_MAP_FULL);
     return 0;
 }
 
@@ -105,7 +159,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     if (!episode)
         return 0;
     __u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    struct process_record *r = process_record(REC_PROCESS_EXITED, episode);
+    struct process_record *r = within_budget(episode) ? process_record(REC_PROCESS_EXITED, episode) : 0;
     if (!r) {
         exit_codes.delete(&tgid);
         return 0;
@@ -123,11 +177,13 @@ TRACEPOINT_PROBE(syscalls, sys_enter_socket)
     int family = args->family;
     if (family == AF_INET || family == AF_INET6 || family == AF_UNIX || family == AF_NETLINK)
         return 0;
-    if (!current_episode())
+    __u64 episode = current_episode();
+    if (!episode)
         return 0;
     __u64 tid = bpf_get_current_pid_tgid();
     struct socket_args a = {.family = family, .type = args->type, .protocol = args->protocol};
-    sockets_in_flight.update(&tid, &a);
+    if (sockets_in_flight.update(&tid, &a))
+        count_lost(episode, LOST_SOCKETS_MAP_FULL);
     return 0;
 }
 
@@ -140,7 +196,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_socket)
     struct socket_args saved = *a;
     sockets_in_flight.delete(&tid);
     __u64 episode = current_episode();
-    struct socket_record *r = reserve_socket();
+    struct socket_record *r = reserve_socket(episode);
     if (!r)
         return 0;
     struct owner o = {};
@@ -175,19 +231,22 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
     if (!pending)
         return 0;
     __u64 c = pending->cookie;
-    __u32 protocol = pending->protocol;
+    __u32 protocol = pending->protocol, routine = pending->routine;
     connects_in_flight.delete(&tid);
     /* A TCP connect that succeeds, or is in progress, reports itself when established. */
     if (protocol == IPPROTO_TCP && (args->ret == 0 || args->ret == -EINPROGRESS))
         return 0;
-    struct net_record *r = reserve_net();
+    __u64 episode = current_episode();
+    if (!flow_admitted(episode, routine))
+        return 0;                 /* paid for with the connect, or refused with it */
+    struct net_record *r = reserve_net(episode);
     if (!r)
         return 0;
     __builtin_memset(&r->ep, 0, sizeof(r->ep));
     __builtin_memset(&r->c, 0, sizeof(r->c));
     __builtin_memset(&r->a, 0, sizeof(r->a));
     struct owner o = {};
-    fill_current_owner(&o, current_episode());
+    fill_current_owner(&o, episode);
     fill_header(&r->h, REC_CONNECT_RESULT, sizeof(*r), c, &o);
     r->start_ns = 0;
     r->flags = 0;

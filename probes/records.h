@@ -127,7 +127,7 @@ struct burst_record {         /* REC_BURST; h.ts_ns: the burst's first packet */
 struct process_record {       /* FORKED, ARGS, EXEC, EXITED, STDIO_DUP */
     struct record_header h;
     __u32 parent_tgid;        /* FORKED: the parent; EXEC: old pid */
-    __u32 child_pid;          /* FORKED */
+    __u32 child_pid;          /* FORKED; ARGS: ARGV_* flags; EXEC: EXEC_HELD */
     __s32 exit_code;          /* EXITED, when known */
     __u32 data_len;
     char data[ARGS_LEN + ARG_CHUNK]; /* ARGS: argv NUL-separated; EXEC: filename */
@@ -152,12 +152,33 @@ struct icmp_record {          /* REC_ICMP_ECHO */
     __u32 payload;            /* this echo's payload, bytes */
 };
 
-/* Per-CPU counters of records that could not be sent, read by userspace. */
+/* ARGS: how the kernel read argv (in process_record.child_pid). */
+#define ARGV_FAILED 1         /* a read faulted: the strings are on pages not yet in memory */
+#define ARGV_CUT    2         /* more than MAX_ARGS arguments, ARGS_LEN bytes or ARG_CHUNK in one */
+/* EXEC (in process_record.child_pid): the new program was stopped (SIGSTOP) before its first
+ * instruction because its argv was not read whole; userspace reads /proc/<pid>/cmdline, then resumes it. */
+#define EXEC_HELD   1
+
+/* Why something was not recorded, counted tracer-wide (per CPU) and per episode. */
 enum loss_reason {
-    LOST_RINGBUF_FULL = 0,
-    LOST_NO_STORAGE = 1,
-    LOST_BURST_BUDGET = 2,    /* a burst over its episode's budget (BURSTS_PER_SECOND) */
-    LOSS_REASONS = 3,
+    LOST_RINGBUF_FULL = 0,        /* the ring buffer had no room */
+    LOST_NO_STORAGE = 1,          /* socket-local storage could not be created */
+    LOST_BUDGET = 2,              /* a low-value record over its episode's budget */
+    LOST_ARGV_UNREAD = 3,         /* an exec's argv not read whole (userspace then asks /proc) */
+    LOST_CONNECTS_MAP_FULL = 4,   /* connects_in_flight full: a connect's result goes unreported */
+    LOST_EXIT_CODES_MAP_FULL = 5, /* exit_codes full: an exit status is unknown */
+    LOST_SOCKETS_MAP_FULL = 6,    /* sockets_in_flight full: an unusual socket goes unreported */
+    LOST_ARGV_MAP_FULL = 7,       /* argv_unread full: an exec with unread argv is not held */
+    LOST_BURST_BUDGET = 8,        /* a burst over its episode's burst budget (BURSTS_PER_SECOND) */
+    LOSS_REASONS = 9,
+};
+
+/* One per traced episode, created by userspace when it attaches the episode (the
+ * probes only look it up, so it cannot fill up): its losses and its record budget. */
+struct episode_account {
+    __u64 lost[LOSS_REASONS];
+    __s64 tokens;             /* low-value records it may still send */
+    __u64 refill_ns;          /* when tokens were last refilled */
 };
 
 #endif

@@ -29,7 +29,7 @@ int on_sock_create(struct bpf_sock *sk)
     if (!episode)
         return 1;
     owned_state(sk, episode);
-    struct socket_record *r = reserve_socket();
+    struct socket_record *r = reserve_socket(episode);
     if (!r)
         return 1;
     struct owner o = {};
@@ -85,7 +85,13 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, __u16 family)
         return verdict;
     struct sock_state *st = owned_state(sk, episode);
     __u64 cookie = bpf_get_socket_cookie(ctx);
-    struct net_record *r = reserve_net();
+    struct destination dest = {.episode = episode, .port = bpf_ntohs(ctx->user_port), .family = family,
+                               .protocol = ctx->protocol};
+    addr_from_ctx(ctx, dest.addr, family);
+    __u8 routine = admit_flow(episode, known_destination(&dest), TCP_OUT_RECORDS);
+    if (st)
+        st->routine = routine;
+    struct net_record *r = flow_admitted(episode, routine) ? reserve_net(episode) : 0;
     if (r) {
         __builtin_memset(&r->ep, 0, sizeof(r->ep));
         __builtin_memset(&r->c, 0, sizeof(r->c));
@@ -112,8 +118,9 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, __u16 family)
         events.ringbuf_submit(r, SUBMIT_FLAGS);
     }
     __u64 tid = bpf_get_current_pid_tgid();
-    struct connect_in_flight pending = {.cookie = cookie, .protocol = ctx->protocol};
-    connects_in_flight.update(&tid, &pending);
+    struct connect_in_flight pending = {.cookie = cookie, .protocol = ctx->protocol, .routine = routine};
+    if (connects_in_flight.update(&tid, &pending))
+        count_lost(episode, LOST_CONNECTS_MAP_FULL);
     return verdict;
 }
 
@@ -136,15 +143,28 @@ static __always_inline int on_sendmsg(struct bpf_sock_addr *ctx, __u16 family)
     if (udp_dests_seen.lookup(&key))
         return 1;
     udp_dests_seen.update(&key, &one);
+    struct destination dest = {.episode = episode, .port = key.dport, .family = family, .protocol = ctx->protocol};
+    __builtin_memcpy(dest.addr, key.daddr, 16);
+    int known = known_destination(&dest);
+    int sent = 0;                   /* was this record paid for (or refused) with the flow? */
     struct bpf_sock *sk = ctx->sk;
     if (sk) {
         struct sock_state *st = sockets.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-        if (st && !st->owner.episode_cgroup_id) {
+        if (!st) {
+            count_lost(episode, LOST_NO_STORAGE);
+        } else if (!st->owner.episode_cgroup_id) {
+            /* Its first destination decides for the socket's flow. */
             fill_current_owner(&st->owner, episode);
             st->start_ns = bpf_ktime_get_ns();
+            st->routine = admit_flow(episode, known, UDP_RECORDS);
+            if (!flow_admitted(episode, st->routine))
+                return 1;
+            sent = 1;
         }
     }
-    struct net_record *r = reserve_net();
+    if (known && !sent && !within_budget(episode))
+        return 1;                   /* a later send to a known destination: one token */
+    struct net_record *r = reserve_net(episode);
     if (!r)
         return 1;
     __builtin_memset(&r->ep, 0, sizeof(r->ep));
@@ -180,7 +200,7 @@ static __always_inline int on_bind(struct bpf_sock_addr *ctx, __u16 family)
         owned_state(sk, episode);
     if (ctx->type != SOCK_DGRAM || ctx->user_port == 0)
         return 1;
-    struct net_record *r = reserve_net();
+    struct net_record *r = reserve_net(episode);
     if (!r)
         return 1;
     __builtin_memset(&r->ep, 0, sizeof(r->ep));

@@ -82,6 +82,11 @@ int on_sock_ops(struct bpf_sock_ops *ops)
         st->last_update_ns = 0;
         st->start_ns = bpf_ktime_get_ns();
         st->flags = FLOW_ACCEPTED | FLOW_ESTABLISHED;
+        /* Inbound: routine when this peer reached this listening port before. */
+        struct destination peer = {.episode = st->owner.episode_cgroup_id, .port = st->ep.sport,
+                                   .family = st->ep.family, .protocol = IPPROTO_TCP, .inbound = 1};
+        __builtin_memcpy(peer.addr, st->ep.daddr, 16);
+        st->routine = admit_flow(st->owner.episode_cgroup_id, known_destination(&peer), TCP_IN_RECORDS);
         bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
         emit(ops, st, REC_ACCEPTED);
         break;

@@ -3,14 +3,15 @@
     from tracer.api import run_episode, trace_cgroup
 
     verdict = run_episode("ep-42", ["python3", "agent.py"], outputs=["file:/var/log/ep-42.ndjson"])
-    if verdict.alerted:
+    if not verdict.clean:           # an alert, or a record with gaps (lost records, unread argv)
         reward = 0
 
     with trace_cgroup("ep-43", "/sys/fs/cgroup/unified/sandboxes/ep-43") as trace:
         ...                                 # the sandbox runs
     print(trace.verdict.human())
 
-Both return a tracer.verdict.Verdict: connections, destinations, bytes, alerts.
+Both return a tracer.verdict.Verdict: connections, destinations, bytes, alerts, and whether the
+record is complete (`complete`, `incomplete_reasons`, `losses`); `clean` is no alert and complete.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ class trace_cgroup:
         self._tracer = session.make_tracer(self._outputs, stats_interval_s=10.0, config=self._config)
         self._builder = VerdictBuilder(self.episode_id)
         self._tracer.observers.append(self._builder.observe)
-        self._tracer.add_episode(self.episode_id, self.cgroup, self._labels)
+        self._cgroup_id = self._tracer.add_episode(self.episode_id, self.cgroup, self._labels).cgroup_id
         self._thread = threading.Thread(target=self._loop, name="eptrace", daemon=True)
         self._thread.start()
         return self
@@ -63,7 +64,7 @@ class trace_cgroup:
         self._thread.join()
         try:
             self._tracer.finish()
-            self._builder.verdict.records_lost = sum(self._tracer.probes.lost().values())
+            session.account(self._builder.verdict, self._tracer, self._cgroup_id, alone=True)
             self.verdict = self._builder.verdict
         finally:
             self._tracer.probes.close()

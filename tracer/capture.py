@@ -80,6 +80,9 @@ class Recorder:
         self.write("ssh", pid, found)
         return found
 
+    def resume(self, pid: int) -> None:
+        procfs.resume(pid)
+
     def close(self) -> None:
         try:
             self._atomic.commit()
@@ -102,6 +105,9 @@ class Answers:
     def process_info(self, pid: int) -> Process | None:
         found = self.processes.get(pid)
         return Process(**found) if found else None
+
+    def resume(self, pid: int) -> None:
+        pass        # the capture's processes were resumed when it was made
 
     def socket_on_fd(self, pid: int, fd: int):
         found = self.fds.get((pid, fd))
@@ -144,11 +150,17 @@ class ReplayProbes:
     def set_icmp_large_payload(self, nbytes: int) -> None:
         pass
 
+    def set_budget(self, per_second: int, burst: int) -> None:
+        pass
+
     def attach(self, cgroup_path) -> int:
         raise CaptureError("replay attaches nothing")
 
-    def detach(self, cgid: int) -> None:
-        pass
+    def detach(self, cgid: int) -> dict[str, int]:
+        return {}
+
+    def episode_lost(self, cgid: int) -> dict[str, int]:
+        return {}
 
     def poll(self, timeout_ms: int) -> None:
         pass

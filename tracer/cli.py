@@ -18,6 +18,7 @@ EXIT_BAD_INPUT = 2
 EXIT_ALERTED = 3
 EXIT_NOT_ROOT = 4
 EXIT_KERNEL = 5
+EXIT_INCOMPLETE = 6
 
 log = logging.getLogger("eptrace")
 
@@ -172,6 +173,7 @@ Exit status:
   3   run --fail-on-alert: the episode raised an alert (see --verdict)
   4   not running as root
   5   the kernel refused the probes (see: eptrace doctor)
+  6   run --fail-on-incomplete: the episode's record is incomplete (records lost, argv unread; see --verdict)
 """
 
 
@@ -226,9 +228,12 @@ def cli(verbose: int, state_dir: str | None, pin_dir: str | None) -> None:
 @SCHEMA_OPTION
 @click.option("--fail-on-alert", is_flag=True,
               help=f"Exit {EXIT_ALERTED} if the episode raised any alert, whatever CMD's own status.")
+@click.option("--fail-on-incomplete", is_flag=True,
+              help=f"Exit {EXIT_INCOMPLETE} if the episode's record is incomplete (records lost, argv unread), "
+                   f"whatever CMD's own status; --fail-on-alert's {EXIT_ALERTED} comes first.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
 def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict_path, capture_path,
-        metrics_listen, run_as, schema, fail_on_alert, command) -> None:
+        metrics_listen, run_as, schema, fail_on_alert, fail_on_incomplete, command) -> None:
     """Run CMD as a traced episode, in a fresh cgroup of its own.
 
     Events stream until CMD and its children have exited and their flows are closed (at most
@@ -272,7 +277,9 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
             write_atomically(verdict_path, (verdict.to_json() + "\n").encode(), "--verdict")
         except (OSError, UnsafePathError) as e:
             log.error("cannot write the verdict to %s: %s", verdict_path, e)
-    sys.exit(EXIT_ALERTED if fail_on_alert and verdict.alerted else verdict.exit_code)
+    if fail_on_alert and verdict.alerted:
+        sys.exit(EXIT_ALERTED)
+    sys.exit(EXIT_INCOMPLETE if fail_on_incomplete and not verdict.complete else verdict.exit_code)
 
 
 @cli.command()

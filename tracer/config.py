@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import math
+import mmap
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -133,6 +134,29 @@ class Tracing:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Each episode's budget of low-value records (flow updates, DNS queries after a socket's
+    first two, forks and exits, flows to destinations it reached before), so that one episode's
+    flood cannot fill the ring buffer all episodes share. Refused records are counted as the
+    episode's losses (reason "budget") and make its verdict incomplete."""
+    record_budget_per_second: int = 50_000
+    record_budget_burst: int = 20_000
+    # The ring buffer every episode shares: 32 MiB absorb a burst of ~200k records while
+    # userspace catches up (make bench). A power of two, at least one page.
+    ringbuf_kb: int = 32768
+
+    @property
+    def ringbuf_pages(self) -> int:
+        return self.ringbuf_kb * 1024 // mmap.PAGESIZE
+
+    def __post_init__(self) -> None:
+        page_kb = mmap.PAGESIZE // 1024
+        kb = self.ringbuf_kb
+        if not isinstance(kb, int) or kb < page_kb or kb & (kb - 1):
+            raise ConfigError(f"config key limits.ringbuf_kb must be a power of two >= {page_kb}, not {kb!r}")
+
+
+@dataclass(frozen=True)
 class Config:
     flows: Flows = field(default_factory=Flows)
     reverse_tunnel: ReverseTunnel = field(default_factory=ReverseTunnel)
@@ -142,6 +166,7 @@ class Config:
     allowlist: Allowlist = field(default_factory=Allowlist)
     output: Output = field(default_factory=Output)
     tracing: Tracing = field(default_factory=Tracing)
+    limits: Limits = field(default_factory=Limits)
 
     def allows_destination(self, ip: str | None, port: int | None) -> bool:
         return self.allowlist.allows_destination(ip, port)

@@ -38,6 +38,11 @@ FLOW_ESTABLISHED = 2
 FLOW_ACCEPTED = 4
 FLOW_FAILED = 8
 
+# ProcessRecord.child_pid of ARGS (ARGV_*) and EXEC (EXEC_HELD) records, as in records.h.
+ARGV_FAILED = 1
+ARGV_CUT = 2
+EXEC_HELD = 1
+
 # struct record_header: type, size, ts_ns, cookie, owner{cgroup_id, episode_cgroup_id, tgid, pid, comm[16]}
 HEADER = struct.Struct("<IIQQQQII16s")
 # struct endpoints + counters + activity + start_ns, flags, ret
@@ -212,7 +217,7 @@ class SocketRecord:
 class ProcessRecord:
     header: Header
     parent_tgid: int      # FORKED: parent; EXEC: old pid; STDIO_DUP: the old fd
-    child_pid: int        # FORKED: the child; STDIO_DUP: the new fd (0, 1 or 2)
+    child_pid: int        # FORKED: the child; STDIO_DUP: the new fd (0, 1 or 2); ARGS: ARGV_*; EXEC: EXEC_HELD
     exit_code: int
     data: bytes           # ARGS: NUL-separated argv; EXEC: filename
 

@@ -26,6 +26,7 @@ class Process:
     thread_id: int | None = None
     start_ns: int | None = None
     exit_code: int | None = None
+    args_complete: bool = True  # False: the kernel could not read argv whole (args then come from /proc)
 
 
 @dataclass(slots=True)

@@ -34,6 +34,11 @@ def exposition(stats: dict) -> str:
            [({"reason": r}, n) for r, n in stats["records_lost_by_reason"].items()])
     metric("records_undecodable_total", "counter", "Records refused by the decoder (a size or type not "
            "in its layouts).", [({}, stats.get("records_undecodable", 0))])
+    metric("episode_losses_total", "counter", "What each episode's record lacks, by reason (nonzero only).",
+           [({"episode": e, "reason": r}, n) for e, counts in stats.get("episode_losses", {}).items()
+            for r, n in counts.items()])
+    metric("evicted_total", "counter", "Entries dropped from capped tables, by table.",
+           [({"table": t}, n) for t, n in stats.get("evicted", {}).items()])
     metric("events_emitted_total", "counter", "Documents produced.", [({}, stats["events_emitted"])])
     metric("alerts_total", "counter", "Alerts raised.", [({}, stats["alerts"])])
     metric("episodes", "gauge", "Episodes traced.", [({}, stats["episodes"])])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import decoding, procfs
 from .capture import FORMAT as CAPTURE_FORMAT
-from .decoding import NetRecord, ProcessRecord, RecordType, SocketRecord
+from .decoding import EXEC_HELD, NetRecord, ProcessRecord, RecordType, SocketRecord
 from .config import Config
 from .detect import Engine
 from .detect.argv import is_shell_or_interpreter
@@ -20,6 +20,7 @@ from .state.episodes import Episodes
 from .state.flows import FlowTable
 from .state.pipes import PipeShells
 from .state.processes import Processes
+from .verdict import RECORD_LOSSES
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,11 @@ class Tracer:
                                 ssh_forwarding=self._ssh_forwarding)
         self._ssh_configs: dict[tuple[int, int | None], str | None] = {}
         self.shells = PipeShells(self.proc, observe=self._inspect, lookup=self.processes.known)
+        probes.set_budget(self.config.limits.record_budget_per_second, self.config.limits.record_budget_burst)
+        self.flows.evicted = self._flow_evicted
+        # What userspace could not keep or find, per episode cgroup id (the kernel's losses are in its maps).
+        self.episode_counts: dict[int, Counter[str]] = {}
+        self._removed_losses: dict[str, dict[str, int]] = {}   # episodes removed since the last metric
         self.observers: list = []          # callables that see every emitted event (verdicts)
         self._next_sweep = self._next_stats = time.monotonic()
         self._next_stats += stats_interval_s
@@ -102,11 +108,33 @@ class Tracer:
         return episode
 
     def remove_episode(self, cgroup_id: int) -> None:
-        self.probes.detach(cgroup_id)
+        counts = self._episode_losses(cgroup_id, self.probes.detach(cgroup_id))
+        self.episode_counts.pop(cgroup_id, None)
         episode = self.episodes.remove(cgroup_id)
         if episode:
             self.shells.forget_episode(episode.id)
+            if counts:
+                self._removed_losses[episode.id] = counts
             log.info("stopped tracing episode %s", episode.id)
+
+    # -- what an episode's record is missing -------------------------------------------
+    def _count(self, cgroup_id: int, what: str, n: int = 1) -> None:
+        self.episode_counts.setdefault(cgroup_id, Counter())[what] += n
+
+    def _flow_evicted(self, flow) -> None:
+        self.stats["flows_evicted"] += 1
+        self._count(flow.episode.cgroup_id, "flows_evicted")
+
+    def _episode_losses(self, cgroup_id: int, kernel: dict[str, int] | None = None) -> dict[str, int]:
+        counts = dict(kernel if kernel is not None else self.probes.episode_lost(cgroup_id))
+        counts.update(self.episode_counts.get(cgroup_id, {}))
+        return {reason: n for reason, n in counts.items() if n}
+
+    def episode_losses(self, cgroup_id: int) -> dict[str, int]:
+        """Everything an episode's record lacks so far, by reason (nonzero counts only): the kernel's
+        losses (tracer.kernel.loader.LOSS_REASONS) and userspace's (argv_from_proc, argv_missing,
+        flows_evicted). tracer.verdict says which of them make a verdict incomplete."""
+        return self._episode_losses(cgroup_id)
 
     # -- records --------------------------------------------------------------------
     def _on_record(self, raw: bytes) -> None:
@@ -138,6 +166,9 @@ class Tracer:
 
     def _process_record(self, rec: ProcessRecord) -> None:
         kind = rec.header.type
+        if kind == RecordType.PROCESS_EXEC and rec.child_pid & EXEC_HELD and \
+                self.episodes.get(rec.header.owner.episode_cgroup_id) is None:
+            self.proc.resume(rec.header.owner.tgid)     # its episode is gone: never leave it stopped
         if kind == RecordType.PROCESS_FORKED:
             self.processes.on_fork(rec)
         elif kind == RecordType.PROCESS_ARGS:
@@ -152,13 +183,23 @@ class Tracer:
                 return
             episode, cgroup_id, path, _ = ctx
             if kind == RecordType.PROCESS_EXEC:
-                proc, action = self.processes.on_exec(rec), "process_started"
+                proc, action = self._exec(rec, episode), "process_started"
             else:
                 proc, action = self.processes.on_exit(rec), "process_ended"
             self.emit(ProcessEvent(action=action, timestamp_ns=self.clock.wall_ns(rec.header.ts_ns),
                                    episode=episode, cgroup_id=cgroup_id, cgroup_path=path, process=proc))
             if kind == RecordType.PROCESS_EXEC and is_shell_or_interpreter(proc.args, proc.executable):
                 self._check_stdio(rec.header.ts_ns, ctx, proc, (0, 1), "exec")
+
+    def _exec(self, rec: ProcessRecord, episode) -> object:
+        try:
+            proc, from_proc = self.processes.on_exec(rec)
+        finally:
+            if rec.child_pid & EXEC_HELD:      # stopped by the probe until its argv was read
+                self.proc.resume(rec.header.owner.tgid)
+        if from_proc is not None:
+            self._count(episode.cgroup_id, "argv_from_proc" if from_proc else "argv_missing")
+        return proc
 
     def _check_stdio(self, ts_ns: int, ctx, proc, fds, how: str) -> None:
         """Is there a network socket on these stdio fds? /proc says, while the process lives.
@@ -233,7 +274,7 @@ class Tracer:
         lost = self.probes.lost()
         stats: dict = {
             "records_received": self.stats["records_received"],
-            "records_lost": sum(lost.values()),
+            "records_lost": sum(n for reason, n in lost.items() if reason in RECORD_LOSSES),
             "records_lost_by_reason": lost,
             "records_undecodable": self.stats["records_undecodable"],
             "records_without_episode": self.stats["records_without_episode"],
@@ -242,11 +283,21 @@ class Tracer:
             "alerts": self.stats["alerts"],
             "episodes": len(self.episodes),
             "flows_open": len(self.flows.flows),
-            "detector_state_evicted": self.detectors.evicted(),
+            "evicted": {"flows": self.stats["flows_evicted"], "relay_index": self.flows.relay_index_evicted,
+                        **self.processes.evicted, "cgroup_paths": self.episodes.paths_evicted,
+                        "detector_state": self.detectors.evicted()},
         }
+        # Per episode, what its record lacks (only episodes with something to report).
+        by_episode = dict(self._removed_losses)
+        for episode in self.episodes:
+            counts = self.episode_losses(episode.cgroup_id)
+            if counts:
+                by_episode[episode.id] = counts
+        stats["episode_losses"] = by_episode
         usage = resource.getrusage(resource.RUSAGE_SELF)     # this process only, not the episode
         stats["tracer_cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 3)
         stats["tracer_max_rss_bytes"] = usage.ru_maxrss * 1024
+        stats["tracer_rss_bytes"] = _current_rss()
         stats["outputs"] = {o.name: {"sent": o.sent, "dropped": dict(o.dropped), "queued": getattr(o, "queued", 0),
                                      "spooled_bytes": o.spool.size() if hasattr(o, "spool") else 0,
                                      "latency_s": round(getattr(o, "latency_s", 0.0), 6)}
@@ -255,6 +306,7 @@ class Tracer:
 
     def emit_stats(self) -> None:
         self.emit(Metric(timestamp_ns=time.time_ns(), stats=self.stats_snapshot()))
+        self._removed_losses.clear()
 
     def finish(self) -> None:
         """Resolve what is pending, report the final counters and flush."""
@@ -262,3 +314,12 @@ class Tracer:
         self._sweep(time.monotonic_ns(), final=True)
         self.emit_stats()
         self.outputs.flush()
+
+
+def _current_rss() -> int:
+    """Resident memory now (the peak above is mostly the probes' compiler, freed after start-up)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import socket
 import stat
 import struct
@@ -234,3 +235,11 @@ def ssh_forwarding(pid: int, args: list[str], started_ns: int | None = None) -> 
     """What an ssh client's config makes it forward (tracer.sshconfig): one place for every lookup."""
     from .sshconfig import ssh_forwarding as resolve
     return resolve(pid, args, started_ns)
+
+
+def resume(pid: int) -> None:
+    """SIGCONT a process that the exec probe stopped until its argv was read (records.h EXEC_HELD)."""
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except OSError:
+        pass        # gone already

@@ -33,7 +33,7 @@ def make_tracer(outputs, stats_interval_s: float, config: Config | None = None, 
     """pin_dir: pin the probes there (they outlive this process); fail_closed: and refuse the
     episodes' connects once no tracer has refreshed the liveness map for the configured timeout."""
     config = config or Config()
-    probes = Probes(pin_dir=pin_dir)
+    probes = Probes(ringbuf_pages=config.limits.ringbuf_pages, pin_dir=pin_dir)
     try:
         probes.set_fail_closed(int(config.tracing.liveness_timeout_seconds * 1e9) if fail_closed else 0)
         return Tracer(probes, make_encoder(), outputs, stats_interval_s=stats_interval_s, config=config,
@@ -203,7 +203,7 @@ def run_episode(episode_id: str, argv: list[str], outputs, labels: dict[str, str
         _wait_for_flows(tracer, grace_s, stop)
         tracer.finish()
         builder.verdict.exit_code = status
-        builder.verdict.records_lost = sum(tracer.probes.lost().values())
+        account(builder.verdict, tracer, episode.cgroup_id, alone=True)
         builder.verdict.connects_refused = tracer.probes.refused().get(episode.cgroup_id, 0)
         return builder.verdict
     finally:
@@ -212,6 +212,18 @@ def run_episode(episode_id: str, argv: list[str], outputs, labels: dict[str, str
         if cgroup is not None:
             _remove_run_cgroup(cgroup)      # before the probes go: nothing runs untraced
         _close(tracer, outputs, capture, metrics)
+
+
+def account(verdict: Verdict, tracer: Tracer, cgroup_id: int, alone: bool) -> None:
+    """The verdict's completeness, from the episode's losses. alone: the tracer traced only this
+    episode, so a loss the kernel could not attribute to an episode is this one's too."""
+    losses = tracer.episode_losses(cgroup_id)
+    if alone:
+        tracer_wide = sum(n for reason, n in tracer.probes.lost().items() if reason != "argv_unread")
+        attributed = sum(n for reason, n in tracer.probes.episode_lost(cgroup_id).items() if reason != "argv_unread")
+        if tracer_wide > attributed:
+            losses["unattributed"] = tracer_wide - attributed
+    verdict.account(losses)
 
 
 def _wait_for_command(tracer: Tracer, child: subprocess.Popen, stop: _Stop) -> int:

@@ -8,7 +8,14 @@ from dataclasses import asdict, dataclass, field
 from .events import Alert, NetworkEvent
 from .terminal import printable
 
-MAX_DESTINATIONS = 200      # listed in full up to this many; the count is always exact
+MAX_DESTINATIONS = 200      # listed in full up to this many
+DISTINCT_DESTINATIONS = 262144   # the count is exact up to this many (memory); beyond, every one counts
+# Counted, but no gap in the record: argv the kernel could not read that /proc then supplied
+# (argv_unread counts the kernel's side, argv_from_proc the recoveries, argv_missing the rest).
+NOT_GAPS = frozenset({"argv_unread", "argv_from_proc"})
+# Counts that are records the kernel did not send (the other reasons are userspace's, or argv).
+RECORD_LOSSES = frozenset({"ringbuf_full", "no_socket_storage", "budget", "connects_map_full",
+                           "exit_codes_map_full", "sockets_map_full", "argv_map_full", "unattributed"})
 
 
 @dataclass
@@ -23,21 +30,39 @@ class Verdict:
     destinations: list[str] = field(default_factory=list)
     destination_count: int = 0
     alerts: list[dict] = field(default_factory=list)
-    records_lost: int = 0
+    records_lost: int = 0           # records of this episode the kernel could not send
+    losses: dict[str, int] = field(default_factory=dict)   # all that was counted, by reason
+    complete: bool = True           # False: part of the episode's activity is not in its record
+    incomplete_reasons: list[str] = field(default_factory=list)
     connects_refused: int = 0       # connects and datagram sends refused while no tracer was alive (fail-closed)
 
     @property
     def alerted(self) -> bool:
         return bool(self.alerts)
 
+    @property
+    def clean(self) -> bool:
+        """No alert, and nothing missing: only then does the record vouch for the episode."""
+        return self.complete and not self.alerted
+
+    def account(self, losses: dict[str, int]) -> None:
+        """Set the completeness fields from the episode's losses (Tracer.episode_losses)."""
+        self.losses = {reason: n for reason, n in sorted(losses.items()) if n}
+        self.incomplete_reasons = [reason for reason in self.losses if reason not in NOT_GAPS]
+        self.complete = not self.incomplete_reasons
+        self.records_lost = sum(n for reason, n in self.losses.items() if reason in RECORD_LOSSES)
+
     def to_json(self) -> str:
-        return json.dumps({**asdict(self), "alerted": self.alerted}, indent=2)
+        return json.dumps({**asdict(self), "alerted": self.alerted, "clean": self.clean}, indent=2)
 
     def human(self) -> str:
         lines = [f"episode {self.episode_id}: exit {self.exit_code}, {self.connections} connection(s) "
                  f"({self.connections_failed} failed), {self.flows_ended} flow(s) ended, "
                  f"{self.bytes_out} B out / {self.bytes_in} B in, {self.destination_count} destination(s), "
-                 f"{len(self.alerts)} alert(s), {self.records_lost} record(s) lost"]
+                 f"{len(self.alerts)} alert(s), {self.records_lost} record(s) lost, "
+                 + ("complete" if self.complete else "INCOMPLETE")]
+        if not self.complete:
+            lines.append("  incomplete: " + ", ".join(f"{r} {self.losses[r]}" for r in self.incomplete_reasons))
         if self.destinations:
             shown = self.destinations[:10]
             more = self.destination_count - len(shown)
@@ -71,7 +96,8 @@ class VerdictBuilder:
                 text = f"[{dst.ip}]:{dst.port}/{event.transport}" if ":" in (dst.ip or "") else \
                     f"{dst.ip}:{dst.port}/{event.transport}"
                 if text not in self._destinations:
-                    self._destinations.add(text)
+                    if len(self._destinations) < DISTINCT_DESTINATIONS:
+                        self._destinations.add(text)
                     v.destination_count += 1
                     if len(v.destinations) < MAX_DESTINATIONS:
                         v.destinations.append(text)

@@ -121,11 +121,13 @@ class Watcher:
     for one (optionally one that counts `episodes` traced episodes).
     """
 
-    def __init__(self, events: Path, state_dir: Path, stats_interval: float = 0.25, verbose: bool = True):
+    def __init__(self, events: Path, state_dir: Path, stats_interval: float = 0.25, verbose: bool = True,
+                 config: Path | None = None):
         self.events, self.state_dir = Path(events), Path(state_dir)
         self.stopped_at: float | None = None     # time.time() when SIGTERM was sent
         args = ["-v"] if verbose else []
         args += ["watch", "--output", f"file:{self.events}", "--stats-interval", stats_interval]
+        args += ["--config", config] if config else []
         self.proc = start_eptrace(*args, state_dir=self.state_dir, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE)
         self.stdout, self.stderr = LineReader(self.proc.stdout), LineReader(self.proc.stderr)

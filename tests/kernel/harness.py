@@ -61,6 +61,24 @@ def build_uring_helper(tmpdir) -> Path:
     return _uring_helper
 
 
+_built: dict[str, Path] = {}
+
+
+def build_helper(name: str, tmpdir) -> Path:
+    """Compile helpers/<name>.c with no library (once per session). RuntimeError with the reason if it can't."""
+    if name not in _built or not _built[name].exists():
+        out = Path(tmpdir) / name
+        try:
+            subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out), str(HELPERS_DIR / f"{name}.c")],
+                           check=True, capture_output=True, text=True)
+        except FileNotFoundError:
+            raise RuntimeError("gcc missing: apt-get install -y gcc") from None
+        except subprocess.CalledProcessError as e:
+            raise RuntimeError(f"cannot build helpers/{name}.c:\n{e.stderr}") from None
+        _built[name] = out
+    return _built[name]
+
+
 # ---- episode cgroups ----------------------------------------------------------------------------------
 
 @contextlib.contextmanager

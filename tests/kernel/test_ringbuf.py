@@ -72,6 +72,13 @@ def expected(connections: int) -> Counter:
                     T.ACCEPTED: connections, T.FLOW_ENDED: 2 * connections})
 
 
+def assert_nothing_lost(probes: Probes, cgid: int) -> None:
+    """No record lost, tracer-wide or by the episode (argv_unread is no lost record: the workload's
+    long `python -c` argument is cut by the kernel, and the tracer reads it from /proc)."""
+    for counts in (probes.lost(), probes.episode_lost(cgid)):
+        assert not {reason: n for reason, n in counts.items() if n and reason != "argv_unread"}, counts
+
+
 def poll_until(probes: Probes, done, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not done() and time.monotonic() < deadline:
@@ -82,7 +89,7 @@ def test_every_record_arrives_once_and_nothing_is_lost(probes, episode_cgroup):
     got = Collector()
     probes.open_records(got)
     cg = episode_cgroup("ringbuf")
-    probes.attach(cg)
+    cgid = probes.attach(cg)
     proc = harness.spawn_in_cgroup(cg, [PYTHON, "-c", WORKLOAD, "100", "free"])
     try:
         poll_until(probes, lambda: proc.poll() is not None, timeout=120)
@@ -93,7 +100,7 @@ def test_every_record_arrives_once_and_nothing_is_lost(probes, episode_cgroup):
         proc.kill()
     assert got.of(proc.pid) == expected(CONNECTIONS)
     assert got.of(proc.pid)[T.ESTABLISHED] == got.of(proc.pid)[T.ACCEPTED] == CONNECTIONS
-    assert probes.lost() == {"ringbuf_full": 0, "no_socket_storage": 0, "burst_budget": 0}
+    assert_nothing_lost(probes, cgid)
 
 
 def test_records_wrapping_around_the_buffer_arrive_whole(small_probes, episode_cgroup):
@@ -102,7 +109,7 @@ def test_records_wrapping_around_the_buffer_arrive_whole(small_probes, episode_c
     got = Collector()
     small_probes.open_records(got)
     cg = episode_cgroup("ringbuf-wrap")
-    small_probes.attach(cg)
+    cgid = small_probes.attach(cg)
     batch = 10
     proc = harness.spawn_in_cgroup(cg, [PYTHON, "-c", WORKLOAD, str(batch), "step"],
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -120,4 +127,4 @@ def test_records_wrapping_around_the_buffer_arrive_whole(small_probes, episode_c
         proc.kill()
     assert got.of(proc.pid) == expected(CONNECTIONS)
     assert sum(map(len, got.raws)) > 40 * 32 * 1024   # the buffer wrapped dozens of times
-    assert small_probes.lost() == {"ringbuf_full": 0, "no_socket_storage": 0, "burst_budget": 0}
+    assert_nothing_lost(small_probes, cgid)

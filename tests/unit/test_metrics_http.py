@@ -16,7 +16,7 @@ def test_exposition_has_every_counter_and_escapes_labels():
     assert 'eptrace_records_lost_total{reason="ringbuf_full"} 0' in text          # zero is shown as zero
     assert 'eptrace_output_dropped_total{output="syslog+tcp://\\"x\\":1",reason="spool_full"} 2' in text
     assert 'eptrace_output_delivery_latency_seconds{output="syslog+tcp://\\"x\\":1"} 0.25' in text
-    assert text.count("# TYPE") == 12 and text.endswith("\n")
+    assert text.count("# TYPE") == 14 and text.endswith("\n")
 
 
 def test_server_serves_metrics_and_404_elsewhere():

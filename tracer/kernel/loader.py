@@ -19,20 +19,23 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ..config import Limits
 from . import cgroups, pins
 
 log = logging.getLogger(__name__)
 
 PROBES_DIR = Path(__file__).resolve().parents[2] / "probes"
 PROBE_FILES = ("sockets.c", "tcp.c", "packets.c", "processes.c")
-LOSS_REASONS = ("ringbuf_full", "no_socket_storage", "burst_budget")   # enum loss_reason in records.h
+# enum loss_reason in records.h, in its order
+LOSS_REASONS = ("ringbuf_full", "no_socket_storage", "budget", "argv_unread", "connects_map_full",
+                "exit_codes_map_full", "sockets_map_full", "argv_map_full", "burst_budget")
 BPF_PERF_EVENT = 41                                    # enum bpf_attach_type: a tracepoint's perf event
 PERF_TYPE_TRACEPOINT, PERF_SAMPLE_RAW, PERF_ATTR_SIZE = 2, 1 << 10, 128
 SYS_PERF_EVENT_OPEN = 298                              # x86_64
 LIVENESS_REFRESH_NS = 200_000_000                      # refreshed this often; the timeout is seconds
-# 32 MiB: absorbs a burst of ~200k records while userspace catches up (see make bench).
-RINGBUF_PAGES = 8192
-SETTING_UPDATE_INTERVAL, SETTING_ICMP_LARGE = 0, 1     # the settings array in common.h
+RINGBUF_PAGES = Limits().ringbuf_pages     # the default size
+# enum setting in common.h
+SET_UPDATE_INTERVAL, SET_ICMP_LARGE, SET_BUDGET_RATE, SET_BUDGET_BURST = 0, 1, 2, 3
 
 
 class ProbeError(Exception):
@@ -186,6 +189,7 @@ class Probes:
             raise _probe_error("cannot load a cgroup program", e, messages) from e
         self._links: dict[int, list[int]] = {}          # cgroup id -> link fds
         self._levels: dict[int, int] = {}               # episode cgroup id -> level
+        self._budget_burst = 0                          # tokens a new episode starts with
 
     # -- links ------------------------------------------------------------------
     def _link_pin(self, name: str) -> Path | None:
@@ -236,6 +240,14 @@ class Probes:
         finally:
             os.close(fd)
         self._links[cgid] = links
+        # Its account first (losses, budget), so that nothing it loses goes uncounted.
+        accounts = self.bpf[b"accounts"]
+        try:
+            accounts[ctypes.c_uint64(cgid)]          # a dead tracer's account (pinned): its losses are kept
+        except KeyError:
+            account = accounts.Leaf()
+            account.tokens = self._budget_burst
+            accounts[ctypes.c_uint64(cgid)] = account
         # Register only once every hook is in place, so no event is half-seen.
         self.bpf[b"episodes"][ctypes.c_uint64(cgid)] = ctypes.c_uint32(1)
         self._levels[cgid] = cgroups.level(cgroup_path)
@@ -264,7 +276,8 @@ class Probes:
             raise
         return link
 
-    def detach(self, cgid: int) -> None:
+    def detach(self, cgid: int) -> dict[str, int]:
+        """Stop tracing an episode; returns its final losses by reason."""
         try:
             del self.bpf[b"episodes"][ctypes.c_uint64(cgid)]
         except KeyError:
@@ -274,6 +287,12 @@ class Probes:
         self.unpin_cgroup(cgid)
         self._levels.pop(cgid, None)
         self._write_levels()
+        final = self.episode_lost(cgid)
+        try:
+            del self.bpf[b"accounts"][ctypes.c_uint64(cgid)]
+        except KeyError:
+            pass
+        return final
 
     def _write_levels(self) -> None:
         levels = self.bpf[b"episode_levels"]
@@ -306,11 +325,18 @@ class Probes:
 
     def set_flow_update_interval(self, ns: int) -> None:
         """How often an active flow reports its counters (REC_FLOW_UPDATE)."""
-        self.bpf[b"settings"][ctypes.c_int(SETTING_UPDATE_INTERVAL)] = ctypes.c_uint64(ns)
+        self.bpf[b"settings"][ctypes.c_int(SET_UPDATE_INTERVAL)] = ctypes.c_uint64(ns)
 
     def set_icmp_large_payload(self, nbytes: int) -> None:
         """A first echo request to a destination with a payload this long carries data (packets.c)."""
-        self.bpf[b"settings"][ctypes.c_int(SETTING_ICMP_LARGE)] = ctypes.c_uint64(nbytes)
+        self.bpf[b"settings"][ctypes.c_int(SET_ICMP_LARGE)] = ctypes.c_uint64(nbytes)
+
+    def set_budget(self, per_second: int, burst: int) -> None:
+        """Low-value records each episode may send: per_second on average, burst at once (0: no budget)."""
+        self._budget_burst = burst
+        settings = self.bpf[b"settings"]
+        settings[ctypes.c_int(SET_BUDGET_BURST)] = ctypes.c_uint64(burst)
+        settings[ctypes.c_int(SET_BUDGET_RATE)] = ctypes.c_uint64(per_second)
 
     # -- records ----------------------------------------------------------------
     def open_records(self, handle: Callable[[bytes], None]) -> None:
@@ -361,6 +387,14 @@ class Probes:
     def refused(self) -> dict[int, int]:
         """Episode cgroup id -> connects and sends refused while no tracer was alive."""
         return {k.value: v.value for k, v in self.bpf[b"refused"].items()}
+
+    def episode_lost(self, cgid: int) -> dict[str, int]:
+        """What one episode lost so far, by reason (zeros when it has no account)."""
+        try:
+            account = self.bpf[b"accounts"][ctypes.c_uint64(cgid)]
+        except KeyError:
+            return dict.fromkeys(LOSS_REASONS, 0)
+        return {reason: int(account.lost[i]) for i, reason in enumerate(LOSS_REASONS)}
 
     def close(self, keep_pins: bool = False) -> None:
         """Detach. keep_pins (a tracer that did not finish cleanly): leave the pinned state to the next one."""

@@ -200,7 +200,8 @@ class EcsEncoder:
         if ev.action == "process_ended" and ev.process.exit_code is not None:
             outcome = "success" if ev.process.exit_code == 0 else "failure"
         return (self._head(ev.timestamp_ns, "event", category, types, ev.action, "process", outcome)
-                + self._context(ev.episode, ev.cgroup_id, ev.cgroup_path) + "}" + self._process(ev.process) + "}")
+                + self._context(ev.episode, ev.cgroup_id, ev.cgroup_path) + _args_incomplete(ev.process) + "}"
+                + self._process(ev.process) + "}")
 
     def _metric(self, ev: Metric) -> str:
         category, types = METRIC_CATEGORY_TYPE
@@ -213,7 +214,7 @@ class EcsEncoder:
         rule = ev.rule
         extra = f',"severity":{int(rule.severity)},"risk_score":{float(ev.risk_score)}'
         parts = [self._head(ev.timestamp_ns, "alert", category, types, rule.name, "alert", None, extra),
-                 self._context(ev.episode, ev.cgroup_id, ev.cgroup_path), "}"]
+                 self._context(ev.episode, ev.cgroup_id, ev.cgroup_path), _args_incomplete(ev.process), "}"]
         if ev.process is not None:
             parts.append(self._process(ev.process))
         parts.append(',"rule":' + _j({"id": rule.id, "name": rule.name, "description": rule.description,
@@ -414,3 +415,9 @@ def _address(side: dict[str, Any] | None) -> str:
 def _shorten(text: str, limit: int = 120) -> str:
     text = " ".join(text.split())     # one line, whatever the argv held
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _args_incomplete(process: Process | None) -> str:
+    """eptrace.process.args_complete, only when false: the kernel could not read argv whole, and
+    process.args came from /proc (or is what the kernel read, if /proc had it no more)."""
+    return ',"process":{"args_complete":false}' if process is not None and not process.args_complete else ""

@@ -86,11 +86,13 @@ class FlowTable:
     observe: Callable[[PayloadSeen | Burst], None] = lambda seen: None
     update_interval_ns: int = 10_000_000_000
     lineage: Callable[[Process | None], list[int]] = lambda p: [p.pid] if p else []   # pid, then ancestors
+    evicted: Callable[[Flow], None] = lambda flow: None     # a flow dropped unended, to bound memory
     flows: dict[int, Flow] = field(default_factory=dict)
     # For the local-relay signal: when each process (or a descendant) connected over loopback,
     # and which outbound flows to the outside each process holds open.
     local_starts: dict[int, deque] = field(default_factory=dict)
     outbound_by_pid: dict[int, set[int]] = field(default_factory=dict)
+    relay_index_evicted: int = 0              # pids dropped from the two indexes above, to bound memory
 
     def local_flows_since(self, pid: int, since_ns: int) -> int:
         return sum(1 for ts in self.local_starts.get(pid, ()) if ts >= since_ns)
@@ -107,12 +109,14 @@ class FlowTable:
                 return          # no flow to the outside is open: nothing this could relay
             if len(self.local_starts) >= MAX_TRACKED_PIDS:
                 self.local_starts.pop(next(iter(self.local_starts)))
+                self.relay_index_evicted += 1
             for pid in self.lineage(flow.process):
                 if pid in self.outbound_by_pid:
                     self.local_starts.setdefault(pid, deque(maxlen=64)).append(ts_ns)
         elif flow.initiated:
             if len(self.outbound_by_pid) >= MAX_TRACKED_PIDS:
                 self.outbound_by_pid.pop(next(iter(self.outbound_by_pid)))
+                self.relay_index_evicted += 1
             self.outbound_by_pid.setdefault(flow.process.pid, set()).add(flow.cookie)
 
     def _untrack(self, flow: Flow) -> None:
@@ -174,8 +178,7 @@ class FlowTable:
         old = self.flows.get(rec.header.cookie)
         if old is not None and old.attempt is not None:
             self._resolve_attempt(old, "unknown")     # a second connect() on the same socket
-        if len(self.flows) >= MAX_FLOWS:
-            self.flows.pop(next(iter(self.flows)))
+        self._make_room()
         flow = Flow(cookie=rec.header.cookie, start_ns=rec.header.ts_ns, episode=episode, cgroup_id=cgroup_id,
                     cgroup_path=cgroup_path, process=process, transport=transport_name(rec.protocol, rec.socktype),
                     network_type=FAMILIES.get(rec.family),
@@ -242,7 +245,15 @@ class FlowTable:
                               transport="tcp", direction="ingress", outcome="success",
                               source=flow.remote, destination=flow.local))
 
+    def _make_room(self) -> None:
+        """At MAX_FLOWS, the oldest flow goes (its flow_ended will have no context)."""
+        if len(self.flows) >= MAX_FLOWS:
+            old = self.flows.pop(next(iter(self.flows)))
+            self._untrack(old)
+            self.evicted(old)
+
     def _flow_from(self, rec: NetRecord, ctx) -> Flow:
+        self._make_room()
         episode, cgroup_id, cgroup_path, process = ctx
         flow = Flow(cookie=rec.header.cookie, start_ns=rec.start_ns or rec.header.ts_ns, episode=episode,
                     cgroup_id=cgroup_id, cgroup_path=cgroup_path, process=process, transport=transport_name(rec.protocol, rec.socktype),

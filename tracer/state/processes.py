@@ -22,28 +22,41 @@ class Processes:
         self._lookup = lookup                            # a process unseen so far: from /proc
         self._live: dict[int, Process] = {}
         self._exited: OrderedDict[int, Process] = OrderedDict()
-        self._pending_args: dict[int, list[str]] = {}   # tid -> argv seen at execve() entry
+        self._pending_args: dict[int, tuple[list[str], bool]] = {}   # tid -> (argv at execve() entry, read whole)
+        self.evicted: dict[str, int] = {"processes": 0, "pending_args": 0}   # dropped to bound memory
 
     def on_fork(self, rec: ProcessRecord) -> None:
         parent = self.get(rec.header.owner)
         child = Process(pid=rec.child_pid, name=parent.name, executable=parent.executable,
-                        args=list(parent.args), parent_pid=parent.pid, start_ns=self._wall_ns(rec.header.ts_ns))
+                        args=list(parent.args), parent_pid=parent.pid, start_ns=self._wall_ns(rec.header.ts_ns),
+                        args_complete=parent.args_complete)
         self._store(child)
 
     def on_args(self, rec: ProcessRecord) -> None:
         if len(self._pending_args) >= MAX_PROCESSES:
+            self.evicted["pending_args"] += len(self._pending_args)
             self._pending_args.clear()
-        self._pending_args[rec.header.owner.pid] = rec.args
+        self._pending_args[rec.header.owner.pid] = (rec.args, rec.child_pid == 0)
 
-    def on_exec(self, rec: ProcessRecord) -> Process:
+    def on_exec(self, rec: ProcessRecord) -> tuple[Process, bool | None]:
+        """The process after its exec, and how its argv was found: None when the kernel read it
+        whole, else whether /proc supplied it (True) or it is missing or partial (False).
+        Never the argv from before the exec (the parent's, after a fork)."""
         owner = rec.header.owner
         proc = self.get(owner)
         old_tid = rec.parent_tgid or owner.pid
-        proc.args = self._pending_args.pop(old_tid, None) or self._pending_args.pop(owner.pid, None) or proc.args
+        args, whole = self._pending_args.pop(old_tid, None) or self._pending_args.pop(owner.pid, None) or ([], False)
+        from_proc = None
+        if not whole:
+            now = self._lookup(owner.tgid)     # at once: a held exec waits, stopped, for this read
+            from_proc = bool(now and now.args)
+            args = now.args if from_proc else args
+        proc.args = args
+        proc.args_complete = whole
         proc.executable = rec.text
         proc.name = owner.comm
         proc.start_ns = self._wall_ns(rec.header.ts_ns)
-        return proc
+        return proc, from_proc
 
     def on_exit(self, rec: ProcessRecord) -> Process:
         owner = rec.header.owner
@@ -78,5 +91,6 @@ class Processes:
     def _store(self, proc: Process) -> None:
         if len(self._live) >= MAX_PROCESSES:
             self._live.pop(next(iter(self._live)))
+            self.evicted["processes"] += 1
         self._live[proc.pid] = proc
 

@@ -1,0 +1,207 @@
+"""Honest verdicts (issue 9 B): an episode that hides its argv or floods the tracer gets a record that says
+so, and cannot make another episode's record incomplete.
+
+- Hidden argv: argv strings on file-backed pages the process never touched make the kernel-side read fail;
+  the exec is held, its argv read from /proc, the event marked args_complete false, and it is counted.
+- Flood: one episode floods DNS queries (one payload record each) while another makes 100 connections under
+  the same `eptrace watch`: the budget refuses the flood's records, the other's 100 arrive, and the losses
+  reach the metric documents per episode. `run --fail-on-incomplete` exits 6 for the flooding episode.
+
+The flood tests set a tiny budget in a config file ([limits] record_budget_per_second / _burst), so that
+the flood is refused quickly whatever the machine's speed.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import harness
+from eptrace_helpers import (Watcher, alerts, dump, final_metric, get, kill, read_docs, run_eptrace, select,
+                             wait_for_docs)
+from harness import HOST_IP, PYTHON
+from tracer.verdict import NOT_GAPS
+
+EXIT_INCOMPLETE = 6
+
+# A tiny budget: an episode may put at most burst + rate x t records in the ring while the tracer does not
+# read for t seconds; with two episodes here, 100 + 200/s each, a stall of a second and a half still fits
+# this ring of 256 KiB (about 750 payload records; the default is 32 MiB). Without the budget the flood
+# overflows it within a few polls, and the other episode loses records too.
+TINY_BUDGET = """
+[limits]
+record_budget_per_second = 200
+record_budget_burst = 100
+ringbuf_kb = 256
+"""
+BUDGET_RATE, BUDGET_BURST = 200, 100
+
+# Sends the same DNS query to argv[1]:53 as fast as it can until the file argv[2] exists (at most
+# argv[3] seconds, or argv[3] queries with "count"); prints "flooding" after the first 5000.
+DNS_FLOOD = r'''
+import os, socket, sys, time
+host, stop, limit = sys.argv[1], sys.argv[2], sys.argv[3]
+query = bytes.fromhex("123401000001000000000000") + b"\x05flood\x07example\x03com\x00\x00\x01\x00\x01"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sent, said = 0, False
+start = time.monotonic()
+deadline = time.monotonic() + (60 if limit == "count" else float(limit))
+count = int(sys.argv[4]) if limit == "count" else None
+while time.monotonic() < deadline and not os.path.exists(stop):
+    for _ in range(500):
+        s.sendto(query, (host, 53))
+    sent += 500
+    if sent >= 5000 and not said:
+        print("flooding", flush=True)
+        said = True
+    if count is not None and sent >= count:
+        break
+print("sent", sent, "seconds", time.monotonic() - start, flush=True)
+'''
+
+# argv[3] sequential TCP connections to argv[1]:argv[2], 30 ms apart, each says one byte and reads it back.
+# Five of its records per connection are routine (the destination is known after the first): paced, they
+# fit the tiny budget (495 records; 100 + 200/s over 3 s).
+CONNECTIONS = r'''
+import socket, sys, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for _ in range(n):
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(b"x")
+        s.recv(1)
+    time.sleep(0.03)
+print("done", n, flush=True)
+'''
+
+
+@pytest.fixture(scope="session")
+def hidden_argv(tmp_path_factory):
+    try:
+        return harness.build_helper("hidden_argv", tmp_path_factory.mktemp("hidden_argv"))
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+def argv_file(path: Path, args: list[str]) -> list[str]:
+    """Write args NUL-separated to path; their offsets, as hidden_argv takes them."""
+    offsets, data = [], b""
+    for a in args:
+        offsets.append(str(len(data)))
+        data += a.encode() + b"\0"
+    path.write_bytes(data)
+    return offsets
+
+
+def test_hidden_argv_is_read_from_proc_marked_and_counted(tmp_path, hidden_argv):
+    args = ["/bin/true", "--donate-level", "x"]
+    offsets = argv_file(tmp_path / "argv", args)
+    events, verdict = tmp_path / "events.ndjson", tmp_path / "verdict.json"
+    episode = f"ep-argv-{secrets.token_hex(3)}"
+    r = run_eptrace("run", "--episode", episode, "--output", f"file:{events}", "--verdict", verdict,
+                    "--grace", "2", "--", hidden_argv, tmp_path / "argv", *offsets)
+    assert r.returncode == 0, r.stderr
+    docs = read_docs(events)
+    started = select(docs, "process_started", process__executable="/bin/true")
+    assert len(started) == 1, dump(select(docs, "process_started"))
+    doc = started[0]
+    # The argv from /proc, not the helper's (the exec's parent image) and not a partial kernel read.
+    assert get(doc, "process.args") == args, doc
+    assert get(doc, "eptrace.process.args_complete") is False, doc
+    # The helper's own exec was read whole: no mark.
+    helper = select(docs, "process_started", process__executable=str(hidden_argv))
+    assert helper and get(helper[0], "eptrace.process.args_complete") is None, dump(helper)
+    # The miner option hidden that way still raises crypto_mining.
+    mining = alerts(docs, "crypto_mining")
+    assert mining and get(mining[0], "process.pid") == get(doc, "process.pid"), dump(docs)
+    v = json.loads(verdict.read_text())
+    assert v["losses"].get("argv_unread") == 1, v
+    assert v["losses"].get("argv_from_proc") == 1, v
+    # /proc supplied it: the record is complete; the alert makes it unclean.
+    assert v["complete"] is True and v["incomplete_reasons"] == [], v
+    assert v["alerted"] is True and v["clean"] is False, v
+
+
+def test_a_flood_is_refused_by_its_budget_and_spares_the_other_episode(net, tmp_path, episode_cgroup):
+    token = secrets.token_hex(3)
+    state, events, config = tmp_path / "state", tmp_path / "events.ndjson", tmp_path / "limits.toml"
+    config.write_text(TINY_BUDGET)
+    stop_file = tmp_path / "stop"
+    flooder_cg, victim_cg = episode_cgroup(f"flood-{token}"), episode_cgroup(f"victim-{token}")
+    for eid, cg in (("ep-flood", flooder_cg), ("ep-victim", victim_cg)):
+        r = run_eptrace("episode", "add", "--id", eid, "--cgroup", cg, state_dir=state)
+        assert r.returncode == 0, r.stderr
+    port = 7811
+    with harness.tcp_echo_server(net, port), Watcher(events, state, config=config) as watcher:
+        watcher.ready(episodes=2)
+        flooder = harness.spawn_in_cgroup(
+            flooder_cg, net.sandbox_prefix() + [PYTHON, "-c", DNS_FLOOD, HOST_IP, stop_file, "60"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert flooder.stdout.readline().strip() == "flooding", flooder.stderr.read()
+            victim = harness.spawn_in_cgroup(
+                victim_cg, net.sandbox_prefix() + [PYTHON, "-c", CONNECTIONS, HOST_IP, port, "100"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            out, err = victim.communicate(timeout=120)
+            assert victim.returncode == 0 and out.strip() == "done 100", err
+            stop_file.touch()
+            flooded = flooder.communicate(timeout=60)[0]
+        finally:
+            kill(flooder)
+        _, sent, _, seconds = flooded.split()
+        sent, seconds = int(sent), float(seconds)
+
+        def victim_done(docs):
+            ended = select(docs, "flow_ended", episode="ep-victim", port=port)
+            return len(ended) >= 100 and ended
+        wait_for_docs(events, victim_done, 30, "the victim's 100 flow_ended")
+
+        def losses_reported(docs):
+            metrics = [d for d in docs if get(d, "event.kind") == "metric"]
+            return metrics and get(metrics[-1], "eptrace.stats.episode_losses.ep-flood.budget")
+        wait_for_docs(events, losses_reported, 20, "the flood's budget losses in a metric document")
+        assert watcher.stop() == 0, watcher.stderr.text()
+
+    docs = read_docs(events)
+    metric = final_metric(docs)
+    attempts = select(docs, "connection_attempted", episode="ep-victim", port=port)
+    assert len(attempts) == 100, dump(attempts)
+    assert all(get(d, "event.outcome") == "success" for d in attempts), dump(attempts)
+    assert len(select(docs, "connection_established", episode="ep-victim", port=port)) == 100
+    by_episode = get(metric, "eptrace.stats.episode_losses")
+    # The victim lost nothing (its long `python -c` argv may have been read from /proc: no gap).
+    assert not gaps(by_episode.get("ep-victim", {})), by_episode
+    flood_losses = by_episode["ep-flood"]
+    # Each query is one payload record; the first two are evidence, the others took a token or were refused.
+    allowed = BUDGET_BURST + BUDGET_RATE * (seconds + 1)
+    assert flood_losses["budget"] >= sent - 2 - allowed, (sent, seconds, flood_losses)
+    assert set(gaps(flood_losses)) == {"budget"}, flood_losses         # and nothing else was lost
+    assert get(metric, "eptrace.stats.records_lost_by_reason.ringbuf_full") == 0, metric
+
+
+def gaps(losses: dict[str, int]) -> dict[str, int]:
+    return {reason: n for reason, n in losses.items() if reason not in NOT_GAPS}
+
+
+def test_run_fail_on_incomplete_exits_6_when_records_were_lost(tmp_path, net):
+    config, events, verdict = tmp_path / "limits.toml", tmp_path / "events.ndjson", tmp_path / "verdict.json"
+    config.write_text(TINY_BUDGET)
+    flood = net.sandbox_prefix() + [PYTHON, "-c", DNS_FLOOD, HOST_IP, tmp_path / "never", "count", "20000"]
+    r = run_eptrace("run", "--episode", "ep-flood-run", "--config", config, "--output", f"file:{events}",
+                    "--verdict", verdict, "--grace", "2", "--fail-on-incomplete", "--", *flood)
+    assert r.returncode == EXIT_INCOMPLETE, r.stderr
+    v = json.loads(verdict.read_text())
+    assert v["exit_code"] == 0, v                      # the command itself succeeded
+    assert v["complete"] is False and "budget" in v["incomplete_reasons"], v
+    assert v["losses"]["budget"] > 0 and v["records_lost"] >= v["losses"]["budget"], v
+    assert v["clean"] is False and v["alerted"] is False, v
+    assert "INCOMPLETE" in r.stderr and "budget" in r.stderr, r.stderr
+
+    # The same episode without the flag: the command's status; a short, quiet one is complete.
+    r = run_eptrace("run", "--episode", "ep-quiet-run", "--verdict", verdict, "--output", f"file:{events}",
+                    "--fail-on-incomplete", "--grace", "1", "--", "/bin/true")
+    assert r.returncode == 0, r.stderr
+    v = json.loads(verdict.read_text())
+    assert v["complete"] is True and v["clean"] is True and v["losses"] == {}, v
