@@ -219,10 +219,13 @@ class Tracer:
         usage = resource.getrusage(resource.RUSAGE_SELF)     # this process only, not the episode
         stats["tracer_cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 3)
         stats["tracer_max_rss_bytes"] = usage.ru_maxrss * 1024
-        stats["outputs"] = {o.name: {"sent": o.sent, "dropped": dict(o.dropped), "queued": getattr(o, "queued", 0),
-                                     "spooled_bytes": o.spool.size() if hasattr(o, "spool") else 0,
-                                     "latency_s": round(getattr(o, "latency_s", 0.0), 6)}
-                            for o in self.outputs.outputs}
+        # A list of objects, not a map keyed by the output spec: a spec holds dots and slashes, and SIEMs
+        # would make a new field of every output (ECS custom fields have fixed names).
+        stats["outputs"] = [{"output": o.name, "sent": o.sent, "dropped": dict(o.dropped),
+                             "queued": getattr(o, "queued", 0),
+                             "spooled_bytes": o.spool.size() if hasattr(o, "spool") else 0,
+                             "latency_s": round(getattr(o, "latency_s", 0.0), 6)}
+                            for o in self.outputs.outputs]
         return stats
 
     def emit_stats(self) -> None:

@@ -453,7 +453,7 @@ def test_eptrace_run_delivers_every_document_to_syslog_across_an_outage(rsyslog_
         time.sleep(0.1)
     assert want <= got, f"{len(want - got)} of {len(want)} documents never reached syslog"
     final = sent[-1]["eptrace"]["stats"]["outputs"]
-    syslog_stats = next(v for k, v in final.items() if k.startswith("syslog+tcp"))
+    syslog_stats = next(v for v in final if v["output"].startswith("syslog+tcp"))
     assert syslog_stats["dropped"] == {}, syslog_stats
 
 

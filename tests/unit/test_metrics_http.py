@@ -6,8 +6,8 @@ from tracer.metrics_http import MetricsServer, exposition
 
 STATS = {"records_received": 10, "records_lost": 0, "records_lost_by_reason": {"ringbuf_full": 0},
          "events_emitted": 8, "alerts": 1, "episodes": 2, "flows_open": 3,
-         "outputs": {'syslog+tcp://"x":1': {"sent": 7, "dropped": {"spool_full": 2}, "queued": 4,
-                                              "spooled_bytes": 100, "latency_s": 0.25}}}
+         "outputs": [{"output": 'syslog+tcp://"x":1', "sent": 7, "dropped": {"spool_full": 2}, "queued": 4,
+                      "spooled_bytes": 100, "latency_s": 0.25}]}
 
 
 def test_exposition_has_every_counter_and_escapes_labels():
