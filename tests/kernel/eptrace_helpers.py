@@ -37,8 +37,17 @@ CONNECTION_ACTIONS = ("connection_attempted", "connection_established", "flow_en
 
 # ---- running eptrace ----------------------------------------------------------------------------------
 
+# Every NDJSON file an eptrace run wrote or a test read: conftest checks their documents against ECS/OCSF
+# (tests/conformance.py) after each test, so a new test's documents are checked without asking.
+DOCUMENT_FILES: set[Path] = set()
+
+
 def eptrace_argv(*args) -> list[str]:
-    return EPTRACE + [str(a) for a in args]
+    argv = [str(a) for a in args]
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--output" and value.startswith("file:"):
+            DOCUMENT_FILES.add(Path(value[len("file:"):].split("?", 1)[0]))
+    return EPTRACE + argv
 
 
 def eptrace_env(state_dir: Path | None = None, **extra: str) -> dict[str, str]:
@@ -162,6 +171,7 @@ class Watcher:
 
 def read_docs(path: Path) -> list[dict]:
     """Every complete JSON line of an NDJSON file (a line still being written is left for the next read)."""
+    DOCUMENT_FILES.add(Path(path))
     try:
         data = Path(path).read_text()
     except FileNotFoundError:
