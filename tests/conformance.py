@@ -50,6 +50,11 @@ def ecs_fields() -> dict[str, dict]:
     return json.loads(out)
 
 
+@functools.lru_cache(maxsize=1)
+def _ecs_required() -> tuple[str, ...]:
+    return tuple(name for name, spec in ecs_fields().items() if spec.get("required"))
+
+
 def ecs_version() -> str:
     return json.loads((ECS_PACKAGE / "package.json").read_text())["version"]
 
@@ -112,6 +117,8 @@ def ecs_problems(doc: dict) -> list[str]:
                 out.append(f"{path}: {v!r} is not among ECS expected_values {spec['expected_values']}")
             if spec.get("pattern") and isinstance(v, str) and not re.fullmatch(spec["pattern"], v):
                 out.append(f"{path}: {v!r} does not match the ECS pattern {spec['pattern']}")
+    present = {path for path, _ in _leaves(doc)}
+    out += [f"{name}: required by ECS, missing" for name in _ecs_required() if name not in present]
     out += _custom_name_problems(doc.get("eptrace", {}), "eptrace")
     out += [f"labels.{k}: a label name holds no dots (ECS labels are flat)" for k in doc.get("labels", {}) if "." in k]
     out += _category_type_problems(doc, fields)
@@ -273,18 +280,25 @@ def shape(doc: dict) -> tuple:
     return (doc.get("class_uid"), action, tuple(sorted(p for p, _ in _leaves(doc))))
 
 
-def check_files(paths: Iterable[Path], full: int = 5000) -> str | None:
-    """Check every eptrace document (ECS or OCSF) in NDJSON files; other lines (a receiver's own output)
-    are not ours to check. Past the first `full` documents of a file, only documents of a shape not seen
-    yet are checked: a storm of 100,000 identical flows costs what its first ones cost."""
-    reports = []
+def check_files(paths: Iterable[Path], texts: Iterable[str] = (), full: int = 5000) -> str | None:
+    """Check every eptrace document (ECS or OCSF) in NDJSON files, and in NDJSON texts (a captured stdout);
+    other lines (a receiver's own output, a traced command's) are not ours to check. Past the first `full`
+    documents of a file, only documents of a shape not seen yet are checked: a storm of 100,000 identical
+    flows costs what its first ones cost."""
+    sources: list[tuple[str, str]] = []
     for path in sorted(set(paths)):
         try:
-            lines = Path(path).read_text(errors="replace").splitlines()
+            sources.append((f"{path}: ", Path(path).read_text(errors="replace")))
         except OSError:
             continue
-        docs, seen = [], set()
-        for line in lines:
+    sources += [(f"stdout {i + 1}: ", text) for i, text in enumerate(texts)]
+    reports = []
+    for where, text in sources:
+        docs: list[dict] = []
+        seen: set = set()
+        for line in text.splitlines():
+            if not line.startswith("{"):
+                continue
             try:
                 doc = json.loads(line)
             except ValueError:
@@ -299,8 +313,7 @@ def check_files(paths: Iterable[Path], full: int = 5000) -> str | None:
                     continue
                 seen.add(key)
             docs.append(doc)
-        report = check_documents(docs, where=f"{path}: ")
+        report = check_documents(docs, where=where)
         if report:
             reports.append(report)
     return "\n".join(reports) or None
-

@@ -88,9 +88,11 @@ def documents_conform():
     """After each kernel test: every document its eptrace runs wrote (or it read) conforms to ECS or OCSF.
     A document that does not fails the test, naming the field and the rule (tests/conformance.py)."""
     eptrace_helpers.DOCUMENT_FILES.clear()
+    eptrace_helpers.DOCUMENT_STDOUTS.clear()
     yield
     files = [p for p in eptrace_helpers.DOCUMENT_FILES if p.is_file() and p.suffix != ".capture"]
+    report = conformance.check_files(files, eptrace_helpers.DOCUMENT_STDOUTS)
     eptrace_helpers.DOCUMENT_FILES.clear()
-    report = conformance.check_files(files)
+    eptrace_helpers.DOCUMENT_STDOUTS.clear()
     if report:
         pytest.fail(f"documents that ECS/OCSF do not accept:\n{report}", pytrace=False)

@@ -40,6 +40,7 @@ CONNECTION_ACTIONS = ("connection_attempted", "connection_established", "flow_en
 # Every NDJSON file an eptrace run wrote or a test read: conftest checks their documents against ECS/OCSF
 # (tests/conformance.py) after each test, so a new test's documents are checked without asking.
 DOCUMENT_FILES: set[Path] = set()
+DOCUMENT_STDOUTS: list[str] = []        # the stdout of run_eptrace, where documents go without --output
 
 
 def eptrace_argv(*args) -> list[str]:
@@ -64,8 +65,11 @@ def run_eptrace(*args, state_dir: Path | None = None, timeout: float = RUN_TIMEO
     """Run eptrace to completion; stdout and stderr captured as text."""
     kwargs.setdefault("capture_output", True)
     kwargs.setdefault("text", True)
-    return subprocess.run(list(prefix) + eptrace_argv(*args), cwd=REPO_ROOT, env=eptrace_env(state_dir),
-                          timeout=timeout, **kwargs)
+    r = subprocess.run(list(prefix) + eptrace_argv(*args), cwd=REPO_ROOT, env=eptrace_env(state_dir),
+                       timeout=timeout, **kwargs)
+    if isinstance(r.stdout, str):
+        DOCUMENT_STDOUTS.append(r.stdout)
+    return r
 
 
 def start_eptrace(*args, state_dir: Path | None = None, prefix=(), **kwargs) -> subprocess.Popen:

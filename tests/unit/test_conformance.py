@@ -1,6 +1,7 @@
 """Every document of the fixtures, in ECS and in OCSF, against the official definitions (tests/conformance.py),
 and the checker itself: it must catch what the issue found (a test that cannot fail is a defect)."""
 import copy
+import functools
 import sys
 from pathlib import Path
 
@@ -81,10 +82,12 @@ def synthetic_documents():
     return [encoder.encode_document(e) for e in events]
 
 
-def all_documents():
+@functools.lru_cache(maxsize=1)
+def all_documents() -> tuple:
+    """Documents (immutable JSON text): each test takes its own dicts with .fields()."""
     docs = [d for capture in CAPTURES for d in fixture_documents(capture)] + synthetic_documents()
     assert {"alert", "event", "metric"} <= {d.kind for d in docs}
-    return docs
+    return tuple(docs)
 
 
 def test_every_fixture_document_conforms_to_ecs():

@@ -1,4 +1,4 @@
-"""Typed events -> ECS 9.x documents (plain nested dicts, ready for JSON).
+"""Typed events -> ECS 9.4.0 documents (plain nested dicts, ready for JSON).
 
 This is the one place that knows the event contract of DESIGN.md. Fields that
 are unknown are left out: a document never carries None or empty placeholders.
