@@ -10,10 +10,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 import harness
 from eptrace_helpers import (CONNECTION_ACTIONS, HOST_CLIENT, LineReader, assert_contract, dump, final_metric,
-                             get, kill, mentions_port, one, read_docs, select, start_eptrace, wait_for_docs,
-                             wait_until)
+                             get, kill, mentions_port, one, read_docs, run_eptrace, select, start_eptrace,
+                             wait_for_docs, wait_until)
 from harness import HOST_IP, PYTHON, SANDBOX_IP
 
 SENT, RECEIVED = 1234, 567
@@ -509,19 +511,33 @@ print("done", flush=True)
 '''
 
 
-def test_first_bytes_name_the_protocol_in_the_flow_documents(net, tmp_path):
+@pytest.mark.parametrize("schema", ["ecs", "ocsf"])
+def test_first_bytes_name_the_protocol_in_the_flow_documents(net, tmp_path, schema):
     """network.protocol on the real flows' documents: ssh, tls (with tls.client.server_name), http, and dns
-    (with dns.question.name); in OCSF, app_protocol_name."""
+    (with dns.question.name); under --schema ocsf, app_protocol_name (SNI and question in unmapped)."""
     tls_port, http_port, dns_port = 8443, 8080, 53
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "index.html").write_text("hello")
+    events = tmp_path / "ep-proto.ndjson"
     with harness.sshd(net) as sshd, harness.http_server(net, http_port, tmp_path / "www"), \
             harness.tcp_echo_server(net, tls_port, reply=b"not tls\n"), harness.udp_echo_server(net, dns_port):
         script = " && ".join([" ".join(f"'{a}'" for a in sshd.ssh_argv("true")),
                               f"{PYTHON} -c \"$CLIENT\" {HOST_IP} {tls_port} {http_port} {dns_port}"])
         argv = net.sandbox_prefix() + ["/usr/bin/env", f"CLIENT={PROTOCOL_CLIENT}", "/bin/sh", "-c", script]
-        r, docs = run_episode(tmp_path, "ep-proto", argv)
+        r = run_eptrace("run", "--schema", schema, "--episode", "ep-proto", "--output", f"file:{events}",
+                        "--", *argv)
         assert r.returncode == 0, r.stderr + r.stdout
+    docs = read_docs(events)
+
+    if schema == "ocsf":
+        closed = [d for d in docs if d.get("class_uid") == 4001 and d.get("activity_id") == 2]
+        by_port = {get(d, "dst_endpoint.port"): d for d in closed}
+        assert {p: get(by_port.get(p, {}), "app_protocol_name") for p in (sshd.port, tls_port, http_port,
+                                                                            dns_port)} == \
+            {sshd.port: "ssh", tls_port: "tls", http_port: "http", dns_port: "dns"}, dump(docs)
+        assert get(by_port[tls_port], "unmapped.tls.client.server_name") == "sni.example.test"
+        assert get(by_port[dns_port], "unmapped.dns.question.name") == "www.example.test"
+        return
     assert_contract(docs)
 
     def ended(port, transport="tcp"):
