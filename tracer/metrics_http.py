@@ -31,7 +31,7 @@ def exposition(stats: dict) -> str:
     metric("output_sent_total", "counter", "Documents delivered, per output.",
            [({"output": v["output"]}, v["sent"]) for v in outputs])
     metric("output_dropped_total", "counter", "Documents dropped, per output and reason.",
-           [({"output": v["output"], "reason": r}, n) for v in outputs for r, n in v["dropped"].items()])
+           [({"output": v["output"], "reason": r}, n) for v in outputs for r, n in _drop_reasons(v)])
     metric("output_queue_depth", "gauge", "Documents waiting in memory, per output.",
            [({"output": v["output"]}, v.get("queued", 0)) for v in outputs])
     metric("output_spool_bytes", "gauge", "Bytes waiting in the disk spool, per output.",
@@ -39,6 +39,13 @@ def exposition(stats: dict) -> str:
     metric("output_delivery_latency_seconds", "gauge", "Time to deliver the last batch, per output.",
            [({"output": v["output"]}, v.get("latency_s", 0.0)) for v in outputs])
     return "\n".join(lines) + "\n"
+
+
+def _drop_reasons(output: dict) -> list[tuple[str, int]]:
+    """reason -> count, a receiver's refusals as "rejected:<its reason>" (the stats list them apart)."""
+    rejected = output.get("rejected", [])
+    reasons = [(r, n) for r, n in output["dropped"].items() if not (r == "rejected" and rejected)]
+    return reasons + [(f"rejected:{r['reason']}", r["count"]) for r in rejected]
 
 
 def _escape(text: str) -> str:

@@ -221,7 +221,7 @@ class Tracer:
         stats["tracer_max_rss_bytes"] = usage.ru_maxrss * 1024
         # A list of objects, not a map keyed by the output spec: a spec holds dots and slashes, and SIEMs
         # would make a new field of every output (ECS custom fields have fixed names).
-        stats["outputs"] = [{"output": o.name, "sent": o.sent, "dropped": dict(o.dropped),
+        stats["outputs"] = [{"output": o.name, "sent": o.sent, **drop_counters(o.dropped),
                              "queued": getattr(o, "queued", 0),
                              "spooled_bytes": o.spool.size() if hasattr(o, "spool") else 0,
                              "latency_s": round(getattr(o, "latency_s", 0.0), 6)}
@@ -237,3 +237,17 @@ class Tracer:
         self._sweep(time.monotonic_ns(), final=True)
         self.emit_stats()
         self.outputs.flush()
+
+
+def drop_counters(dropped: dict[str, int]) -> dict:
+    """An output's drop counters with fixed names: `dropped` by our own reason (spool_full, io_error, ...,
+    rejected), and what a receiver refused ("rejected:<its reason>") as a list under `rejected`, since
+    the receiver's words are data, not field names."""
+    fixed: dict[str, int] = {}
+    rejected = []
+    for reason, n in dropped.items():
+        kind, _, detail = reason.partition(":")
+        fixed[kind] = fixed.get(kind, 0) + n
+        if detail:
+            rejected.append({"reason": detail, "count": n})
+    return {"dropped": fixed, "rejected": rejected} if rejected else {"dropped": fixed}

@@ -12,6 +12,7 @@ from tracer.capture import replay
 from tracer.events import Alert, Endpoint, Episode, Metric, NetworkEvent, Process
 from tracer.detect import rules
 from tracer.outputs import Fanout
+from tracer.pipeline import drop_counters
 from tracer.schema import EcsEncoder
 from tracer.schema.ocsf import OCSF_VERSION, convert
 
@@ -76,8 +77,11 @@ def synthetic_documents():
                          direction="egress", source=local, destination=peer, outcome="success")
     events.append(Alert(rules.REVERSE_SHELL, base["timestamp_ns"], ep, 4242, ep.cgroup_path, proc,
                         "bash wired to a socket", 99.0, [shell, shell]))
-    events.append(Metric(base["timestamp_ns"], {"outputs": [{"output": "file:/tmp/x.ndjson", "sent": 1,
-                                                            "dropped": {}}]}))
+    drops = drop_counters({"spool_full": 1, "rejected:mapper_parsing_exception": 2})     # a receiver's words
+    assert drops == {"dropped": {"spool_full": 1, "rejected": 2},
+                     "rejected": [{"reason": "mapper_parsing_exception", "count": 2}]}
+    events.append(Metric(base["timestamp_ns"], {"outputs": [{"output": "es+https://h:9200/x.y", "sent": 1,
+                                                            **drops}]}))
     encoder = EcsEncoder("h", "0.1.0")
     return [encoder.encode_document(e) for e in events]
 
