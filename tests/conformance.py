@@ -3,8 +3,10 @@
 - ECS: the field set of Elastic's npm package @elastic/ecs (its ecs_flat, read through node), pinned in
   tests/kernel/helpers/package.json. Rules: the field exists (or lives under labels.* / eptrace.*), the JSON
   type fits the ECS type, arrays only where ECS normalises to an array (and there always), allowed_values,
-  expected_values and patterns, the event.category/event.type pairs, and network.community_id equal to
-  what the reference implementation (PyPI communityid) computes for the document's flow.
+  expected_values, patterns and lowercase values, the event.category/event.type pairs, required fields,
+  process.args starting with the absolute executable, custom names under eptrace.* (lower case, no data
+  as keys), and network.community_id equal to what the reference implementation (PyPI communityid)
+  computes for the document's flow.
 - OCSF: the schema the OCSF server exports for the declared version, as bundled by PyPI ocsf-json-schema,
   turned into a JSON Schema by that package (required attributes, types, enums, profiles: an attribute of
   an undeclared profile is not allowed; class and object constraints) and validated with jsonschema; plus
@@ -117,13 +119,27 @@ def ecs_problems(doc: dict) -> list[str]:
                 out.append(f"{path}: {v!r} is not among ECS expected_values {spec['expected_values']}")
             if spec.get("pattern") and isinstance(v, str) and not re.fullmatch(spec["pattern"], v):
                 out.append(f"{path}: {v!r} does not match the ECS pattern {spec['pattern']}")
+            if isinstance(v, str) and v != v.lower() and "normalized to lowercase" in spec.get("description", ""):
+                out.append(f"{path}: {v!r}, ECS says the value must be normalized to lowercase")
     present = {path for path, _ in _leaves(doc)}
     out += [f"{name}: required by ECS, missing" for name in _ecs_required() if name not in present]
+    out += _args_problems(doc.get("process"), "process")
     out += _custom_name_problems(doc.get("eptrace", {}), "eptrace")
     out += [f"labels.{k}: a label name holds no dots (ECS labels are flat)" for k in doc.get("labels", {}) if "." in k]
     out += _category_type_problems(doc, fields)
     out += community_id_problems(doc)
     return out
+
+
+def _args_problems(process: Any, path: str) -> list[str]:
+    """ECS process.args: "starting with the absolute path to the executable". eptrace's documented
+    exception: argv as given when the executable is unknown or not absolute (README, Events)."""
+    if not isinstance(process, dict) or not process.get("args"):
+        return []
+    executable, first = process.get("executable", ""), process["args"][0]
+    if executable.startswith("/") and first != executable:
+        return [f"{path}.args: starts with {first!r}, ECS wants the absolute executable {executable!r}"]
+    return []
 
 
 _CUSTOM_NAME = re.compile(r"^[a-z][a-z0-9_]*$")

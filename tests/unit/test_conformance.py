@@ -155,6 +155,9 @@ def _first(docs, action):
     (lambda d: d["source"].update(port="80"), "does not fit ECS type long"),
     (lambda d: d["event"].update(category="network"), "normalises to an array"),
     (lambda d: d["eptrace"].update(stats={"outputs": {"file:/tmp/x.ndjson": {"sent": 1}}}), "lower case"),
+    (lambda d: d["network"].update(protocol="SSH"), "normalized to lowercase"),
+    (lambda d: d["process"].update(args=["curl", "-s"]), "ECS wants the absolute executable"),
+    (lambda d: d.pop("@timestamp"), "@timestamp: required by ECS"),
 ])
 def test_the_ecs_checker_names_the_field_and_the_rule(damage, rule):
     doc = _first([d.fields() for d in all_documents()], "flow_ended")
