@@ -504,6 +504,8 @@ def test_crypto_miner_stratum_payload(net, tmp_path):
     assert ts(alert) - ts(conn) <= 2.0, (alert["@timestamp"], conn["@timestamp"])
     assert rule_counts(docs) == {"crypto_mining": 1}, "\n".join(get(a, "message") for a in alerts(docs))
     assert_alert(alert, "crypto_mining", episode, pid, [f"{HOST_IP}:3333", "login"], evidence=conn)
+    ended = flow_of(docs, "flow_ended", pid=pid, destination__ip=HOST_IP, destination__port=3333)
+    assert get(ended, "network.protocol") == "stratum", ended         # the first bytes name it
 
 
 # ---- 4. cloud metadata ---------------------------------------------------------------------------------
