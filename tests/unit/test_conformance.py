@@ -73,6 +73,21 @@ def synthetic_documents():
                      outcome="success", duration_ns=5, source_bytes=40, destination_bytes=0, source_packets=1,
                      destination_packets=0, protocol="dns", protocol_details={"qname": "a.example.test"}),
     ]
+    events += [
+        NetworkEvent("flow_ended", **base, network_type="ipv6", transport="tcp", direction="egress",
+                     source=Endpoint("2001:db8::2", 40000), destination=Endpoint("2001:db8::1", 22),
+                     outcome="success", duration_ns=7, source_bytes=1, destination_bytes=2, source_packets=1,
+                     destination_packets=1, protocol="ssh", protocol_details={"banner": "SSH-2.0-OpenSSH_9.2"}),
+        NetworkEvent("flow_ended", **base, network_type="ipv4", transport="icmp", direction="egress",
+                     source=Endpoint("198.51.100.2", 0), destination=Endpoint("198.51.100.1", 0),
+                     outcome="success", duration_ns=7, source_bytes=64, destination_bytes=64, source_packets=1,
+                     destination_packets=1),
+    ]
+    accepted = NetworkEvent("connection_accepted", **base, network_type="ipv4", transport="tcp",
+                            direction="ingress", source=Endpoint("198.51.100.1", 50000),
+                            destination=Endpoint("198.51.100.2", 8000), outcome="success")
+    events += [accepted, Alert(rules.INBOUND_LISTENER, base["timestamp_ns"], ep, 4242, ep.cgroup_path, proc,
+                               "a listener accepted 198.51.100.1", 47.0, [accepted])]
     shell = NetworkEvent("connection_established", **base, network_type="ipv4", transport="tcp",
                          direction="egress", source=local, destination=peer, outcome="success")
     events.append(Alert(rules.REVERSE_SHELL, base["timestamp_ns"], ep, 4242, ep.cgroup_path, proc,
@@ -121,7 +136,8 @@ def test_network_protocol_tls_server_name_and_dns_question():
     assert "bytes" not in tls["source"] if "source" in tls else True     # no counters known: none claimed
     dns = next(d for d in docs if d.get("dns"))
     assert dns["network"]["protocol"] == "dns" and dns["dns"]["question"]["name"] == "a.example.test"
-    ocsf_tls = convert(synthetic_documents()[4]).fields()
+    ocsf_tls = next(o for o in (convert(d).fields() for d in synthetic_documents())
+                    if o.get("app_protocol_name") == "tls")
     assert ocsf_tls["app_protocol_name"] == "tls"
     assert ocsf_tls["unmapped"]["tls"]["client"]["server_name"] == "example.test"     # OCSF tls needs a version
 
