@@ -84,13 +84,15 @@ def uring_helper(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def documents_conform():
-    """After each kernel test: every document its eptrace runs wrote (or it read) conforms to ECS or OCSF.
-    A document that does not fails the test, naming the field and the rule (tests/conformance.py)."""
+def documents_conform(tmp_path):
+    """After each kernel test: every document its eptrace runs wrote (or it read, or left as NDJSON in its
+    tmp_path) conforms to ECS or OCSF. A document that does not fails the test, naming the field and the
+    rule (tests/conformance.py)."""
     eptrace_helpers.DOCUMENT_FILES.clear()
     eptrace_helpers.DOCUMENT_STDOUTS.clear()
     yield
-    files = [p for p in eptrace_helpers.DOCUMENT_FILES if p.is_file() and p.suffix != ".capture"]
+    files = [p for p in eptrace_helpers.DOCUMENT_FILES | set(tmp_path.rglob("*.ndjson"))
+             if p.is_file() and p.suffix != ".capture"]
     report = conformance.check_files(files, eptrace_helpers.DOCUMENT_STDOUTS)
     eptrace_helpers.DOCUMENT_FILES.clear()
     eptrace_helpers.DOCUMENT_STDOUTS.clear()
