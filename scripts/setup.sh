@@ -184,7 +184,21 @@ fi
 (cd / && "$VENV/bin/python" -c "import bcc, click, pyroute2, msgpack, tracer") \
     || die "the venv cannot import bcc, click, pyroute2, msgpack and tracer (see above)"
 
-# Test receivers from npm: @fluent-org/logger's FluentServer for tests/kernel/test_forward.py, pinned by
+# Test-only Python packages (the conformance checker's OCSF schema and Community ID reference), pinned by
+# tests/requirements.txt; installed again only when that file changed.
+TEST_STAMP="$VENV/.eptrace-test-requirements"
+want_test="$(sha256sum "$REPO/tests/requirements.txt" | cut -d' ' -f1)"
+if [ "$(cat "$TEST_STAMP" 2>/dev/null)" = "$want_test" ]; then
+    say "venv: test requirements installed"
+else
+    say "venv: installing tests/requirements.txt"
+    PIP_NO_INPUT=1 "$VENV/bin/pip" install -q --disable-pip-version-check -r "$REPO/tests/requirements.txt" >&2 \
+        || die "pip install -r tests/requirements.txt failed"
+    printf '%s\n' "$want_test" >"$TEST_STAMP"
+fi
+
+# Test helpers from npm: @fluent-org/logger's FluentServer for tests/kernel/test_forward.py, and Elastic's
+# @elastic/ecs (the ECS field set) for the conformance checker (tests/conformance.py), pinned by
 # tests/kernel/helpers/package.json and package-lock.json into tests/kernel/helpers/node_modules (git-ignored).
 # Installed again only when missing or not the pinned version. Node.js and npm come from the distro when
 # the host has none (the tests fail under CI without them, rather than skip).
@@ -202,14 +216,16 @@ print(d["dependencies"][sys.argv[2]] if len(sys.argv) > 2 else d["version"])' "$
 }
 want_fluent="$(npm_pkg_version "$HELPERS/package.json" @fluent-org/logger)"
 have_fluent="$(npm_pkg_version "$HELPERS/node_modules/@fluent-org/logger/package.json")"
-if [ -n "$want_fluent" ] && [ "$have_fluent" = "$want_fluent" ]; then
-    say "test helpers: @fluent-org/logger $have_fluent present"
+want_ecs="$(npm_pkg_version "$HELPERS/package.json" @elastic/ecs)"
+have_ecs="$(npm_pkg_version "$HELPERS/node_modules/@elastic/ecs/package.json")"
+if [ -n "$want_fluent" ] && [ "$have_fluent" = "$want_fluent" ] && [ "$have_ecs" = "$want_ecs" ]; then
+    say "test helpers: @fluent-org/logger $have_fluent and @elastic/ecs $have_ecs present"
 elif command -v node >/dev/null && command -v npm >/dev/null; then
-    say "test helpers: npm ci in $HELPERS (@fluent-org/logger $want_fluent)"
+    say "test helpers: npm ci in $HELPERS (@fluent-org/logger $want_fluent, @elastic/ecs $want_ecs)"
     (cd "$HELPERS" && npm ci --no-audit --no-fund --loglevel=error >&2) \
-        || warn "npm ci failed in $HELPERS: the Fluent Forward tests will fail"
+        || warn "npm ci failed in $HELPERS: the Fluent Forward tests and the ECS conformance checks will fail"
 else
-    warn "node or npm not found: the Fluent Forward tests will fail (install Node.js >= 12 and npm)"
+    warn "node or npm not found: the Fluent Forward tests and the ECS conformance checks will fail (install Node.js >= 12 and npm)"
 fi
 
 ln -sfn "$VENV/bin/eptrace" /usr/local/bin/eptrace

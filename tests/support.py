@@ -132,16 +132,9 @@ def make_certs(d: Path) -> Certs:
                  d / "rogue.pem", d / "other.pem", d / "other.key")
 
 
-# ---- an independent Community ID v1, for TCP and UDP (corelight/community-id-spec) -------------------------
+# ---- the expected network.community_id, from the reference implementation -------------------------------
 
 def community_id_v1(src_ip: str, src_port: int, dst_ip: str, dst_port: int, proto: int) -> str:
-    """Written from the spec, not from tracer.schema: the expected value of network.community_id."""
-    import base64
-    import hashlib
-    import ipaddress
-    import struct
-    a = (ipaddress.ip_address(src_ip).packed, src_port)
-    b = (ipaddress.ip_address(dst_ip).packed, dst_port)
-    (ip1, p1), (ip2, p2) = (a, b) if a <= b else (b, a)
-    data = struct.pack("!H", 0) + ip1 + ip2 + struct.pack("!BBHH", proto, 0, p1, p2)
-    return "1:" + base64.b64encode(hashlib.sha1(data).digest()).decode()
+    """PyPI communityid (pinned in tests/requirements.txt), not tracer.schema: what the document must carry."""
+    import communityid
+    return communityid.CommunityID().calc(communityid.FlowTuple(proto, src_ip, dst_ip, src_port, dst_port))

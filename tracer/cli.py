@@ -12,6 +12,8 @@ import click
 from . import __version__
 from .outputs.secrets import redact
 from .terminal import printable
+from .schema.ecs import ECS_VERSION
+from .schema.ocsf import OCSF_VERSION
 
 # Exit statuses, documented in --help.
 EXIT_BAD_INPUT = 2
@@ -75,8 +77,8 @@ class FiniteFloatRange(click.FloatRange):
 
 
 SCHEMA_OPTION = click.option("--schema", type=click.Choice(["ecs", "ocsf"]), default="ecs", show_default=True,
-                             help="Document schema: ECS 9, or OCSF 1.x (Network Activity 4001, Process "
-                                  "Activity 1007, Detection Finding 2004) for pipelines that want OCSF.")
+                             help=f"Document schema: ECS {ECS_VERSION}, or OCSF {OCSF_VERSION} (Network Activity "
+                                  "4001, Process Activity 1007, Detection Finding 2004) for pipelines that want OCSF.")
 
 
 def _episode_id(episode_id: str) -> str:

@@ -199,11 +199,18 @@ class Rule:
     id: str                   # EPT-0001
     name: str                 # stable identifier: reverse_tunnel, ...
     description: str
-    technique_id: str         # T1572
+    technique_id: str         # T1572: always the parent technique
     technique_name: str
     tactic_id: str            # TA0011
     tactic_name: str
     severity: int             # 0-100 (event.severity)
+    subtechnique_id: str | None = None    # T1059.004, when the rule names a sub-technique of technique_id
+    subtechnique_name: str | None = None  # its own name ("Unix Shell"), without the parent's
+
+    @property
+    def attack_id(self) -> str:
+        """The most precise ATT&CK id: the sub-technique when there is one."""
+        return self.subtechnique_id or self.technique_id
 
 
 @dataclass(slots=True)

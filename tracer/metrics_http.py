@@ -43,18 +43,25 @@ def exposition(stats: dict) -> str:
     metric("alerts_total", "counter", "Alerts raised.", [({}, stats["alerts"])])
     metric("episodes", "gauge", "Episodes traced.", [({}, stats["episodes"])])
     metric("flows_open", "gauge", "Flows open.", [({}, stats["flows_open"])])
-    outputs = stats["outputs"]
+    outputs = stats["outputs"]     # a list of {"output": spec, "sent": ..., ...}
     metric("output_sent_total", "counter", "Documents delivered, per output.",
-           [({"output": o}, v["sent"]) for o, v in outputs.items()])
+           [({"output": v["output"]}, v["sent"]) for v in outputs])
     metric("output_dropped_total", "counter", "Documents dropped, per output and reason.",
-           [({"output": o, "reason": r}, n) for o, v in outputs.items() for r, n in v["dropped"].items()])
+           [({"output": v["output"], "reason": r}, n) for v in outputs for r, n in _drop_reasons(v)])
     metric("output_queue_depth", "gauge", "Documents waiting in memory, per output.",
-           [({"output": o}, v.get("queued", 0)) for o, v in outputs.items()])
+           [({"output": v["output"]}, v.get("queued", 0)) for v in outputs])
     metric("output_spool_bytes", "gauge", "Bytes waiting in the disk spool, per output.",
-           [({"output": o}, v.get("spooled_bytes", 0)) for o, v in outputs.items()])
+           [({"output": v["output"]}, v.get("spooled_bytes", 0)) for v in outputs])
     metric("output_delivery_latency_seconds", "gauge", "Time to deliver the last batch, per output.",
-           [({"output": o}, v.get("latency_s", 0.0)) for o, v in outputs.items()])
+           [({"output": v["output"]}, v.get("latency_s", 0.0)) for v in outputs])
     return "\n".join(lines) + "\n"
+
+
+def _drop_reasons(output: dict) -> list[tuple[str, int]]:
+    """reason -> count, a receiver's refusals as "rejected:<its reason>" (the stats list them apart)."""
+    rejected = output.get("rejected", [])
+    reasons = [(r, n) for r, n in output["dropped"].items() if not (r == "rejected" and rejected)]
+    return reasons + [(f"rejected:{r['reason']}", r["count"]) for r in rejected]
 
 
 def _escape(text: str) -> str:

@@ -298,10 +298,13 @@ class Tracer:
         stats["tracer_cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 3)
         stats["tracer_max_rss_bytes"] = usage.ru_maxrss * 1024
         stats["tracer_rss_bytes"] = _current_rss()
-        stats["outputs"] = {o.name: {"sent": o.sent, "dropped": dict(o.dropped), "queued": getattr(o, "queued", 0),
-                                     "spooled_bytes": o.spool.size() if hasattr(o, "spool") else 0,
-                                     "latency_s": round(getattr(o, "latency_s", 0.0), 6)}
-                            for o in self.outputs.outputs}
+        # A list of objects, not a map keyed by the output spec: a spec holds dots and slashes, and SIEMs
+        # would make a new field of every output (ECS custom fields have fixed names).
+        stats["outputs"] = [{"output": o.name, "sent": o.sent, **drop_counters(o.dropped),
+                             "queued": getattr(o, "queued", 0),
+                             "spooled_bytes": o.spool.size() if hasattr(o, "spool") else 0,
+                             "latency_s": round(getattr(o, "latency_s", 0.0), 6)}
+                            for o in self.outputs.outputs]
         return stats
 
     def emit_stats(self) -> None:
@@ -323,3 +326,17 @@ def _current_rss() -> int:
             return int(f.read().split()[1]) * resource.getpagesize()
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def drop_counters(dropped: dict[str, int]) -> dict:
+    """An output's drop counters with fixed names: `dropped` by our own reason (spool_full, io_error, ...,
+    rejected), and what a receiver refused ("rejected:<its reason>") as a list under `rejected`, since
+    the receiver's words are data, not field names."""
+    fixed: dict[str, int] = {}
+    rejected = []
+    for reason, n in dropped.items():
+        kind, _, detail = reason.partition(":")
+        fixed[kind] = fixed.get(kind, 0) + n
+        if detail:
+            rejected.append({"reason": detail, "count": n})
+    return {"dropped": fixed, "rejected": rejected} if rejected else {"dropped": fixed}

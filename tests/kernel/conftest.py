@@ -10,10 +10,12 @@ import pytest
 
 KERNEL_DIR = Path(__file__).resolve().parent
 REPO_ROOT = KERNEL_DIR.parents[1]
-for p in (str(REPO_ROOT), str(KERNEL_DIR)):  # `import tracer` and `import harness`
+for p in (str(REPO_ROOT), str(KERNEL_DIR), str(KERNEL_DIR.parent)):  # tracer, harness, conformance
     if p not in sys.path:
         sys.path.insert(0, p)
 
+import conformance  # noqa: E402
+import eptrace_helpers  # noqa: E402
 import harness  # noqa: E402
 from support import require  # noqa: E402
 
@@ -78,3 +80,20 @@ def uring_helper(tmp_path_factory):
         return harness.build_uring_helper(tmp_path_factory.mktemp("uring"))
     except RuntimeError as e:
         pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def documents_conform(tmp_path):
+    """After each kernel test: every document its eptrace runs wrote (or it read, or left as NDJSON in its
+    tmp_path) conforms to ECS or OCSF. A document that does not fails the test, naming the field and the
+    rule (tests/conformance.py)."""
+    eptrace_helpers.DOCUMENT_FILES.clear()
+    eptrace_helpers.DOCUMENT_STDOUTS.clear()
+    yield
+    files = [p for p in eptrace_helpers.DOCUMENT_FILES | set(tmp_path.rglob("*.ndjson"))
+             if p.is_file() and p.suffix != ".capture"]
+    report = conformance.check_files(files, eptrace_helpers.DOCUMENT_STDOUTS)
+    eptrace_helpers.DOCUMENT_FILES.clear()
+    eptrace_helpers.DOCUMENT_STDOUTS.clear()
+    if report:
+        pytest.fail(f"documents that ECS/OCSF do not accept:\n{report}", pytrace=False)

@@ -37,8 +37,18 @@ CONNECTION_ACTIONS = ("connection_attempted", "connection_established", "flow_en
 
 # ---- running eptrace ----------------------------------------------------------------------------------
 
+# Every NDJSON file an eptrace run wrote or a test read: conftest checks their documents against ECS/OCSF
+# (tests/conformance.py) after each test, so a new test's documents are checked without asking.
+DOCUMENT_FILES: set[Path] = set()
+DOCUMENT_STDOUTS: list[str] = []        # the stdout of run_eptrace, where documents go without --output
+
+
 def eptrace_argv(*args) -> list[str]:
-    return EPTRACE + [str(a) for a in args]
+    argv = [str(a) for a in args]
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--output" and value.startswith("file:"):
+            DOCUMENT_FILES.add(Path(value[len("file:"):].split("?", 1)[0]))
+    return EPTRACE + argv
 
 
 def eptrace_env(state_dir: Path | None = None, **extra: str) -> dict[str, str]:
@@ -55,8 +65,11 @@ def run_eptrace(*args, state_dir: Path | None = None, timeout: float = RUN_TIMEO
     """Run eptrace to completion; stdout and stderr captured as text."""
     kwargs.setdefault("capture_output", True)
     kwargs.setdefault("text", True)
-    return subprocess.run(list(prefix) + eptrace_argv(*args), cwd=REPO_ROOT, env=eptrace_env(state_dir),
-                          timeout=timeout, **kwargs)
+    r = subprocess.run(list(prefix) + eptrace_argv(*args), cwd=REPO_ROOT, env=eptrace_env(state_dir),
+                       timeout=timeout, **kwargs)
+    if isinstance(r.stdout, str):
+        DOCUMENT_STDOUTS.append(r.stdout)
+    return r
 
 
 def start_eptrace(*args, state_dir: Path | None = None, prefix=(), **kwargs) -> subprocess.Popen:
@@ -164,6 +177,7 @@ class Watcher:
 
 def read_docs(path: Path) -> list[dict]:
     """Every complete JSON line of an NDJSON file (a line still being written is left for the next read)."""
+    DOCUMENT_FILES.add(Path(path))
     try:
         data = Path(path).read_text()
     except FileNotFoundError:
@@ -291,8 +305,8 @@ def parse_timestamp(ts: str) -> float:
 
 def output_stats(metric: dict, prefix: str) -> dict | None:
     """The eptrace.stats.outputs entry of the output whose spec starts with prefix, in a metric document."""
-    outputs = get(metric, "eptrace.stats.outputs") or {}
-    return next((v for k, v in outputs.items() if k.startswith(prefix)), None)
+    outputs = get(metric, "eptrace.stats.outputs") or []
+    return next((o for o in outputs if o["output"].startswith(prefix)), None)
 
 
 def final_metric(docs: list[dict]) -> dict:

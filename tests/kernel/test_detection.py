@@ -35,7 +35,7 @@ TECHNIQUES = {"reverse_tunnel": "T1572", "reverse_shell": "T1059.004", "crypto_m
               "cloud_metadata_access": "T1552.005"}
 RULE_IDS = {r.name: r.id for r in catalog.ALL}
 for _r in catalog.ALL:
-    TECHNIQUES.setdefault(_r.name, _r.technique_id)
+    TECHNIQUES.setdefault(_r.name, _r.attack_id)
 
 # sh prints its pid, then execs the command: the pid printed is the pid of the tool itself.
 PID_EXEC = ["/bin/sh", "-c", 'echo pid $$; exec "$@"', "sh"]
@@ -160,8 +160,10 @@ def assert_alert(alert: dict, rule: str, episode: str, pid: int, mentions: list[
     assert get(alert, "rule.id") == RULE_IDS[rule], alert
     assert get(alert, "rule.description"), alert
     assert get(alert, "threat.framework") == "MITRE ATT&CK", alert
-    technique = get(alert, "threat.technique.id")
-    assert TECHNIQUES[rule] in (technique if isinstance(technique, list) else [technique]), alert
+    # ECS: the parent technique in threat.technique.*, a sub-technique (T1059.004) in .subtechnique.*
+    parent, _, sub = TECHNIQUES[rule].partition(".")
+    assert get(alert, "threat.technique.id") == [parent], alert
+    assert get(alert, "threat.technique.subtechnique.id") == ([TECHNIQUES[rule]] if sub else None), alert
     assert get(alert, "threat.technique.name"), alert
     severity = get(alert, "event.severity")
     assert isinstance(severity, int) and 0 < severity <= 100, alert
@@ -506,6 +508,8 @@ def test_crypto_miner_stratum_payload(net, tmp_path):
     assert lag <= LIVENESS_S, lag
     assert rule_counts(docs) == {"crypto_mining": 1}, "\n".join(get(a, "message") for a in alerts(docs))
     assert_alert(alert, "crypto_mining", episode, pid, [f"{HOST_IP}:3333", "login"], evidence=conn)
+    ended = flow_of(docs, "flow_ended", pid=pid, destination__ip=HOST_IP, destination__port=3333)
+    assert get(ended, "network.protocol") == "stratum", ended         # the first bytes name it
 
 
 # ---- 4. cloud metadata ---------------------------------------------------------------------------------

@@ -218,7 +218,10 @@ def test_run_kills_leftover_children_and_removes_its_cgroup(tmp_path):
     child = int(r.stdout.split()[1])
     docs = read_docs(events)
     (started,) = select(docs, "process_started", pid=child)
-    assert get(started, "process.args") == ["sleep", "300"], started
+    # ECS: args[0] is the absolute executable (sh found sleep on PATH); argv as given is the title
+    assert os.path.basename(get(started, "process.executable")) == "sleep", started
+    assert get(started, "process.args") == [get(started, "process.executable"), "300"], started
+    assert get(started, "process.title") == "sleep 300", started
     path = get(started, "eptrace.cgroup.path")
     assert not (cgroup2_mount() / path.lstrip("/")).exists(), f"cgroup {path} left behind"
     # The orphan is gone (a zombie reaped by init may linger an instant).

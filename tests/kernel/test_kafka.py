@@ -244,6 +244,5 @@ def test_eptrace_run_streams_to_kafka(broker, tmp_path):
     for m in messages:
         doc = json.loads(m["payload"])
         assert m["key"] == doc.get("labels", {}).get("episode_id", host)
-    final = eptrace_helpers.final_metric(written)["eptrace"]["stats"]["outputs"]
-    kafka_stats = next(v for k, v in final.items() if k.startswith("kafka://"))
+    kafka_stats = eptrace_helpers.output_stats(eptrace_helpers.final_metric(written), "kafka://")
     assert kafka_stats["dropped"] == {}, kafka_stats

@@ -10,11 +10,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 import harness
 from eptrace_helpers import (CONNECTION_ACTIONS, HOST_CLIENT, LineReader, assert_contract, dump, final_metric,
-                             get, kill, mentions_port, one, parse_timestamp, read_docs, select, start_eptrace,
-                             wait_for_docs,
-                             wait_until)
+                             get, kill, mentions_port, one, parse_timestamp, read_docs, run_eptrace, select,
+                             start_eptrace, wait_for_docs, wait_until)
 from harness import HOST_IP, PYTHON, SANDBOX_IP
 from support import community_id_v1
 
@@ -413,8 +414,9 @@ def test_process_started_carries_real_argv(tmp_path):
     assert got == [
         (os.path.realpath("/bin/sh"), ["/bin/sh", "-c", script]),
         ("/usr/bin/env", ["/usr/bin/env", "true", "two words", "--flag=x"]),
-        ("/usr/bin/true", ["true", "two words", "--flag=x"]),
+        ("/usr/bin/true", ["/usr/bin/true", "two words", "--flag=x"]),    # ECS: args[0] is the executable
     ], got
+    assert get(started[2], "process.title") == "true two words --flag=x"      # argv as the process got it
     for d in started:
         assert_sandbox_doc(d, "ep-argv")
         assert get(d, "process.args_count") == len(get(d, "process.args")), d
@@ -489,3 +491,70 @@ def test_process_outside_every_episode_is_silent(net, tmp_path):
     assert not leaked, dump(leaked)
     stats = get(final_metric(docs), "eptrace.stats")
     assert stats["records_without_episode"] == 0, stats
+
+
+# ---- 6. first bytes name the protocol: network.protocol ------------------------------------------------
+
+# A TLS ClientHello with SNI (the server answers garbage: the handshake fails, the hello went out), an HTTP
+# GET, and a DNS query for a name, one after the other from one process.
+PROTOCOL_CLIENT = r'''
+import os, socket, ssl, struct, sys, urllib.request
+host, tls_port, http_port, dns_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+print("pid", os.getpid(), flush=True)
+ctx = ssl.create_default_context()
+with socket.create_connection((host, tls_port), timeout=10) as raw:
+    try:
+        ctx.wrap_socket(raw, server_hostname="sni.example.test")
+    except (ssl.SSLError, OSError):
+        pass
+urllib.request.urlopen(f"http://{host}:{http_port}/", timeout=10).read()
+q = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + b"\x03www\x07example\x04test\x00" + struct.pack("!HH", 1, 1)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(5)
+u.sendto(q, (host, dns_port))
+u.recvfrom(512)
+u.close()
+print("done", flush=True)
+'''
+
+
+@pytest.mark.parametrize("schema", ["ecs", "ocsf"])
+def test_first_bytes_name_the_protocol_in_the_flow_documents(net, tmp_path, schema):
+    """network.protocol on the real flows' documents: ssh, tls (with tls.client.server_name), http, and dns
+    (with dns.question.name); under --schema ocsf, app_protocol_name (SNI and question in unmapped)."""
+    tls_port, http_port, dns_port = 8443, 8080, 53
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "index.html").write_text("hello")
+    events = tmp_path / "ep-proto.ndjson"
+    with harness.sshd(net) as sshd, harness.http_server(net, http_port, tmp_path / "www"), \
+            harness.tcp_echo_server(net, tls_port, reply=b"not tls\n"), harness.udp_echo_server(net, dns_port):
+        script = " && ".join([" ".join(f"'{a}'" for a in sshd.ssh_argv("true")),
+                              f"{PYTHON} -c \"$CLIENT\" {HOST_IP} {tls_port} {http_port} {dns_port}"])
+        argv = net.sandbox_prefix() + ["/usr/bin/env", f"CLIENT={PROTOCOL_CLIENT}", "/bin/sh", "-c", script]
+        r = run_eptrace("run", "--schema", schema, "--episode", "ep-proto", "--output", f"file:{events}",
+                        "--", *argv)
+        assert r.returncode == 0, r.stderr + r.stdout
+    docs = read_docs(events)
+
+    if schema == "ocsf":
+        closed = [d for d in docs if d.get("class_uid") == 4001 and d.get("activity_id") == 2]
+        by_port = {get(d, "dst_endpoint.port"): d for d in closed}
+        assert {p: get(by_port.get(p, {}), "app_protocol_name") for p in (sshd.port, tls_port, http_port,
+                                                                            dns_port)} == \
+            {sshd.port: "ssh", tls_port: "tls", http_port: "http", dns_port: "dns"}, dump(docs)
+        assert get(by_port[tls_port], "unmapped.tls.client.server_name") == "sni.example.test"
+        assert get(by_port[dns_port], "unmapped.dns.question.name") == "www.example.test"
+        return
+    assert_contract(docs)
+
+    def ended(port, transport="tcp"):
+        flows = [d for d in select(docs, "flow_ended") if get(d, "destination.port") == port
+                 and get(d, "network.transport") == transport]
+        return one(flows, f"{transport} flow_ended to port {port}", docs)
+
+    assert get(ended(sshd.port), "network.protocol") == "ssh", dump(docs)
+    tls = ended(tls_port)
+    assert get(tls, "network.protocol") == "tls" and get(tls, "tls.client.server_name") == "sni.example.test", tls
+    assert get(ended(http_port), "network.protocol") == "http"
+    dns = ended(dns_port, "udp")
+    assert get(dns, "network.protocol") == "dns" and get(dns, "dns.question.name") == "www.example.test", dns

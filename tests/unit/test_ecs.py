@@ -76,7 +76,9 @@ def assert_sandbox(doc: dict) -> None:
     proc = doc["process"]
     assert proc["pid"] == 1234 and proc["name"] == "python3"
     assert proc["executable"] == "/usr/bin/python3"
-    assert proc["args"] == ["python3", "-c", "print('hi')"] and proc["args_count"] == 3
+    # ECS: args start with the absolute executable; the command line as given is the title
+    assert proc["args"] == ["/usr/bin/python3", "-c", "print('hi')"] and proc["args_count"] == 3
+    assert proc["title"] == "python3 -c print('hi')"
     assert proc["parent"] == {"pid": 1000} and proc["thread"] == {"id": 1235}
 
 
@@ -146,8 +148,9 @@ def test_unknown_fields_are_omitted(encoder):
     assert_common(doc, "event", "eptrace.network")
     for absent in ("process", "source", "destination", "error"):
         assert absent not in doc
-    assert "community_id" not in doc["network"] and "cookie" not in doc["eptrace"]["socket"]
+    assert "network" not in doc and "cookie" not in doc["eptrace"]["socket"]    # "packet" is no IANA transport
     assert doc["eptrace"]["socket"] == {"family": "AF_PACKET", "type": "SOCK_RAW", "protocol": 768}
+    assert doc["eptrace"]["transport"] == "packet"
     assert "event" in doc and "outcome" not in doc["event"]
     assert "socket_created packet AF_PACKET SOCK_RAW proto=768" in format_human(doc)
 
@@ -165,7 +168,8 @@ def test_community_id_for_udp_icmp_and_ipv6(encoder):
     assert v6["network"]["community_id"] == community_id("2001:db8::2", 40000, "2001:db8::1", 443, 6)
     assert "[2001:db8::2]:40000 -> [2001:db8::1]:443" in format_human(v6)
     raw = encoder.encode(network(transport="raw"))
-    assert "community_id" not in raw["network"]
+    assert "transport" not in raw["network"] and "community_id" not in raw["network"]
+    assert raw["eptrace"]["transport"] == "raw"
 
 
 def test_ingress_human_rendering_swaps_out_and_in(encoder):

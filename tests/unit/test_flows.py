@@ -109,3 +109,23 @@ def test_udp_flow_with_several_destinations_names_none(table):
                          remote=("198.51.100.1", port)))
     table.handle(rec(RecordType.FLOW_ENDED, proto=17, socktype=2, local=(None, 40001), remote=(None, 0)))
     assert table.events[-1].destination is None
+
+
+def test_flow_updated_reports_running_totals_and_never_zeros_for_unknown(table):
+    table.update_interval_ns = 1_000
+    table.handle(rec(RecordType.CONNECT, local=(None, 0)))
+    table.handle(rec(RecordType.ESTABLISHED, ts=2_000, flags=FLOW_INITIATED | FLOW_ESTABLISHED))
+    table.sweep(3_500)                 # no counter record yet: the counters are unknown, not 0
+    first = table.events[-1]
+    assert first.action == "flow_updated"
+    assert (first.source_bytes, first.destination_bytes, first.source_packets, first.destination_packets) == \
+        (None, None, None, None)
+    table.handle(rec(RecordType.FLOW_UPDATE, ts=4_000, counts=(100, 50, 3, 2)))
+    table.sweep(5_000)
+    second = table.events[-1]
+    assert (second.source_bytes, second.destination_bytes, second.source_packets, second.destination_packets) == \
+        (100, 50, 3, 2)
+    table.sweep(6_500)                 # no new counter record since: the last totals again, not 0
+    third = table.events[-1]
+    assert third is not second and third.action == "flow_updated"
+    assert (third.source_bytes, third.destination_bytes) == (100, 50)

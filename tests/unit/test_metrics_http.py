@@ -6,8 +6,10 @@ from tracer.metrics_http import MetricsServer, exposition
 
 STATS = {"records_received": 10, "records_lost": 0, "records_lost_by_reason": {"ringbuf_full": 0},
          "events_emitted": 8, "alerts": 1, "episodes": 2, "flows_open": 3,
-         "outputs": {'syslog+tcp://"x":1': {"sent": 7, "dropped": {"spool_full": 2}, "queued": 4,
-                                              "spooled_bytes": 100, "latency_s": 0.25}}}
+         "outputs": [{"output": 'syslog+tcp://"x":1', "sent": 7, "dropped": {"spool_full": 2}, "queued": 4,
+                      "spooled_bytes": 100, "latency_s": 0.25},
+                     {"output": "hec://h:8088", "sent": 1, "dropped": {"rejected": 3},
+                      "rejected": [{"reason": "hec_invalid_event", "count": 3}]}]}
 
 
 def test_exposition_has_every_counter_and_escapes_labels():
@@ -16,6 +18,8 @@ def test_exposition_has_every_counter_and_escapes_labels():
     assert 'eptrace_records_lost_total{reason="ringbuf_full"} 0' in text          # zero is shown as zero
     assert 'eptrace_output_dropped_total{output="syslog+tcp://\\"x\\":1",reason="spool_full"} 2' in text
     assert 'eptrace_output_delivery_latency_seconds{output="syslog+tcp://\\"x\\":1"} 0.25' in text
+    assert 'eptrace_output_dropped_total{output="hec://h:8088",reason="rejected:hec_invalid_event"} 3' in text
+    assert 'reason="rejected"}' not in text
     assert text.count("# TYPE") == 14 and text.endswith("\n")
 
 

@@ -58,6 +58,8 @@ def test_a_connection_and_its_end_map_to_open_and_close_with_traffic():
 def test_alerts_are_detection_findings_with_the_attack():
     findings = [d for _, d in ocsf_docs("metadata_and_raw_socket.capture") if d.get("class_uid") == 2004]
     metadata = next(f for f in findings if f["finding_info"]["title"] == "cloud_metadata_access")
-    assert metadata["finding_info"]["attacks"][0]["technique"]["uid"] == "T1552.005"
+    attack = metadata["finding_info"]["attacks"][0]
+    assert attack["technique"] == {"uid": "T1552", "name": "Unsecured Credentials"}
+    assert attack["sub_technique"] == {"uid": "T1552.005", "name": "Cloud Instance Metadata API"}
     assert metadata["severity_id"] == 4 and "169.254.169.254" in metadata["message"]
     assert metadata["evidences"][0]["dst_endpoint"]["ip"] == "169.254.169.254"

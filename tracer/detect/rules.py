@@ -1,4 +1,7 @@
-"""The rule catalog: every rule eptrace can raise, as data (DESIGN.md names)."""
+"""The rule catalog: every rule eptrace can raise, as data (DESIGN.md names).
+
+ATT&CK: technique_* is always the parent technique; a rule that names a sub-technique also gives its
+id and its own name (threat.technique.subtechnique.* in ECS, attack.sub_technique in OCSF)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +16,7 @@ REVERSE_TUNNEL = Rule(
 REVERSE_SHELL = Rule(
     "EPT-0002", "reverse_shell",
     "A shell or interpreter is wired to a network socket (nc -e, socat EXEC:, bash /dev/tcp, pty shells)",
-    "T1059.004", "Command and Scripting Interpreter: Unix Shell", "TA0002", "Execution", 99)
+    "T1059", "Command and Scripting Interpreter", "TA0002", "Execution", 99, "T1059.004", "Unix Shell")
 CRYPTO_MINING = Rule(
     "EPT-0003", "crypto_mining",
     "A miner runs or speaks a mining protocol (stratum+tcp://, xmrig options, Stratum JSON-RPC)",
@@ -21,11 +24,11 @@ CRYPTO_MINING = Rule(
 CLOUD_METADATA_ACCESS = Rule(
     "EPT-0004", "cloud_metadata_access",
     "The sandbox reached for the cloud instance metadata service, where instance credentials live",
-    "T1552.005", "Unsecured Credentials: Cloud Instance Metadata API", "TA0006", "Credential Access", 73)
+    "T1552", "Unsecured Credentials", "TA0006", "Credential Access", 73, "T1552.005", "Cloud Instance Metadata API")
 DNS_TUNNEL = Rule(
     "EPT-0005", "dns_tunnel",
     "DNS queries carry data: a name too long, or more information in one domain's names than lookups need",
-    "T1071.004", "Application Layer Protocol: DNS", "TA0011", "Command and Control", 73)
+    "T1071", "Application Layer Protocol", "TA0011", "Command and Control", 73, "T1071.004", "DNS")
 ICMP_TUNNEL = Rule(
     "EPT-0006", "icmp_tunnel",
     "ICMP echo requests carry data: large payloads, or many distinct payloads to one destination",

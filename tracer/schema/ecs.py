@@ -1,4 +1,4 @@
-"""Typed events -> ECS 9.x documents (plain nested dicts, ready for JSON).
+"""Typed events -> ECS 9.4.0 documents (plain nested dicts, ready for JSON).
 
 This is the one place that knows the event contract of DESIGN.md. Fields that
 are unknown are left out: a document never carries None or empty placeholders.
@@ -50,8 +50,9 @@ _LISTS = {id(lst): json.dumps(lst, separators=(",", ":")) for table in (NETWORK_
 # A connection that got this far did succeed, whether or not decoding said so.
 _IMPLIED_SUCCESS = frozenset({"connection_established", "connection_accepted"})
 
-# network.transport -> IANA protocol number (network.iana_number, Community ID).
-IANA_NUMBERS: dict[str, int] = {"icmp": 1, "tcp": 6, "udp": 17, "ipv6-icmp": 58, "sctp": 132}
+# network.transport -> IANA protocol number (network.iana_number, Community ID). ECS wants IANA keywords
+# in network.transport: our other words ("raw", "packet": a raw or packet socket) go to eptrace.transport.
+IANA_NUMBERS: dict[str, int] = {"icmp": 1, "tcp": 6, "udp": 17, "ipv6-icmp": 58, "sctp": 132, "udplite": 136}
 _PORT_TRANSPORTS = frozenset({"tcp", "udp", "sctp"})
 # ICMP has no ports, and the tuple we get does not carry the message type. Probes
 # see ping sockets (echo only) and raw ICMP; we hash as echo, which is what
@@ -152,6 +153,8 @@ class EcsEncoder:
             sock.append(f'"cookie":{int(ev.cookie)}')
         if sock:
             parts.append(',"socket":{' + ",".join(sock) + "}")
+        if ev.transport and ev.transport not in IANA_NUMBERS:
+            parts.append(f',"transport":{_j(ev.transport)}')
         parts.append("}")    # closes eptrace
         if ev.process is not None:
             parts.append(self._process(ev.process))
@@ -171,11 +174,11 @@ class EcsEncoder:
             if fields:
                 parts.append(f',"{side}":{{' + ",".join(fields) + "}")
         network = []
-        if ev.transport:
-            network.append(f'"transport":"{ev.transport}"')   # our own vocabulary, no escaping
-            iana = IANA_NUMBERS.get(ev.transport)
-            if iana is not None:
-                network.append(f'"iana_number":"{iana}"')   # ECS keyword
+        iana = IANA_NUMBERS.get(ev.transport or "")
+        if iana is not None:
+            network.append(f'"transport":"{ev.transport}","iana_number":"{iana}"')   # iana_number: ECS keyword
+        if ev.protocol:
+            network.append(f'"protocol":{_j(ev.protocol)}')
         if ev.network_type:
             network.append(f'"type":"{ev.network_type}"')
         if ev.direction:
@@ -189,6 +192,11 @@ class EcsEncoder:
             network.append(f'"packets":{int(ev.source_packets + ev.destination_packets)}')
         if network:
             parts.append(',"network":{' + ",".join(network) + "}")
+        details = ev.protocol_details or {}
+        if ev.protocol == "tls" and details.get("sni"):
+            parts.append(f',"tls":{{"client":{{"server_name":{_j(details["sni"])}}}}}')
+        elif ev.protocol == "dns" and details.get("qname"):
+            parts.append(f',"dns":{{"type":"query","question":{{"name":{_j(details["qname"])}}}}}')
         if ev.error_message:
             parts.append(f',"error":{{"message":{_j(ev.error_message)}}}')
         parts.append("}")
@@ -218,16 +226,18 @@ class EcsEncoder:
         if ev.process is not None:
             parts.append(self._process(ev.process))
         parts.append(',"rule":' + _j({"id": rule.id, "name": rule.name, "description": rule.description,
-                                       "ruleset": AGENT_NAME, "reference": f"https://attack.mitre.org/techniques/"
-                                       f"{rule.technique_id.replace('.', '/')}/"}))
-        parts.append(',"threat":' + _j({"framework": THREAT_FRAMEWORK,
-                                         "technique": {"id": [rule.technique_id], "name": [rule.technique_name]},
+                                       "ruleset": AGENT_NAME, "reference": _attack_url(rule.attack_id)}))
+        technique: dict[str, Any] = {"id": [rule.technique_id], "name": [rule.technique_name],
+                                     "reference": [_attack_url(rule.technique_id)]}
+        if rule.subtechnique_id:
+            technique["subtechnique"] = {"id": [rule.subtechnique_id], "name": [rule.subtechnique_name or ""],
+                                         "reference": [_attack_url(rule.subtechnique_id)]}
+        parts.append(',"threat":' + _j({"framework": THREAT_FRAMEWORK, "technique": technique,
                                          "tactic": {"id": [rule.tactic_id], "name": [rule.tactic_name]}}))
         parts.append(f',"message":{_j(ev.message)}')
         ips = sorted({e.ip for ev_ in ev.evidence for e in (ev_.source, ev_.destination) if e is not None and e.ip})
         if ips:
             parts.append(',"related":{"ip":' + _j(ips) + "}")
-        cids = [cid for cid in (self._community_id(e) for e in ev.evidence) if cid]
         if ev.evidence:
             first = ev.evidence[0]
             for side, endpoint in (("source", first.source), ("destination", first.destination)):
@@ -236,11 +246,15 @@ class EcsEncoder:
                     if endpoint.port:
                         fields["port"] = endpoint.port
                     parts.append(f',"{side}":{_j(fields)}')
-            network = {"transport": first.transport} if first.transport else {}
+            # network.* describes the first evidence, like source and destination: one flow, one id.
+            network: dict[str, Any] = {}
+            if first.transport in IANA_NUMBERS:
+                network.update(transport=first.transport, iana_number=str(IANA_NUMBERS[first.transport]))
             if first.direction:
                 network["direction"] = first.direction
-            if cids:
-                network["community_id"] = cids[0] if len(set(cids)) == 1 else sorted(set(cids))
+            cid = self._community_id(first)
+            if cid:
+                network["community_id"] = cid
             if network:
                 parts.append(',"network":' + _j(network))
         parts.append("}")
@@ -285,8 +299,15 @@ class EcsEncoder:
             if process.executable:
                 proc["executable"] = process.executable
             if process.args:
-                proc["args"] = list(process.args)
-                proc["args_count"] = len(process.args)
+                args = list(process.args)
+                # ECS: args start with the absolute path of the executable. argv[0] is whatever the
+                # process was given (a bare name, a disguise): then the command line as the process
+                # shows it (/proc/PID/cmdline) goes to process.title.
+                if process.executable.startswith("/") and args[0] != process.executable:
+                    proc["title"] = " ".join(args)
+                    args[0] = process.executable
+                proc["args"] = args
+                proc["args_count"] = len(args)
             if process.parent_pid is not None:
                 proc["parent"] = {"pid": process.parent_pid}
             if process.thread_id is not None:
@@ -312,6 +333,11 @@ class EcsEncoder:
                 self._community_ids.clear()
             cid = self._community_ids[key] = _flow_community_id(ev)
         return cid
+
+
+def _attack_url(attack_id: str) -> str:
+    """https://attack.mitre.org/techniques/T1059/004/ for T1059.004."""
+    return f"https://attack.mitre.org/techniques/{attack_id.replace('.', '/')}/"
 
 
 def _lookup(table: dict[str, tuple[list[str], list[str]]], action: str) -> tuple[list[str], list[str]]:
@@ -366,7 +392,7 @@ def format_human(doc: dict[str, Any]) -> str:
         parts.extend(f"{k}={v}" for k, v in stats.items())
     elif action == "process_started":
         parts.append(process.get("executable") or process.get("name") or "?")
-        parts.append(_shorten(" ".join(process.get("args", []))))
+        parts.append(_shorten(process.get("title") or " ".join(process.get("args", []))))   # argv as given
     elif action == "process_ended" and "exit_code" in process:
         parts.append(f"exit={process['exit_code']}")
     else:
@@ -379,7 +405,7 @@ def format_human(doc: dict[str, Any]) -> str:
 def _network_words(doc: dict[str, Any]) -> list[str]:
     words: list[str] = []
     network = doc.get("network", {})
-    words.append(network.get("transport", ""))
+    words.append(network.get("transport") or doc.get("eptrace", {}).get("transport", ""))
     sock = doc.get("eptrace", {}).get("socket", {})
     if "family" in sock or "type" in sock:
         words += [sock.get("family", ""), sock.get("type", "")]

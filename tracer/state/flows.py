@@ -364,8 +364,10 @@ class FlowTable:
         flow.reported_ns = now_mono_ns
         latest = flow.latest
         inbound = not flow.initiated
+        # The running totals of the last counter record; before the first one they are unknown (None,
+        # left out of the document), never 0: bytes may well have flowed already.
         out_b, in_b, out_p, in_p = ((latest.bytes_out, latest.bytes_in, latest.packets_out, latest.packets_in)
-                                    if latest else (0, 0, 0, 0))
+                                    if latest else (None, None, None, None))
         sighting = flow.protocol
         fields = dict(network_type=flow.network_type, transport=flow.transport,
                       direction="ingress" if inbound else "egress", outcome="success",
