@@ -35,8 +35,8 @@ def exposition(stats: dict) -> str:
     metric("records_undecodable_total", "counter", "Records refused by the decoder (a size or type not "
            "in its layouts).", [({}, stats.get("records_undecodable", 0))])
     metric("episode_losses_total", "counter", "What each episode's record lacks, by reason (nonzero only).",
-           [({"episode": e, "reason": r}, n) for e, counts in stats.get("episode_losses", {}).items()
-            for r, n in counts.items()])
+           [({"episode": item["episode_id"], "reason": r}, n) for item in stats.get("episode_losses", [])
+            for r, n in item["losses"].items()])
     metric("evicted_total", "counter", "Entries dropped from capped tables, by table.",
            [({"table": t}, n) for t, n in stats.get("evicted", {}).items()])
     metric("events_emitted_total", "counter", "Documents produced.", [({}, stats["events_emitted"])])

@@ -293,7 +293,8 @@ class Tracer:
             counts = self.episode_losses(episode.cgroup_id)
             if counts:
                 by_episode[episode.id] = counts
-        stats["episode_losses"] = by_episode
+        # A list of objects, not a map keyed by episode id: ids are data, never field names (ECS custom fields).
+        stats["episode_losses"] = [{"episode_id": e, "losses": counts} for e, counts in by_episode.items()]
         usage = resource.getrusage(resource.RUSAGE_SELF)     # this process only, not the episode
         stats["tracer_cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 3)
         stats["tracer_max_rss_bytes"] = usage.ru_maxrss * 1024

@@ -160,7 +160,7 @@ def test_a_flood_is_refused_by_its_budget_and_spares_the_other_episode(net, tmp_
 
         def losses_reported(docs):
             metrics = [d for d in docs if get(d, "event.kind") == "metric"]
-            return metrics and get(metrics[-1], "eptrace.stats.episode_losses.ep-flood.budget")
+            return metrics and losses_of(metrics[-1]).get("ep-flood", {}).get("budget")
         wait_for_docs(events, losses_reported, 20, "the flood's budget losses in a metric document")
         assert watcher.stop() == 0, watcher.stderr.text()
 
@@ -170,7 +170,7 @@ def test_a_flood_is_refused_by_its_budget_and_spares_the_other_episode(net, tmp_
     assert len(attempts) == 100, dump(attempts)
     assert all(get(d, "event.outcome") == "success" for d in attempts), dump(attempts)
     assert len(select(docs, "connection_established", episode="ep-victim", port=port)) == 100
-    by_episode = get(metric, "eptrace.stats.episode_losses")
+    by_episode = losses_of(metric)
     # The victim lost nothing (its long `python -c` argv may have been read from /proc: no gap).
     assert not gaps(by_episode.get("ep-victim", {})), by_episode
     flood_losses = by_episode["ep-flood"]
@@ -179,6 +179,11 @@ def test_a_flood_is_refused_by_its_budget_and_spares_the_other_episode(net, tmp_
     assert flood_losses["budget"] >= sent - 2 - allowed, (sent, seconds, flood_losses)
     assert set(gaps(flood_losses)) == {"budget"}, flood_losses         # and nothing else was lost
     assert get(metric, "eptrace.stats.records_lost_by_reason.ringbuf_full") == 0, metric
+
+
+def losses_of(metric: dict) -> dict[str, dict[str, int]]:
+    """Episode id -> its losses by reason, from a metric document's eptrace.stats.episode_losses."""
+    return {item["episode_id"]: item["losses"] for item in get(metric, "eptrace.stats.episode_losses") or []}
 
 
 def gaps(losses: dict[str, int]) -> dict[str, int]:

@@ -129,7 +129,7 @@ def test_limits_are_read_from_the_config():
 def test_episode_losses_and_evictions_reach_prometheus():
     stats = {"records_received": 1, "records_lost_by_reason": {}, "events_emitted": 1, "alerts": 0,
              "episodes": 1, "flows_open": 0, "outputs": {},
-             "episode_losses": {"ep-1": {"budget": 4}}, "evicted": {"flows": 2}}
+             "episode_losses": [{"episode_id": "ep-1", "losses": {"budget": 4}}], "evicted": {"flows": 2}}
     text = exposition(stats)
     assert 'eptrace_episode_losses_total{episode="ep-1",reason="budget"} 4' in text
     assert 'eptrace_evicted_total{table="flows"} 2' in text
