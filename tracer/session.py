@@ -305,7 +305,10 @@ def _report_resumption(tracer: Tracer, attached: dict[str, int]) -> None:
         "away_seconds": round((time.monotonic_ns() - refreshed_ns) / 1e9, 3) if refreshed_ns else None,
         "records_delivered_from_pins": tracer.stats["records_received"] - before,
         "records_lost_while_away": max(0, sum(probes.lost().values()) - lost_reported),
-        "connects_refused": {episode_id: refused.get(cgid, 0) for episode_id, cgid in attached.items()},
+        # the same field as in every metric document (a number), and per episode as a list: ids are data
+        "connects_refused": sum(refused.values()),
+        "episode_connects_refused": [{"episode_id": episode_id, "count": refused.get(cgid, 0)}
+                                     for episode_id, cgid in attached.items()],
     }
     log.warning("resumed the pinned probes %s s after the last tracer was seen alive; %d record(s) waiting",
                 stats["away_seconds"], stats["records_delivered_from_pins"])

@@ -185,7 +185,8 @@ def test_fail_closed_watch_refuses_while_dead_and_reports_the_count(net, tmp_pat
         try:
             resumed = wait_for_docs(ev2, lambda docs: [d for d in docs if get(d, "eptrace.stats.tracer_resumed")],
                                     60, "the resumption metric")[0]
-            refused = get(resumed, "eptrace.stats.connects_refused")[eid]
+            refused = next(item["count"] for item in get(resumed, "eptrace.stats.episode_connects_refused")
+                           if item["episode_id"] == eid)
             assert refused == len(out.split("\n")[:-1]), (resumed, out)
             attempts = wait_for_docs(ev2, lambda docs: select(docs, "connection_attempted", port=port, episode=eid),
                                      10, "the refused attempts, delivered")
