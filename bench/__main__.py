@@ -11,42 +11,51 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from tracer.kernel import cgroups
 
-from . import detection, floors, outputs, peer
+from . import detection, floors, memory, outputs, peer
 from .storm import Figures, pair_rates
 
 STORM_SECONDS = 30.0     # 60 alternating phases of 0.25 s each side
 BULK_SECONDS = 30.0      # 60 pairs of bulk transfers of 0.25 s
+STARTUP_ALLOWANCE = 4.0  # eptrace run's own start, before the storm's first phase
 STORM = Path(__file__).with_name("storm.py")
 EPTRACE = [sys.executable, "-m", "tracer"]
 
 
 def storm(untraced: Path, events_file: Path, seconds: float = STORM_SECONDS,
-          bulk: bool = False) -> tuple[list[dict], dict, float]:
-    """One `eptrace run` of the alternating storm: (phases, final stats, wall seconds).
+          bulk: bool = False) -> tuple[list[dict], dict, float, dict | None]:
+    """One `eptrace run` of the alternating storm: (phases, final stats, wall seconds, tracer RSS by part
+    halfway through the storm, see memory.py).
 
     The storm starts in the episode's cgroup and alternates with `untraced`, a
     cgroup eptrace does not trace (see storm.py): both sides then see the same
     machine load, which on these shared VMs swings by 10% between runs."""
     start = time.monotonic()
-    proc = subprocess.run([*EPTRACE, "run", "--episode", "bench", "--output", f"file:{events_file}",
-                           "--", sys.executable, str(STORM), str(seconds), "--untraced", str(untraced),
-                           *(["--bulk"] if bulk else [])],
-                          capture_output=True, text=True)
+    proc = subprocess.Popen([*EPTRACE, "run", "--episode", "bench", "--output", f"file:{events_file}",
+                             "--", sys.executable, str(STORM), str(seconds), "--untraced", str(untraced),
+                             *(["--bulk"] if bulk else [])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rss: dict[str, dict | None] = {}
+    sampler = threading.Timer(seconds / 2 + STARTUP_ALLOWANCE,
+                              lambda: rss.__setitem__("parts", memory.rss_by_part(proc.pid)))
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    sampler.cancel()
     wall = time.monotonic() - start
     if proc.returncode != 0:
-        raise SystemExit(f"eptrace run failed ({proc.returncode}): {proc.stderr.strip()}")
+        raise SystemExit(f"eptrace run failed ({proc.returncode}): {stderr.strip()}")
     stats = {}
     with open(events_file) as f:
         for line in f:
             doc = json.loads(line)
             if doc["event"]["kind"] == "metric":
                 stats = doc["eptrace"]["stats"]
-    return json.loads(proc.stdout)["phases"], stats, wall
+    return json.loads(stdout)["phases"], stats, wall, rss.get("parts")
 
 
 def startup_seconds() -> float:
@@ -85,7 +94,7 @@ def peer_side_by_side(parent: Path, eptrace: Figures) -> None:
 
 
 def bulk(untraced: Path, events_file: Path) -> None:
-    phases, stats, _ = storm(untraced, events_file, BULK_SECONDS, bulk=True)
+    phases, stats, _, _ = storm(untraced, events_file, BULK_SECONDS, bulk=True)
     f = Figures.of(pair_rates(phases, "bytes"))
     lost = stats.get("records_lost", 0)
     print(f"  bulk transfer: one loopback TCP connection per phase sending at full speed, both ends on CPU 0, "
@@ -104,9 +113,9 @@ def main() -> None:
     untraced_cgroup = cgroups.create(parent / "untraced")
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            phases, stats, wall = storm(untraced_cgroup, Path(tmp) / "events.ndjson")
+            phases, stats, wall, rss = storm(untraced_cgroup, Path(tmp) / "events.ndjson")
             startups = [startup_seconds() for _ in range(3)]
-            report_storm(phases, stats, wall, startups)
+            report_storm(phases, stats, wall, startups, rss)
             eptrace = Figures.of(pair_rates(phases))
             peer_side_by_side(parent, eptrace)
             bulk(untraced_cgroup, Path(tmp) / "bulk.ndjson")
@@ -124,7 +133,7 @@ def main() -> None:
     outputs.main()
 
 
-def report_storm(phases: list[dict], stats: dict, wall: float, startups: list[float]) -> None:
+def report_storm(phases: list[dict], stats: dict, wall: float, startups: list[float], rss: dict | None) -> None:
     f = Figures.of(pair_rates(phases))
     ratio, traced_rate, untraced_rate, cost_us = f.ratio, f.traced_rate, f.untraced_rate, f.cost
     traced_seconds = sum(p["seconds"] for p in phases if p["side"] == "traced")
@@ -151,6 +160,11 @@ def report_storm(phases: list[dict], stats: dict, wall: float, startups: list[fl
     print(f"  tracer peak RSS       {rss_mb:10.1f} MB    target <= 200    {verdict(rss_mb <= 200)}")
     print(f"  tracer RSS at the end {rss_end_mb:10.1f} MB    target <= 80     {verdict(rss_end_mb <= 80)}   after {stats.get('records_received', 0):,} records; "
           f"{evicted} table entries evicted (capped tables)")
+    if rss:
+        mb = {k: v / 2**20 for k, v in rss.items()}
+        print(f"  tracer RSS mid-storm  {mb['total']:10.1f} MB    of which the compiler bcc keeps mapped "
+              f"(libLLVM, libclang) {mb['compiler']:.1f} MB, the mmapped ring buffer {mb['ring buffer']:.1f} MB; "
+              f"private dirty {mb['private']:.1f} MB")
     by_reason = {r: n for r, n in stats.get("records_lost_by_reason", {}).items() if n}
     if by_reason:
         print(f"  records lost by reason {by_reason}   (budget: the episode's record budget, [limits])")
