@@ -130,6 +130,8 @@ def main() -> None:
               f"({f.cost:.1f} us, {quartiles(f.cost_quartiles, 1)}; floor {records.cost:.1f} us, "
               f"{quartiles(records.cost_quartiles, 1)})")
     detection.main()
+    # in a process of its own: this one has loaded bcc (floors.py traces in-process)
+    subprocess.run([sys.executable, "-m", "bench.nocompiler"], cwd=Path(__file__).parent.parent)
     outputs.main()
 
 
