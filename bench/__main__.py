@@ -11,39 +11,51 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from tracer.kernel import cgroups
 
-from . import floors, outputs
-from .storm import pair_rates
+from . import detection, floors, memory, outputs, peer
+from .storm import Figures, pair_rates
 
 STORM_SECONDS = 30.0     # 60 alternating phases of 0.25 s each side
+BULK_SECONDS = 30.0      # 60 pairs of bulk transfers of 0.25 s
+STARTUP_ALLOWANCE = 4.0  # eptrace run's own start, before the storm's first phase
 STORM = Path(__file__).with_name("storm.py")
 EPTRACE = [sys.executable, "-m", "tracer"]
 
 
-def storm(untraced: Path, events_file: Path) -> tuple[list[dict], dict, float]:
-    """One `eptrace run` of the alternating storm: (phases, final stats, wall seconds).
+def storm(untraced: Path, events_file: Path, seconds: float = STORM_SECONDS,
+          bulk: bool = False) -> tuple[list[dict], dict, float, dict | None]:
+    """One `eptrace run` of the alternating storm: (phases, final stats, wall seconds, tracer RSS by part
+    halfway through the storm, see memory.py).
 
     The storm starts in the episode's cgroup and alternates with `untraced`, a
     cgroup eptrace does not trace (see storm.py): both sides then see the same
     machine load, which on these shared VMs swings by 10% between runs."""
     start = time.monotonic()
-    proc = subprocess.run([*EPTRACE, "run", "--episode", "bench", "--output", f"file:{events_file}",
-                           "--", sys.executable, str(STORM), str(STORM_SECONDS), "--untraced", str(untraced)],
-                          capture_output=True, text=True)
+    proc = subprocess.Popen([*EPTRACE, "run", "--episode", "bench", "--output", f"file:{events_file}",
+                             "--", sys.executable, str(STORM), str(seconds), "--untraced", str(untraced),
+                             *(["--bulk"] if bulk else [])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rss: dict[str, dict | None] = {}
+    sampler = threading.Timer(seconds / 2 + STARTUP_ALLOWANCE,
+                              lambda: rss.__setitem__("parts", memory.rss_by_part(proc.pid)))
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    sampler.cancel()
     wall = time.monotonic() - start
     if proc.returncode != 0:
-        raise SystemExit(f"eptrace run failed ({proc.returncode}): {proc.stderr.strip()}")
+        raise SystemExit(f"eptrace run failed ({proc.returncode}): {stderr.strip()}")
     stats = {}
     with open(events_file) as f:
         for line in f:
             doc = json.loads(line)
             if doc["event"]["kind"] == "metric":
                 stats = doc["eptrace"]["stats"]
-    return json.loads(proc.stdout)["phases"], stats, wall
+    return json.loads(stdout)["phases"], stats, wall, rss.get("parts")
 
 
 def startup_seconds() -> float:
@@ -57,6 +69,42 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
+def quartiles(pair: tuple[float, float], digits: int = 3) -> str:
+    return f"quartiles {pair[0]:.{digits}f}-{pair[1]:.{digits}f}"
+
+
+def peer_side_by_side(parent: Path, eptrace: Figures) -> None:
+    if not peer.available():
+        print(f"  peer: {peer.TCPLIFE} is not installed (bpfcc-tools, see scripts/setup.sh): not compared")
+        return
+    try:
+        pairs, lines, lost = peer.storm(cgroups.create(parent / "peer"), STORM)
+    except RuntimeError as e:
+        print(f"  peer: not compared: {e}")
+        return
+    tcplife = Figures.of(pairs)
+    print(f"  the peer, side by side: the same storm with bcc's {peer.TCPLIFE} running host-wide or not, "
+          f"{tcplife.pairs} pairs of 0.5 s phases (its starts untimed); it printed {lines:,} lines, "
+          f"lost {lost} samples")
+    for name, f in (("eptrace", eptrace), ("tcplife", tcplife)):
+        print(f"    {name:8s} traced/untraced {f.ratio:6.3f} ({quartiles(f.ratio_quartiles)})   "
+              f"{f.cost:5.1f} us per connection ({quartiles(f.cost_quartiles, 1)})")
+    share = eptrace.cost / tcplife.cost if tcplife.cost > 0 else float("inf")
+    print(f"    eptrace's cost per connection / tcplife's {share:6.2f}     target <= 0.5    {verdict(share <= 0.5)}")
+
+
+def bulk(untraced: Path, events_file: Path) -> None:
+    phases, stats, _, _ = storm(untraced, events_file, BULK_SECONDS, bulk=True)
+    f = Figures.of(pair_rates(phases, "bytes"))
+    lost = stats.get("records_lost", 0)
+    print(f"  bulk transfer: one loopback TCP connection per phase sending at full speed, both ends on CPU 0, "
+          f"alternating as the storm does: {f.pairs} pairs of 0.25 s phases")
+    print(f"    untraced {f.untraced_rate * 8 / 1e9:6.2f} Gbit/s, traced {f.traced_rate * 8 / 1e9:6.2f} Gbit/s; "
+          f"{lost} records lost")
+    print(f"    traced/untraced     {f.ratio:10.3f}      target >= 0.97   {verdict(f.ratio >= 0.97)}"
+          f"   ({quartiles(f.ratio_quartiles)})")
+
+
 def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("make bench needs root: sudo make bench")
@@ -65,18 +113,32 @@ def main() -> None:
     untraced_cgroup = cgroups.create(parent / "untraced")
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            phases, stats, wall = storm(untraced_cgroup, Path(tmp) / "events.ndjson")
+            phases, stats, wall, rss = storm(untraced_cgroup, Path(tmp) / "events.ndjson")
             startups = [startup_seconds() for _ in range(3)]
+            report_storm(phases, stats, wall, startups, rss)
+            eptrace = Figures.of(pair_rates(phases))
+            peer_side_by_side(parent, eptrace)
+            bulk(untraced_cgroup, Path(tmp) / "bulk.ndjson")
         finally:
             cgroups.kill_and_remove(parent)
-    pairs = pair_rates(phases)
-    ratios = sorted(t / u for t, u in pairs)
-    ratio = statistics.median(ratios)
-    quartiles = statistics.quantiles(ratios, n=4)
-    traced_rate = statistics.median(t for t, _ in pairs)
-    untraced_rate = statistics.median(u for _, u in pairs)
+    floor = floors.main()
+    records = floor["records"]
+    print(f"  eptrace's cost per connection / the contract records' floor (same run)")
+    for label, f in (("eptrace run's storm above", eptrace), ("eptrace's own probes, in-process", floor["shipped"])):
+        times = f.cost / records.cost if records.cost > 0 else float("inf")
+        print(f"    {label:34s} {times:5.2f} times   target <= 1.5    {verdict(times <= 1.5)}   "
+              f"({f.cost:.1f} us, {quartiles(f.cost_quartiles, 1)}; floor {records.cost:.1f} us, "
+              f"{quartiles(records.cost_quartiles, 1)})")
+    detection.main()
+    # in a process of its own: this one has loaded bcc (floors.py traces in-process)
+    subprocess.run([sys.executable, "-m", "bench.nocompiler"], cwd=Path(__file__).parent.parent)
+    outputs.main()
+
+
+def report_storm(phases: list[dict], stats: dict, wall: float, startups: list[float], rss: dict | None) -> None:
+    f = Figures.of(pair_rates(phases))
+    ratio, traced_rate, untraced_rate, cost_us = f.ratio, f.traced_rate, f.untraced_rate, f.cost
     traced_seconds = sum(p["seconds"] for p in phases if p["side"] == "traced")
-    cost_us = statistics.median((1 / t - 1 / u) * 1e6 for t, u in pairs)
     records_per_s = stats.get("records_received", 0) / traced_seconds
     events_per_s = stats.get("events_emitted", 0) / traced_seconds
     lost = stats.get("records_lost", 0)
@@ -86,26 +148,30 @@ def main() -> None:
     startup = statistics.median(startups)
     print(f"eptrace bench: {os.cpu_count()} cores, Linux {os.uname().release}; a {STORM_SECONDS:.0f} s loopback "
           f"TCP connect/accept/close storm, pinned to CPU 0, alternating every 0.25 s between an episode cgroup "
-          f"(both ends traced) and an untraced cgroup: {len(pairs)} pairs of phases")
+          f"(both ends traced) and an untraced cgroup: {f.pairs} pairs of phases")
     print(f"  storm untraced        {untraced_rate:10,.0f} connections/s")
     print(f"  storm traced          {traced_rate:10,.0f} connections/s")
-    print(f"  traced/untraced       {ratio:10.3f}      target >= 0.95   {verdict(ratio >= 0.95)}"
-          f"   (median of pairs; quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f})")
-    print(f"  cost per connection   {cost_us:10.1f} us    both ends, on the sandbox's CPU")
+    print(f"  traced/untraced       {ratio:10.3f}      (median of pairs; {quartiles(f.ratio_quartiles)})")
+    print(f"  cost per connection   {cost_us:10.1f} us    both ends, on the sandbox's CPU "
+          f"({quartiles(f.cost_quartiles, 1)})")
     print(f"  records handled       {records_per_s:10,.0f} /s   while traced")
     print(f"  events handled        {events_per_s:10,.0f} /s   while traced")
     print(f"  records lost          {lost:10d}        target 0         {verdict(lost == 0)}")
     print(f"  tracer CPU            {stats['tracer_cpu_seconds']:10.2f} s     over {wall:.1f} s of eptrace run "
           "(user+sys)")
     print(f"  tracer peak RSS       {rss_mb:10.1f} MB    target <= 200    {verdict(rss_mb <= 200)}")
-    print(f"  tracer RSS at the end {rss_end_mb:10.1f} MB    after {stats.get('records_received', 0):,} records; "
+    print(f"  tracer RSS at the end {rss_end_mb:10.1f} MB    target <= 80     {verdict(rss_end_mb <= 80)}   after {stats.get('records_received', 0):,} records; "
           f"{evicted} table entries evicted (capped tables)")
+    if rss:
+        mb = {k: v / 2**20 for k, v in rss.items()}
+        print(f"  tracer RSS mid-storm  {mb['total']:10.1f} MB    of which the compiler bcc keeps mapped "
+              f"(libLLVM, libclang) {mb['compiler']:.1f} MB, the mmapped ring buffer {mb['ring buffer']:.1f} MB; "
+              f"private dirty {mb['private']:.1f} MB")
     by_reason = {r: n for r, n in stats.get("records_lost_by_reason", {}).items() if n}
     if by_reason:
         print(f"  records lost by reason {by_reason}   (budget: the episode's record budget, [limits])")
-    print(f"  start-up (run -- true){startup:10.2f} s     target <= 3      {verdict(startup <= 3)}")
-    floors.main()
-    outputs.main()
+    print(f"  start-up (run -- true){startup:10.2f} s     target <= 3      {verdict(startup <= 3)}"
+          f"   (median of {len(startups)})")
 
 
 if __name__ == "__main__":

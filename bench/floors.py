@@ -14,7 +14,6 @@ The tracepoints (probes/processes.c) stay as shipped: they run host-wide.
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 from tracer import api
 from tracer.kernel import cgroups, loader
 
-from .storm import pair_rates
+from .storm import Figures, pair_rates
 
 SECONDS = 30.0
 STORM = Path(__file__).with_name("storm.py")
@@ -91,8 +90,8 @@ def stand_in_source(records: bool) -> str:
     return "\n".join([common, tracepoints, *programs])
 
 
-def measure(parent: Path, name: str, source: str | None) -> tuple[float, float]:
-    """(median ratio of pairs, median cost per connection in us) with the given probe source."""
+def measure(parent: Path, name: str, source: str | None) -> Figures:
+    """The storm's figures with the given probe source."""
     traced, untraced = cgroups.create(parent / f"{name}-traced"), cgroups.create(parent / f"{name}-untraced")
     shipped = loader.probe_source
     if source is not None:
@@ -107,23 +106,24 @@ def measure(parent: Path, name: str, source: str | None) -> tuple[float, float]:
         loader.probe_source = shipped
         cgroups.kill_and_remove(traced)
         cgroups.kill_and_remove(untraced)
-    pairs = pair_rates(json.loads(out)["phases"])
-    return (statistics.median(t / u for t, u in pairs),
-            statistics.median((1 / t - 1 / u) * 1e6 for t, u in pairs))
+    return Figures.of(pair_rates(json.loads(out)["phases"]))
 
 
-def main() -> None:
+def main() -> dict[str, Figures]:
+    """Prints the floors; returns them by key: "empty", "records", "shipped"."""
     parent = cgroups.cgroup2_mount() / "eptrace-bench-floors"
     parent.mkdir(exist_ok=True)
     try:
-        rows = [("hooks attached, programs empty", measure(parent, "empty", stand_in_source(records=False))),
-                ("the contract's records only", measure(parent, "records", stand_in_source(records=True))),
-                ("eptrace's own probes", measure(parent, "shipped", None))]
+        rows = [("empty", "hooks attached, programs empty", measure(parent, "empty", stand_in_source(records=False))),
+                ("records", "the contract's records only", measure(parent, "records", stand_in_source(records=True))),
+                ("shipped", "eptrace's own probes", measure(parent, "shipped", None))]
     finally:
         cgroups.kill_and_remove(parent)
     print("  what the ratio can be here: the same storm, traced in-process with stand-in cgroup programs")
-    for label, (ratio, cost) in rows:
-        print(f"    {label:34s} {ratio:6.3f}   {cost:5.1f} us per connection")
+    for _, label, f in rows:
+        print(f"    {label:34s} {f.ratio:6.3f} (quartiles {f.ratio_quartiles[0]:.3f}-{f.ratio_quartiles[1]:.3f})   "
+              f"{f.cost:5.1f} us per connection (quartiles {f.cost_quartiles[0]:.1f}-{f.cost_quartiles[1]:.1f})")
+    return {key: f for key, _, f in rows}
 
 
 if __name__ == "__main__":

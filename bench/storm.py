@@ -3,6 +3,11 @@
 Usage:
   storm.py SECONDS                      -> "connections=N seconds=S"
   storm.py SECONDS --untraced CGROUP    -> one JSON line of phases, see below
+  storm.py SECONDS --untraced CGROUP --bulk
+                                        -> the same, each phase one bulk transfer at full speed
+  storm.py SECONDS --gated              -> phases "peer" and "alone" in this cgroup; before each one it
+                                           prints {"next": SIDE} and waits for a line on stdin (the
+                                           caller starts or stops a peer tracer there, untimed)
 
 Both processes are pinned to CPU 0, so that the figures show what eptrace costs
 the sandbox's own CPU (the probes run there, in its syscalls and softirqs) and
@@ -22,12 +27,16 @@ import json
 import os
 import selectors
 import socket
+import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 PHASE_SECONDS = 0.25
+GATED_PHASE_SECONDS = 0.5   # fewer, longer phases: the peer's start between them takes seconds
 BATCH = 50
+BULK_CHUNK = 256 * 1024
 
 
 def listener() -> socket.socket:
@@ -67,6 +76,35 @@ def connect_for(addr, seconds: float) -> tuple[int, float]:
             return count, time.perf_counter() - start
 
 
+def serve_bulk_forever(listeners: list[socket.socket]) -> None:
+    """Reads each transfer to its end, then answers the byte count (so the sender times delivery)."""
+    sel = selectors.DefaultSelector()
+    for s in listeners:
+        sel.register(s, selectors.EVENT_READ)
+    buf = bytearray(BULK_CHUNK)
+    while True:
+        for key, _ in sel.select():
+            conn, _ = key.fileobj.accept()
+            total = 0
+            while n := conn.recv_into(buf):
+                total += n
+            conn.sendall(total.to_bytes(8, "big"))
+            conn.close()
+
+
+def send_for(addr, seconds: float) -> tuple[int, float]:
+    """One connection sending at full speed for `seconds`: (bytes delivered, seconds until acknowledged)."""
+    chunk = bytes(BULK_CHUNK)
+    start = time.perf_counter()
+    deadline = start + seconds
+    with socket.create_connection(addr) as s:
+        while time.perf_counter() < deadline:
+            s.sendall(chunk)
+        s.shutdown(socket.SHUT_WR)
+        delivered = int.from_bytes(s.recv(8), "big")
+    return delivered, time.perf_counter() - start
+
+
 def move(pids: list[int], cgroup: Path) -> None:
     for pid in pids:
         (cgroup / "cgroup.procs").write_text(str(pid))
@@ -89,7 +127,14 @@ def simple(seconds: float) -> None:
     print(f"connections={count} seconds={elapsed:.3f}", flush=True)
 
 
-def alternating(seconds: float, untraced: Path) -> None:
+def orders(seconds: float, phase_seconds: float, first: str, second: str):
+    """(pair, side) in ABBA order: each side goes first in half of the pairs."""
+    for pair in range(int(seconds / (2 * phase_seconds))):
+        for side in ((first, second) if pair % 2 == 0 else (second, first)):
+            yield pair, side
+
+
+def alternating(seconds: float, untraced: Path, bulk: bool) -> None:
     traced = own_cgroup()
     me = os.getpid()
     listeners = {"traced": listener()}
@@ -97,16 +142,15 @@ def alternating(seconds: float, untraced: Path) -> None:
     listeners["untraced"] = listener()
     acceptor = os.fork()
     if acceptor == 0:
-        accept_forever(list(listeners.values()))
+        (serve_bulk_forever if bulk else accept_forever)(list(listeners.values()))
     cgroup_of = {"traced": traced, "untraced": untraced}
+    unit, work = ("bytes", send_for) if bulk else ("connections", connect_for)
     phases = []
     try:
-        for pair in range(int(seconds / (2 * PHASE_SECONDS))):
-            order = ("traced", "untraced") if pair % 2 == 0 else ("untraced", "traced")
-            for side in order:
-                move([me, acceptor], cgroup_of[side])
-                count, elapsed = connect_for(listeners[side].getsockname(), PHASE_SECONDS)
-                phases.append({"pair": pair, "side": side, "connections": count, "seconds": elapsed})
+        for pair, side in orders(seconds, PHASE_SECONDS, "traced", "untraced"):
+            move([me, acceptor], cgroup_of[side])
+            count, elapsed = work(listeners[side].getsockname(), PHASE_SECONDS)
+            phases.append({"pair": pair, "side": side, unit: count, "seconds": elapsed})
     finally:
         move([me, acceptor], traced)
         os.kill(acceptor, 9)
@@ -114,19 +158,59 @@ def alternating(seconds: float, untraced: Path) -> None:
     print(json.dumps({"phases": phases}), flush=True)
 
 
-def pair_rates(phases: list[dict]) -> list[tuple[float, float]]:
-    """(traced, untraced) connections per second of each pair of adjacent phases."""
+def gated(seconds: float) -> None:
+    lst = listener()
+    acceptor = os.fork()
+    if acceptor == 0:
+        accept_forever([lst])
+    phases = []
+    try:
+        for pair, side in orders(seconds, GATED_PHASE_SECONDS, "peer", "alone"):
+            print(json.dumps({"next": side}), flush=True)
+            sys.stdin.readline()
+            count, elapsed = connect_for(lst.getsockname(), GATED_PHASE_SECONDS)
+            phases.append({"pair": pair, "side": side, "connections": count, "seconds": elapsed})
+    finally:
+        os.kill(acceptor, 9)
+        os.waitpid(acceptor, 0)
+    print(json.dumps({"phases": phases}), flush=True)
+
+
+def pair_rates(phases: list[dict], unit: str = "connections", sides=("traced", "untraced")) -> list[tuple[float, float]]:
+    """(traced, untraced) units per second of each pair of adjacent phases."""
     pairs: dict[int, dict[str, float]] = {}
     for p in phases:
-        pairs.setdefault(p["pair"], {})[p["side"]] = p["connections"] / p["seconds"]
-    return [(v["traced"], v["untraced"]) for v in pairs.values() if len(v) == 2]
+        pairs.setdefault(p["pair"], {})[p["side"]] = p[unit] / p["seconds"]
+    return [(v[sides[0]], v[sides[1]]) for v in pairs.values() if len(v) == 2]
+
+
+@dataclass(frozen=True)
+class Figures:
+    """One alternating run's figures: medians of its pairs of phases, with their quartiles."""
+    pairs: int
+    ratio: float                     # traced rate / untraced rate
+    ratio_quartiles: tuple[float, float]
+    cost: float                      # 1/traced - 1/untraced: microseconds per unit (connection, byte...)
+    cost_quartiles: tuple[float, float]
+    traced_rate: float
+    untraced_rate: float
+
+    @classmethod
+    def of(cls, pairs: list[tuple[float, float]]) -> "Figures":
+        ratios = [t / u for t, u in pairs]
+        costs = [(1 / t - 1 / u) * 1e6 for t, u in pairs]
+        rq, cq = statistics.quantiles(ratios, n=4), statistics.quantiles(costs, n=4)
+        return cls(len(pairs), statistics.median(ratios), (rq[0], rq[2]), statistics.median(costs), (cq[0], cq[2]),
+                   statistics.median(t for t, _ in pairs), statistics.median(u for _, u in pairs))
 
 
 def main() -> None:
     seconds = float(sys.argv[1])
     os.sched_setaffinity(0, {0})
-    if len(sys.argv) == 4 and sys.argv[2] == "--untraced":
-        alternating(seconds, Path(sys.argv[3]))
+    if len(sys.argv) >= 4 and sys.argv[2] == "--untraced":
+        alternating(seconds, Path(sys.argv[3]), bulk=sys.argv[4:] == ["--bulk"])
+    elif sys.argv[2:] == ["--gated"]:
+        gated(seconds)
     else:
         simple(seconds)
 
