@@ -66,9 +66,8 @@ class NetworkEvent:
 
 
 @dataclass(slots=True)
-class PayloadSeen:
-    """Internal (never a document): the first bytes of a flow one way, or a DNS query,
-    named by tracer.protocols. Detectors see it at once."""
+class SocketActivity:
+    """Internal (never a document): something a socket of an episode did, for the detectors only."""
     timestamp_ns: int
     episode: Episode
     cgroup_id: int
@@ -76,6 +75,11 @@ class PayloadSeen:
     process: Process | None
     cookie: int
     transport: str
+
+
+@dataclass(slots=True)
+class PayloadSeen(SocketActivity):
+    """The first bytes of a flow one way, or a DNS query, named by tracer.protocols."""
     egress: bool
     source: Endpoint | None
     destination: Endpoint | None
@@ -89,16 +93,9 @@ class PayloadSeen:
 
 
 @dataclass(slots=True)
-class Burst:
-    """Internal (never a document): a flow's data resumed one way after a silence or a turn (the
-    kernel's REC_BURST), for relay correlation. source and destination are as the data went."""
-    timestamp_ns: int         # its first packet
-    episode: Episode
-    cgroup_id: int
-    cgroup_path: str
-    process: Process | None
-    cookie: int
-    transport: str
+class Burst(SocketActivity):
+    """A flow's data resumed one way after a silence or a turn (the kernel's REC_BURST), for relay
+    correlation; timestamp_ns is its first packet. source and destination are as the data went."""
     egress: bool
     bytes: int                # payload bytes of its first packet
     source: Endpoint | None
@@ -110,16 +107,9 @@ class Burst:
 
 
 @dataclass(slots=True)
-class IcmpEchoes:
-    """Internal (never a document): ICMP echo requests of an episode to one destination that carried
-    data, as the kernel summed them (decoding.IcmpRecord). Counts since the first echo there."""
-    timestamp_ns: int
-    episode: Episode
-    cgroup_id: int
-    cgroup_path: str
-    process: Process | None
-    cookie: int
-    transport: str            # icmp / ipv6-icmp
+class IcmpEchoes(SocketActivity):
+    """ICMP echo requests of an episode to one destination that carried data, as the kernel summed
+    them (decoding.IcmpRecord); transport is icmp or ipv6-icmp. Counts since the first echo there."""
     socket_type: str          # SOCK_DGRAM (a ping socket) or SOCK_RAW
     source: Endpoint | None
     destination: Endpoint
