@@ -351,6 +351,38 @@ static __always_inline __u64 socket_episode(struct bpf_sock *sk)
     return 0;
 }
 
+#define BPF_TCP_LISTEN_STATE 10      /* enum BPF_TCP_LISTEN */
+
+/* Is an IPv4 or IPv6 packet's source a loopback address? */
+static __always_inline int from_loopback(struct __sk_buff *skb)
+{
+    void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+    if (skb->family == AF_INET) {
+        __u8 *src = data + 12;
+        if ((void *)(src + 4) > end)
+            return 0;
+        return src[0] == 127;
+    }
+    __u32 *src = data + 8;
+    if ((void *)(src + 4) > end)
+        return 0;
+    return src[0] == 0 && src[1] == 0 && ((src[2] == 0 && src[3] == bpf_htonl(1)) ||
+                                          (src[2] == bpf_htonl(0xffff) && (bpf_ntohl(src[3]) >> 24) == 127));
+}
+
+/* Packets the episode's policy drops: all of a contained episode's (its open flows stall: the kernel
+ * here has no bpf_sock_destroy to reset them), and connections to its TCP listeners from where
+ * listen does not allow (their SYN is dropped, so no connection is ever accepted). */
+static __always_inline int policy_drops(struct __sk_buff *skb, struct bpf_sock *sk, struct episode_policy *p,
+                                        int egress)
+{
+    if (p->contained)
+        return 1;
+    if (egress || p->listen == LISTEN_ANY || sk->state != BPF_TCP_LISTEN_STATE)
+        return 0;
+    return p->listen == LISTEN_NONE || !from_loopback(skb);
+}
+
 static __always_inline int count_packet(struct __sk_buff *skb, int egress)
 {
     struct bpf_sock *sk = skb->sk;
@@ -372,6 +404,11 @@ static __always_inline int count_packet(struct __sk_buff *skb, int egress)
         st->owner.episode_cgroup_id = episode;
         st->owner.cgroup_id = bpf_sk_cgroup_id(sk);
         st->start_ns = bpf_ktime_get_ns();
+    }
+    struct episode_policy *p = episode_policy(st->owner.episode_cgroup_id);
+    if (p && policy_drops(skb, sk, p, egress)) {
+        denied.increment(st->owner.episode_cgroup_id);
+        return 0;
     }
     if (egress && !st->ep.sport) {
         /* UDP and raw sockets: learn the local end, which no hook reports. */

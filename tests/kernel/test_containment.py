@@ -1,0 +1,257 @@
+"""Containment (README: Containing an episode): per-episode policies refused in the kernel, and actions on
+alerts. Real probes, real episode cgroups, test hosts in network namespaces; timings are printed, never
+asserted."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+import harness
+from eptrace_helpers import alerts, assert_one_line_error, dump, get, run_eptrace, select, wait_until
+from harness import HOST_IP, HOST_IP6, METADATA_IP, PYTHON
+from test_detection import EpisodeRun, ts
+
+ALLOWED, OTHER, DENIED = 7531, 7533, 7532
+
+
+def policy_args(tmp_path, text: str) -> list:
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    return ["--policy", path]
+
+
+def contained(run: EpisodeRun, action: str, timeout: float = 15.0) -> dict:
+    return wait_until(lambda: next((d for d in alerts(run.docs(), "episode_contained")
+                                    if get(d, "eptrace.containment.action") == action), None), timeout,
+                      lambda: f"an episode_contained {action}; documents:\n{dump(run.docs(), 200)}")
+
+
+def report(case: str, doc: dict, effect_s: float | None = None) -> None:
+    c = get(doc, "eptrace.containment")
+    extra = f", effect observed {effect_s * 1000:.0f} ms after the evidence" if effect_s is not None else ""
+    print(f"\nCONTAINMENT {case}: {c['action']} done {c['after_evidence_ms']} ms after the evidence "
+          f"({c['after_alert_ms']} ms after the alert){extra}", flush=True)
+
+
+# ---- policy: deny by default ------------------------------------------------------------------------------
+
+DENY_POLICY = f'''[policy]
+default = "deny"
+allow = ["{HOST_IP}:{ALLOWED}/tcp", "198.51.100.0/24:{DENIED}"]
+deny = ["{HOST_IP}:{DENIED}"]
+raw_sockets = false
+'''
+
+WORKLOAD = f'''
+import errno, os, socket
+print("pid", os.getpid(), flush=True)
+def attempt(name, fn):
+    try:
+        fn()
+        print(name, "ok", flush=True)
+    except OSError as e:
+        print(name, errno.errorcode.get(e.errno, e.errno), flush=True)
+def tcp(host, port, family=socket.AF_INET):
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect((host, port))
+        s.sendall(b"allowed")
+    finally:
+        s.close()
+attempt("allowed", lambda: tcp("{HOST_IP}", {ALLOWED}))
+attempt("other_port", lambda: tcp("{HOST_IP}", {OTHER}))
+attempt("ipv6", lambda: tcp("{HOST_IP6}", {ALLOWED}, socket.AF_INET6))
+attempt("udp", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("{HOST_IP}", {ALLOWED})))
+attempt("deny_wins", lambda: tcp("{HOST_IP}", {DENIED}))
+attempt("raw", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
+attempt("loopback", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("127.0.0.1", 9)))
+'''
+PACKET = "import socket; socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3)); print('packet ok')"
+
+
+def test_deny_by_default(net, tmp_path, uring_helper):
+    script = (f'{PYTHON} -u -c "$0"; {uring_helper} {HOST_IP} {OTHER} via-io-uring; '
+              f'{PYTHON} -c "$1"; echo packet_status $?')
+    verdict = tmp_path / "verdict.json"
+    with harness.tcp_echo_server(net, ALLOWED) as server:
+        with EpisodeRun(tmp_path, "ep-deny", net.sandbox_prefix() + ["/bin/sh", "-c", script, WORKLOAD, PACKET],
+                        extra_args=[*policy_args(tmp_path, DENY_POLICY), "--verdict", verdict]) as run:
+            pid = run.pid()
+            docs = run.finish(status=0)
+        assert server.wait_received(b"allowed")
+    out = run.out.text()
+    for case, result in [("allowed", "ok"), ("other_port", "EPERM"), ("ipv6", "EPERM"), ("udp", "EPERM"),
+                         ("deny_wins", "EPERM"), ("raw", "EPERM"), ("loopback", "ok")]:
+        assert f"{case} {result}" in out, (case, out, run.err.text()[-2000:])
+    assert "connect=-1" in out, out                  # io_uring: EPERM from the same hook
+    # AF_PACKET has no cgroup hook: the process is killed before socket() returns to it.
+    assert "packet ok" not in out and "packet_status 137" in out, out
+    denied = alerts(docs, "egress_denied")
+    by_target = {(get(a, "destination.ip"), get(a, "destination.port"), get(a, "network.transport")): a
+                 for a in denied if get(a, "process.pid") == pid and get(a, "destination.ip")}
+    for target in [(HOST_IP, OTHER, "tcp"), (HOST_IP6, ALLOWED, "tcp"), (HOST_IP, ALLOWED, "udp"),
+                   (HOST_IP, DENIED, "tcp")]:
+        assert target in by_target, (target, dump(denied))
+    assert f"deny '{HOST_IP}:{DENIED}'" in get(by_target[(HOST_IP, DENIED, "tcp")], "message")
+    assert "default deny" in get(by_target[(HOST_IP, OTHER, "tcp")], "message")
+    uring = [a for a in denied if get(a, "process.name") == "uring_connect"]
+    assert len(uring) == 1 and get(uring[0], "destination.port") == OTHER, dump(denied)
+    messages = " ".join(get(a, "message") for a in denied)
+    assert "raw_sockets = false" in messages and "AF_PACKET" in messages, messages
+    # Once per destination and process, and nothing allowed was refused.
+    assert len(by_target) == len(denied) - 3, dump(denied)         # + the io_uring one and the two raw sockets
+    assert not select(docs, "connection_attempted", destination__port=ALLOWED, event__outcome="failure",
+                      network__transport="tcp", destination__ip=HOST_IP)
+    v = json.loads(verdict.read_text())
+    assert v["denied"] >= 7, v
+
+
+# ---- actions on alerts ------------------------------------------------------------------------------------
+
+METADATA_THEN_WAIT = f'''
+import os, socket, time
+print("pid", os.getpid(), flush=True)
+if os.fork() == 0:
+    time.sleep(120)
+    os._exit(0)
+try:
+    socket.create_connection(("{METADATA_IP}", 80), timeout=5).close()
+except OSError:
+    pass
+print("touched", flush=True)
+time.sleep(120)
+'''
+
+
+def test_kill_on_alert(net, tmp_path):
+    with harness.http_server(net, 80, tmp_path, metadata=True):
+        with EpisodeRun(tmp_path, "ep-kill", net.sandbox_prefix() + [PYTHON, "-u", "-c", METADATA_THEN_WAIT],
+                        extra_args=["--on-alert", "kill"]) as run:
+            pid = run.pid()
+            doc = contained(run, "kill")
+            wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the episode's processes to be gone")
+            gone = time.time()
+            docs = run.finish(status=None, timeout=60)
+    alert = alerts(docs, "cloud_metadata_access")[0]
+    assert get(doc, "eptrace.containment.rule") == "cloud_metadata_access", doc
+    evidence = min(ts(d) for d in select(docs, "connection_established", destination__ip=METADATA_IP))
+    report("kill on cloud_metadata_access", doc, gone - evidence)
+    assert ts(alert) <= ts(doc)
+
+
+TUNNEL_TARGET = r'''
+import socket
+server = socket.create_server(("127.0.0.1", 8000))
+print("listening", flush=True)
+while True:
+    conn, _ = server.accept()
+    with conn:
+        data = conn.recv(100)
+        if data:
+            conn.sendall(b"sandbox-answer:" + data)
+'''
+# On the test host: one answer through sshd's forwarded port 127.0.0.1:9000 within TIMEOUT seconds, or none.
+TUNNEL_USER = r'''
+import socket, sys, time
+deadline = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < deadline:
+    try:
+        with socket.create_connection(("127.0.0.1", 9000), timeout=max(0.1, deadline - time.monotonic())) as s:
+            s.sendall(b"hello")
+            if s.recv(100):
+                print("answer", flush=True)
+                sys.exit(0)
+    except OSError:
+        time.sleep(0.05)
+print("no answer", flush=True)
+'''
+
+
+def tunnel_answers(net, seconds: float) -> bool:
+    user = net.run_in_host([PYTHON, "-u", "-c", TUNNEL_USER, seconds], stdout=subprocess.PIPE, text=True)
+    out, _ = user.communicate(timeout=seconds + 20)
+    return "answer" in out.split("\n")[0] and "no answer" not in out
+
+
+def test_deny_network_cuts_an_open_ssh_tunnel(net, tmp_path):
+    """ssh -N -R relays; the sandbox then touches the metadata service, whose alert cuts the episode's
+    network: the open tunnel carries nothing more, and ssh lives on."""
+    policy = '[policy]\non_alert = { cloud_metadata_access = "deny_network" }\n'
+    touch = f'{PYTHON} -c "import socket; socket.create_connection((\'{METADATA_IP}\', 80), timeout=3)"'
+    with harness.sshd(net) as sshd, harness.http_server(net, 80, tmp_path, metadata=True):
+        ssh = sshd.ssh_argv()
+        ssh = ssh[:1] + ["-N", "-R", "9000:127.0.0.1:8000"] + ssh[1:]
+        control = tmp_path / "go"
+        script = (f'{PYTHON} -u -c "$0" & echo pid $$; '
+                  f'(while [ ! -e {control} ]; do sleep 0.05; done; {touch}; echo touched) & exec "$@"')
+        with EpisodeRun(tmp_path, "ep-cut", net.sandbox_prefix() + ["/bin/sh", "-c", script, TUNNEL_TARGET, *ssh],
+                        extra_args=policy_args(tmp_path, policy)) as run:
+            ssh_pid = run.pid()
+            run.line("listening")
+            assert tunnel_answers(net, 30), "the tunnel never relayed"
+            control.touch()
+            doc = contained(run, "deny_network")
+            assert not tunnel_answers(net, 1.0), "the tunnel still answers after deny_network"
+            os.kill(ssh_pid, 0)                              # ssh lives on
+            assert open(f"/proc/{ssh_pid}/stat").read().split()[2] not in "ZX"
+            evidence_ms = get(doc, "eptrace.containment.after_evidence_ms")
+            os.kill(ssh_pid, signal.SIGTERM)
+            docs = run.finish(status=None, timeout=60)
+    report("deny_network on cloud_metadata_access (ssh -R open)", doc)
+    assert evidence_ms is not None
+    assert alerts(docs, "reverse_tunnel"), dump(alerts(docs))
+
+
+FROZEN = r'''
+import os, time
+print("pid", os.getpid(), flush=True)
+n = 0
+while True:
+    n += 1
+    print("tick", n, flush=True)
+    time.sleep(0.1)
+'''
+
+
+def test_freeze_and_thaw(net, tmp_path):
+    touch = f"import socket\ntry: socket.create_connection(('{METADATA_IP}', 80), timeout=3)\nexcept OSError: pass"
+    script = f'{PYTHON} -u -c "$0" & echo pid $$; sleep 1; exec {PYTHON} -c "$1"'
+    with harness.http_server(net, 80, tmp_path, metadata=True):
+        with EpisodeRun(tmp_path, "ep-freeze", net.sandbox_prefix() + ["/bin/sh", "-c", script, FROZEN, touch],
+                        extra_args=["--on-alert", "freeze"]) as run:
+            run.pid()
+            doc = contained(run, "freeze")
+            time.sleep(0.5)
+            ticks = run.out.text().count("tick")
+            time.sleep(1.0)
+            assert run.out.text().count("tick") == ticks, "the episode still runs while frozen"
+            r = run_eptrace("episode", "thaw", "--id", "ep-freeze")
+            assert r.returncode == 0, r.stderr
+            wait_until(lambda: run.out.text().count("tick") > ticks, 10, "ticks after thaw")
+            run.proc.send_signal(signal.SIGTERM)
+            run.finish(status=None, timeout=60)
+    report("freeze on cloud_metadata_access", doc)
+
+
+# ---- bad policies -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("table", ['nonsense = 1', 'allow = ["198.51.100.300/24"]', 'allow = ["198.51.100.1:0"]',
+                                   'on_alert = "explode"', 'listen = "sometimes"', 'default = "maybe"'])
+def test_bad_policy_exits_2(tmp_path, table):
+    path = tmp_path / "policy.toml"
+    path.write_text(f"[policy]\n{table}\n")
+    marker = tmp_path / "ran"
+    r = run_eptrace("run", "--episode", "ep-bad", "--policy", path, "--", "touch", marker)
+    assert_one_line_error(r, 2)
+    assert not marker.exists()
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f"[policy]\n{table}\n")
+    r = run_eptrace("run", "--episode", "ep-bad", "--config", cfg, "--", "touch", marker)
+    assert_one_line_error(r, 2)
+    assert not marker.exists()
