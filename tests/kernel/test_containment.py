@@ -255,3 +255,51 @@ def test_bad_policy_exits_2(tmp_path, table):
     r = run_eptrace("run", "--episode", "ep-bad", "--config", cfg, "--", "touch", marker)
     assert_one_line_error(r, 2)
     assert not marker.exists()
+
+
+# ---- listeners --------------------------------------------------------------------------------------------
+
+LISTENER = r'''
+import os, socket, sys
+print("pid", os.getpid(), flush=True)
+server = socket.create_server(("0.0.0.0", 7540))
+server.settimeout(30)
+print("listening", flush=True)
+with socket.create_connection(("127.0.0.1", 7540), timeout=5) as c:
+    peer, addr = server.accept()
+    print("accepted", addr[0], flush=True)
+    peer.close()
+while not os.path.exists(sys.argv[1]):
+    server.settimeout(0.1)
+    try:
+        peer, addr = server.accept()
+        print("accepted", addr[0], flush=True)
+        peer.close()
+    except socket.timeout:
+        pass
+'''
+HOST_CLIENT = r'''
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], 7540), timeout=2).close()
+    print("connected", flush=True)
+except OSError as e:
+    print("failed", type(e).__name__, flush=True)
+'''
+
+
+def test_listen_local_refuses_the_test_host(net, tmp_path):
+    done = tmp_path / "done"
+    verdict = tmp_path / "verdict.json"
+    with EpisodeRun(tmp_path, "ep-listen", net.sandbox_prefix() + [PYTHON, "-u", "-c", LISTENER, done],
+                    extra_args=[*policy_args(tmp_path, '[policy]\nlisten = "local"\n'), "--verdict", verdict]) as run:
+        run.line("accepted")                                 # the loopback client got through
+        client = net.run_in_host([PYTHON, "-u", "-c", HOST_CLIENT, harness.SANDBOX_IP], stdout=subprocess.PIPE,
+                                 text=True)
+        out, _ = client.communicate(timeout=30)
+        done.touch()
+        run.finish(status=0)
+    assert out.startswith("failed"), out
+    accepted = [line for line in run.out.text().split("\n") if line.startswith("accepted")]
+    assert accepted == ["accepted 127.0.0.1"], run.out.text()
+    assert json.loads(verdict.read_text())["denied"] >= 1
