@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 import harness
-from eptrace_helpers import alerts, assert_one_line_error, dump, get, run_eptrace, select, wait_until
+from eptrace_helpers import (Watcher, alerts, assert_one_line_error, dump, get, read_docs, run_eptrace, select,
+                             wait_for_docs, wait_until)
 from harness import HOST_IP, HOST_IP6, METADATA_IP, PYTHON
 from test_detection import EpisodeRun, ts
 
@@ -303,3 +307,61 @@ def test_listen_local_refuses_the_test_host(net, tmp_path):
     accepted = [line for line in run.out.text().split("\n") if line.startswith("accepted")]
     assert accepted == ["accepted 127.0.0.1"], run.out.text()
     assert json.loads(verdict.read_text())["denied"] >= 1
+
+
+# ---- watch: a registered episode's policy, and containment that outlives the tracer ---------------------
+
+@pytest.fixture
+def pin_dir(monkeypatch):
+    """A pin root of the test's own (eptrace reads EPTRACE_PIN_DIR), removed at the end."""
+    path = Path(f"/sys/fs/bpf/eptrace-test-{secrets.token_hex(3)}")
+    monkeypatch.setenv("EPTRACE_PIN_DIR", str(path))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+TRY = f'''
+import errno, socket, sys
+for port in map(int, sys.argv[1:]):
+    s = socket.socket()
+    s.settimeout(5)
+    try:
+        s.connect(("{HOST_IP}", port))
+        print(port, "ok", flush=True)
+    except OSError as e:
+        print(port, errno.errorcode.get(e.errno, e.errno), flush=True)
+    finally:
+        s.close()
+'''
+
+
+def tries(net, cg, *ports) -> str:
+    p = harness.spawn_in_cgroup(cg, net.sandbox_prefix() + [PYTHON, "-c", TRY, *ports], stdout=subprocess.PIPE,
+                                text=True)
+    return p.communicate(timeout=30)[0]
+
+
+def test_watch_enforces_a_registered_policy_and_containment_outlives_it(net, tmp_path, pin_dir):
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'[policy]\ndefault = "deny"\nallow = ["{HOST_IP}:{ALLOWED}", "{HOST_IP}:{DENIED}"]\n'
+                      f'on_alert = {{ egress_denied = "deny_network" }}\n')
+    state, events = tmp_path / "state", tmp_path / "events.ndjson"
+    with harness.episode_cgroup(f"contain-{secrets.token_hex(3)}") as cg, \
+            harness.tcp_echo_server(net, ALLOWED), harness.tcp_echo_server(net, DENIED):
+        r = run_eptrace("episode", "add", "--id", "ep-watched", "--cgroup", cg, "--policy", policy,
+                        state_dir=state)
+        assert r.returncode == 0, r.stderr
+        with Watcher(events, state) as watcher:
+            watcher.ready(episodes=1, timeout=90)
+            assert tries(net, cg, ALLOWED) == f"{ALLOWED} ok\n"
+            # A refused connect is an egress_denied alert, on which the policy cuts the episode's network.
+            assert tries(net, cg, OTHER) == f"{OTHER} EPERM\n"
+            wait_for_docs(events, lambda docs: alerts(docs, "episode_contained"), 15, "episode_contained")
+            assert tries(net, cg, DENIED) == f"{DENIED} EPERM\n"       # allowed, but the episode is contained
+            watcher.proc.kill()                                        # the tracer dies (watch fails open)
+            watcher.proc.wait(timeout=10)
+            assert tries(net, cg, ALLOWED, DENIED) == f"{ALLOWED} EPERM\n{DENIED} EPERM\n"
+    doc = alerts(read_docs(events), "episode_contained")[0]
+    report("deny_network on egress_denied (watch)", doc)
