@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
@@ -19,6 +17,7 @@ from eptrace_helpers import (Watcher, alerts, assert_one_line_error, dump, get, 
                              wait_for_docs, wait_until)
 from harness import HOST_IP, HOST_IP6, METADATA_IP, PYTHON
 from test_detection import EpisodeRun, ts
+from test_fail_closed import pin_dir  # noqa: F401  (a fixture: a pin root of the test's own)
 
 ALLOWED, OTHER, DENIED = 7531, 7533, 7532
 
@@ -311,17 +310,6 @@ def test_listen_local_refuses_the_test_host(net, tmp_path):
 
 # ---- watch: a registered episode's policy, and containment that outlives the tracer ---------------------
 
-@pytest.fixture
-def pin_dir(monkeypatch):
-    """A pin root of the test's own (eptrace reads EPTRACE_PIN_DIR), removed at the end."""
-    path = Path(f"/sys/fs/bpf/eptrace-test-{secrets.token_hex(3)}")
-    monkeypatch.setenv("EPTRACE_PIN_DIR", str(path))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 TRY = f'''
 import errno, socket, sys
 for port in map(int, sys.argv[1:]):
@@ -343,7 +331,8 @@ def tries(net, cg, *ports) -> str:
     return p.communicate(timeout=30)[0]
 
 
-def test_watch_enforces_a_registered_policy_and_containment_outlives_it(net, tmp_path, pin_dir):
+@pytest.mark.usefixtures("pin_dir")
+def test_watch_enforces_a_registered_policy_and_containment_outlives_it(net, tmp_path):
     policy = tmp_path / "policy.toml"
     policy.write_text(f'[policy]\ndefault = "deny"\nallow = ["{HOST_IP}:{ALLOWED}", "{HOST_IP}:{DENIED}"]\n'
                       f'on_alert = {{ egress_denied = "deny_network" }}\n')
