@@ -101,7 +101,8 @@ struct episode_policy {
     __u8 raw_sockets;         /* 1: raw sockets allowed */
     __u8 listen;              /* LISTEN_*: who may connect to the episode's TCP listeners */
     __u8 contained;           /* deny_network: every connect, send and packet of the episode is refused */
-    __u32 pad;
+    __u8 names;               /* it has host-name entries: its DNS answers are read (packets.c) */
+    __u8 pad[3];
 };
 BPF_F_TABLE(PINNED("hash", policies), __u64, struct episode_policy, policies, 65536, 0);
 /* episode cgroup id -> connects, sends, sockets and inbound connections the policy refused */
@@ -116,6 +117,7 @@ struct policy_rule {
     __u8 protocol;            /* 0: any */
     __u8 deny;
     __s16 entry;              /* the entry's index in the policy, for the alert */
+    __u32 expires_s;          /* an address a DNS answer gave for a host-name entry: until then (0: always) */
 };
 struct policy_rules {
     __u32 n;
@@ -137,6 +139,15 @@ struct policy_key6 {
 BPF_F_TABLE(PINNED("lpm_trie", policy4), struct policy_key4, struct policy_rules, policy4, 65536, BPF_F_NO_PREALLOC);
 BPF_F_TABLE(PINNED("lpm_trie", policy6), struct policy_key6, struct policy_rules, policy6, 65536, BPF_F_NO_PREALLOC);
 
+/* Host-name entries: (episode, hash of a name in DNS wire format, lowercased, from one of its labels on,
+ * wildcard) -> the rule its answered addresses get. wildcard 1: "*.NAME", matched by strict subdomains. */
+struct dns_name_key {
+    __u64 episode;
+    __u64 hash;
+    __u64 wildcard;
+};
+BPF_F_TABLE(PINNED("hash", dns_names), struct dns_name_key, struct policy_rule, dns_names, 65536, 0);
+
 static __always_inline int rules_refuse(struct policy_rules *rules, __u16 port, __u8 protocol,
                                         struct episode_policy *p, __s32 *entry)
 {
@@ -148,6 +159,8 @@ static __always_inline int rules_refuse(struct policy_rules *rules, __u16 port, 
             if (r->protocol && r->protocol != protocol)
                 continue;
             if (r->port_hi && (port < r->port_lo || port > r->port_hi))
+                continue;
+            if (r->expires_s && bpf_ktime_get_ns() / 1000000000ULL > r->expires_s)
                 continue;
             *entry = r->entry;
             return r->deny;

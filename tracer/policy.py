@@ -34,6 +34,7 @@ _PORTS = r"(?P<lo>\d+)(?:-(?P<hi>\d+))?"
 _PROTO = r"(?:/(?P<proto>tcp|udp))?"
 BARE_PORT = re.compile(rf"{_PORTS}{_PROTO}")
 BRACKETED = re.compile(rf"\[(?P<net>[0-9A-Fa-f:.]+(?:/\d+)?)\](?::{_PORTS})?{_PROTO}")
+NAME = re.compile(rf"(?P<wildcard>\*\.)?(?P<name>[A-Za-z0-9_-]{{1,63}}(?:\.[A-Za-z0-9_-]{{1,63}})*)\.?(?::{_PORTS})?{_PROTO}")
 PLAIN = re.compile(rf"(?P<net>[0-9.]+(?:/\d+)?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:/\d+)?)(?::{_PORTS})?{_PROTO}")
 
 
@@ -44,6 +45,8 @@ class Entry:
     port_lo: int = 0                # 0-0: every port
     port_hi: int = 0
     protocol: int = 0               # 0: tcp and udp
+    name: str | None = None         # a host name (lowercase): allows what the episode's DNS answers give for it
+    wildcard: bool = False          # "*.name": its strict subdomains
 
     def matches(self, ip: str, port: int, protocol: int) -> bool:
         """The same test the kernel makes (for tests and for describing an alert)."""
@@ -87,29 +90,43 @@ class Policy:
         """Anything for the kernel to enforce (else the episode pays nothing on its connects)."""
         return self.default_deny or bool(self.deny) or not self.raw_sockets or self.listen != "any"
 
+    @property
+    def names(self) -> list[tuple[int, Entry]]:
+        """The host-name entries, with their index in entries."""
+        return [(i, e) for i, e in enumerate(self.entries) if e.name]
+
 
 def parse_entry(text, where: str) -> Entry:
     if not isinstance(text, str) or not text.strip():
         raise ConfigError(f"{where}: {text!r} must be a non-empty string")
     m = BARE_PORT.fullmatch(text) or BRACKETED.fullmatch(text) or PLAIN.fullmatch(text)
-    if m is None:
-        if re.fullmatch(r"(\*\.)?[A-Za-z0-9.-]+(:\d+(-\d+)?)?(/(tcp|udp))?", text):
-            raise ConfigError(f"{where}: {text!r}: host names are not supported yet; give addresses or CIDRs")
-        raise ConfigError(f"{where}: {text!r} is not an address, CIDR or port (e.g. 198.51.100.0/24:443/tcp)")
-    groups = m.groupdict()
-    network = None
-    if groups.get("net"):
+    network = name = None
+    if m is not None and m.groupdict().get("net"):
         try:
-            network = ipaddress.ip_network(groups["net"], strict=False)
+            network = ipaddress.ip_network(m["net"], strict=False)
         except ValueError:
-            raise ConfigError(f"{where}: {text!r}: {groups['net']!r} is not an IP address or CIDR") from None
+            named = NAME.fullmatch(text)
+            if named is None or not re.search(r"[A-Za-z_-]", named["name"]) or len(named["name"]) > 253:
+                raise ConfigError(f"{where}: {text!r}: {m['net']!r} is not an IP address or CIDR") from None
+            m = named
+    elif m is None:
+        m = NAME.fullmatch(text)
+        if m is None or not re.search(r"[A-Za-z_-]", m["name"]) or len(m["name"]) > 253:
+            raise ConfigError(f"{where}: {text!r} is not an address, CIDR, host name or port "
+                              "(e.g. 198.51.100.0/24:443/tcp, *.example.org:443)")
+    groups = m.groupdict()
+    if groups.get("name"):
+        name = groups["name"].lower()
+        if where.endswith(".deny"):
+            raise ConfigError(f"{where}: {text!r}: host names can only be allowed (deny their addresses)")
     lo = hi = 0
     if groups.get("lo"):
         lo = int(groups["lo"])
         hi = int(groups["hi"]) if groups.get("hi") else lo
         if not 0 < lo <= hi < 65536:
             raise ConfigError(f"{where}: {text!r}: ports must be 1-65535, low to high")
-    return Entry(text, network, lo, hi, PROTOCOLS.get(groups.get("proto") or "", 0))
+    return Entry(text, network, lo, hi, PROTOCOLS.get(groups.get("proto") or "", 0), name,
+                 bool(groups.get("wildcard")))
 
 
 def _choice(value, choices: tuple[str, ...], where: str) -> str:
@@ -172,6 +189,20 @@ def load_file(path: str | Path) -> Policy:
     return parse(data["policy"])
 
 
+DNS_HASH_P = 0x100000001B3        # probes/packets.c DNS_HASH_P
+HASH_MOD = 2 ** 64
+
+
+def name_hash(name: str) -> int:
+    """The kernel's hash of a name in DNS wire format (length-prefixed labels, no root), lowercased."""
+    wire = b"".join(bytes([len(label)]) + label.encode("ascii") for label in name.lower().split("."))
+    h, power = 0, 1
+    for byte in wire:
+        h = (h + byte * power) % HASH_MOD
+        power = power * DNS_HASH_P % HASH_MOD
+    return h
+
+
 @dataclass(frozen=True)
 class Rule:
     port_lo: int
@@ -188,6 +219,7 @@ def compile_rules(policy: Policy, where: str = "policy") -> dict[ipaddress.IPv4N
     indexed = list(enumerate(policy.entries))
     n_deny = len(policy.deny)
     prefixes = set()
+    indexed = [(i, e) for i, e in indexed if not e.name]
     for _, entry in indexed:
         if entry.network is None:
             prefixes |= {ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")}

@@ -17,6 +17,7 @@ from eptrace_helpers import (Watcher, alerts, assert_one_line_error, dump, get, 
                              wait_for_docs, wait_until)
 from harness import HOST_IP, HOST_IP6, METADATA_IP, PYTHON
 from test_detection import EpisodeRun, ts
+from tracer.testbed import dns_server
 from test_fail_closed import pin_dir  # noqa: F401  (a fixture: a pin root of the test's own)
 
 ALLOWED, OTHER, DENIED = 7531, 7533, 7532
@@ -354,3 +355,49 @@ def test_watch_enforces_a_registered_policy_and_containment_outlives_it(net, tmp
             assert tries(net, cg, ALLOWED, DENIED) == f"{ALLOWED} EPERM\n{DENIED} EPERM\n"
     doc = alerts(read_docs(events), "episode_contained")[0]
     report("deny_network on egress_denied (watch)", doc)
+
+
+# ---- host names -------------------------------------------------------------------------------------------
+
+# The test host's DNS server answers every A query with HOST_IP. Each connect comes right after its answer.
+NAMES = f'''
+import errno, socket, struct
+def resolve(name):
+    query = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + b"".join(
+        bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\\0" + struct.pack("!HH", 1, 1)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(5)
+    s.sendto(query, ("{HOST_IP}", 53))
+    answer = s.recv(512)
+    s.close()
+    return socket.inet_ntoa(answer[-4:])
+def connect(ip, port):
+    s = socket.socket()
+    s.settimeout(5)
+    try:
+        s.connect((ip, port))
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, e.errno)
+    finally:
+        s.close()
+print("unresolved", connect("{HOST_IP}", 8080), flush=True)
+print("other.test", connect(resolve("other.test"), 8080), flush=True)
+print("wild.test", connect(resolve("wild.test"), 8081), flush=True)          # not a strict subdomain
+print("a.wild.test", connect(resolve("a.wild.test"), 8081), flush=True)
+print("Allowed.Test", connect(resolve("Allowed.Test"), 8080), flush=True)    # names are case-insensitive
+print("allowed.test:8081", connect("{HOST_IP}", 8082), flush=True)           # the entry's port only
+'''
+
+
+def test_host_names_allow_what_the_episodes_dns_answers(net, tmp_path):
+    policy = '[policy]\ndefault = "deny"\nallow = ["allowed.test:8080", "*.wild.test:8081/tcp", "53/udp"]\n'
+    with dns_server(net), harness.tcp_echo_server(net, 8080), harness.tcp_echo_server(net, 8081):
+        with EpisodeRun(tmp_path, "ep-names", net.sandbox_prefix() + [PYTHON, "-u", "-c", NAMES],
+                        extra_args=policy_args(tmp_path, policy)) as run:
+            docs = run.finish(status=0)
+    out = run.out.text().split("\n")
+    assert out[:6] == ["unresolved EPERM", "other.test EPERM", "wild.test EPERM", "a.wild.test ok",
+                       "Allowed.Test ok", "allowed.test:8081 EPERM"], (out, run.err.text()[-2000:])
+    denied = alerts(docs, "egress_denied")
+    assert {get(a, "destination.port") for a in denied} == {8080, 8081, 8082}, dump(denied)

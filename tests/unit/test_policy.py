@@ -6,7 +6,7 @@ import ipaddress
 import pytest
 
 from tracer.config import ConfigError, load
-from tracer.policy import POLICY_RULES, compile_rules, load_file, parse, parse_entry
+from tracer.policy import POLICY_RULES, compile_rules, load_file, name_hash, parse, parse_entry
 
 
 def decide(policy, ip: str, port: int, protocol: int) -> bool:
@@ -45,7 +45,9 @@ def test_entries(text, lo, hi, proto, net):
     ({"allow": ["198.51.100.1:0"]}, "ports must be 1-65535"),
     ({"allow": ["0"]}, "ports must be 1-65535"),
     ({"allow": ["9-8"]}, "low to high"),
-    ({"allow": ["pypi.org"]}, "host names are not supported yet"),
+    ({"deny": ["pypi.org"]}, "host names can only be allowed"),
+    ({"allow": ["-bad_.x:99999"]}, "ports must be 1-65535"),
+    ({"allow": ["exa mple.org"]}, "not an address, CIDR, host name or port"),
     ({"on_alert": "explode"}, "policy.on_alert must be one of"),
     ({"on_alert": {"reverse_tunel": "kill"}}, "unknown rule policy.on_alert.reverse_tunel"),
     ({"listen": "sometimes"}, "policy.listen"),
@@ -85,3 +87,23 @@ def test_policy_in_config_and_file(tmp_path):
     f.write_text('[policy]\nraw_sockets = false\n[flows]\nlong_flow_seconds = 1.0\n')
     with pytest.raises(ConfigError, match="exactly one"):
         load_file(f)
+
+
+@pytest.mark.parametrize("text, name, wildcard, lo, proto", [
+    ("pypi.org", "pypi.org", False, 0, 0),
+    ("*.PythonHosted.org:443", "pythonhosted.org", True, 443, 0),
+    ("cafe.be:443/tcp", "cafe.be", False, 443, 6),      # hex letters and a colon, yet a name
+])
+def test_host_name_entries(text, name, wildcard, lo, proto):
+    e = parse_entry(text, "policy.allow")
+    assert (e.name, e.wildcard, e.port_lo, e.protocol, e.network) == (name, wildcard, lo, proto, None)
+    assert compile_rules(parse({"allow": [text]})) == {}       # names go to the kernel through DNS answers
+
+
+def test_name_hash_is_over_the_wire_format_lowercased():
+    assert name_hash("Pypi.ORG") == name_hash("pypi.org") != name_hash("pypi.org.evil")
+    # sum of byte * P^i over b"\x04pypi\x03org"
+    wire, h, p = b"\x04pypi\x03org", 0, 1
+    for byte in wire:
+        h, p = (h + byte * p) % 2 ** 64, p * 0x100000001B3 % 2 ** 64
+    assert name_hash("pypi.org") == h

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import Limits
-from ..policy import LISTEN, Policy, compile_rules
+from ..policy import LISTEN, Policy, compile_rules, name_hash
 from . import cgroups, pins
 
 log = logging.getLogger(__name__)
@@ -362,6 +362,10 @@ class Probes:
                 leaf.r[i].port_lo, leaf.r[i].port_hi = rule.port_lo, rule.port_hi
                 leaf.r[i].protocol, leaf.r[i].deny, leaf.r[i].entry = rule.protocol, rule.deny, rule.entry
             table[key] = leaf
+        names = self.bpf[b"dns_names"]
+        for index, entry in policy.names:
+            key = names.Key(cgid, name_hash(entry.name), entry.wildcard)
+            names[key] = names.Leaf(entry.port_lo, entry.port_hi, entry.protocol, 0, index, 0)
         self._write_episode_policy(cgid, policy, contained=self.contained(cgid))
 
     def _write_episode_policy(self, cgid: int, policy: Policy | None, contained: bool) -> None:
@@ -370,6 +374,7 @@ class Probes:
         policy = policy or Policy()
         leaf.default_deny, leaf.raw_sockets = policy.default_deny, policy.raw_sockets
         leaf.listen, leaf.contained = LISTEN.index(policy.listen), contained
+        leaf.names = bool(policy.names)
         table[ctypes.c_uint64(cgid)] = leaf
 
     def _clear_policy(self, cgid: int) -> None:
@@ -377,6 +382,9 @@ class Probes:
             table = self.bpf[name]
             for key in [k for k in table.keys() if (k.episode_hi << 32 | k.episode_lo) == cgid]:
                 del table[key]
+        names = self.bpf[b"dns_names"]
+        for key in [k for k in names.keys() if k.episode == cgid]:
+            del names[key]
         if not self.contained(cgid):
             try:
                 del self.bpf[b"policies"][ctypes.c_uint64(cgid)]
