@@ -396,7 +396,7 @@ static __always_inline int policy_drops(struct __sk_buff *skb, struct bpf_sock *
 /* Host-name entries (tracer/policy.py): a DNS answer to one of the episode's own sockets, for a name its
  * policy allows, allows the answered addresses for their TTL. This runs in cgroup_skb ingress, before the
  * datagram reaches the socket: the addresses are allowed before the resolver can read the answer, so a
- * connect right after it passes. Answers over UDP from port 53, not from loopback (a local "resolver" the
+ * connect right after it passes. Answers over UDP from port 53, not from this host (a local "resolver" the
  * episode runs itself would answer what it likes). */
 #define DNS_MAX 512                  /* bytes of an answer read; a power of two (index masks) */
 #define DNS_LABELS 8                 /* a name's labels tried as suffixes (the first 8) */
@@ -404,6 +404,7 @@ static __always_inline int policy_drops(struct __sk_buff *skb, struct bpf_sock *
 #define DNS_HASH_P 0x100000001b3ULL  /* hash(name) = sum byte[i] * P^i (mod 2^64); P odd: invertible */
 #define DNS_HASH_PINV 0xce965057aff6957bULL
 #define DNS_MAX_TTL 86400
+#define LOOPBACK_IFINDEX 1
 struct dns_buf {
     __u8 b[DNS_MAX];
     __u64 prefix[DNS_LABELS];        /* the hash of the bytes before each label, and P^-offset there */
@@ -475,7 +476,9 @@ static __always_inline __u16 be16(struct dns_buf *d, __u32 at)
 
 static __always_inline void learn_dns_answer(struct __sk_buff *skb, __u64 episode, __u32 headers)
 {
-    if (from_loopback(skb) || udp_sport(skb, headers) != 53)
+    /* Not from this host: a datagram the episode sends itself (to its own address, from port 53) comes in
+     * through the loopback device (ifindex 1 in every namespace), whatever its source address. */
+    if (from_loopback(skb) || skb->ingress_ifindex == LOOPBACK_IFINDEX || udp_sport(skb, headers) != 53)
         return;
     int zero = 0;
     struct dns_buf *d = dns_scratch.lookup(&zero);

@@ -401,3 +401,36 @@ def test_host_names_allow_what_the_episodes_dns_answers(net, tmp_path):
                        "Allowed.Test ok", "allowed.test:8081 EPERM"], (out, run.err.text()[-2000:])
     denied = alerts(docs, "egress_denied")
     assert {get(a, "destination.port") for a in denied} == {8080, 8081, 8082}, dump(denied)
+
+
+# The episode answers itself: a fake "DNS server" on its own address (not loopback) says allowed.test is
+# 198.51.100.9. The kernel does not learn from answers that come from this host.
+SELF_ANSWER = f'''
+import errno, socket, struct
+server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+server.bind(("{harness.SANDBOX_IP}", 53))
+client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+client.settimeout(5)
+name = b"\\x07allowed\\x04test\\x00"
+client.sendto(struct.pack("!HHHHHH", 7, 0x0100, 1, 0, 0, 0) + name + b"\\x00\\x01\\x00\\x01",
+              ("{harness.SANDBOX_IP}", 53))
+query, addr = server.recvfrom(512)
+server.sendto(struct.pack("!HHHHHH", 7, 0x8180, 1, 1, 0, 0) + name + b"\\x00\\x01\\x00\\x01" +
+              b"\\xc0\\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton("198.51.100.9"), addr)
+client.recv(512)
+s = socket.socket()
+s.settimeout(2)
+try:
+    s.connect(("198.51.100.9", 8080))
+    print("self-answered ok", flush=True)
+except OSError as e:
+    print("self-answered", errno.errorcode.get(e.errno, e.errno), flush=True)
+'''
+
+
+def test_an_answer_from_the_episode_itself_allows_nothing(net, tmp_path):
+    policy = f'[policy]\ndefault = "deny"\nallow = ["allowed.test:8080", "{harness.SANDBOX_IP}/32"]\n'
+    with EpisodeRun(tmp_path, "ep-self-dns", net.sandbox_prefix() + [PYTHON, "-u", "-c", SELF_ANSWER],
+                    extra_args=policy_args(tmp_path, policy)) as run:
+        run.finish(status=0)
+    assert "self-answered EPERM" in run.out.text(), (run.out.text(), run.err.text()[-2000:])
