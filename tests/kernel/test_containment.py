@@ -434,3 +434,15 @@ def test_an_answer_from_the_episode_itself_allows_nothing(net, tmp_path):
                     extra_args=policy_args(tmp_path, policy)) as run:
         run.finish(status=0)
     assert "self-answered EPERM" in run.out.text(), (run.out.text(), run.err.text()[-2000:])
+
+
+def test_python_api_policy(net, tmp_path):
+    from tracer.api import run_episode
+    argv = net.sandbox_prefix() + [PYTHON, "-c", TRY, str(OTHER)]
+    out = tmp_path / "out.txt"
+    verdict = run_episode("ep-api", ["/bin/sh", "-c", f'"$@" > {out}', "sh", *argv], grace_s=3,
+                          outputs=[f"file:{tmp_path / 'events.ndjson'}"],
+                          policy={"default": "deny", "on_alert": {"egress_denied": "kill"}})
+    assert out.read_text() == f"{OTHER} EPERM\n"
+    assert verdict.denied == 1 and [a["rule"] for a in verdict.alerts] == ["egress_denied"], verdict
+    assert [c["action"] for c in verdict.containment] == ["kill"], verdict
