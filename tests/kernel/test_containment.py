@@ -446,3 +446,15 @@ def test_python_api_policy(net, tmp_path):
     assert out.read_text() == f"{OTHER} EPERM\n"
     assert verdict.denied == 1 and [a["rule"] for a in verdict.alerts] == ["egress_denied"], verdict
     assert [c["action"] for c in verdict.containment] == ["kill"], verdict
+
+
+def test_episode_rm_kills_a_frozen_episode(tmp_path):
+    state = tmp_path / "state"
+    with harness.episode_cgroup(f"frozen-{secrets.token_hex(3)}") as cg:
+        sleeper = harness.spawn_in_cgroup(cg, ["sleep", "300"])
+        wait_until(lambda: (cg / "cgroup.procs").read_text().strip(), 10, "the sleeper in its cgroup")
+        assert run_eptrace("episode", "add", "--id", "ep-frozen", "--cgroup", cg, state_dir=state).returncode == 0
+        (cg / "cgroup.freeze").write_text("1")
+        r = run_eptrace("episode", "rm", "--id", "ep-frozen", state_dir=state)
+        assert r.returncode == 0, r.stderr
+        assert sleeper.wait(timeout=10) == -signal.SIGKILL
