@@ -91,6 +91,128 @@ BPF_F_TABLE(PINNED("array", liveness), int, struct liveness, liveness, 1, 0);
 /* episode cgroup id -> connects and sends refused while no tracer was alive */
 BPF_F_TABLE(PINNED("hash", refused), __u64, __u64, refused, 65536, 0);
 
+/* Containment (tracer/policy.py writes these; the probes only read them, so that they hold while
+ * no tracer runs). An episode without an entry in policies is not restricted: one lookup. */
+#define LISTEN_ANY 0
+#define LISTEN_LOCAL 1
+#define LISTEN_NONE 2
+struct episode_policy {
+    __u8 default_deny;        /* no entry matched: refuse */
+    __u8 raw_sockets;         /* 1: raw sockets allowed */
+    __u8 listen;              /* LISTEN_*: who may connect to the episode's TCP listeners */
+    __u8 contained;           /* deny_network: every connect, send and packet of the episode is refused */
+    __u8 names;               /* it has host-name entries: its DNS answers are read (packets.c) */
+    __u8 pad[3];
+};
+BPF_F_TABLE(PINNED("hash", policies), __u64, struct episode_policy, policies, 65536, 0);
+/* episode cgroup id -> connects, sends, sockets and inbound connections the policy refused */
+BPF_F_TABLE(PINNED("hash", denied), __u64, __u64, denied, 65536, 0);
+
+/* The rules of one prefix, with those of every shorter prefix that covers it (userspace folds
+ * them in, deny rules first), so that the longest match alone decides: deny wins. */
+#define POLICY_RULES 16
+struct policy_rule {
+    __u16 port_lo;            /* 0-0: any port */
+    __u16 port_hi;
+    __u8 protocol;            /* 0: any */
+    __u8 deny;
+    __s16 entry;              /* the entry's index in the policy, for the alert */
+    __u32 expires_s;          /* an address a DNS answer gave for a host-name entry: until then (0: always) */
+};
+struct policy_rules {
+    __u32 n;
+    struct policy_rule r[POLICY_RULES];
+};
+/* LPM keys: the episode (all 64 bits always match), then the address. */
+struct policy_key4 {
+    __u32 prefixlen;
+    __u32 episode_hi;
+    __u32 episode_lo;
+    __u8 addr[4];
+};
+struct policy_key6 {
+    __u32 prefixlen;
+    __u32 episode_hi;
+    __u32 episode_lo;
+    __u8 addr[16];
+};
+BPF_F_TABLE(PINNED("lpm_trie", policy4), struct policy_key4, struct policy_rules, policy4, 65536, BPF_F_NO_PREALLOC);
+BPF_F_TABLE(PINNED("lpm_trie", policy6), struct policy_key6, struct policy_rules, policy6, 65536, BPF_F_NO_PREALLOC);
+
+/* Host-name entries: (episode, hash of a name in DNS wire format, lowercased, from one of its labels on,
+ * wildcard) -> the rule its answered addresses get. wildcard 1: "*.NAME", matched by strict subdomains. */
+struct dns_name_key {
+    __u64 episode;
+    __u64 hash;
+    __u64 wildcard;
+};
+BPF_F_TABLE(PINNED("hash", dns_names), struct dns_name_key, struct policy_rule, dns_names, 65536, 0);
+
+static __always_inline int rules_refuse(struct policy_rules *rules, __u16 port, __u8 protocol,
+                                        struct episode_policy *p, __s32 *entry)
+{
+    if (rules) {
+        for (int i = 0; i < POLICY_RULES; i++) {
+            if (i >= rules->n)
+                break;
+            struct policy_rule *r = &rules->r[i];
+            if (r->protocol && r->protocol != protocol)
+                continue;
+            if (r->port_hi && (port < r->port_lo || port > r->port_hi))
+                continue;
+            if (r->expires_s && bpf_ktime_get_ns() / 1000000000ULL > r->expires_s)
+                continue;
+            *entry = r->entry;
+            return r->deny;
+        }
+    }
+    *entry = POLICY_DEFAULT;
+    return p->default_deny;
+}
+
+/* Does the episode's policy refuse this destination? addr: 4 or 16 bytes (family). Loopback
+ * and the unspecified address (which reaches the host itself) are the episode's own business. */
+static __always_inline int policy_refuses(__u64 episode, __u16 family, const __u8 *addr, __u16 port,
+                                          __u8 protocol, __s32 *entry)
+{
+    struct episode_policy *p = policies.lookup(&episode);
+    if (!p)
+        return 0;
+    if (p->contained) {
+        *entry = POLICY_CONTAINED;
+        return 1;
+    }
+    const __u8 *v4 = 0;
+    if (family == AF_INET) {
+        v4 = addr;
+    } else {
+        __u32 w[4];
+        __builtin_memcpy(w, addr, 16);
+        if (w[0] == 0 && w[1] == 0 && (w[2] == 0 || w[2] == bpf_htonl(0xffff))) {
+            if (w[2] == 0 && (w[3] == 0 || w[3] == bpf_htonl(1)))
+                return 0;                           /* :: and ::1 */
+            if (w[2])
+                v4 = addr + 12;                     /* ::ffff:a.b.c.d is IPv4 to the kernel */
+        }
+    }
+    if (v4) {
+        if (v4[0] == 127 || (v4[0] | v4[1] | v4[2] | v4[3]) == 0)
+            return 0;
+        struct policy_key4 k = {.prefixlen = 64 + 32, .episode_hi = episode >> 32, .episode_lo = (__u32)episode};
+        __builtin_memcpy(k.addr, v4, 4);
+        return rules_refuse(policy4.lookup(&k), port, protocol, p, entry);
+    }
+    struct policy_key6 k = {.prefixlen = 64 + 128, .episode_hi = episode >> 32, .episode_lo = (__u32)episode};
+    __builtin_memcpy(k.addr, addr, 16);
+    return rules_refuse(policy6.lookup(&k), port, protocol, p, entry);
+}
+
+/* Is the episode contained (deny_network)? For its packets, in cgroup_skb. */
+static __always_inline struct episode_policy *episode_policy(__u64 episode)
+{
+    return policies.lookup(&episode);
+}
+
 /* Per-socket state: the owner, recorded in task context, plus flow counters.
  * BPF_F_CLONE lets an accepted socket inherit its listener's owner. */
 struct sock_state {

@@ -38,6 +38,16 @@ static __always_inline __u16 udp_dport(struct __sk_buff *skb, __u32 headers)
     return ((__u16)port[0] << 8) | port[1];
 }
 
+/* The UDP source port of a packet (an answer's: 53 for DNS). */
+static __always_inline __u16 udp_sport(struct __sk_buff *skb, __u32 headers)
+{
+    void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+    __u8 *port = data + ((headers - 8) & 0x7f);
+    if ((void *)(port + 2) > end)
+        return 0;
+    return ((__u16)port[0] << 8) | port[1];
+}
+
 /* Silences of >= 1 s mark the start of an exchange: who breaks them, and how
  * long they last, shows keep-alive cadence and role inversion. */
 static __always_inline void note_activity(struct activity *a, __u64 now, int egress)
@@ -351,6 +361,220 @@ static __always_inline __u64 socket_episode(struct bpf_sock *sk)
     return 0;
 }
 
+#define BPF_TCP_LISTEN_STATE 10      /* enum BPF_TCP_LISTEN */
+
+/* Is an IPv4 or IPv6 packet's source a loopback address? */
+static __always_inline int from_loopback(struct __sk_buff *skb)
+{
+    void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+    if (skb->family == AF_INET) {
+        __u8 *src = data + 12;
+        if ((void *)(src + 4) > end)
+            return 0;
+        return src[0] == 127;
+    }
+    __u32 *src = data + 8;
+    if ((void *)(src + 4) > end)
+        return 0;
+    return src[0] == 0 && src[1] == 0 && ((src[2] == 0 && src[3] == bpf_htonl(1)) ||
+                                          (src[2] == bpf_htonl(0xffff) && (bpf_ntohl(src[3]) >> 24) == 127));
+}
+
+/* Packets the episode's policy drops: all of a contained episode's (its open flows stall: the kernel
+ * here has no bpf_sock_destroy to reset them), and connections to its TCP listeners from where
+ * listen does not allow (their SYN is dropped, so no connection is ever accepted). */
+static __always_inline int policy_drops(struct __sk_buff *skb, struct bpf_sock *sk, struct episode_policy *p,
+                                        int egress)
+{
+    if (p->contained)
+        return 1;
+    if (egress || p->listen == LISTEN_ANY || sk->state != BPF_TCP_LISTEN_STATE)
+        return 0;
+    return p->listen == LISTEN_NONE || !from_loopback(skb);
+}
+
+/* Host-name entries (tracer/policy.py): a DNS answer to one of the episode's own sockets, for a name its
+ * policy allows, allows the answered addresses for their TTL. This runs in cgroup_skb ingress, before the
+ * datagram reaches the socket: the addresses are allowed before the resolver can read the answer, so a
+ * connect right after it passes. Answers over UDP from port 53, not from this host (a local "resolver" the
+ * episode runs itself would answer what it likes). */
+#define DNS_MAX 512                  /* bytes of an answer read; a power of two (index masks) */
+#define DNS_LABELS 8                 /* a name's labels tried as suffixes (the first 8) */
+#define DNS_ANSWERS 8                /* answer records read */
+#define DNS_HASH_P 0x100000001b3ULL  /* hash(name) = sum byte[i] * P^i (mod 2^64); P odd: invertible */
+#define DNS_HASH_PINV 0xce965057aff6957bULL
+#define DNS_MAX_TTL 86400
+#define LOOPBACK_IFINDEX 1
+struct dns_buf {
+    __u8 b[DNS_MAX];
+    __u64 prefix[DNS_LABELS];        /* the hash of the bytes before each label, and P^-offset there */
+    __u64 inverse[DNS_LABELS];
+    struct policy_rules rules;       /* the new rules of an answered address */
+    __u32 len, at, next, end, labels; /* the parser's cursors (KEPT) */
+};
+BPF_F_TABLE("percpu_array", int, struct dns_buf, dns_scratch, 1, 0);
+
+static __always_inline void allow_answer(struct dns_buf *d, __u64 episode, __u16 family, __u32 at,
+                                         struct policy_rule *rule, __u32 ttl)
+{
+    struct policy_key6 k6 = {.prefixlen = 64 + 128, .episode_hi = episode >> 32, .episode_lo = (__u32)episode};
+    struct policy_key4 k4 = {.prefixlen = 64 + 32, .episode_hi = episode >> 32, .episode_lo = (__u32)episode};
+    for (int i = 0; i < 16; i++) {
+        if (family == AF_INET && i >= 4)
+            break;
+        __u8 byte = d->b[(at + i) & (DNS_MAX - 1)];
+        if (family == AF_INET)
+            k4.addr[i & 3] = byte;
+        else
+            k6.addr[i] = byte;
+    }
+    /* The longest prefix that covers the address now: its rules (deny first) stay, the name's is added. */
+    struct policy_rules *now = family == AF_INET ? policy4.lookup(&k4) : policy6.lookup(&k6);
+    if (now)
+        __builtin_memcpy(&d->rules, now, sizeof(d->rules));
+    else
+        d->rules.n = 0;
+    __u32 expires = bpf_ktime_get_ns() / 1000000000ULL + (ttl > DNS_MAX_TTL ? DNS_MAX_TTL : ttl) + 1;
+    __u32 n = d->rules.n;
+    if (n > POLICY_RULES)
+        return;
+    __u32 slot = n;
+    if (n) {
+        /* The same name answered again (its rule is the last one added): a new expiry, not a new rule. */
+        struct policy_rule *last = &d->rules.r[(n - 1) & (POLICY_RULES - 1)];
+        if (last->entry == rule->entry && last->expires_s)
+            slot = n - 1;
+    }
+    if (slot >= POLICY_RULES)
+        return;                      /* full: the address stays as the policy had it */
+    if (slot == n)
+        d->rules.n = n + 1;
+    struct policy_rule *r = &d->rules.r[slot & (POLICY_RULES - 1)];
+    *r = *rule;
+    r->expires_s = expires;
+    if (family == AF_INET)
+        policy4.update(&k4, &d->rules);
+    else
+        policy6.update(&k6, &d->rules);
+}
+
+/* bcc rewrites map calls only outside macros. */
+static __always_inline struct policy_rule *dns_names_lookup(struct dns_name_key *key)
+{
+    return dns_names.lookup(key);
+}
+
+static __always_inline __u16 be16(struct dns_buf *d, __u32 at)
+{
+    return ((__u16)d->b[at & (DNS_MAX - 1)] << 8) | d->b[(at + 1) & (DNS_MAX - 1)];
+}
+
+/* The parser's cursors live in the scratch map and are read back through volatile loads: the verifier
+ * then sees unknown (bounded-by-check) values at each loop head, and the paths through the loops merge
+ * instead of multiplying. */
+#define KEPT(field) (*(volatile __u32 *)&d->field)
+
+static __always_inline void learn_dns_answer(struct __sk_buff *skb, __u64 episode, __u32 headers)
+{
+    /* Not from this host: a datagram the episode sends itself (to its own address, from port 53) comes in
+     * through the loopback device (ifindex 1 in every namespace), whatever its source address. */
+    if (from_loopback(skb) || skb->ingress_ifindex == LOOPBACK_IFINDEX || udp_sport(skb, headers) != 53)
+        return;
+    int zero = 0;
+    struct dns_buf *d = dns_scratch.lookup(&zero);
+    if (!d)
+        return;
+    __u32 len = skb->len > headers ? skb->len - headers : 0;
+    if (len > DNS_MAX)
+        len = DNS_MAX;
+    if (len < 17 || bpf_skb_load_bytes(skb, headers, d->b, len))
+        return;
+    if (!(d->b[2] & 0x80) || be16(d, 4) != 1)
+        return;                      /* not an answer, or not to one question */
+    KEPT(len) = len;
+    /* The question's name: hash it, remembering the hash before each label (for its suffixes). */
+    __u64 hash = 0, power = 1, inverse = 1;
+    KEPT(labels) = 0;
+    KEPT(next) = 12;
+    KEPT(end) = 0;
+    for (__u32 at = 12; at < 12 + 255; at++) {
+        if (at >= KEPT(len))
+            return;
+        __u8 c = d->b[at & (DNS_MAX - 1)];
+        if (at == KEPT(next)) {
+            if (c == 0) {
+                KEPT(end) = at;
+                break;
+            }
+            if (c & 0xc0)
+                return;
+            __u32 labels = KEPT(labels);
+            if (labels < DNS_LABELS) {
+                d->prefix[labels & (DNS_LABELS - 1)] = hash;
+                d->inverse[labels & (DNS_LABELS - 1)] = inverse;
+                KEPT(labels) = labels + 1;
+            }
+            KEPT(next) = at + 1 + c;
+        } else if (c >= 'A' && c <= 'Z') {
+            c += 'a' - 'A';
+        }
+        hash += c * power;
+        power *= DNS_HASH_P;
+        inverse *= DNS_HASH_PINV;
+    }
+    __u32 end = KEPT(end), labels = KEPT(labels);
+    if (!end || end > DNS_MAX || labels > DNS_LABELS)
+        return;
+    /* The name itself, then its suffixes from each later label (constant indices: no loop to verify). */
+    struct policy_rule *rule = 0;
+#define TRY_SUFFIX(i)                                                                              \
+    if (!rule && labels > i) {                                                                     \
+        struct dns_name_key key = {.episode = episode, .wildcard = i > 0,                          \
+                                   .hash = (hash - d->prefix[i]) * d->inverse[i]};                 \
+        rule = dns_names_lookup(&key);                                                             \
+    }
+    TRY_SUFFIX(0) TRY_SUFFIX(1) TRY_SUFFIX(2) TRY_SUFFIX(3)
+    TRY_SUFFIX(4) TRY_SUFFIX(5) TRY_SUFFIX(6) TRY_SUFFIX(7)
+    if (!rule)
+        return;
+    struct policy_rule allowed = *rule;
+    __u16 answers = be16(d, 6);
+    KEPT(at) = end + 5;              /* past the name's 0 and QTYPE, QCLASS */
+    for (int a = 0; a < DNS_ANSWERS; a++) {
+        if (a >= answers)
+            break;
+        /* The record's name: a pointer, or labels (to a pointer or the root). */
+        for (int j = 0; j < 64; j++) {
+            __u32 at = KEPT(at);
+            if (at >= DNS_MAX)
+                return;
+            __u8 c = d->b[at & (DNS_MAX - 1)];
+            if ((c & 0xc0) == 0xc0) {
+                KEPT(at) = at + 2;
+                break;
+            }
+            KEPT(at) = at + 1 + c;
+            if (c == 0)
+                break;
+        }
+        __u32 at = KEPT(at);
+        len = KEPT(len);
+        if (at > DNS_MAX || len > DNS_MAX || at + 10 > len)
+            return;
+        __u16 type = be16(d, at);
+        __u32 ttl = ((__u32)be16(d, at + 4) << 16) | be16(d, at + 6);
+        __u16 rdlength = be16(d, at + 8);
+        at += 10;
+        if (at + rdlength > len)
+            return;
+        if (type == 1 && rdlength == 4)
+            allow_answer(d, episode, AF_INET, at, &allowed, ttl);
+        else if (type == 28 && rdlength == 16)
+            allow_answer(d, episode, AF_INET6, at, &allowed, ttl);
+        KEPT(at) = at + rdlength;
+    }
+}
+
 static __always_inline int count_packet(struct __sk_buff *skb, int egress)
 {
     struct bpf_sock *sk = skb->sk;
@@ -373,6 +597,11 @@ static __always_inline int count_packet(struct __sk_buff *skb, int egress)
         st->owner.cgroup_id = bpf_sk_cgroup_id(sk);
         st->start_ns = bpf_ktime_get_ns();
     }
+    struct episode_policy *p = episode_policy(st->owner.episode_cgroup_id);
+    if (p && policy_drops(skb, sk, p, egress)) {
+        denied.increment(st->owner.episode_cgroup_id);
+        return 0;
+    }
     if (egress && !st->ep.sport) {
         /* UDP and raw sockets: learn the local end, which no hook reports. */
         st->ep.sport = sk->src_port;
@@ -387,6 +616,8 @@ static __always_inline int count_packet(struct __sk_buff *skb, int egress)
     __u8 protocol = sk->protocol;
     __u32 headers = header_len(skb, protocol);
     __u32 bytes = skb->len > headers ? skb->len - headers : 0;
+    if (p && p->names && !egress && protocol == IPPROTO_UDP && headers)
+        learn_dns_answer(skb, st->owner.episode_cgroup_id, headers);
     __u32 segs = skb->gso_segs > 1 ? skb->gso_segs : 1;
     if (egress) {
         __sync_fetch_and_add(&st->c.bytes_out, bytes);

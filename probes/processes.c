@@ -171,6 +171,14 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     return 0;
 }
 
+#define AF_PACKET_FAMILY 17
+
+static __always_inline int packet_sockets_refused(__u64 episode)
+{
+    struct episode_policy *p = episode_policy(episode);
+    return p && !p->raw_sockets;
+}
+
 /* Inet sockets are seen by cgroup/sock_create; other families only here. */
 TRACEPOINT_PROBE(syscalls, sys_enter_socket)
 {
@@ -180,6 +188,12 @@ TRACEPOINT_PROBE(syscalls, sys_enter_socket)
     __u64 episode = current_episode();
     if (!episode)
         return 0;
+    /* No cgroup hook sees packet sockets: a policy with raw_sockets = false kills the process
+     * before socket() returns to it (a tracepoint cannot make the call fail). */
+    if (family == AF_PACKET_FAMILY && packet_sockets_refused(episode)) {
+        denied.increment(episode);
+        bpf_send_signal(9);         /* SIGKILL */
+    }
     __u64 tid = bpf_get_current_pid_tgid();
     struct socket_args a = {.family = family, .type = args->type, .protocol = args->protocol};
     if (sockets_in_flight.update(&tid, &a))
@@ -205,7 +219,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_socket)
     r->family = saved.family;
     r->type = saved.type & 0xf;   /* drop SOCK_NONBLOCK / SOCK_CLOEXEC */
     r->protocol = saved.protocol;
-    r->ret = args->ret;
+    r->ret = saved.family == AF_PACKET_FAMILY && packet_sockets_refused(episode) ? -1 : args->ret;  /* -EPERM */
     events.ringbuf_submit(r, SUBMIT_FLAGS);
     return 0;
 }

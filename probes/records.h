@@ -69,7 +69,7 @@ struct socket_record {        /* REC_SOCKET_CREATED */
     __u32 family;
     __u32 type;
     __u32 protocol;
-    __s32 ret;                /* socket() result when seen at the syscall, else 0 */
+    __s32 ret;                /* socket() result when seen at the syscall; -EPERM: refused by the policy */
 };
 
 /* When a flow talks: enough to tell keep-alive cadence and who speaks first. */
@@ -88,13 +88,18 @@ struct net_record {           /* CONNECT, UDP_SENT, LISTENING, ESTABLISHED, ACCE
     struct activity a;
     __u64 start_ns;           /* when the socket's flow began (FLOW_ENDED) */
     __u32 flags;              /* FLOW_* */
-    __s32 ret;                /* CONNECT_RESULT: syscall return */
+    __s32 ret;                /* CONNECT_RESULT: syscall return; FLOW_DENIED: POLICY_* or the entry */
 };
 
 #define FLOW_INITIATED   1    /* the sandbox connected out */
 #define FLOW_ESTABLISHED 2    /* the handshake completed */
 #define FLOW_ACCEPTED    4    /* inbound connection to a sandbox listener */
 #define FLOW_FAILED      8    /* closed before it was established */
+#define FLOW_DENIED      16   /* CONNECT, UDP_SENT: the episode's policy refused it; ret: the deciding entry */
+
+/* net_record.ret of a FLOW_DENIED record: the index of the policy entry that refused it (>= 0), or */
+#define POLICY_DEFAULT   -1   /* no entry matched: the policy's default */
+#define POLICY_CONTAINED -2   /* the episode is contained (deny_network) */
 
 #define PAYLOAD_LEN 256
 #define PAYLOAD_PACKETS 2     /* data packets captured per direction of a flow */

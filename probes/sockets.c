@@ -28,19 +28,25 @@ int on_sock_create(struct bpf_sock *sk)
     __u64 episode = current_episode();
     if (!episode)
         return 1;
-    owned_state(sk, episode);
+    /* A policy with raw_sockets = false refuses raw sockets here (socket() fails with EPERM). */
+    struct episode_policy *p = episode_policy(episode);
+    int verdict = !(p && !p->raw_sockets && sk->type == SOCK_RAW);
+    if (!verdict)
+        denied.increment(episode);
+    else
+        owned_state(sk, episode);
     struct socket_record *r = reserve_socket(episode);
     if (!r)
-        return 1;
+        return verdict;
     struct owner o = {};
     fill_current_owner(&o, episode);
     fill_header(&r->h, REC_SOCKET_CREATED, sizeof(*r), bpf_get_socket_cookie(sk), &o);
     r->family = sk->family;
     r->type = sk->type;
     r->protocol = sk->protocol;
-    r->ret = 0;
+    r->ret = verdict ? 0 : -1;      /* -EPERM */
     events.ringbuf_submit(r, SUBMIT_FLAGS);
-    return 1;
+    return verdict;
 }
 
 /* A UDP socket that saw traffic ends here; TCP ends in sock_ops. */
@@ -79,7 +85,13 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, __u16 family)
     if (!episode)
         return 1;
     /* A refused connect is still recorded: its failure (EPERM) is evidence. */
-    int verdict = refuse_without_tracer(episode) ? 0 : 1;
+    __u8 daddr[16] = {};
+    addr_from_ctx(ctx, daddr, family);
+    __s32 entry = 0;
+    int refused = policy_refuses(episode, family, daddr, bpf_ntohs(ctx->user_port), ctx->protocol, &entry);
+    if (refused)
+        denied.increment(episode);
+    int verdict = refused || refuse_without_tracer(episode) ? 0 : 1;
     struct bpf_sock *sk = ctx->sk;
     if (!sk)
         return verdict;
@@ -108,8 +120,8 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, __u16 family)
         r->ep.protocol = ctx->protocol;
         r->ep.socktype = ctx->type;
         r->start_ns = r->h.ts_ns;
-        r->flags = FLOW_INITIATED;
-        r->ret = 0;
+        r->flags = FLOW_INITIATED | (refused ? FLOW_DENIED : 0);
+        r->ret = refused ? entry : 0;
         if (st) {
             st->ep = r->ep;
             st->flags |= FLOW_INITIATED;
@@ -139,9 +151,14 @@ static __always_inline int on_sendmsg(struct bpf_sock_addr *ctx, __u16 family)
     addr_from_ctx(ctx, key.daddr, family);
     key.dport = bpf_ntohs(ctx->user_port);
     key.family = family;
+    __s32 entry = 0;
+    int refused = policy_refuses(episode, family, key.daddr, key.dport, ctx->protocol, &entry);
+    if (refused)
+        denied.increment(episode);
+    int verdict = !refused;
     __u8 one = 1;
     if (udp_dests_seen.lookup(&key))
-        return 1;
+        return verdict;
     udp_dests_seen.update(&key, &one);
     struct destination dest = {.episode = episode, .port = key.dport, .family = family, .protocol = ctx->protocol};
     __builtin_memcpy(dest.addr, key.daddr, 16);
@@ -158,15 +175,15 @@ static __always_inline int on_sendmsg(struct bpf_sock_addr *ctx, __u16 family)
             st->start_ns = bpf_ktime_get_ns();
             st->routine = admit_flow(episode, known, UDP_RECORDS);
             if (!flow_admitted(episode, st->routine))
-                return 1;
+                return verdict;
             sent = 1;
         }
     }
     if (known && !sent && !within_budget(episode))
-        return 1;                   /* a later send to a known destination: one token */
+        return verdict;                   /* a later send to a known destination: one token */
     struct net_record *r = reserve_net(episode);
     if (!r)
-        return 1;
+        return verdict;
     __builtin_memset(&r->ep, 0, sizeof(r->ep));
     __builtin_memset(&r->c, 0, sizeof(r->c));
     __builtin_memset(&r->a, 0, sizeof(r->a));
@@ -179,10 +196,10 @@ static __always_inline int on_sendmsg(struct bpf_sock_addr *ctx, __u16 family)
     r->ep.protocol = ctx->protocol;
     r->ep.socktype = ctx->type;
     r->start_ns = r->h.ts_ns;
-    r->flags = FLOW_INITIATED;
-    r->ret = 0;
+    r->flags = FLOW_INITIATED | (refused ? FLOW_DENIED : 0);
+    r->ret = refused ? entry : 0;
     events.ringbuf_submit(r, SUBMIT_FLAGS);
-    return 1;
+    return verdict;
 }
 
 int on_sendmsg4(struct bpf_sock_addr *ctx) { return on_sendmsg(ctx, AF_INET); }

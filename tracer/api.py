@@ -22,16 +22,21 @@ from . import session
 from .config import Config
 from .kernel import cgroups
 from .outputs import Fanout, parse_output_specs
+from .policy import Policy
+from .policy import parse as parse_policy
 from .registry import validate_id
 from .verdict import Verdict, VerdictBuilder
 
 
 def run_episode(episode_id: str, argv: list[str], *, outputs: list[str] | None = None,
                 config: Config | None = None, labels: dict[str, str] | None = None,
-                grace_s: float = 10.0) -> Verdict:
-    """Run argv as a traced episode in a fresh cgroup, like `eptrace run`; blocks until it is over."""
+                grace_s: float = 10.0, policy: Policy | dict | None = None) -> Verdict:
+    """Run argv as a traced episode in a fresh cgroup, like `eptrace run`; blocks until it is over.
+    policy: a tracer.policy.Policy, or the [policy] table as a dict (checked: ConfigError)."""
+    if isinstance(policy, dict):
+        policy = parse_policy(policy)
     return session.run_episode(episode_id, list(argv), Fanout(parse_output_specs(list(outputs or []))),
-                               labels=labels, grace_s=grace_s, config=config)
+                               labels=labels, grace_s=grace_s, config=config, policy=policy)
 
 
 class trace_cgroup:

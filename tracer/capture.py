@@ -171,6 +171,12 @@ class ReplayProbes:
     def refused(self) -> dict[int, int]:
         return {}
 
+    def denied(self) -> dict[int, int]:
+        return {}
+
+    def contain(self, cgid: int, policy) -> None:
+        raise CaptureError("replay contains nothing")
+
     def close(self) -> None:
         pass
 

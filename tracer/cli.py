@@ -133,6 +133,26 @@ def _config(path: str | None):
 
 
 CONFIG_HELP = "A TOML file of detection thresholds and allowlists; every key has a default."
+POLICY_HELP = "A TOML file with a [policy] table (README: Containing an episode); it replaces the config's."
+ON_ALERT = click.Choice(["none", "deny_network", "kill", "freeze"])
+ON_ALERT_HELP = "What to do to an episode on any alert, over its policy's on_alert."
+
+
+def _policy(path: str | None):
+    """A --policy file, checked (exit 2 before anything is traced), or None."""
+    if path is None:
+        return None
+    from .config import ConfigError
+    from .policy import load_file
+    try:
+        return load_file(path)
+    except ConfigError as e:
+        raise Failure(str(e), EXIT_BAD_INPUT) from None
+
+
+def _with_on_alert(config, on_alert: str | None):
+    import dataclasses
+    return dataclasses.replace(config, on_alert=on_alert) if on_alert else config
 METRICS_HELP = "Serve Prometheus metrics on ADDR:PORT (/metrics): records, losses, drops, queues, latency."
 
 
@@ -225,6 +245,8 @@ def cli(verbose: int, state_dir: str | None, pin_dir: str | None) -> None:
               help="Also write the end-of-episode summary as JSON to PATH.")
 @click.option("--capture", "capture_path", type=click.Path(dir_okay=False), metavar="PATH", help=CAPTURE_HELP)
 @click.option("--metrics-listen", metavar="ADDR:PORT", help=METRICS_HELP)
+@click.option("--policy", "policy_path", type=click.Path(dir_okay=False), metavar="FILE", help=POLICY_HELP)
+@click.option("--on-alert", type=ON_ALERT, help=ON_ALERT_HELP)
 @click.option("--user", "run_as", metavar="USER[:GROUP]",
               help="Run CMD as this user (name or uid), with its groups, so that it cannot signal eptrace.")
 @SCHEMA_OPTION
@@ -235,7 +257,7 @@ def cli(verbose: int, state_dir: str | None, pin_dir: str | None) -> None:
                    f"whatever CMD's own status; --fail-on-alert's {EXIT_ALERTED} comes first.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
 def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict_path, capture_path,
-        metrics_listen, run_as, schema, fail_on_alert, fail_on_incomplete, command) -> None:
+        metrics_listen, policy_path, on_alert, run_as, schema, fail_on_alert, fail_on_incomplete, command) -> None:
     """Run CMD as a traced episode, in a fresh cgroup of its own.
 
     Events stream until CMD and its children have exited and their flows are closed (at most
@@ -252,7 +274,8 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
     """
     _episode_id(episode_id)
     label_map = _labels(labels)
-    config = _config(config_path)
+    config = _with_on_alert(_config(config_path), on_alert)
+    policy = _policy(policy_path)
     metrics_listen = _metrics_address(metrics_listen)
     user = _user(run_as) if run_as else None
     _require_root()
@@ -265,7 +288,7 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
     try:
         verdict = run_episode(episode_id, list(command), fanout, labels=label_map, grace_s=grace,
                               stats_interval_s=stats_interval, config=config, capture=capture,
-                              metrics_listen=metrics_listen, user=user)
+                              metrics_listen=metrics_listen, user=user, policy=policy)
     except ProbeError as e:
         raise Failure(str(e), EXIT_KERNEL) from None
     except CgroupError as e:
@@ -291,8 +314,9 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE", help=CONFIG_HELP)
 @click.option("--capture", "capture_path", type=click.Path(dir_okay=False), metavar="PATH", help=CAPTURE_HELP)
 @click.option("--metrics-listen", metavar="ADDR:PORT", help=METRICS_HELP)
+@click.option("--on-alert", type=ON_ALERT, help=ON_ALERT_HELP)
 @SCHEMA_OPTION
-def watch(outputs, stats_interval, config_path, capture_path, metrics_listen, schema) -> None:
+def watch(outputs, stats_interval, config_path, capture_path, metrics_listen, on_alert, schema) -> None:
     """Trace every registered episode, as a daemon, until SIGINT or SIGTERM.
 
     Episodes are registered with 'eptrace episode add'; a registration made while watch runs
@@ -303,7 +327,7 @@ def watch(outputs, stats_interval, config_path, capture_path, metrics_listen, sc
       sudo eptrace watch
       sudo eptrace watch --output file:/var/log/eptrace/events.ndjson?max_mb=100&keep=10
     """
-    config = _config(config_path)
+    config = _with_on_alert(_config(config_path), on_alert)
     metrics_listen = _metrics_address(metrics_listen)
     _require_root()
     _check_written_paths(capture=capture_path)
@@ -343,14 +367,20 @@ def episode() -> None:
 @click.option("--cgroup", required=True, metavar="PATH",
               help="An existing cgroup v2 directory (absolute, or relative to the cgroup2 mount).")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Extra labels.* on every event.")
-def episode_add(episode_id, cgroup, labels) -> None:
+@click.option("--policy", "policy_path", type=click.Path(dir_okay=False), metavar="FILE", help=POLICY_HELP)
+def episode_add(episode_id, cgroup, labels, policy_path) -> None:
     """Register an existing cgroup as an episode. Its descendants belong to it too."""
     from .registry import Registry, RegistryError
     _episode_id(episode_id)
     label_map = _labels(labels)
+    _policy(policy_path)                # checked now; stored as written
     _require_root()
+    table = None
+    if policy_path:
+        import tomllib
+        table = tomllib.loads(open(policy_path, "rb").read().decode())["policy"]
     try:
-        reg = Registry().add(episode_id, cgroup, label_map)
+        reg = Registry().add(episode_id, cgroup, label_map, policy=table)
     except RegistryError as e:
         raise Failure(str(e), EXIT_BAD_INPUT) from None
     click.echo(f"registered episode {reg.id} for cgroup {printable(reg.cgroup)}", err=True)
@@ -359,15 +389,37 @@ def episode_add(episode_id, cgroup, labels) -> None:
 @episode.command("rm")
 @click.option("--id", "episode_id", required=True, metavar="ID")
 def episode_rm(episode_id) -> None:
-    """Stop tracing an episode (within a second, if watch runs)."""
+    """Stop tracing an episode (within a second, if watch runs); a frozen episode is killed."""
+    from .kernel.cgroups import CgroupError
     from .registry import Registry, RegistryError
+    from .session import episode_cgroups
     _episode_id(episode_id)
     _require_root()
     try:
+        for path in episode_cgroups(episode_id, Registry()):
+            if (path / "cgroup.freeze").read_text().strip() == "1":
+                (path / "cgroup.kill").write_text("1")     # frozen for forensics: ended, not left running
+                log.warning("episode %s was frozen: killed its processes", episode_id)
         Registry().remove(episode_id)
-    except RegistryError as e:
+    except (RegistryError, CgroupError, OSError) as e:
         raise Failure(str(e), EXIT_BAD_INPUT) from None
     click.echo(f"removed episode {episode_id}", err=True)
+
+
+@episode.command("thaw")
+@click.option("--id", "episode_id", required=True, metavar="ID")
+def episode_thaw(episode_id) -> None:
+    """Resume an episode frozen by on_alert = "freeze" (registered, or of a running 'eptrace run')."""
+    from .registry import Registry
+    from .session import episode_cgroups
+    _episode_id(episode_id)
+    _require_root()
+    paths = episode_cgroups(episode_id, Registry())
+    if not paths:
+        raise Failure(f"no episode {episode_id} (registered or run)", EXIT_BAD_INPUT)
+    for path in paths:
+        (path / "cgroup.freeze").write_text("0")
+    click.echo(f"thawed episode {episode_id}", err=True)
 
 
 @episode.command("ls")

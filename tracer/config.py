@@ -7,6 +7,7 @@ no number may be inf or nan, and the unit in a key's name (_seconds, _mb) bounds
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import math
@@ -167,6 +168,8 @@ class Config:
     output: Output = field(default_factory=Output)
     tracing: Tracing = field(default_factory=Tracing)
     limits: Limits = field(default_factory=Limits)
+    policy: object = None                   # tracer.policy.Policy: the [policy] table (episodes without their own)
+    on_alert: str | None = None             # --on-alert ACTION: every rule, over the policies' on_alert
 
     def allows_destination(self, ip: str | None, port: int | None) -> bool:
         return self.allowlist.allows_destination(ip, port)
@@ -186,7 +189,11 @@ def load(path: str | Path | None) -> Config:
         raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config {path} is not valid TOML: {e}") from None
+    policy_table = data.pop("policy", None) if isinstance(data, dict) else None
     config = _build(Config, data, "")
+    if policy_table is not None:
+        from . import policy         # here: tracer.policy imports this module
+        config = dataclasses.replace(config, policy=policy.parse(policy_table))
     from .detect.rules import ALL     # here, not at the top: tracer.detect imports this module
     known = {rule.name for rule in ALL}
     for name, _ in config.allowlist.rules:

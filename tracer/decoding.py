@@ -37,6 +37,7 @@ FLOW_INITIATED = 1
 FLOW_ESTABLISHED = 2
 FLOW_ACCEPTED = 4
 FLOW_FAILED = 8
+FLOW_DENIED = 16       # the episode's policy refused it; NetRecord.ret: the deciding entry
 
 # ProcessRecord.child_pid of ARGS (ARGV_*) and EXEC (EXEC_HELD) records, as in records.h.
 ARGV_FAILED = 1

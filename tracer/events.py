@@ -63,6 +63,7 @@ class NetworkEvent:
     socket_family: str | None = None    # socket_created: AF_PACKET, AF_INET, ...
     socket_type: str | None = None      # SOCK_RAW, SOCK_DGRAM, ...
     socket_protocol: int | None = None
+    denied_by: str | None = None        # the policy entry that refused it in the kernel (egress_denied)
 
 
 @dataclass(slots=True)
@@ -215,6 +216,7 @@ class Alert:
     message: str              # says why, with the evidence
     risk_score: float
     evidence: list = field(default_factory=list)   # NetworkEvent, PayloadSeen, StdioSocket or PipedShell: each has endpoints
+    containment: dict | None = None     # episode_contained: what was done, for which alert, how long after
 
 
 Event = NetworkEvent | ProcessEvent | Metric | Alert

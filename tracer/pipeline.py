@@ -13,9 +13,11 @@ from .decoding import EXEC_HELD, NetRecord, ProcessRecord, RecordType, SocketRec
 from .config import Config
 from .detect import Engine
 from .detect.argv import is_shell_or_interpreter
-from .events import Burst, Episode, IcmpEchoes, Metric, NetworkEvent, PayloadSeen, PipedShell, ProcessEvent, StdioSocket
+from .events import Alert, Burst, Episode, IcmpEchoes, Metric, NetworkEvent, PayloadSeen, PipedShell, ProcessEvent, StdioSocket
 from .kernel import cgroups
 from .kernel.loader import Probes
+from .detect.rules import EPISODE_CONTAINED
+from .policy import Policy
 from .state.episodes import Episodes
 from .state.flows import FlowTable
 from .state.pipes import PipeShells
@@ -76,6 +78,9 @@ class Tracer:
         self.episode_counts: dict[int, Counter[str]] = {}
         self._removed_losses: dict[str, dict[str, int]] = {}   # episodes removed since the last metric
         self.observers: list = []          # callables that see every emitted event (verdicts)
+        self.policies: dict[int, Policy] = {}           # episode cgroup id -> its policy (own or the config's)
+        self._contained: dict[int, set[str]] = {}       # episode cgroup id -> actions taken on it
+        self.flows.denial = self._denial
         self._next_sweep = self._next_stats = time.monotonic()
         self._next_stats += stats_interval_s
         probes.open_records(self._on_record)
@@ -97,8 +102,13 @@ class Tracer:
         return self._ssh_configs[key]
 
     # -- episodes -------------------------------------------------------------------
-    def add_episode(self, episode_id: str, cgroup_path: Path, labels: dict[str, str] | None = None) -> Episode:
-        cgid = self.probes.attach(cgroup_path)
+    def add_episode(self, episode_id: str, cgroup_path: Path, labels: dict[str, str] | None = None,
+                    policy: Policy | None = None) -> Episode:
+        """policy: the episode's own, which replaces the config's [policy]."""
+        policy = policy or self.config.policy
+        cgid = self.probes.attach(cgroup_path, policy)
+        if policy is not None:
+            self.policies[cgid] = policy
         episode = Episode(id=episode_id, cgroup_path=cgroups.relative(cgroup_path), cgroup_id=cgid,
                           labels=dict(labels or {}))
         self.episodes.add(episode)
@@ -108,6 +118,8 @@ class Tracer:
         return episode
 
     def remove_episode(self, cgroup_id: int) -> None:
+        self.policies.pop(cgroup_id, None)
+        self._contained.pop(cgroup_id, None)
         counts = self._episode_losses(cgroup_id, self.probes.detach(cgroup_id))
         self.episode_counts.pop(cgroup_id, None)
         episode = self.episodes.remove(cgroup_id)
@@ -234,11 +246,54 @@ class Tracer:
         self.stats["events_emitted"] += 1
         for observe in self.observers:
             observe(event)
+        if isinstance(event, Alert) and event.rule is not EPISODE_CONTAINED:
+            self._act_on(event)
         if isinstance(event, (NetworkEvent, ProcessEvent)):
             for alert in self.detectors.observe(event):
                 self.stats["alerts"] += 1
                 self.emit(alert)
             self.shells.on_event(event)
+
+    # -- containment ------------------------------------------------------------------
+    def _denial(self, cgroup_id: int, entry: int) -> str:
+        policy = self.policies.get(cgroup_id)
+        return policy.describe(entry) if policy else Policy().describe(entry)
+
+    def _act_on(self, alert: Alert) -> None:
+        """The on_alert action for this alert's rule (--on-alert over the episode's policy), once per episode."""
+        cgid = alert.episode.cgroup_id
+        policy = self.policies.get(cgid)
+        action = self.config.on_alert or (policy.action_for(alert.rule.name) if policy else "none")
+        done = self._contained.setdefault(cgid, set())
+        if action == "none" or action in done:
+            return
+        done.add(action)
+        path = cgroups.cgroup2_mount() / alert.episode.cgroup_path.lstrip("/")
+        try:
+            if action == "deny_network":
+                self.probes.contain(cgid, policy)
+            else:
+                (path / ("cgroup.kill" if action == "kill" else "cgroup.freeze")).write_text("1")
+            error = None
+        except OSError as e:
+            error = f"{e.strerror or e}"
+            log.error("episode %s: cannot %s it after %s: %s", alert.episode.id, action, alert.rule.name, error)
+        now = time.time_ns()
+        evidence_ns = min((e.timestamp_ns for e in alert.evidence), default=alert.timestamp_ns)
+        details = {"action": action, "rule": alert.rule.name, "rule_id": alert.rule.id,
+                   "after_evidence_ms": round((now - evidence_ns) / 1e6, 3),
+                   "after_alert_ms": round((now - alert.timestamp_ns) / 1e6, 3), "done": error is None}
+        if error:
+            details["error"] = error
+        what = {"deny_network": "cut off its network (every connect, send and packet refused; processes live on)",
+                "kill": "killed every process (cgroup.kill)", "freeze": "froze every process (cgroup.freeze)"}[action]
+        self.stats["containment_actions"] += 1
+        self.emit(Alert(rule=EPISODE_CONTAINED, timestamp_ns=now, episode=alert.episode, cgroup_id=alert.cgroup_id,
+                        cgroup_path=alert.cgroup_path, process=alert.process,
+                        message=(f"episode {alert.episode.id}: {what} on {alert.rule.name}, "
+                                 f"{details['after_evidence_ms']} ms after its evidence")
+                        if error is None else f"episode {alert.episode.id}: {action} failed: {error}",
+                        risk_score=0.0, evidence=alert.evidence, containment=details))
 
     # -- loop -------------------------------------------------------------------------
     def poll(self, timeout_ms: int = POLL_MS) -> None:
@@ -279,6 +334,8 @@ class Tracer:
             "records_undecodable": self.stats["records_undecodable"],
             "records_without_episode": self.stats["records_without_episode"],
             "connects_refused": sum(self.probes.refused().values()),   # while no tracer was alive
+            "egress_denied": sum(self.probes.denied().values()),        # refused by episode policies
+            "containment_actions": self.stats["containment_actions"],
             "events_emitted": self.stats["events_emitted"],
             "alerts": self.stats["alerts"],
             "episodes": len(self.episodes),

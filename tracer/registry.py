@@ -33,6 +33,7 @@ class Registration:
     id: str
     cgroup: str                      # absolute path
     labels: dict[str, str] = field(default_factory=dict)
+    policy: dict | None = None       # its [policy] table (tracer/policy.py), checked when added
 
 
 def state_dir() -> Path:
@@ -79,6 +80,8 @@ def _registration(data, name: str) -> Registration:
         parse_labels([f"{k}={v}" for k, v in labels.items()])
     except RegistryError as e:
         raise RegistryError(f"registration {name}: {e}") from None
+    if not isinstance(data.get("policy") or {}, dict):
+        raise RegistryError(f"registration {name}: policy must be an object")
     return Registration(**{**data, "labels": dict(labels)})
 
 
@@ -90,7 +93,7 @@ class Registry:
         # ':' is allowed in ids and in file names; '.' and '..' are not valid on their own.
         return self.dir / f"{episode_id}.json"
 
-    def add(self, episode_id: str, cgroup: str, labels: dict[str, str]) -> Registration:
+    def add(self, episode_id: str, cgroup: str, labels: dict[str, str], policy: dict | None = None) -> Registration:
         validate_id(episode_id)
         try:
             path = cgroups.resolve(cgroup)
@@ -106,7 +109,7 @@ class Registry:
                 where = "inside" if theirs in path.parents else "above"
                 raise RegistryError(f"cgroup {path} is {where} cgroup {theirs} of episode {other.id!r}: "
                                     "an episode's processes would be given to the other")
-        reg = Registration(episode_id, str(path), labels)
+        reg = Registration(episode_id, str(path), labels, policy)
         try:
             safefiles.private_dir(self.dir.parent, "state directory")
             safefiles.private_dir(self.dir, "state directory")

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .config import Config
+from .config import Config, ConfigError
 from .events import Metric
 from .kernel import cgroups, pins
 from .kernel.loader import Probes
 from .pipeline import Tracer
+from .policy import Policy
+from .policy import parse as policy_of
 from .registry import Registry, validate_id
 from .verdict import Verdict, VerdictBuilder
 from .watchdog import DONE
@@ -81,6 +83,15 @@ def clean_leftovers(tracer: Tracer) -> None:
     for path in pins.dead_run_dirs():
         log.warning("removing the pinned probes of a dead eptrace run: %s", path)
         pins.remove(path)
+
+
+def episode_cgroups(episode_id: str, registry: Registry) -> list[Path]:
+    """The cgroups of an episode: its registration's, and those of running 'eptrace run's of that id."""
+    found = [cgroups.resolve(reg.cgroup) for reg in registry.list() if reg.id == episode_id]
+    parent = cgroups.cgroup2_mount() / RUN_PARENT
+    if parent.is_dir():
+        found += [c for c in parent.iterdir() if c.is_dir() and c.name.rpartition("@")[0] == episode_id]
+    return found
 
 
 def _fresh_cgroup(episode_id: str) -> Path:
@@ -158,7 +169,8 @@ def _stop_watchdog(watchdog: subprocess.Popen, pipe: int) -> None:
 
 def run_episode(episode_id: str, argv: list[str], outputs, labels: dict[str, str] | None = None,
                 grace_s: float = 10.0, stats_interval_s: float = 10.0, config: Config | None = None,
-                capture=None, metrics_listen: str | None = None, user: User | None = None) -> Verdict:
+                capture=None, metrics_listen: str | None = None, user: User | None = None,
+                policy: Policy | None = None) -> Verdict:
     """Trace CMD in a fresh episode cgroup. The verdict's exit_code is CMD's status
     (128+N if it was killed by signal N). The probes are pinned and fail closed: if this
     process dies, a watchdog kills the episode, and until then its connects are refused."""
@@ -175,7 +187,7 @@ def run_episode(episode_id: str, argv: list[str], outputs, labels: dict[str, str
         clean_leftovers(tracer)
         cgroup = _fresh_cgroup(episode_id)
         stop = _Stop()
-        episode = tracer.add_episode(episode_id, cgroup, labels)
+        episode = tracer.add_episode(episode_id, cgroup, labels, policy)
         watchdog, watchdog_pipe = _start_watchdog(cgroup, tracer.probes.pin_dir)
         procs_file = str(cgroup / "cgroup.procs")
 
@@ -205,6 +217,7 @@ def run_episode(episode_id: str, argv: list[str], outputs, labels: dict[str, str
         builder.verdict.exit_code = status
         account(builder.verdict, tracer, episode.cgroup_id, alone=True)
         builder.verdict.connects_refused = tracer.probes.refused().get(episode.cgroup_id, 0)
+        builder.verdict.denied = tracer.probes.denied().get(episode.cgroup_id, 0)
         return builder.verdict
     finally:
         if watchdog is not None:
@@ -341,7 +354,8 @@ def _sync(tracer: Tracer, registry: Registry, attached: dict[str, int], warned: 
             continue
         try:
             path = cgroups.resolve(reg.cgroup)
-            attached[episode_id] = tracer.add_episode(episode_id, path, reg.labels).cgroup_id
-        except (cgroups.CgroupError, OSError) as e:
+            attached[episode_id] = tracer.add_episode(episode_id, path, reg.labels,
+                                                      policy_of(reg.policy) if reg.policy else None).cgroup_id
+        except (cgroups.CgroupError, OSError, ConfigError) as e:
             log.warning("episode %s: cannot trace cgroup %s: %s", episode_id, reg.cgroup, e)
             warned.add((episode_id, reg.cgroup))

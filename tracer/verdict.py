@@ -35,6 +35,8 @@ class Verdict:
     complete: bool = True           # False: part of the episode's activity is not in its record
     incomplete_reasons: list[str] = field(default_factory=list)
     connects_refused: int = 0       # connects and datagram sends refused while no tracer was alive (fail-closed)
+    denied: int = 0                 # connects, sends, sockets and packets the episode's policy refused
+    containment: list[dict] = field(default_factory=list)   # on_alert actions taken (episode_contained)
 
     @property
     def alerted(self) -> bool:
@@ -69,6 +71,11 @@ class Verdict:
             lines.append("  destinations: " + ", ".join(shown) + (f" and {more} more" if more > 0 else ""))
         if self.connects_refused:
             lines.append(f"  {self.connects_refused} connect(s) or send(s) refused while the tracer was not alive")
+        if self.denied:
+            lines.append(f"  {self.denied} connect(s), send(s), socket(s) or packet(s) refused by the policy")
+        for action in self.containment:
+            lines.append(f"  CONTAINED: {action['action']} on {action['rule']}, "
+                         f"{action['after_evidence_ms']} ms after its evidence")
         for alert in self.alerts:
             lines.append(f"  ALERT {alert['rule']} (severity {alert['severity']}): {alert['message']}")
         return "\n".join(printable(line) for line in lines)      # argv, names: the sandbox's text
@@ -85,7 +92,9 @@ class VerdictBuilder:
         if getattr(event, "episode", None) is None or event.episode.id != self.verdict.episode_id:
             return
         v = self.verdict
-        if isinstance(event, Alert):
+        if isinstance(event, Alert) and event.containment is not None:
+            v.containment.append(event.containment)
+        elif isinstance(event, Alert):
             v.alerts.append({"rule": event.rule.name, "rule_id": event.rule.id, "severity": event.rule.severity,
                              "message": event.message, "pid": event.process.pid if event.process else None})
         elif isinstance(event, NetworkEvent):

@@ -44,4 +44,13 @@ def inbound_listener(event, ctx: Context) -> Iterator[Finding]:
                       rules.INBOUND_LISTENER.severity, [event])
 
 
-DETECTORS = (cloud_metadata, raw_socket, inbound_listener)
+def egress_denied(event, ctx: Context) -> Iterator[Finding]:
+    if not isinstance(event, NetworkEvent) or not event.denied_by:
+        return
+    target = where(event) if event.destination else f"a {event.socket_family} {event.socket_type} socket"
+    yield Finding(rules.EGRESS_DENIED, (event.process and event.process.pid, event.action, target),
+                  f"{who(event.process)} in episode {event.episode.id}: {target} refused by its policy "
+                  f"({event.denied_by})", rules.EGRESS_DENIED.severity, [event])
+
+
+DETECTORS = (cloud_metadata, raw_socket, inbound_listener, egress_denied)

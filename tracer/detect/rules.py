@@ -42,8 +42,19 @@ INBOUND_LISTENER = Rule(
     "A sandbox listener accepted a connection from a non-local address",
     "T1133", "External Remote Services", "TA0001", "Initial Access", 47)
 
+EGRESS_DENIED = Rule(
+    "EPT-0009", "egress_denied",
+    "A connect, send or socket that the episode's policy refused in the kernel",
+    "T1048", "Exfiltration Over Alternative Protocol", "TA0010", "Exfiltration", 47)
+
 ALL = (REVERSE_TUNNEL, REVERSE_SHELL, CRYPTO_MINING, CLOUD_METADATA_ACCESS, DNS_TUNNEL, ICMP_TUNNEL, RAW_SOCKET,
-       INBOUND_LISTENER)
+       INBOUND_LISTENER, EGRESS_DENIED)
+
+# Not a detection: the document of a containment action (on_alert), event.kind alert.
+EPISODE_CONTAINED = Rule(
+    "EPT-0100", "episode_contained",
+    "eptrace acted on an alert: it cut the episode's network, killed or froze its processes",
+    "T1572", "Protocol Tunneling", "TA0011", "Command and Control", 0)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import Limits
+from ..policy import LISTEN, Policy, compile_rules, name_hash
 from . import cgroups, pins
 
 log = logging.getLogger(__name__)
@@ -223,11 +224,12 @@ class Probes:
             self._tracepoint_links.append(link)
 
     # -- episodes -------------------------------------------------------------
-    def attach(self, cgroup_path: Path) -> int:
-        """Trace a cgroup and its descendants as one episode; returns its cgroup id."""
+    def attach(self, cgroup_path: Path, policy: Policy | None = None) -> int:
+        """Trace a cgroup and its descendants as one episode, under policy; returns its cgroup id."""
         cgid = cgroups.cgroup_id(cgroup_path)
         if cgid in self._links:
             return cgid
+        self.set_policy(cgid, policy)       # before any hook runs: its first connect is checked
         fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
         links: list[int] = []
         try:
@@ -288,10 +290,12 @@ class Probes:
         self._levels.pop(cgid, None)
         self._write_levels()
         final = self.episode_lost(cgid)
-        try:
-            del self.bpf[b"accounts"][ctypes.c_uint64(cgid)]
-        except KeyError:
-            pass
+        for name in (b"accounts", b"policies", b"denied"):
+            try:
+                del self.bpf[name][ctypes.c_uint64(cgid)]
+            except KeyError:
+                pass
+        self._clear_policy(cgid)
         return final
 
     def _write_levels(self) -> None:
@@ -337,6 +341,70 @@ class Probes:
         settings = self.bpf[b"settings"]
         settings[ctypes.c_int(SET_BUDGET_BURST)] = ctypes.c_uint64(burst)
         settings[ctypes.c_int(SET_BUDGET_RATE)] = ctypes.c_uint64(per_second)
+
+    # -- containment ------------------------------------------------------------
+    def set_policy(self, cgid: int, policy: Policy | None) -> None:
+        """Write an episode's policy into the kernel's maps (replacing what it had); None: no policy."""
+        self._clear_policy(cgid)
+        if policy is None or not policy.restricts:
+            return
+        for prefix, rules in compile_rules(policy).items():
+            table = self.bpf[b"policy4" if prefix.version == 4 else b"policy6"]
+            key = table.Key()
+            key.prefixlen = 64 + prefix.prefixlen
+            key.episode_hi, key.episode_lo = cgid >> 32, cgid & 0xFFFFFFFF
+            packed = prefix.network_address.packed
+            for i, byte in enumerate(packed):
+                key.addr[i] = byte
+            leaf = table.Leaf()
+            leaf.n = len(rules)
+            for i, rule in enumerate(rules):
+                leaf.r[i].port_lo, leaf.r[i].port_hi = rule.port_lo, rule.port_hi
+                leaf.r[i].protocol, leaf.r[i].deny, leaf.r[i].entry = rule.protocol, rule.deny, rule.entry
+            table[key] = leaf
+        names = self.bpf[b"dns_names"]
+        for index, entry in policy.names:
+            key = names.Key(cgid, name_hash(entry.name), entry.wildcard)
+            names[key] = names.Leaf(entry.port_lo, entry.port_hi, entry.protocol, 0, index, 0)
+        self._write_episode_policy(cgid, policy, contained=self.contained(cgid))
+
+    def _write_episode_policy(self, cgid: int, policy: Policy | None, contained: bool) -> None:
+        table = self.bpf[b"policies"]
+        leaf = table.Leaf()
+        policy = policy or Policy()
+        leaf.default_deny, leaf.raw_sockets = policy.default_deny, policy.raw_sockets
+        leaf.listen, leaf.contained = LISTEN.index(policy.listen), contained
+        leaf.names = bool(policy.names)
+        table[ctypes.c_uint64(cgid)] = leaf
+
+    def _clear_policy(self, cgid: int) -> None:
+        for name in (b"policy4", b"policy6"):
+            table = self.bpf[name]
+            for key in [k for k in table.keys() if (k.episode_hi << 32 | k.episode_lo) == cgid]:
+                del table[key]
+        names = self.bpf[b"dns_names"]
+        for key in [k for k in names.keys() if k.episode == cgid]:
+            del names[key]
+        if not self.contained(cgid):
+            try:
+                del self.bpf[b"policies"][ctypes.c_uint64(cgid)]
+            except KeyError:
+                pass
+
+    def contain(self, cgid: int, policy: Policy | None) -> None:
+        """deny_network: refuse every connect, send and packet of the episode from now on (pinned: this
+        holds with no tracer running, until the episode is detached)."""
+        self._write_episode_policy(cgid, policy, contained=True)
+
+    def contained(self, cgid: int) -> bool:
+        try:
+            return bool(self.bpf[b"policies"][ctypes.c_uint64(cgid)].contained)
+        except KeyError:
+            return False
+
+    def denied(self) -> dict[int, int]:
+        """Episode cgroup id -> connects, sends, sockets and packets its policy refused."""
+        return {k.value: v.value for k, v in self.bpf[b"denied"].items()}
 
     # -- records ----------------------------------------------------------------
     def open_records(self, handle: Callable[[bytes], None]) -> None:

@@ -222,7 +222,8 @@ class EcsEncoder:
         rule = ev.rule
         extra = f',"severity":{int(rule.severity)},"risk_score":{float(ev.risk_score)}'
         parts = [self._head(ev.timestamp_ns, "alert", category, types, rule.name, "alert", None, extra),
-                 self._context(ev.episode, ev.cgroup_id, ev.cgroup_path), _args_incomplete(ev.process), "}"]
+                 self._context(ev.episode, ev.cgroup_id, ev.cgroup_path), _args_incomplete(ev.process),
+                 f',"containment":{_j(ev.containment)}' if ev.containment else "", "}"]
         if ev.process is not None:
             parts.append(self._process(ev.process))
         parts.append(',"rule":' + _j({"id": rule.id, "name": rule.name, "description": rule.description,

@@ -15,9 +15,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..decoding import (FLOW_ACCEPTED, FLOW_FAILED, FLOW_INITIATED, PROTOCOLS, SOCKET_TYPES, BurstRecord,
+from ..decoding import (FLOW_ACCEPTED, FLOW_DENIED, FLOW_FAILED, FLOW_INITIATED, PROTOCOLS, SOCKET_TYPES, BurstRecord,
                         IcmpRecord, NetRecord, PayloadRecord, RecordType, SocketRecord, is_loopback)
 from ..events import Burst, Endpoint, Episode, IcmpEchoes, NetworkEvent, PayloadSeen, Process
+from ..policy import DENIED_RAW_SOCKET
 from ..protocols import Sighting, identify
 
 ATTEMPT_GRACE_NS = 1_000_000_000
@@ -87,6 +88,8 @@ class FlowTable:
     update_interval_ns: int = 10_000_000_000
     lineage: Callable[[Process | None], list[int]] = lambda p: [p.pid] if p else []   # pid, then ancestors
     evicted: Callable[[Flow], None] = lambda flow: None     # a flow dropped unended, to bound memory
+    # (episode cgroup id, policy entry index) -> which policy entry refused a connect, send or socket
+    denial: Callable[[int, int], str] = lambda cgid, entry: f"policy entry {entry}"
     flows: dict[int, Flow] = field(default_factory=dict)
     # For the local-relay signal: when each process (or a descendant) connected over loopback,
     # and which outbound flows to the outside each process holds open.
@@ -222,6 +225,8 @@ class FlowTable:
             fields["source"] = flow.local
         if outcome == "failure":
             fields["error_message"] = flow.failed_error or "connection failed"
+        if rec.flags & FLOW_DENIED:
+            fields["denied_by"] = self.denial(flow.episode.cgroup_id, rec.ret)
         self.emit(self._event("connection_attempted", rec, flow, ctx, **fields))
 
     def _udp_sent(self, rec: NetRecord, ctx) -> None:
@@ -232,8 +237,12 @@ class FlowTable:
             flow.remote = remote
         elif flow.remote != remote:
             flow.remote = None       # several destinations: flow_ended names none of them
+        denied = rec.flags & FLOW_DENIED
         self.emit(self._event("udp_sent", rec, flow, ctx, network_type=flow.network_type, transport=flow.transport,
-                              direction="egress", destination=remote))
+                              direction="egress", destination=remote,
+                              outcome="failure" if denied else None,
+                              error_message="EPERM" if denied else None,
+                              denied_by=self.denial(ctx[0].cgroup_id, rec.ret) if denied else None))
 
     # -- inbound -----------------------------------------------------------------
     def _accepted(self, rec: NetRecord, ctx) -> None:
@@ -337,6 +346,8 @@ class FlowTable:
                               transport=_socket_transport(rec), direction=None,
                               outcome="failure" if failed else "success",
                               error_message=_errno_text(-rec.ret) if failed else None,
+                              denied_by=self.denial(ctx[0].cgroup_id, DENIED_RAW_SOCKET) if failed and rec.ret == -errno.EPERM
+                              and rec.family in (socket.AF_INET, socket.AF_INET6, socket.AF_PACKET) else None,
                               socket_family=SOCKET_FAMILIES.get(rec.family, str(rec.family)),
                               socket_type=SOCKET_TYPES.get(rec.type, str(rec.type)), socket_protocol=rec.protocol))
 

@@ -1,0 +1,460 @@
+"""Containment (README: Containing an episode): per-episode policies refused in the kernel, and actions on
+alerts. Real probes, real episode cgroups, test hosts in network namespaces; timings are printed, never
+asserted."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import time
+
+import pytest
+
+import harness
+from eptrace_helpers import (Watcher, alerts, assert_one_line_error, dump, get, read_docs, run_eptrace, select,
+                             wait_for_docs, wait_until)
+from harness import HOST_IP, HOST_IP6, METADATA_IP, PYTHON
+from test_detection import EpisodeRun, ts
+from tracer.testbed import dns_server
+from test_fail_closed import pin_dir  # noqa: F401  (a fixture: a pin root of the test's own)
+
+ALLOWED, OTHER, DENIED = 7531, 7533, 7532
+
+
+def policy_args(tmp_path, text: str) -> list:
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    return ["--policy", path]
+
+
+def contained(run: EpisodeRun, action: str, timeout: float = 15.0) -> dict:
+    return wait_until(lambda: next((d for d in alerts(run.docs(), "episode_contained")
+                                    if get(d, "eptrace.containment.action") == action), None), timeout,
+                      lambda: f"an episode_contained {action}; documents:\n{dump(run.docs(), 200)}")
+
+
+def report(case: str, doc: dict, effect_s: float | None = None) -> None:
+    c = get(doc, "eptrace.containment")
+    extra = f", effect observed {effect_s * 1000:.0f} ms after the evidence" if effect_s is not None else ""
+    print(f"\nCONTAINMENT {case}: {c['action']} done {c['after_evidence_ms']} ms after the evidence "
+          f"({c['after_alert_ms']} ms after the alert){extra}", flush=True)
+
+
+# ---- policy: deny by default ------------------------------------------------------------------------------
+
+DENY_POLICY = f'''[policy]
+default = "deny"
+allow = ["{HOST_IP}:{ALLOWED}/tcp", "198.51.100.0/24:{DENIED}"]
+deny = ["{HOST_IP}:{DENIED}"]
+raw_sockets = false
+'''
+
+WORKLOAD = f'''
+import errno, os, socket
+print("pid", os.getpid(), flush=True)
+def attempt(name, fn):
+    try:
+        fn()
+        print(name, "ok", flush=True)
+    except OSError as e:
+        print(name, errno.errorcode.get(e.errno, e.errno), flush=True)
+def tcp(host, port, family=socket.AF_INET):
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect((host, port))
+        s.sendall(b"allowed")
+    finally:
+        s.close()
+attempt("allowed", lambda: tcp("{HOST_IP}", {ALLOWED}))
+attempt("other_port", lambda: tcp("{HOST_IP}", {OTHER}))
+attempt("ipv6", lambda: tcp("{HOST_IP6}", {ALLOWED}, socket.AF_INET6))
+attempt("udp", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("{HOST_IP}", {ALLOWED})))
+attempt("deny_wins", lambda: tcp("{HOST_IP}", {DENIED}))
+attempt("raw", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
+attempt("loopback", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("127.0.0.1", 9)))
+'''
+PACKET = "import socket; socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3)); print('packet ok')"
+
+
+def test_deny_by_default(net, tmp_path, uring_helper):
+    script = (f'{PYTHON} -u -c "$0"; {uring_helper} {HOST_IP} {OTHER} via-io-uring; '
+              f'{PYTHON} -c "$1"; echo packet_status $?')
+    verdict = tmp_path / "verdict.json"
+    with harness.tcp_echo_server(net, ALLOWED) as server:
+        with EpisodeRun(tmp_path, "ep-deny", net.sandbox_prefix() + ["/bin/sh", "-c", script, WORKLOAD, PACKET],
+                        extra_args=[*policy_args(tmp_path, DENY_POLICY), "--verdict", verdict]) as run:
+            pid = run.pid()
+            docs = run.finish(status=0)
+        assert server.wait_received(b"allowed")
+    out = run.out.text()
+    for case, result in [("allowed", "ok"), ("other_port", "EPERM"), ("ipv6", "EPERM"), ("udp", "EPERM"),
+                         ("deny_wins", "EPERM"), ("raw", "EPERM"), ("loopback", "ok")]:
+        assert f"{case} {result}" in out, (case, out, run.err.text()[-2000:])
+    assert "connect=-1" in out, out                  # io_uring: EPERM from the same hook
+    # AF_PACKET has no cgroup hook: the process is killed before socket() returns to it.
+    assert "packet ok" not in out and "packet_status 137" in out, out
+    denied = alerts(docs, "egress_denied")
+    by_target = {(get(a, "destination.ip"), get(a, "destination.port"), get(a, "network.transport")): a
+                 for a in denied if get(a, "process.pid") == pid and get(a, "destination.ip")}
+    for target in [(HOST_IP, OTHER, "tcp"), (HOST_IP6, ALLOWED, "tcp"), (HOST_IP, ALLOWED, "udp"),
+                   (HOST_IP, DENIED, "tcp")]:
+        assert target in by_target, (target, dump(denied))
+    assert f"deny '{HOST_IP}:{DENIED}'" in get(by_target[(HOST_IP, DENIED, "tcp")], "message")
+    assert "default deny" in get(by_target[(HOST_IP, OTHER, "tcp")], "message")
+    uring = [a for a in denied if get(a, "process.name") == "uring_connect"]
+    assert len(uring) == 1 and get(uring[0], "destination.port") == OTHER, dump(denied)
+    messages = " ".join(get(a, "message") for a in denied)
+    assert "raw_sockets = false" in messages and "AF_PACKET" in messages, messages
+    # Once per destination and process, and nothing allowed was refused.
+    assert len(by_target) == len(denied) - 3, dump(denied)         # + the io_uring one and the two raw sockets
+    assert not select(docs, "connection_attempted", destination__port=ALLOWED, event__outcome="failure",
+                      network__transport="tcp", destination__ip=HOST_IP)
+    v = json.loads(verdict.read_text())
+    assert v["denied"] >= 7, v
+
+
+# ---- actions on alerts ------------------------------------------------------------------------------------
+
+METADATA_THEN_WAIT = f'''
+import os, socket, time
+print("pid", os.getpid(), flush=True)
+if os.fork() == 0:
+    time.sleep(120)
+    os._exit(0)
+try:
+    socket.create_connection(("{METADATA_IP}", 80), timeout=5).close()
+except OSError:
+    pass
+print("touched", flush=True)
+time.sleep(120)
+'''
+
+
+def test_kill_on_alert(net, tmp_path):
+    with harness.http_server(net, 80, tmp_path, metadata=True):
+        with EpisodeRun(tmp_path, "ep-kill", net.sandbox_prefix() + [PYTHON, "-u", "-c", METADATA_THEN_WAIT],
+                        extra_args=["--on-alert", "kill"]) as run:
+            pid = run.pid()
+            doc = contained(run, "kill")
+            wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the episode's processes to be gone")
+            gone = time.time()
+            docs = run.finish(status=None, timeout=60)
+    alert = alerts(docs, "cloud_metadata_access")[0]
+    assert get(doc, "eptrace.containment.rule") == "cloud_metadata_access", doc
+    evidence = min(ts(d) for d in select(docs, "connection_established", destination__ip=METADATA_IP))
+    report("kill on cloud_metadata_access", doc, gone - evidence)
+    assert ts(alert) <= ts(doc)
+
+
+TUNNEL_TARGET = r'''
+import socket
+server = socket.create_server(("127.0.0.1", 8000))
+print("listening", flush=True)
+while True:
+    conn, _ = server.accept()
+    with conn:
+        data = conn.recv(100)
+        if data:
+            conn.sendall(b"sandbox-answer:" + data)
+'''
+# On the test host: one answer through sshd's forwarded port 127.0.0.1:9000 within TIMEOUT seconds, or none.
+TUNNEL_USER = r'''
+import socket, sys, time
+deadline = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < deadline:
+    try:
+        with socket.create_connection(("127.0.0.1", 9000), timeout=max(0.1, deadline - time.monotonic())) as s:
+            s.sendall(b"hello")
+            if s.recv(100):
+                print("answer", flush=True)
+                sys.exit(0)
+    except OSError:
+        time.sleep(0.05)
+print("no answer", flush=True)
+'''
+
+
+def tunnel_answers(net, seconds: float) -> bool:
+    user = net.run_in_host([PYTHON, "-u", "-c", TUNNEL_USER, seconds], stdout=subprocess.PIPE, text=True)
+    out, _ = user.communicate(timeout=seconds + 20)
+    return "answer" in out.split("\n")[0] and "no answer" not in out
+
+
+def test_deny_network_cuts_an_open_ssh_tunnel(net, tmp_path):
+    """ssh -N -R relays; the sandbox then touches the metadata service, whose alert cuts the episode's
+    network: the open tunnel carries nothing more, and ssh lives on."""
+    policy = '[policy]\non_alert = { cloud_metadata_access = "deny_network" }\n'
+    touch = f'{PYTHON} -c "import socket; socket.create_connection((\'{METADATA_IP}\', 80), timeout=3)"'
+    with harness.sshd(net) as sshd, harness.http_server(net, 80, tmp_path, metadata=True):
+        ssh = sshd.ssh_argv()
+        ssh = ssh[:1] + ["-N", "-R", "9000:127.0.0.1:8000"] + ssh[1:]
+        control = tmp_path / "go"
+        script = (f'{PYTHON} -u -c "$0" & echo pid $$; '
+                  f'(while [ ! -e {control} ]; do sleep 0.05; done; {touch}; echo touched) & exec "$@"')
+        with EpisodeRun(tmp_path, "ep-cut", net.sandbox_prefix() + ["/bin/sh", "-c", script, TUNNEL_TARGET, *ssh],
+                        extra_args=policy_args(tmp_path, policy)) as run:
+            ssh_pid = run.pid()
+            run.line("listening")
+            assert tunnel_answers(net, 30), "the tunnel never relayed"
+            control.touch()
+            doc = contained(run, "deny_network")
+            assert not tunnel_answers(net, 1.0), "the tunnel still answers after deny_network"
+            os.kill(ssh_pid, 0)                              # ssh lives on
+            assert open(f"/proc/{ssh_pid}/stat").read().split()[2] not in "ZX"
+            evidence_ms = get(doc, "eptrace.containment.after_evidence_ms")
+            os.kill(ssh_pid, signal.SIGTERM)
+            docs = run.finish(status=None, timeout=60)
+    report("deny_network on cloud_metadata_access (ssh -R open)", doc)
+    assert evidence_ms is not None
+    assert alerts(docs, "reverse_tunnel"), dump(alerts(docs))
+
+
+FROZEN = r'''
+import os, time
+print("pid", os.getpid(), flush=True)
+n = 0
+while True:
+    n += 1
+    print("tick", n, flush=True)
+    time.sleep(0.1)
+'''
+
+
+def test_freeze_and_thaw(net, tmp_path):
+    touch = f"import socket\ntry: socket.create_connection(('{METADATA_IP}', 80), timeout=3)\nexcept OSError: pass"
+    script = f'{PYTHON} -u -c "$0" & echo pid $$; sleep 1; exec {PYTHON} -c "$1"'
+    with harness.http_server(net, 80, tmp_path, metadata=True):
+        with EpisodeRun(tmp_path, "ep-freeze", net.sandbox_prefix() + ["/bin/sh", "-c", script, FROZEN, touch],
+                        extra_args=["--on-alert", "freeze"]) as run:
+            run.pid()
+            doc = contained(run, "freeze")
+            time.sleep(0.5)
+            ticks = run.out.text().count("tick")
+            time.sleep(1.0)
+            assert run.out.text().count("tick") == ticks, "the episode still runs while frozen"
+            r = run_eptrace("episode", "thaw", "--id", "ep-freeze")
+            assert r.returncode == 0, r.stderr
+            wait_until(lambda: run.out.text().count("tick") > ticks, 10, "ticks after thaw")
+            run.proc.send_signal(signal.SIGTERM)
+            run.finish(status=None, timeout=60)
+    report("freeze on cloud_metadata_access", doc)
+
+
+# ---- bad policies -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("table", ['nonsense = 1', 'allow = ["198.51.100.300/24"]', 'allow = ["198.51.100.1:0"]',
+                                   'on_alert = "explode"', 'listen = "sometimes"', 'default = "maybe"'])
+def test_bad_policy_exits_2(tmp_path, table):
+    path = tmp_path / "policy.toml"
+    path.write_text(f"[policy]\n{table}\n")
+    marker = tmp_path / "ran"
+    r = run_eptrace("run", "--episode", "ep-bad", "--policy", path, "--", "touch", marker)
+    assert_one_line_error(r, 2)
+    assert not marker.exists()
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f"[policy]\n{table}\n")
+    r = run_eptrace("run", "--episode", "ep-bad", "--config", cfg, "--", "touch", marker)
+    assert_one_line_error(r, 2)
+    assert not marker.exists()
+
+
+# ---- listeners --------------------------------------------------------------------------------------------
+
+LISTENER = r'''
+import os, socket, sys
+print("pid", os.getpid(), flush=True)
+server = socket.create_server(("0.0.0.0", 7540))
+server.settimeout(30)
+print("listening", flush=True)
+with socket.create_connection(("127.0.0.1", 7540), timeout=5) as c:
+    peer, addr = server.accept()
+    print("accepted", addr[0], flush=True)
+    peer.close()
+while not os.path.exists(sys.argv[1]):
+    server.settimeout(0.1)
+    try:
+        peer, addr = server.accept()
+        print("accepted", addr[0], flush=True)
+        peer.close()
+    except socket.timeout:
+        pass
+'''
+HOST_CLIENT = r'''
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], 7540), timeout=2).close()
+    print("connected", flush=True)
+except OSError as e:
+    print("failed", type(e).__name__, flush=True)
+'''
+
+
+def test_listen_local_refuses_the_test_host(net, tmp_path):
+    done = tmp_path / "done"
+    verdict = tmp_path / "verdict.json"
+    with EpisodeRun(tmp_path, "ep-listen", net.sandbox_prefix() + [PYTHON, "-u", "-c", LISTENER, done],
+                    extra_args=[*policy_args(tmp_path, '[policy]\nlisten = "local"\n'), "--verdict", verdict]) as run:
+        run.line("accepted")                                 # the loopback client got through
+        client = net.run_in_host([PYTHON, "-u", "-c", HOST_CLIENT, harness.SANDBOX_IP], stdout=subprocess.PIPE,
+                                 text=True)
+        out, _ = client.communicate(timeout=30)
+        done.touch()
+        run.finish(status=0)
+    assert out.startswith("failed"), out
+    accepted = [line for line in run.out.text().split("\n") if line.startswith("accepted")]
+    assert accepted == ["accepted 127.0.0.1"], run.out.text()
+    assert json.loads(verdict.read_text())["denied"] >= 1
+
+
+# ---- watch: a registered episode's policy, and containment that outlives the tracer ---------------------
+
+TRY = f'''
+import errno, socket, sys
+for port in map(int, sys.argv[1:]):
+    s = socket.socket()
+    s.settimeout(5)
+    try:
+        s.connect(("{HOST_IP}", port))
+        print(port, "ok", flush=True)
+    except OSError as e:
+        print(port, errno.errorcode.get(e.errno, e.errno), flush=True)
+    finally:
+        s.close()
+'''
+
+
+def tries(net, cg, *ports) -> str:
+    p = harness.spawn_in_cgroup(cg, net.sandbox_prefix() + [PYTHON, "-c", TRY, *ports], stdout=subprocess.PIPE,
+                                text=True)
+    return p.communicate(timeout=30)[0]
+
+
+@pytest.mark.usefixtures("pin_dir")
+def test_watch_enforces_a_registered_policy_and_containment_outlives_it(net, tmp_path):
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'[policy]\ndefault = "deny"\nallow = ["{HOST_IP}:{ALLOWED}", "{HOST_IP}:{DENIED}"]\n'
+                      f'on_alert = {{ egress_denied = "deny_network" }}\n')
+    state, events = tmp_path / "state", tmp_path / "events.ndjson"
+    with harness.episode_cgroup(f"contain-{secrets.token_hex(3)}") as cg, \
+            harness.tcp_echo_server(net, ALLOWED), harness.tcp_echo_server(net, DENIED):
+        r = run_eptrace("episode", "add", "--id", "ep-watched", "--cgroup", cg, "--policy", policy,
+                        state_dir=state)
+        assert r.returncode == 0, r.stderr
+        with Watcher(events, state) as watcher:
+            watcher.ready(episodes=1, timeout=90)
+            assert tries(net, cg, ALLOWED) == f"{ALLOWED} ok\n"
+            # A refused connect is an egress_denied alert, on which the policy cuts the episode's network.
+            assert tries(net, cg, OTHER) == f"{OTHER} EPERM\n"
+            wait_for_docs(events, lambda docs: alerts(docs, "episode_contained"), 15, "episode_contained")
+            assert tries(net, cg, DENIED) == f"{DENIED} EPERM\n"       # allowed, but the episode is contained
+            watcher.proc.kill()                                        # the tracer dies (watch fails open)
+            watcher.proc.wait(timeout=10)
+            assert tries(net, cg, ALLOWED, DENIED) == f"{ALLOWED} EPERM\n{DENIED} EPERM\n"
+    doc = alerts(read_docs(events), "episode_contained")[0]
+    report("deny_network on egress_denied (watch)", doc)
+
+
+# ---- host names -------------------------------------------------------------------------------------------
+
+# The test host's DNS server answers every A query with HOST_IP. Each connect comes right after its answer.
+NAMES = f'''
+import errno, socket, struct
+def resolve(name):
+    query = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + b"".join(
+        bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\\0" + struct.pack("!HH", 1, 1)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(5)
+    s.sendto(query, ("{HOST_IP}", 53))
+    answer = s.recv(512)
+    s.close()
+    return socket.inet_ntoa(answer[-4:])
+def connect(ip, port):
+    s = socket.socket()
+    s.settimeout(5)
+    try:
+        s.connect((ip, port))
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, e.errno)
+    finally:
+        s.close()
+print("unresolved", connect("{HOST_IP}", 8080), flush=True)
+print("other.test", connect(resolve("other.test"), 8080), flush=True)
+print("wild.test", connect(resolve("wild.test"), 8081), flush=True)          # not a strict subdomain
+print("a.wild.test", connect(resolve("a.wild.test"), 8081), flush=True)
+print("Allowed.Test", connect(resolve("Allowed.Test"), 8080), flush=True)    # names are case-insensitive
+print("allowed.test:8081", connect("{HOST_IP}", 8082), flush=True)           # the entry's port only
+'''
+
+
+def test_host_names_allow_what_the_episodes_dns_answers(net, tmp_path):
+    policy = '[policy]\ndefault = "deny"\nallow = ["allowed.test:8080", "*.wild.test:8081/tcp", "53/udp"]\n'
+    with dns_server(net), harness.tcp_echo_server(net, 8080), harness.tcp_echo_server(net, 8081):
+        with EpisodeRun(tmp_path, "ep-names", net.sandbox_prefix() + [PYTHON, "-u", "-c", NAMES],
+                        extra_args=policy_args(tmp_path, policy)) as run:
+            docs = run.finish(status=0)
+    out = run.out.text().split("\n")
+    assert out[:6] == ["unresolved EPERM", "other.test EPERM", "wild.test EPERM", "a.wild.test ok",
+                       "Allowed.Test ok", "allowed.test:8081 EPERM"], (out, run.err.text()[-2000:])
+    denied = alerts(docs, "egress_denied")
+    assert {get(a, "destination.port") for a in denied} == {8080, 8081, 8082}, dump(denied)
+
+
+# The episode answers itself: a fake "DNS server" on its own address (not loopback) says allowed.test is
+# 198.51.100.9. The kernel does not learn from answers that come from this host.
+SELF_ANSWER = f'''
+import errno, socket, struct
+server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+server.bind(("{harness.SANDBOX_IP}", 53))
+client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+client.settimeout(5)
+name = b"\\x07allowed\\x04test\\x00"
+client.sendto(struct.pack("!HHHHHH", 7, 0x0100, 1, 0, 0, 0) + name + b"\\x00\\x01\\x00\\x01",
+              ("{harness.SANDBOX_IP}", 53))
+query, addr = server.recvfrom(512)
+server.sendto(struct.pack("!HHHHHH", 7, 0x8180, 1, 1, 0, 0) + name + b"\\x00\\x01\\x00\\x01" +
+              b"\\xc0\\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton("198.51.100.9"), addr)
+client.recv(512)
+s = socket.socket()
+s.settimeout(2)
+try:
+    s.connect(("198.51.100.9", 8080))
+    print("self-answered ok", flush=True)
+except OSError as e:
+    print("self-answered", errno.errorcode.get(e.errno, e.errno), flush=True)
+'''
+
+
+def test_an_answer_from_the_episode_itself_allows_nothing(net, tmp_path):
+    policy = f'[policy]\ndefault = "deny"\nallow = ["allowed.test:8080", "{harness.SANDBOX_IP}/32"]\n'
+    with EpisodeRun(tmp_path, "ep-self-dns", net.sandbox_prefix() + [PYTHON, "-u", "-c", SELF_ANSWER],
+                    extra_args=policy_args(tmp_path, policy)) as run:
+        run.finish(status=0)
+    assert "self-answered EPERM" in run.out.text(), (run.out.text(), run.err.text()[-2000:])
+
+
+def test_python_api_policy(net, tmp_path):
+    from tracer.api import run_episode
+    argv = net.sandbox_prefix() + [PYTHON, "-c", TRY, str(OTHER)]
+    out = tmp_path / "out.txt"
+    verdict = run_episode("ep-api", ["/bin/sh", "-c", f'"$@" > {out}', "sh", *argv], grace_s=3,
+                          outputs=[f"file:{tmp_path / 'events.ndjson'}"],
+                          policy={"default": "deny", "on_alert": {"egress_denied": "kill"}})
+    assert out.read_text() == f"{OTHER} EPERM\n"
+    assert verdict.denied == 1 and [a["rule"] for a in verdict.alerts] == ["egress_denied"], verdict
+    assert [c["action"] for c in verdict.containment] == ["kill"], verdict
+
+
+def test_episode_rm_kills_a_frozen_episode(tmp_path):
+    state = tmp_path / "state"
+    with harness.episode_cgroup(f"frozen-{secrets.token_hex(3)}") as cg:
+        sleeper = harness.spawn_in_cgroup(cg, ["sleep", "300"])
+        wait_until(lambda: (cg / "cgroup.procs").read_text().strip(), 10, "the sleeper in its cgroup")
+        assert run_eptrace("episode", "add", "--id", "ep-frozen", "--cgroup", cg, state_dir=state).returncode == 0
+        (cg / "cgroup.freeze").write_text("1")
+        r = run_eptrace("episode", "rm", "--id", "ep-frozen", state_dir=state)
+        assert r.returncode == 0, r.stderr
+        assert sleeper.wait(timeout=10) == -signal.SIGKILL
