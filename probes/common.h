@@ -86,6 +86,8 @@ struct liveness {
     __u64 refreshed_ns;
     __u64 timeout_ns;         /* 0: fail open */
     __u64 lost_reported;      /* records lost as the tracer last saw them (for the restart report) */
+    __u32 tracer_tgid;        /* the tracer's process: its exit (a kill -9 too) is seen at once */
+    __u32 tracer_exited;      /* set by sched_process_exit: refuse now, not after the timeout */
 };
 BPF_F_TABLE(PINNED("array", liveness), int, struct liveness, liveness, 1, 0);
 /* episode cgroup id -> connects and sends refused while no tracer was alive */
@@ -414,10 +416,20 @@ static __always_inline int refuse_without_tracer(__u64 episode)
 {
     int zero = 0;
     struct liveness *l = liveness.lookup(&zero);
-    if (!l || !l->timeout_ns || bpf_ktime_get_ns() - l->refreshed_ns <= l->timeout_ns)
+    if (!l || !l->timeout_ns || (!l->tracer_exited && bpf_ktime_get_ns() - l->refreshed_ns <= l->timeout_ns))
         return 0;
     refused.increment(episode);
     return 1;
+}
+
+/* The tracer's process is gone: no window until the liveness timeout, where a sandbox that killed it
+ * could connect before the watchdog kills the episode. One lookup per process exit on the host. */
+static __always_inline void note_tracer_exit(void)
+{
+    int zero = 0;
+    struct liveness *l = liveness.lookup(&zero);
+    if (l && l->tracer_tgid && l->tracer_tgid == bpf_get_current_pid_tgid() >> 32)
+        l->tracer_exited = 1;
 }
 
 static __always_inline void fill_current_owner(struct owner *o, __u64 episode)

@@ -155,6 +155,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     if (!args->group_dead)
         return 0;
+    note_tracer_exit();
     __u64 episode = current_episode();
     if (!episode)
         return 0;

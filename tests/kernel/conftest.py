@@ -61,6 +61,15 @@ def _cleanup_stale(require_kernel):
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _pin_dir_of_this_session(require_kernel):
+    """The eptrace runs of the tests pin their probes in a directory of this session's own: never in the
+    host's /sys/fs/bpf/eptrace (a production eptrace may use it), nor in a concurrent session's."""
+    with harness.session_pin_dir() as path:
+        os.environ["EPTRACE_PIN_DIR"] = str(path)
+        yield path
+
+
 @pytest.fixture
 def net():
     with harness.TestNetwork() as n:

@@ -7,6 +7,8 @@ namespace. Neither namespace has a link to the root namespace, so nothing can le
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,6 +20,23 @@ from tracer.testbed import (  # noqa: F401  (re-exported for the tests)
 
 CGROUP_PARENT = "eptrace-test"
 HELPERS_DIR = Path(__file__).parent / "helpers"
+
+
+PIN_PARENT = Path("/sys/fs/bpf")
+
+
+@contextlib.contextmanager
+def session_pin_dir():
+    """/sys/fs/bpf/eptrace-test-<pid>, removed at the end (with those of dead sessions)."""
+    for stale in PIN_PARENT.glob("eptrace-test-*"):
+        owner = stale.name.rpartition("-")[2]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+    path = PIN_PARENT / f"eptrace-test-{os.getpid()}"
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def cleanup_stale() -> None:

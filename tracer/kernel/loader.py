@@ -450,7 +450,8 @@ class Probes:
 
     def _refresh_liveness(self) -> None:
         table = self.bpf[b"liveness"]
-        table[ctypes.c_int(0)] = table.Leaf(time.monotonic_ns(), self._timeout_ns, sum(self.lost().values()))
+        table[ctypes.c_int(0)] = table.Leaf(time.monotonic_ns(), self._timeout_ns, sum(self.lost().values()),
+                                            os.getpid(), 0)
 
     def refused(self) -> dict[int, int]:
         """Episode cgroup id -> connects and sends refused while no tracer was alive."""
