@@ -67,3 +67,17 @@ def flag_option(options: dict[str, str], name: str, label: str) -> bool:
     if value not in _TRUE + _FALSE:
         raise ValueError(f"{label}: {name} must be 1 or 0, got {options[name]!r}")
     return value in _TRUE
+
+
+def check_host_port(label: str, host: str, port: int) -> None:
+    """The checks every network sender makes of its receiver's address; label: "forward output", ..."""
+    if not host:
+        raise ValueError(f"{label}: the host is empty")
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise ValueError(f"{label}: port must be 1-65535, got {port!r}")
+
+
+def check_tls_files(label: str, tls: bool, *files: str | None) -> None:
+    """ca=, cert= and key= mean nothing without TLS: an error, never silently ignored."""
+    if not tls and any(files):
+        raise ValueError(f"{label}: ca, cert and key are for TLS only (add tls=1)")

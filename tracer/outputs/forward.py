@@ -43,7 +43,7 @@ import msgpack
 
 from tracer.outputs.secrets import option_names, redact, secret_param
 from tracer.outputs.senders import SendError
-from tracer.outputs.addresses import split_address
+from tracer.outputs.addresses import check_host_port, check_tls_files, split_address
 from tracer.outputs.tls import client_context, describe, open_stream
 from tracer.schema import Document
 
@@ -182,17 +182,13 @@ class ForwardSender:
                  compress: bool = False, tls: bool = False, ca_file: str | None = None,
                  cert_file: str | None = None, key_file: str | None = None, hostname: str | None = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S) -> None:
-        if not host:
-            raise ValueError("forward output: the host is empty")
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-            raise ValueError(f"forward output: port must be 1-65535, got {port!r}")
+        check_host_port("forward output", host, port)
         if not isinstance(tag, str) or not _TAG_RE.fullmatch(tag):
             raise ValueError(f"forward output: the tag must be 1-255 printable ASCII characters without spaces, "
                              f"got {tag!r}")
         if shared_key is not None and not shared_key:
             raise ValueError("forward output: the shared key is empty")
-        if not tls and (ca_file or cert_file or key_file):
-            raise ValueError("forward output: ca, cert and key are for TLS only (add tls=1)")
+        check_tls_files("forward output", tls, ca_file, cert_file, key_file)
         self.host, self.port, self.tag = host, port, tag
         self.compress = compress
         self.timeout_s, self.ack_timeout_s = timeout_s, ack_timeout_s

@@ -53,7 +53,7 @@ from urllib.parse import unquote
 
 from tracer.outputs.secrets import option_names, redact, secret_param
 from tracer.outputs.senders import SendError
-from tracer.outputs.addresses import split_address
+from tracer.outputs.addresses import check_host_port, split_address
 from tracer.outputs.tls import client_context, describe
 from tracer.schema import Document
 
@@ -187,7 +187,7 @@ class HecSender(_HttpSender):
     def __init__(self, host: str, port: int, token: str, *, tls: bool = False, ca_file: str | None = None,
                  index: str | None = None, sourcetype: str = "_json", source: str = HEC_SOURCE,
                  hostname: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        _check_host_port("hec", host, port)
+        check_host_port("hec output", host, port)
         if not token or not re.fullmatch(r"[\x21-\x7e]+", token):
             raise ValueError("hec output: the token is empty or has spaces or non-ASCII characters")
         if ca_file and not tls:
@@ -298,7 +298,7 @@ class ElasticsearchSender(_HttpSender):
     def __init__(self, host: str, port: int, index: str, *, tls: bool = False, ca_file: str | None = None,
                  user: str | None = None, password: str | None = None, api_key: str | None = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        _check_host_port("es", host, port)
+        check_host_port("es output", host, port)
         problem = _index_problem(index)
         if problem:
             raise ValueError(f"es output: index {index!r} {problem}")
@@ -501,13 +501,6 @@ _redacted_item = _redacted
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-def _check_host_port(kind: str, host: str, port: int) -> None:
-    if not host:
-        raise ValueError(f"{kind} output: the host is empty")
-    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
-        raise ValueError(f"{kind} output: port must be 1-65535, got {port!r}")
-
 
 def _shown(host: str) -> str:
     return f"[{host}]" if ":" in host else host

@@ -22,7 +22,7 @@ import socket
 import time
 from typing import Any
 
-from tracer.outputs.addresses import flag_option, parse_options, split_address
+from tracer.outputs.addresses import check_tls_files, flag_option, parse_options, split_address
 from tracer.outputs.secrets import secret_param
 from tracer.outputs.senders import SendError
 from tracer.outputs.tls import client_context
@@ -93,8 +93,7 @@ class KafkaSender:
                 raise ValueError(f"kafka output: a topic is 1-249 of A-Z a-z 0-9 . _ -, got {name!r}")
         if compression not in COMPRESSIONS:
             raise ValueError(f"kafka output: compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
-        if not tls and (ca_file or cert_file or key_file):
-            raise ValueError("kafka output: ca, cert and key are for TLS only (add tls=1)")
+        check_tls_files("kafka output", tls, ca_file, cert_file, key_file)
         if sasl is not None and sasl not in SASL_MECHANISMS:
             raise ValueError(f"kafka output: sasl must be one of {', '.join(SASL_MECHANISMS)}, got {sasl!r}")
         if sasl is not None and (not user or not password):

@@ -27,7 +27,7 @@ import socket
 import ssl
 import time
 
-from tracer.outputs.addresses import flag_option, parse_options, split_address
+from tracer.outputs.addresses import check_host_port, check_tls_files, flag_option, parse_options, split_address
 from tracer.outputs.senders import SendError
 from tracer.outputs.syslog import Rfc5424
 from tracer.outputs.tls import client_context, close_quietly, describe, open_stream
@@ -113,12 +113,8 @@ class RelpSender:
     def __init__(self, host: str, port: int, *, tls: bool = False, ca_file: str | None = None,
                  cert_file: str | None = None, key_file: str | None = None, hostname: str | None = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, window: int = WINDOW) -> None:
-        if not host:
-            raise ValueError("relp output: the host is empty")
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-            raise ValueError(f"relp output: port must be 1-65535, got {port!r}")
-        if not tls and (ca_file or cert_file or key_file):
-            raise ValueError("relp output: ca, cert and key are for TLS only (add tls=1)")
+        check_host_port("relp output", host, port)
+        check_tls_files("relp output", tls, ca_file, cert_file, key_file)
         self.host, self.port = host, port
         self.timeout_s, self.window = timeout_s, window
         shown_host = f"[{host}]" if ":" in host else host

@@ -32,7 +32,7 @@ import time
 from urllib.parse import parse_qsl
 
 from tracer.outputs.senders import SendError
-from tracer.outputs.addresses import split_address
+from tracer.outputs.addresses import check_host_port, split_address
 from tracer.outputs.tls import client_context, describe
 from tracer.schema import Document
 
@@ -129,10 +129,7 @@ class SyslogSender:
                  timeout_s: float = DEFAULT_TIMEOUT_S, settle_s: float = DEFAULT_SETTLE_S) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"syslog transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
-        if not host:
-            raise ValueError("syslog output: the host is empty")
-        if not isinstance(port, int) or not 0 < port < 65536:
-            raise ValueError(f"syslog output: port must be 1-65535, got {port!r}")
+        check_host_port("syslog output", host, port)
         if not 0 <= facility <= 23:
             raise ValueError(f"syslog facility must be 0-23, got {facility}")
         if transport != "tls" and (ca_file or cert_file or key_file):
