@@ -11,6 +11,7 @@ import struct
 import time
 
 import pytest
+from support import require
 
 from tracer import decoding, safefiles
 from tracer.config import ConfigError, load
@@ -21,7 +22,12 @@ from tracer.registry import Registry, RegistryError, parse_labels
 from tracer.terminal import printable
 
 NOBODY = 65534
-as_root = pytest.mark.skipif(os.geteuid() != 0, reason="making a file another user owns needs root")
+as_root = pytest.mark.usefixtures("_needs_root")
+
+
+@pytest.fixture
+def _needs_root():
+    require(os.geteuid() == 0, "making a file another user owns needs root")
 
 
 # ---- files root writes ----------------------------------------------------------------------------------

@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+from support import require
 
 from tracer.kernel import cgroups
 from tracer.registry import Registry, RegistryError, parse_labels, validate_id
@@ -34,8 +35,7 @@ def some_cgroup():
     if found:
         yield found
         return
-    if os.geteuid() != 0:
-        pytest.skip("no cgroup below the cgroup2 root, and making one needs root")
+    require(os.geteuid() == 0, "no cgroup below the cgroup2 root, and making one needs root")
     made = mount / f"eptrace-unit-{os.getpid()}"
     made.mkdir()
     yield made
