@@ -132,6 +132,9 @@ def main() -> None:
     detection.main()
     # in a process of its own: this one has loaded bcc (floors.py traces in-process)
     subprocess.run([sys.executable, "-m", "bench.nocompiler"], cwd=Path(__file__).parent.parent)
+    print("  containment: connects to a test host from an episode with no policy and from one with a policy of "
+          "1,000 entries (none matching), alternating, in one tracer", flush=True)
+    subprocess.run([sys.executable, "-m", "bench.policy"], cwd=Path(__file__).parent.parent)
     outputs.main()
 
 
