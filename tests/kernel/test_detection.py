@@ -13,6 +13,7 @@ Every "no alert" assertion comes with proof that the tracer saw the traffic, so 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import shlex
 import signal
@@ -246,20 +247,28 @@ def ssh_forward_argv(sshd: harness.Sshd, layout: str, forward: list[str]) -> lis
     return base + forward           # ssh ... root@host -N -R ...: OpenSSH parses options after the host too
 
 
+@contextlib.contextmanager
+def ssh_tunnel_in_use(net, tmp_path: Path, episode: str, ssh: list):
+    """TUNNEL_TARGET in the sandbox beside the ssh argv, under `eptrace run`; once it listens, TUNNEL_USER on the
+    test host uses the tunnel. Yields (run, ssh's pid, the user process, its stdout, its stderr)."""
+    script = f'{PYTHON} -u -c "$0" & echo pid $$; exec "$@"'
+    with EpisodeRun(tmp_path, episode, net.sandbox_prefix() + ["/bin/sh", "-c", script, TUNNEL_TARGET,
+                                                               *ssh]) as run:
+        ssh_pid = run.pid()
+        run.line("listening")
+        user = net.run_in_host([PYTHON, "-u", "-c", TUNNEL_USER], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        user_out, user_err = user.communicate(timeout=40)
+        yield run, ssh_pid, user, user_out, user_err
+
+
 @pytest.mark.parametrize("layout", ["options-first", "options-after-host"])
 def test_ssh_reverse_tunnel_used_from_test_host(net, tmp_path, layout):
     forward = ["-N", "-R", "9000:127.0.0.1:8000"]
     episode = f"ep-tunnel-{layout}"
     with harness.sshd(net) as sshd:
         ssh = ssh_forward_argv(sshd, layout, forward)
-        script = f'{PYTHON} -u -c "$0" & echo pid $$; exec "$@"'
-        with EpisodeRun(tmp_path, episode, net.sandbox_prefix() + ["/bin/sh", "-c", script, TUNNEL_TARGET,
-                                                                   *ssh]) as run:
-            ssh_pid = run.pid()
-            run.line("listening")
-            user = net.run_in_host([PYTHON, "-u", "-c", TUNNEL_USER], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
-            user_out, user_err = user.communicate(timeout=40)
+        with ssh_tunnel_in_use(net, tmp_path, episode, ssh) as (run, ssh_pid, user, user_out, user_err):
             # The tunnel really works: the test host reached the sandbox's 127.0.0.1:8000 through ssh -R.
             assert user.returncode == 0 and user_out.count("answer sandbox-answer:hello-through-the-tunnel") \
                 == RELAYED, (user_out, user_err, run.err.text()[-2000:])

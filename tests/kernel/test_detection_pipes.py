@@ -16,9 +16,9 @@ import pytest
 import harness
 import test_detection
 from eptrace_helpers import alerts, dump, get, wait_until
-from harness import HOST_IP, PYTHON
-from test_detection import (EpisodeRun, TUNNEL_TARGET, TUNNEL_USER, assert_alert, assert_no_alerts, flow_of,
-                            report, rule_counts, select, ts)
+from harness import HOST_IP
+from test_detection import (EpisodeRun, assert_alert, assert_no_alerts, flow_of, report, rule_counts, select,
+                            ssh_tunnel_in_use, ts)
 
 # On the test host: the attacker's listener, over TCP or TLS (argv[3]: a cert and key file, or "-").
 # Sends one command after the prompt, reads until the command's output (pwned-42) has arrived, logs the
@@ -184,14 +184,7 @@ def test_ssh_remote_forward_in_a_config_file(net, tmp_path):
                           f"    LogLevel ERROR\n    RemoteForward 9000 127.0.0.1:8000\n"
                           f"Host other\n    LocalForward 9999 127.0.0.1:1\n")
         ssh = ["ssh", "-F", str(config), "-N", "backup"]
-        script = f'{PYTHON} -u -c "$0" & echo pid $$; exec "$@"'
-        with EpisodeRun(tmp_path, episode, net.sandbox_prefix() + ["/bin/sh", "-c", script, TUNNEL_TARGET,
-                                                                   *ssh]) as run:
-            ssh_pid = run.pid()
-            run.line("listening")
-            user = net.run_in_host([PYTHON, "-u", "-c", TUNNEL_USER], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
-            user_out, user_err = user.communicate(timeout=40)
+        with ssh_tunnel_in_use(net, tmp_path, episode, ssh) as (run, ssh_pid, user, user_out, user_err):
             assert user.returncode == 0, (user_out, user_err, run.err.text()[-2000:])    # the tunnel works
             try:
                 alert = run.wait_alert("reverse_tunnel", timeout=10)
