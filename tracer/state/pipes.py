@@ -220,7 +220,7 @@ class PipeShells:
             shells.pop(pid)         # reported: no more scans for it
             # dated when /proc showed it: the record that led here may be older than the connection
             self.observe(PipedShell(max(ts_ns, self.proc.wall_ns()), episode, cgroup_id, cgroup_path, shell,
-                                    conn.pid, names[conn.pid], feed, back, conn.transport, conn.local, conn.remote))
+                                    conn.pid, names.get(conn.pid) or self._name(conn.pid), feed, back, conn.transport, conn.local, conn.remote))
         if not shells:
             self._forget(episode_id)
 
