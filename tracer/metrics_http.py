@@ -34,8 +34,6 @@ def exposition(stats: dict) -> str:
            [({"reason": r}, n) for r, n in stats["records_lost_by_reason"].items()])
     metric("records_undecodable_total", "counter", "Records refused by the decoder (a size or type not "
            "in its layouts).", [({}, stats.get("records_undecodable", 0))])
-    metric("records_failed_total", "counter", "Records whose handling raised in the tracer (a bug: the "
-           "episode's verdict is incomplete).", [({}, stats.get("records_failed", 0))])
     metric("episode_losses_total", "counter", "What each episode's record lacks, by reason (nonzero only).",
            [({"episode": item["episode_id"], "reason": r}, n) for item in stats.get("episode_losses", [])
             for r, n in item["losses"].items()])
