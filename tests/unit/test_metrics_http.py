@@ -69,3 +69,29 @@ def test_server_without_per_episode_series():
         assert "eptrace_alerts_total 1" in body and "episode=" not in body
     finally:
         server.close()
+
+
+def test_per_episode_counts_are_the_documents_of_each_episode():
+    """A real capture replayed through the pipeline: each episode's series count its own documents."""
+    from collections import Counter
+    from pathlib import Path
+
+    from support import Collect
+
+    from tracer.capture import replay
+    from tracer.outputs import Fanout
+    from tracer.schema import EcsEncoder
+    sink = Collect()
+    tracer = replay(Path(__file__).parent.parent / "fixtures" / "metadata_and_raw_socket.capture",
+                    EcsEncoder("replay", "test"), Fanout([sink]))
+    episode_of = lambda d: d.get("labels", {}).get("episode_id")  # noqa: E731
+    connections = Counter(episode_of(d) for d in sink.docs if d["event"].get("action") == "connection_attempted")
+    alerted = Counter(episode_of(d) for d in sink.docs if d["event"].get("kind") == "alert")
+    assert connections and alerted, "the fixture has connections and alerts"
+    activity = {e["episode_id"]: e for e in tracer.stats_snapshot(per_episode=True)["episode_activity"]}
+    assert {e: a["connections"] for e, a in activity.items() if a["connections"]} == dict(connections)
+    assert {e: a["alerts"] for e, a in activity.items() if a["alerts"]} == dict(alerted)
+    assert "episode_activity" not in tracer.stats_snapshot()          # the metric documents stay as they were
+    episode, n = connections.most_common(1)[0]
+    assert f'eptrace_episode_connections_total{{episode="{episode}"}} {float(n)}' in \
+        exposition(tracer.stats_snapshot(per_episode=True))
