@@ -30,6 +30,8 @@ PACKAGES=(
     netcat-openbsd
     python3-paramiko    # tests: an SSH library's reverse forward (tests/kernel/test_detection_relay.py)
     iputils-ping
+    python3-prometheus-client   # --metrics-listen's exposition (tracer/metrics_http.py)
+    systemd                     # tests: systemd-analyze verify of deploy/eptrace.service
 )
 
 is_installed() {

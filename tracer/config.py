@@ -158,6 +158,12 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Metrics:
+    """The Prometheus endpoint (--metrics-listen)."""
+    per_episode: bool = True      # series labelled by episode; off for fleets with many episodes
+
+
+@dataclass(frozen=True)
 class Config:
     flows: Flows = field(default_factory=Flows)
     reverse_tunnel: ReverseTunnel = field(default_factory=ReverseTunnel)
@@ -168,6 +174,7 @@ class Config:
     output: Output = field(default_factory=Output)
     tracing: Tracing = field(default_factory=Tracing)
     limits: Limits = field(default_factory=Limits)
+    metrics: Metrics = field(default_factory=Metrics)
     policy: object = None                   # tracer.policy.Policy: the [policy] table (episodes without their own)
     on_alert: str | None = None             # --on-alert ACTION: every rule, over the policies' on_alert
 

@@ -1,4 +1,8 @@
-"""--metrics-listen: the tracer's health counters in the Prometheus text format.
+"""--metrics-listen: the tracer's health counters for Prometheus, exposed by prometheus_client.
+
+StatsCollector reads Tracer.stats_snapshot() at each scrape, so every count is defined once (in the
+tracer) and the metric documents and /metrics agree. With per_episode (the config's [metrics] per_episode,
+on by default) it adds series labelled by episode; a fleet with many episodes turns them off.
 
 The endpoint answers anyone who can reach it, so it is bounded: a request has REQUEST_TIMEOUT_S to arrive
 and be answered, at most MAX_CONNECTIONS are served at once (more are closed at once), and an address
@@ -10,51 +14,93 @@ import ipaddress
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from typing import Callable, Iterator
+
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 5.0
 MAX_CONNECTIONS = 8
 
+# Per-episode activity (Tracer.stats_snapshot(per_episode=True)["episode_activity"]): key -> (metric, help).
+EPISODE_SERIES = {
+    "connections": ("episode_connections_total", "Outbound connection attempts, per episode."),
+    "alerts": ("episode_alerts_total", "Alerts raised, per episode."),
+    "connects_refused": ("episode_connects_refused_total", "Connects and sends refused while no tracer was "
+                         "alive (fail-closed), per episode."),
+    "egress_denied": ("episode_egress_denied_total", "Connects, sends, sockets and packets the episode's "
+                      "policy refused, per episode."),
+}
 
-def exposition(stats: dict) -> str:
-    """Prometheus text format (version 0.0.4) of a stats snapshot (Tracer.stats_snapshot)."""
-    lines: list[str] = []
 
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[dict, float]]) -> None:
-        lines.append(f"# HELP eptrace_{name} {help_text}")
-        lines.append(f"# TYPE eptrace_{name} {kind}")
-        for labels, value in samples:
-            text = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
-            lines.append(f"eptrace_{name}{{{text}}} {value}" if text else f"eptrace_{name} {value}")
+class StatsCollector:
+    """A prometheus_client collector over a stats snapshot (a zero-argument callable returning the dict)."""
 
-    metric("records_received_total", "counter", "Ring-buffer records read.", [({}, stats["records_received"])])
-    metric("records_lost_total", "counter", "Records the kernel could not send, by reason.",
-           [({"reason": r}, n) for r, n in stats["records_lost_by_reason"].items()])
-    metric("records_undecodable_total", "counter", "Records refused by the decoder (a size or type not "
-           "in its layouts).", [({}, stats.get("records_undecodable", 0))])
-    metric("episode_losses_total", "counter", "What each episode's record lacks, by reason (nonzero only).",
-           [({"episode": item["episode_id"], "reason": r}, n) for item in stats.get("episode_losses", [])
-            for r, n in item["losses"].items()])
-    metric("evicted_total", "counter", "Entries dropped from capped tables, by table.",
-           [({"table": t}, n) for t, n in stats.get("evicted", {}).items()])
-    metric("events_emitted_total", "counter", "Documents produced.", [({}, stats["events_emitted"])])
-    metric("alerts_total", "counter", "Alerts raised.", [({}, stats["alerts"])])
-    metric("episodes", "gauge", "Episodes traced.", [({}, stats["episodes"])])
-    metric("flows_open", "gauge", "Flows open.", [({}, stats["flows_open"])])
-    outputs = stats["outputs"]     # a list of {"output": spec, "sent": ..., ...}
-    metric("output_sent_total", "counter", "Documents delivered, per output.",
-           [({"output": v["output"]}, v["sent"]) for v in outputs])
-    metric("output_dropped_total", "counter", "Documents dropped, per output and reason.",
-           [({"output": v["output"], "reason": r}, n) for v in outputs for r, n in _drop_reasons(v)])
-    metric("output_queue_depth", "gauge", "Documents waiting in memory, per output.",
-           [({"output": v["output"]}, v.get("queued", 0)) for v in outputs])
-    metric("output_spool_bytes", "gauge", "Bytes waiting in the disk spool, per output.",
-           [({"output": v["output"]}, v.get("spooled_bytes", 0)) for v in outputs])
-    metric("output_delivery_latency_seconds", "gauge", "Time to deliver the last batch, per output.",
-           [({"output": v["output"]}, v.get("latency_s", 0.0)) for v in outputs])
-    return "\n".join(lines) + "\n"
+    def __init__(self, snapshot: Callable[[], dict], per_episode: bool = True):
+        self.snapshot, self.per_episode = snapshot, per_episode
+
+    def describe(self) -> list:
+        return []       # registering must not take a snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.snapshot()
+
+        def family(kind, name: str, help_text: str, labels: tuple[str, ...], samples) -> Metric:
+            metric = kind(f"eptrace_{name}", help_text, labels=list(labels))
+            for values, value in samples:
+                metric.add_metric([str(v) for v in values], value)
+            return metric
+
+        def counter(name, help_text, labels, samples) -> Metric:
+            return family(CounterMetricFamily, name.removesuffix("_total"), help_text, labels, samples)
+
+        def gauge(name, help_text, labels, samples) -> Metric:
+            return family(GaugeMetricFamily, name, help_text, labels, samples)
+
+        yield counter("records_received_total", "Ring-buffer records read.", (), [((), stats["records_received"])])
+        yield counter("records_lost_total", "Records the kernel could not send, by reason.", ("reason",),
+                      [((r,), n) for r, n in stats["records_lost_by_reason"].items()])
+        yield counter("records_undecodable_total", "Records refused by the decoder (a size or type not in its "
+                      "layouts).", (), [((), stats.get("records_undecodable", 0))])
+        if self.per_episode:
+            yield counter("episode_losses_total", "What each episode's record lacks, by reason (nonzero only).",
+                          ("episode", "reason"), [((item["episode_id"], r), n)
+                                                  for item in stats.get("episode_losses", [])
+                                                  for r, n in item["losses"].items()])
+        yield counter("evicted_total", "Entries dropped from capped tables, by table.", ("table",),
+                      [((t,), n) for t, n in stats.get("evicted", {}).items()])
+        yield counter("events_emitted_total", "Documents produced.", (), [((), stats["events_emitted"])])
+        yield counter("alerts_total", "Alerts raised.", (), [((), stats["alerts"])])
+        yield gauge("episodes", "Episodes traced.", (), [((), stats["episodes"])])
+        yield gauge("flows_open", "Flows open.", (), [((), stats["flows_open"])])
+        outputs = stats["outputs"]     # a list of {"output": spec, "sent": ..., ...}
+        yield counter("output_sent_total", "Documents delivered, per output.", ("output",),
+                      [((v["output"],), v["sent"]) for v in outputs])
+        yield counter("output_dropped_total", "Documents dropped, per output and reason.", ("output", "reason"),
+                      [((v["output"], r), n) for v in outputs for r, n in _drop_reasons(v)])
+        yield gauge("output_queue_depth", "Documents waiting in memory, per output.", ("output",),
+                    [((v["output"],), v.get("queued", 0)) for v in outputs])
+        yield gauge("output_spool_bytes", "Bytes waiting in the disk spool, per output.", ("output",),
+                    [((v["output"],), v.get("spooled_bytes", 0)) for v in outputs])
+        yield gauge("output_delivery_latency_seconds", "Time to deliver the last batch, per output.", ("output",),
+                    [((v["output"],), v.get("latency_s", 0.0)) for v in outputs])
+        if self.per_episode and "episode_activity" in stats:
+            for key, (name, help_text) in EPISODE_SERIES.items():
+                yield counter(name, help_text, ("episode",),
+                              [((e["episode_id"],), e[key]) for e in stats["episode_activity"]])
+
+
+def exposition(stats: dict, per_episode: bool = True) -> str:
+    """The Prometheus text format (version 0.0.4) of a stats snapshot (Tracer.stats_snapshot)."""
+    return generate_latest(_registry(lambda: stats, per_episode)).decode()
+
+
+def _registry(snapshot: Callable[[], dict], per_episode: bool) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatsCollector(snapshot, per_episode))
+    return registry
 
 
 def _drop_reasons(output: dict) -> list[tuple[str, int]]:
@@ -64,16 +110,14 @@ def _drop_reasons(output: dict) -> list[tuple[str, int]]:
     return reasons + [(f"rejected:{r['reason']}", r["count"]) for r in rejected]
 
 
-def _escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
 class MetricsServer:
-    def __init__(self, address: str, snapshot: Callable[[], dict]):
+    """GET /metrics: snapshot() through StatsCollector (per_episode: the per-episode series too)."""
+
+    def __init__(self, address: str, snapshot: Callable[[], dict], per_episode: bool = True):
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit() or not 0 <= int(port) < 65536:
             raise ValueError(f"--metrics-listen wants ADDR:PORT, e.g. 127.0.0.1:9464, not {address!r}")
-        snapshot_fn = snapshot
+        registry = _registry(snapshot, per_episode)
 
         class Handler(BaseHTTPRequestHandler):
             timeout = REQUEST_TIMEOUT_S     # a client that sends nothing, or reads nothing, is dropped
@@ -82,9 +126,9 @@ class MetricsServer:
                 if self.path.split("?")[0] != "/metrics":
                     self.send_error(404, "see /metrics")
                     return
-                body = exposition(snapshot_fn()).encode()
+                body = generate_latest(registry)
                 self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

@@ -76,6 +76,8 @@ class Tracer:
         self.flows.evicted = self._flow_evicted
         # What userspace could not keep or find, per episode cgroup id (the kernel's losses are in its maps).
         self.episode_counts: dict[int, Counter[str]] = {}
+        # What each episode did, per episode cgroup id: the per-episode metrics (stats_snapshot(per_episode=True)).
+        self.episode_activity: dict[int, Counter[str]] = {}
         self._removed_losses: dict[str, dict[str, int]] = {}   # episodes removed since the last metric
         self.observers: list = []          # callables that see every emitted event (verdicts)
         self.policies: dict[int, Policy] = {}           # episode cgroup id -> its policy (own or the config's)
@@ -122,6 +124,7 @@ class Tracer:
         self._contained.pop(cgroup_id, None)
         counts = self._episode_losses(cgroup_id, self.probes.detach(cgroup_id))
         self.episode_counts.pop(cgroup_id, None)
+        self.episode_activity.pop(cgroup_id, None)
         episode = self.episodes.remove(cgroup_id)
         if episode:
             self.shells.forget_episode(episode.id)
@@ -255,6 +258,7 @@ class Tracer:
         self.stats["events_emitted"] += 1
         for observe in self.observers:
             observe(event)
+        self._count_activity(event)
         if isinstance(event, Alert) and event.rule is not EPISODE_CONTAINED:
             self._act_on(event)
         if isinstance(event, (NetworkEvent, ProcessEvent)):
@@ -262,6 +266,18 @@ class Tracer:
                 self.stats["alerts"] += 1
                 self.emit(alert)
             self.shells.on_event(event)
+
+    def _count_activity(self, event) -> None:
+        episode = getattr(event, "episode", None)
+        if episode is None or self.episodes.get(episode.cgroup_id) is None:
+            return
+        if isinstance(event, Alert):
+            what = "alerts"
+        elif isinstance(event, NetworkEvent) and event.action == "connection_attempted":
+            what = "connections"
+        else:
+            return
+        self.episode_activity.setdefault(episode.cgroup_id, Counter())[what] += 1
 
     # -- containment ------------------------------------------------------------------
     def _denial(self, cgroup_id: int, entry: int) -> str:
@@ -334,8 +350,11 @@ class Tracer:
         """Read every record already in the ring buffer."""
         self.probes.poll(0)
 
-    def stats_snapshot(self) -> dict:
+    def stats_snapshot(self, per_episode: bool = False) -> dict:
+        """The health counters (every metric document carries them). per_episode adds "episode_activity",
+        one entry per traced episode, for the Prometheus endpoint ([metrics] per_episode)."""
         lost = self.probes.lost()
+        refused, denied = self.probes.refused(), self.probes.denied()
         stats: dict = {
             "records_received": self.stats["records_received"],
             "records_lost": sum(n for reason, n in lost.items() if reason in RECORD_LOSSES),
@@ -343,8 +362,8 @@ class Tracer:
             "records_undecodable": self.stats["records_undecodable"],
             "records_failed": self.stats["records_failed"],
             "records_without_episode": self.stats["records_without_episode"],
-            "connects_refused": sum(self.probes.refused().values()),   # while no tracer was alive
-            "egress_denied": sum(self.probes.denied().values()),        # refused by episode policies
+            "connects_refused": sum(refused.values()),   # while no tracer was alive
+            "egress_denied": sum(denied.values()),        # refused by episode policies
             "containment_actions": self.stats["containment_actions"],
             "events_emitted": self.stats["events_emitted"],
             "alerts": self.stats["alerts"],
@@ -362,6 +381,12 @@ class Tracer:
                 by_episode[episode.id] = counts
         # A list of objects, not a map keyed by episode id: ids are data, never field names (ECS custom fields).
         stats["episode_losses"] = [{"episode_id": e, "losses": counts} for e, counts in by_episode.items()]
+        if per_episode:
+            stats["episode_activity"] = [
+                {"episode_id": e.id, **{k: self.episode_activity.get(e.cgroup_id, {}).get(k, 0)
+                                        for k in ("connections", "alerts")},
+                 "connects_refused": refused.get(e.cgroup_id, 0), "egress_denied": denied.get(e.cgroup_id, 0)}
+                for e in self.episodes]
         usage = resource.getrusage(resource.RUSAGE_SELF)     # this process only, not the episode
         stats["tracer_cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 3)
         stats["tracer_max_rss_bytes"] = usage.ru_maxrss * 1024

@@ -50,7 +50,8 @@ def serve_metrics(tracer: Tracer, address: str | None):
     if not address:
         return None
     from .metrics_http import MetricsServer
-    return MetricsServer(address, tracer.stats_snapshot)
+    per_episode = tracer.config.metrics.per_episode
+    return MetricsServer(address, lambda: tracer.stats_snapshot(per_episode=per_episode), per_episode)
 
 
 def make_encoder():

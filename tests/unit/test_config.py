@@ -58,3 +58,10 @@ def test_outputs_from_the_config(tmp_path):
     assert config.output.specs == ("-", "file:/tmp/x.ndjson") and config.output.spool_mb == 64.0
     with pytest.raises(ConfigError, match="output.specs"):
         load(write(tmp_path, '[output]\nspecs = [""]\n'))
+
+
+def test_metrics_per_episode_from_the_config(tmp_path):
+    assert load(None).metrics.per_episode is True
+    assert load(write(tmp_path, "[metrics]\nper_episode = false\n")).metrics.per_episode is False
+    with pytest.raises(ConfigError, match="metrics.per_episode must be true or false"):
+        load(write(tmp_path, '[metrics]\nper_episode = "no"\n'))
