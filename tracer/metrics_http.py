@@ -64,6 +64,8 @@ class StatsCollector:
                       [((r,), n) for r, n in stats["records_lost_by_reason"].items()])
         yield counter("records_undecodable_total", "Records refused by the decoder (a size or type not in its "
                       "layouts).", (), [((), stats.get("records_undecodable", 0))])
+        yield counter("records_failed_total", "Records whose handling raised in the tracer (a bug: the "
+                      "episode's verdict is incomplete).", (), [((), stats.get("records_failed", 0))])
         if self.per_episode:
             yield counter("episode_losses_total", "What each episode's record lacks, by reason (nonzero only).",
                           ("episode", "reason"), [((item["episode_id"], r), n)

@@ -20,7 +20,8 @@ def test_exposition_has_every_counter_and_escapes_labels():
     assert 'eptrace_output_delivery_latency_seconds{output="syslog+tcp://\\"x\\":1"} 0.25' in text
     assert 'eptrace_output_dropped_total{output="hec://h:8088",reason="rejected:hec_invalid_event"} 3' in text
     assert 'reason="rejected"}' not in text
-    assert text.count("# TYPE") == 14 and text.endswith("\n")
+    assert text.count("# TYPE") == 15 and text.endswith("\n")
+    assert "eptrace_records_failed_total 0" in text
 
 
 def test_server_serves_metrics_and_404_elsewhere():
@@ -57,7 +58,7 @@ def test_per_episode_series_and_turning_them_off():
     assert 'eptrace_episode_losses_total{episode="ep-1",reason="budget"} 4' in text
     off = exposition(EPISODES, per_episode=False)
     assert "episode=" not in off and "eptrace_episode_connections_total" not in off
-    assert "eptrace_records_received_total 10" in off and off.count("# TYPE") == 13   # the losses family too
+    assert "eptrace_records_received_total 10" in off and off.count("# TYPE") == 14   # the losses family too
 
 
 def test_server_without_per_episode_series():
