@@ -301,12 +301,25 @@ def test_listen_local_refuses_the_test_host(net, tmp_path):
         client = net.run_in_host([PYTHON, "-u", "-c", HOST_CLIENT, harness.SANDBOX_IP], stdout=subprocess.PIPE,
                                  text=True)
         out, _ = client.communicate(timeout=30)
+        again = net.run_in_host([PYTHON, "-u", "-c", HOST_CLIENT, harness.SANDBOX_IP], stdout=subprocess.PIPE,
+                                text=True)
+        out_again, _ = again.communicate(timeout=30)
         done.touch()
-        run.finish(status=0)
-    assert out.startswith("failed"), out
+        pid = run.pid()
+        docs = run.finish(status=0)
+    assert out.startswith("failed") and out_again.startswith("failed"), (out, out_again)
     accepted = [line for line in run.out.text().split("\n") if line.startswith("accepted")]
     assert accepted == ["accepted 127.0.0.1"], run.out.text()
-    assert json.loads(verdict.read_text())["denied"] >= 1
+    # Each refusal is an alert: once per source and listener (two clients and their SYN retries: one alert).
+    refused = alerts(docs, "ingress_denied")
+    assert len(refused) == 1, dump(refused)
+    alert = refused[0]
+    assert (get(alert, "source.ip"), get(alert, "destination.port"), get(alert, "process.pid")) == \
+        (HOST_IP, 7540, pid), alert
+    assert "listen = 'local'" in get(alert, "message"), alert
+    assert select(docs, "connection_accepted", event__outcome="failure", source__ip=HOST_IP), dump(docs)
+    v = json.loads(verdict.read_text())
+    assert v["denied"] >= 2 and [a["rule"] for a in v["alerts"]] == ["ingress_denied"], v
 
 
 # ---- watch: a registered episode's policy, and containment that outlives the tracer ---------------------
