@@ -9,6 +9,7 @@ import secrets
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -210,6 +211,98 @@ def test_deny_network_cuts_an_open_ssh_tunnel(net, tmp_path):
     report("deny_network on cloud_metadata_access (ssh -R open)", doc)
     assert evidence_ms is not None
     assert alerts(docs, "reverse_tunnel"), dump(alerts(docs))
+
+
+# A second flow of the same episode, unrelated to the tunnel: an echo exchange on one open connection every
+# 100 ms, then (once argv[1] exists) new connects to argv[2:] ports of the test host.
+SECOND_FLOW = f'''
+import errno, os, socket, sys, time
+s = socket.create_connection(("{HOST_IP}", {ALLOWED}), timeout=5)
+n = 0
+while not os.path.exists(sys.argv[1]):
+    n += 1
+    try:
+        s.sendall(b"second-%d" % n)
+        ok = s.recv(100) == b"second-%d" % n
+    except OSError:
+        ok = False
+    print("second", n, "ok" if ok else "failed", flush=True)
+    time.sleep(0.1)
+for port in map(int, sys.argv[2:]):
+    c = socket.socket()
+    c.settimeout(5)
+    try:
+        c.connect(("{HOST_IP}", port))
+        print("new", port, "ok", flush=True)
+    except OSError as e:
+        print("new", port, errno.errorcode.get(e.errno, e.errno), flush=True)
+    finally:
+        c.close()
+'''
+
+
+def seconds_ok(run: EpisodeRun) -> int:
+    return run.out.text().count(" ok\n") - run.out.text().count("new ")
+
+
+def test_cut_cuts_the_tunnel_and_only_it(net, tmp_path):
+    """on_alert = "cut" on reverse_tunnel: a real ssh -N -R relays connections from the test host until relay
+    correlation names it (alert_score is out of reach here, so the alert waits for mirrored exchanges); then
+    its flows are cut (packets dropped both ways, destination denied) while a second flow of the same episode
+    keeps working, and ssh lives on."""
+    policy = '[policy]\non_alert = { reverse_tunnel = "cut" }\n'
+    config = tmp_path / "config.toml"
+    config.write_text("[reverse_tunnel]\nalert_score = 10000\n")
+    stop = tmp_path / "stop"
+    with harness.sshd(net) as sshd, harness.tcp_echo_server(net, ALLOWED):
+        # ssh under another name, its forward in a config file: no argv gives the tunnel away, so the alert
+        # comes from the relayed exchanges themselves (after the tunnel carried traffic).
+        tool, ssh_config = tmp_path / "syncd", tmp_path / "syncd.conf"
+        tool.write_bytes(Path("/usr/bin/ssh").read_bytes())
+        tool.chmod(0o755)
+        ssh_config.write_text("Host *\n    RemoteForward 9000 127.0.0.1:8000\n")
+        ssh = sshd.ssh_argv()
+        assert ssh[1:3] == ["-F", "/dev/null"], ssh
+        ssh = [tool, "-N", "-F", ssh_config] + ssh[3:]
+        # ssh is no ancestor of the second flow, nor is its argv in one's: that flow is no tunnel of its argv
+        tunnel = tmp_path / "tunnel.sh"
+        tunnel.write_text("#!/bin/sh\nexec " + " ".join(map(str, ssh)) + "\n")
+        tunnel.chmod(0o755)
+        script = (f'{PYTHON} -u -c "$0" & {PYTHON} -u -c "$1" {stop} {ALLOWED} {sshd.port} & {tunnel} & '
+                  'echo pid $!; wait $!')
+        with EpisodeRun(tmp_path, "ep-cut-flows", net.sandbox_prefix() + ["/bin/sh", "-c", script, TUNNEL_TARGET,
+                                                                         SECOND_FLOW],
+                        extra_args=[*policy_args(tmp_path, policy), "--config", config]) as run:
+            ssh_pid = run.pid()
+            run.line("listening")
+            wait_until(lambda: seconds_ok(run) >= 1, 30, "the second flow's first echo")
+            answered = 0
+            deadline = time.monotonic() + 60
+            while not alerts(run.docs(), "episode_contained") and time.monotonic() < deadline:
+                answered += tunnel_answers(net, 5.0)
+            doc = contained(run, "cut")
+            assert answered >= 1, ("the tunnel never relayed", [get(a, "message") for a in alerts(run.docs())])
+            assert not tunnel_answers(net, 2.0), "the tunnel still answers after the cut"
+            before = seconds_ok(run)
+            wait_until(lambda: seconds_ok(run) >= before + 5, 10,
+                       lambda: f"the second flow to keep working after the cut:\n{run.out.text()[-600:]}")
+            os.kill(ssh_pid, 0)                              # ssh lives on
+            assert open(f"/proc/{ssh_pid}/stat").read().split()[2] not in "ZX"
+            stop.touch()
+            run.line("new")
+            wait_until(lambda: f"new {sshd.port} " in run.out.text(), 15, "the new connects")
+            os.kill(ssh_pid, signal.SIGTERM)
+            docs = run.finish(status=None, timeout=60)
+    out = run.out.text()
+    assert "failed" not in out, out
+    assert f"new {ALLOWED} ok" in out, out                       # the episode may still connect elsewhere
+    assert f"new {sshd.port} EPERM" in out, out                  # but not to the cut flow's destination
+    c = get(doc, "eptrace.containment")
+    assert c["done"] and c["rule"] == "reverse_tunnel" and c["flows_cut"] >= 1, c
+    assert f"{HOST_IP}:{sshd.port}/tcp" in c["destinations_denied"], c
+    denied = [a for a in alerts(docs, "egress_denied") if get(a, "destination.port") == sshd.port]
+    assert denied and "cut (on_alert)" in get(denied[0], "message"), dump(alerts(docs))
+    report("cut on reverse_tunnel (ssh -R relaying)", doc)
 
 
 FROZEN = r'''
