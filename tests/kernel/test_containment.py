@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import harness
+from support import require
 from eptrace_helpers import (Watcher, alerts, assert_one_line_error, dump, get, read_docs, run_eptrace, select,
                              wait_for_docs, wait_until)
 from harness import HOST_IP, HOST_IP6, METADATA_IP, PYTHON
@@ -507,6 +509,45 @@ def test_host_names_allow_what_the_episodes_dns_answers(net, tmp_path):
                        "Allowed.Test ok", "allowed.test:8081 EPERM"], (out, run.err.text()[-2000:])
     denied = alerts(docs, "egress_denied")
     assert {get(a, "destination.port") for a in denied} == {8080, 8081, 8082}, dump(denied)
+
+
+OTHER_HOST_IP = "198.51.100.3"      # a second test-host address, added by the test below
+
+
+def test_curl_reaches_an_allowed_name_on_its_first_try(net, tmp_path):
+    """The issue's words: with the test host's DNS server as the sandbox's resolver (a resolv.conf bind-mounted
+    in a mount namespace of the sandbox command's own), `curl http://allowed.test:8080/` works on its first
+    try and `curl http://other.test:8080/`, which resolves to another test-host address where a server
+    listens, is refused."""
+    from pyroute2 import NetNS
+    curl = shutil.which("curl")
+    require(curl, "curl is not installed (make setup installs it)")
+    with NetNS(net.host_ns) as ns:
+        ns.addr("add", index=ns.link_lookup(ifname=net.host_if)[0], address=OTHER_HOST_IP, prefixlen=32)
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text(f"nameserver {HOST_IP}\noptions attempts:1 timeout:3\n")
+    script = (f'mount --bind {resolv} /etc/resolv.conf || exit 3; for name in allowed.test other.test; do '
+              f'{curl} -sS -m 10 -o /dev/null -w "$name http %{{http_code}}\\n" http://$name:8080/; '
+              'echo "$name exit $?"; done')
+    policy = '[policy]\ndefault = "deny"\nallow = ["allowed.test:8080", "53/udp"]\n'
+    with dns_server(net, names={"other.test": OTHER_HOST_IP}) as dns, harness.http_server(net, 8080, tmp_path), \
+            harness.tcp_echo_server(net, 8080, host=OTHER_HOST_IP):
+        with EpisodeRun(tmp_path, "ep-curl-names",
+                        net.sandbox_prefix() + ["unshare", "-m", "/bin/sh", "-c", script],
+                        extra_args=policy_args(tmp_path, policy)) as run:
+            docs = run.finish(status=0)
+        queries = "".join(dns.stdout)
+    out = run.out.text()
+    assert "allowed.test http 200" in out and "allowed.test exit 0" in out, (out, run.err.text()[-2000:])
+    assert "other.test exit 7" in out, out                     # curl: could not connect (EPERM)
+    assert "query allowed.test" in queries and "query other.test" in queries, queries
+    # one try each: curl connected once to allowed.test, and was refused once at other.test
+    attempts = select(docs, "connection_attempted", network__transport="tcp", destination__port=8080)
+    assert [(get(a, "destination.ip"), get(a, "event.outcome")) for a in attempts] == \
+        [(HOST_IP, "success"), (OTHER_HOST_IP, "failure")], dump(attempts)
+    denied = alerts(docs, "egress_denied")
+    assert [(get(a, "destination.ip"), get(a, "destination.port")) for a in denied] == [(OTHER_HOST_IP, 8080)], \
+        dump(denied)
 
 
 # The episode answers itself: a fake "DNS server" on its own address (not loopback) says allowed.test is
