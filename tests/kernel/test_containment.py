@@ -465,6 +465,32 @@ def test_watch_enforces_a_registered_policy_and_containment_outlives_it(net, tmp
     report("deny_network on egress_denied (watch)", doc)
 
 
+@pytest.mark.usefixtures("pin_dir")
+def test_watch_on_alert_kills_a_registered_episode(net, tmp_path):
+    """`watch --on-alert kill`: a registered episode (no policy of its own) touches the metadata service;
+    every process of it is gone soon after (polled up to a bound: timings are printed, not asserted)."""
+    touch = f"import socket\ntry: socket.create_connection(('{METADATA_IP}', 80), timeout=3)\nexcept OSError: pass\n" \
+            "import time; time.sleep(300)"
+    state, events = tmp_path / "state", tmp_path / "events.ndjson"
+    with harness.episode_cgroup(f"onalert-{secrets.token_hex(3)}") as cg, \
+            harness.http_server(net, 80, tmp_path, metadata=True):
+        r = run_eptrace("episode", "add", "--id", "ep-watch-kill", "--cgroup", cg, state_dir=state)
+        assert r.returncode == 0, r.stderr
+        with Watcher(events, state, extra=("--on-alert", "kill")) as watcher:
+            watcher.ready(episodes=1, timeout=90)
+            sleeper = harness.spawn_in_cgroup(cg, ["sleep", "300"])
+            toucher = harness.spawn_in_cgroup(cg, net.sandbox_prefix() + [PYTHON, "-c", touch])
+            docs = wait_for_docs(events, lambda docs: alerts(docs, "episode_contained"), 15, "episode_contained")
+            wait_until(lambda: not (cg / "cgroup.procs").read_text().strip(), 10, "the episode's processes gone")
+            gone = time.time()
+            assert sleeper.wait(timeout=10) == -signal.SIGKILL and toucher.wait(timeout=10) == -signal.SIGKILL
+    doc = alerts(docs, "episode_contained")[0]
+    assert get(doc, "eptrace.containment.action") == "kill" and get(doc, "eptrace.containment.done"), doc
+    assert get(doc, "eptrace.containment.rule") == "cloud_metadata_access", doc
+    evidence = min(ts(d) for d in select(read_docs(events), "connection_attempted", destination__ip=METADATA_IP))
+    report("kill on cloud_metadata_access (watch --on-alert)", doc, gone - evidence)
+
+
 # ---- host names -------------------------------------------------------------------------------------------
 
 # The test host's DNS server answers every A query with HOST_IP. Each connect comes right after its answer.
