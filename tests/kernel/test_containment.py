@@ -79,7 +79,8 @@ attempt("deny_wins", lambda: tcp("{HOST_IP}", {DENIED}))
 attempt("raw", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
 attempt("loopback", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("127.0.0.1", 9)))
 '''
-PACKET = "import socket; socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3)); print('packet ok')"
+PACKET = ("import errno, socket\ntry:\n    socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))\n"
+          "    print('packet ok', flush=True)\nexcept OSError as e:\n    print('packet', errno.errorcode[e.errno], flush=True)")
 
 
 def test_deny_by_default(net, tmp_path, uring_helper):
@@ -97,8 +98,8 @@ def test_deny_by_default(net, tmp_path, uring_helper):
                          ("deny_wins", "EPERM"), ("raw", "EPERM"), ("loopback", "ok")]:
         assert f"{case} {result}" in out, (case, out, run.err.text()[-2000:])
     assert "connect=-1" in out, out                  # io_uring: EPERM from the same hook
-    # AF_PACKET has no cgroup hook: the process is killed before socket() returns to it.
-    assert "packet ok" not in out and "packet_status 137" in out, out
+    # AF_PACKET has no cgroup hook: run's seccomp filter makes it fail (the probes' kill is the backstop).
+    assert "packet EPERM" in out and "packet_status 0" in out, out
     denied = alerts(docs, "egress_denied")
     by_target = {(get(a, "destination.ip"), get(a, "destination.port"), get(a, "network.transport")): a
                  for a in denied if get(a, "process.pid") == pid and get(a, "destination.ip")}
@@ -489,6 +490,27 @@ def test_watch_on_alert_kills_a_registered_episode(net, tmp_path):
     assert get(doc, "eptrace.containment.rule") == "cloud_metadata_access", doc
     evidence = min(ts(d) for d in select(read_docs(events), "connection_attempted", destination__ip=METADATA_IP))
     report("kill on cloud_metadata_access (watch --on-alert)", doc, gone - evidence)
+
+
+@pytest.mark.usefixtures("pin_dir")
+def test_a_registered_episode_is_killed_at_a_packet_socket(net, tmp_path):
+    """No seccomp filter outside `run`: in a registered episode with raw_sockets = false, the process that asks
+    for an AF_PACKET socket is killed before socket() returns to it, and that is an egress_denied alert."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[policy]\nraw_sockets = false\n")
+    state, events = tmp_path / "state", tmp_path / "events.ndjson"
+    with harness.episode_cgroup(f"packet-{secrets.token_hex(3)}") as cg:
+        r = run_eptrace("episode", "add", "--id", "ep-packet", "--cgroup", cg, "--policy", policy, state_dir=state)
+        assert r.returncode == 0, r.stderr
+        with Watcher(events, state) as watcher:
+            watcher.ready(episodes=1, timeout=90)
+            p = harness.spawn_in_cgroup(cg, net.sandbox_prefix() + [PYTHON, "-c", PACKET], stdout=subprocess.PIPE,
+                                        text=True)
+            out, _ = p.communicate(timeout=30)
+            assert p.returncode == -signal.SIGKILL and "packet" not in out, (p.returncode, out)
+            docs = wait_for_docs(events, lambda docs: alerts(docs, "egress_denied"), 15, "egress_denied")
+    message = get(alerts(docs, "egress_denied")[0], "message")
+    assert "AF_PACKET" in message and "raw_sockets = false" in message, message
 
 
 # ---- host names -------------------------------------------------------------------------------------------
