@@ -16,8 +16,8 @@ import pytest
 
 import harness
 from support import require
-from eptrace_helpers import (Watcher, alerts, assert_one_line_error, dump, get, read_docs, run_eptrace, select,
-                             wait_for_docs, wait_until)
+from eptrace_helpers import (Watcher, alerts, assert_one_line_error, dump, get, kill, read_docs, run_eptrace,
+                             select, wait_for_docs, wait_until)
 from harness import HOST_IP, HOST_IP6, METADATA_IP, PYTHON
 from test_detection import EpisodeRun, ts
 from tracer.testbed import dns_server
@@ -511,6 +511,58 @@ def test_a_registered_episode_is_killed_at_a_packet_socket(net, tmp_path):
             docs = wait_for_docs(events, lambda docs: alerts(docs, "egress_denied"), 15, "egress_denied")
     message = get(alerts(docs, "egress_denied")[0], "message")
     assert "AF_PACKET" in message and "raw_sockets = false" in message, message
+
+
+# Connects to argv[1] on each port that follows; prints "PORT ok" or "PORT ERRNO".
+TRY_AT = TRY.replace(f'("{HOST_IP}", port)', '(sys.argv[1], port)').replace("sys.argv[1:]", "sys.argv[2:]")
+HOLD = f'''
+import socket, sys, time
+s = socket.create_connection(("{METADATA_IP}", 80), timeout=5)
+print("holding", flush=True)
+time.sleep(300)
+'''
+
+
+@pytest.mark.usefixtures("pin_dir")
+def test_cut_holds_without_a_tracer_and_through_a_new_watch(net, tmp_path):
+    """cut on a registered episode: the metadata flow of the alert is cut and its destination denied; that holds
+    once the tracer is gone (pinned maps), and a new watch, which writes the episode's policy again, keeps it;
+    other destinations stay allowed."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[policy]\non_alert = { cloud_metadata_access = "cut" }\n')
+    state, events = tmp_path / "state", tmp_path / "events.ndjson"
+
+    def attempts(cg, host, *ports) -> str:
+        p = harness.spawn_in_cgroup(cg, net.sandbox_prefix() + [PYTHON, "-c", TRY_AT, host, *ports],
+                                    stdout=subprocess.PIPE, text=True)
+        return p.communicate(timeout=30)[0]
+
+    with harness.episode_cgroup(f"cut-{secrets.token_hex(3)}") as cg, harness.tcp_echo_server(net, ALLOWED), \
+            harness.http_server(net, 80, tmp_path, metadata=True):
+        r = run_eptrace("episode", "add", "--id", "ep-cut-pinned", "--cgroup", cg, "--policy", policy,
+                        state_dir=state)
+        assert r.returncode == 0, r.stderr
+        with Watcher(events, state) as watcher:
+            watcher.ready(episodes=1, timeout=90)
+            holder = harness.spawn_in_cgroup(cg, net.sandbox_prefix() + [PYTHON, "-u", "-c", HOLD],
+                                             stdout=subprocess.PIPE, text=True)
+            try:
+                docs = wait_for_docs(events, lambda docs: alerts(docs, "episode_contained"), 15, "episode_contained")
+                assert attempts(cg, METADATA_IP, 80) == "80 EPERM\n"
+                assert attempts(cg, HOST_IP, ALLOWED) == f"{ALLOWED} ok\n"
+                watcher.proc.kill()                                  # the tracer dies (watch fails open)
+                watcher.proc.wait(timeout=10)
+                assert attempts(cg, METADATA_IP, 80) == "80 EPERM\n"
+                assert attempts(cg, HOST_IP, ALLOWED) == f"{ALLOWED} ok\n"
+            finally:
+                kill(holder)
+        with Watcher(tmp_path / "events2.ndjson", state) as again:
+            again.ready(episodes=1, timeout=90)
+            assert attempts(cg, METADATA_IP, 80) == "80 EPERM\n"
+            assert attempts(cg, HOST_IP, ALLOWED) == f"{ALLOWED} ok\n"
+    c = get(alerts(docs, "episode_contained")[0], "eptrace.containment")
+    assert c["action"] == "cut" and c["done"] and c["flows_cut"] == 1, c
+    assert c["destinations_denied"] == [f"{METADATA_IP}:80/tcp"], c
 
 
 # ---- host names -------------------------------------------------------------------------------------------
