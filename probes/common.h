@@ -104,11 +104,16 @@ struct episode_policy {
     __u8 listen;              /* LISTEN_*: who may connect to the episode's TCP listeners */
     __u8 contained;           /* deny_network: every connect, send and packet of the episode is refused */
     __u8 names;               /* it has host-name entries: its DNS answers are read (packets.c) */
-    __u8 pad[3];
+    __u8 cut;                 /* on_alert = "cut" cut some of its flows: their packets are dropped (cut_flows) */
+    __u8 pad[2];
 };
 BPF_F_TABLE(PINNED("hash", policies), __u64, struct episode_policy, policies, 65536, 0);
 /* episode cgroup id -> connects, sends, sockets and inbound connections the policy refused */
 BPF_F_TABLE(PINNED("hash", denied), __u64, __u64, denied, 65536, 0);
+/* on_alert = "cut": socket cookie of a cut flow -> its episode. Read only when the episode's cut is set. */
+BPF_F_TABLE(PINNED("hash", cut_flows), __u64, __u64, cut_flows, 65536, 0);
+/* Inbound connections a listener refused, already reported: (episode, source address, listening port). */
+BPF_F_TABLE(PINNED("lru_hash", refusals_seen), struct destination, __u8, refusals_seen, 16384, 0);
 
 /* The rules of one prefix, with those of every shorter prefix that covers it (userspace folds
  * them in, deny rules first), so that the longest match alone decides: deny wins. */

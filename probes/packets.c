@@ -381,16 +381,71 @@ static __always_inline int from_loopback(struct __sk_buff *skb)
 }
 
 /* Packets the episode's policy drops: all of a contained episode's (its open flows stall: the kernel
- * here has no bpf_sock_destroy to reset them), and connections to its TCP listeners from where
- * listen does not allow (their SYN is dropped, so no connection is ever accepted). */
+ * here has no bpf_sock_destroy to reset them), those of the flows on_alert = "cut" cut, and connections to
+ * its TCP listeners from where listen does not allow (their SYN is dropped, so none is ever accepted). */
+#define DROP_NONE 0
+#define DROP_CONTAINED 1
+#define DROP_CUT 2
+#define DROP_LISTEN 3
 static __always_inline int policy_drops(struct __sk_buff *skb, struct bpf_sock *sk, struct episode_policy *p,
                                         int egress)
 {
     if (p->contained)
-        return 1;
+        return DROP_CONTAINED;
+    if (p->cut) {
+        __u64 cookie = bpf_get_socket_cookie(skb);
+        if (cut_flows.lookup(&cookie))
+            return DROP_CUT;
+    }
     if (egress || p->listen == LISTEN_ANY || sk->state != BPF_TCP_LISTEN_STATE)
-        return 0;
-    return p->listen == LISTEN_NONE || !from_loopback(skb);
+        return DROP_NONE;
+    return p->listen == LISTEN_NONE || !from_loopback(skb) ? DROP_LISTEN : DROP_NONE;
+}
+
+/* A listener's refused connection, once per (episode, source address, listening port): an ACCEPTED record
+ * with FLOW_DENIED, its peer from the SYN itself (the listener knows none). Evidence: never budgeted. */
+static __always_inline void report_listen_refusal(struct __sk_buff *skb, struct sock_state *st)
+{
+    struct destination seen = {.episode = st->owner.episode_cgroup_id, .family = skb->family,
+                               .protocol = IPPROTO_TCP, .inbound = 1};
+    __u32 ip_len = 40;
+    __u8 vihl = 0;
+    if (skb->family == AF_INET) {
+        if (bpf_skb_load_bytes(skb, 0, &vihl, 1) || bpf_skb_load_bytes(skb, 12, seen.addr, 4))
+            return;
+        ip_len = (vihl & 0x0f) * 4;
+    } else if (bpf_skb_load_bytes(skb, 8, seen.addr, 16)) {
+        return;
+    }
+    __u8 ports[4];
+    if (bpf_skb_load_bytes(skb, ip_len & 0x3f, ports, 4))
+        return;
+    seen.port = ((__u16)ports[2] << 8) | ports[3];
+    if (refusals_seen.lookup(&seen))
+        return;
+    __u8 one = 1;
+    refusals_seen.update(&seen, &one);
+    struct net_record *r = reserve_net(seen.episode);
+    if (!r)
+        return;
+    fill_header(&r->h, REC_ACCEPTED, sizeof(*r), bpf_get_socket_cookie(skb), &st->owner);
+    __builtin_memset(&r->ep, 0, sizeof(r->ep));
+    __builtin_memset(&r->c, 0, sizeof(r->c));
+    __builtin_memset(&r->a, 0, sizeof(r->a));
+    __builtin_memcpy(r->ep.daddr, seen.addr, 16);
+    if (skb->family == AF_INET)
+        bpf_skb_load_bytes(skb, 16, r->ep.saddr, 4);          /* the address the SYN was sent to */
+    else
+        bpf_skb_load_bytes(skb, 24, r->ep.saddr, 16);
+    r->ep.sport = seen.port;
+    r->ep.dport = ((__u16)ports[0] << 8) | ports[1];
+    r->ep.family = skb->family;
+    r->ep.protocol = IPPROTO_TCP;
+    r->ep.socktype = SOCK_STREAM;
+    r->start_ns = bpf_ktime_get_ns();
+    r->flags = FLOW_ACCEPTED | FLOW_DENIED;
+    r->ret = POLICY_LISTEN;
+    events.ringbuf_submit(r, SUBMIT_FLAGS);
 }
 
 /* Host-name entries (tracer/policy.py): a DNS answer to one of the episode's own sockets, for a name its
@@ -598,8 +653,11 @@ static __always_inline int count_packet(struct __sk_buff *skb, int egress)
         st->start_ns = bpf_ktime_get_ns();
     }
     struct episode_policy *p = episode_policy(st->owner.episode_cgroup_id);
-    if (p && policy_drops(skb, sk, p, egress)) {
+    int drop = p ? policy_drops(skb, sk, p, egress) : DROP_NONE;
+    if (drop) {
         denied.increment(st->owner.episode_cgroup_id);
+        if (drop == DROP_LISTEN)
+            report_listen_refusal(skb, st);
         return 0;
     }
     if (egress && !st->ep.sport) {

@@ -2,11 +2,13 @@
  * that the current task is inside an episode; host processes cost one lookup. */
 #include "common.h"
 
-/* tid -> socket() arguments of a non-inet socket in flight (packet sockets, ...). */
+/* tid -> socket() arguments of a non-inet socket in flight (packet sockets, ...); entered only, for any
+ * socket() of an episode whose policy refuses packet sockets (see sys_exit_socket). */
 struct socket_args {
     __u32 family;
     __u32 type;
     __u32 protocol;
+    __u32 entered_only;
 };
 BPF_F_TABLE(PINNED("hash", sockets_in_flight), __u64, struct socket_args, sockets_in_flight, 16384, 0);
 /* tgid -> exit_group() status, read when the process's last thread exits. */
@@ -184,8 +186,17 @@ static __always_inline int packet_sockets_refused(__u64 episode)
 TRACEPOINT_PROBE(syscalls, sys_enter_socket)
 {
     int family = args->family;
-    if (family == AF_INET || family == AF_INET6 || family == AF_UNIX || family == AF_NETLINK)
+    __u64 tid = bpf_get_current_pid_tgid();
+    if (family == AF_INET || family == AF_INET6 || family == AF_UNIX || family == AF_NETLINK) {
+        /* Only where packet sockets are refused: remember that this call was entered, so that its exit
+         * is not taken for one that seccomp refused before any tracepoint ran. */
+        __u64 episode = current_episode();
+        if (episode && packet_sockets_refused(episode)) {
+            struct socket_args seen = {.family = family, .entered_only = 1};
+            sockets_in_flight.update(&tid, &seen);
+        }
         return 0;
+    }
     __u64 episode = current_episode();
     if (!episode)
         return 0;
@@ -195,7 +206,6 @@ TRACEPOINT_PROBE(syscalls, sys_enter_socket)
         denied.increment(episode);
         bpf_send_signal(9);         /* SIGKILL */
     }
-    __u64 tid = bpf_get_current_pid_tgid();
     struct socket_args a = {.family = family, .type = args->type, .protocol = args->protocol};
     if (sockets_in_flight.update(&tid, &a))
         count_lost(episode, LOST_SOCKETS_MAP_FULL);
@@ -206,11 +216,28 @@ TRACEPOINT_PROBE(syscalls, sys_exit_socket)
 {
     __u64 tid = bpf_get_current_pid_tgid();
     struct socket_args *a = sockets_in_flight.lookup(&tid);
-    if (!a)
-        return 0;
-    struct socket_args saved = *a;
-    sockets_in_flight.delete(&tid);
-    __u64 episode = current_episode();
+    struct socket_args saved = {};
+    __u64 episode;
+    int entered = a != 0;
+    if (a) {
+        saved = *a;
+        sockets_in_flight.delete(&tid);
+        if (saved.entered_only)
+            return 0;
+        episode = current_episode();
+    } else {
+        /* A socket() refused with EPERM that no sys_enter_socket saw, in an episode whose policy refuses
+         * packet sockets: seccomp refused it before the tracepoints ran. eptrace run's filter refuses only
+         * AF_PACKET (tracer/kernel/seccomp.py), so it is reported as one. */
+        if (args->ret != -1)
+            return 0;
+        episode = current_episode();
+        if (!episode || !packet_sockets_refused(episode))
+            return 0;
+        denied.increment(episode);
+        saved.family = AF_PACKET_FAMILY;
+        saved.type = SOCK_RAW;
+    }
     struct socket_record *r = reserve_socket(episode);
     if (!r)
         return 0;
@@ -220,7 +247,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_socket)
     r->family = saved.family;
     r->type = saved.type & 0xf;   /* drop SOCK_NONBLOCK / SOCK_CLOEXEC */
     r->protocol = saved.protocol;
-    r->ret = saved.family == AF_PACKET_FAMILY && packet_sockets_refused(episode) ? -1 : args->ret;  /* -EPERM */
+    r->ret = entered && saved.family == AF_PACKET_FAMILY && packet_sockets_refused(episode) ? -1 : args->ret;  /* -EPERM */
     events.ringbuf_submit(r, SUBMIT_FLAGS);
     return 0;
 }

@@ -95,11 +95,13 @@ struct net_record {           /* CONNECT, UDP_SENT, LISTENING, ESTABLISHED, ACCE
 #define FLOW_ESTABLISHED 2    /* the handshake completed */
 #define FLOW_ACCEPTED    4    /* inbound connection to a sandbox listener */
 #define FLOW_FAILED      8    /* closed before it was established */
-#define FLOW_DENIED      16   /* CONNECT, UDP_SENT: the episode's policy refused it; ret: the deciding entry */
+#define FLOW_DENIED      16   /* CONNECT, UDP_SENT, ACCEPTED: the episode's policy refused it; ret: the deciding entry */
 
 /* net_record.ret of a FLOW_DENIED record: the index of the policy entry that refused it (>= 0), or */
 #define POLICY_DEFAULT   -1   /* no entry matched: the policy's default */
 #define POLICY_CONTAINED -2   /* the episode is contained (deny_network) */
+#define POLICY_LISTEN    -4   /* ACCEPTED: listen = "local" or "none" dropped the connection's SYN */
+#define POLICY_CUT       -5   /* a destination denied by on_alert = "cut" (the rule's entry in the LPM tries) */
 
 #define PAYLOAD_LEN 256
 #define PAYLOAD_PACKETS 2     /* data packets captured per direction of a flow */

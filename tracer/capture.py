@@ -177,6 +177,9 @@ class ReplayProbes:
     def contain(self, cgid: int, policy) -> None:
         raise CaptureError("replay contains nothing")
 
+    def cut(self, cgid: int, policy, cookies, destinations) -> None:
+        raise CaptureError("replay contains nothing")
+
     def close(self) -> None:
         pass
 

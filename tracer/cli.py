@@ -11,6 +11,7 @@ import click
 
 from . import __version__
 from .outputs.secrets import redact
+from .policy import ACTIONS as POLICY_ACTIONS
 from .terminal import printable
 from .schema.ecs import ECS_VERSION
 from .schema.ocsf import OCSF_VERSION
@@ -134,7 +135,7 @@ def _config(path: str | None):
 
 CONFIG_HELP = "A TOML file of detection thresholds and allowlists; every key has a default."
 POLICY_HELP = "A TOML file with a [policy] table (README: Containing an episode); it replaces the config's."
-ON_ALERT = click.Choice(["none", "deny_network", "kill", "freeze"])
+ON_ALERT = click.Choice(list(POLICY_ACTIONS))
 ON_ALERT_HELP = "What to do to an episode on any alert, over its policy's on_alert."
 
 

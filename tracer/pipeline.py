@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import decoding, procfs
 from .capture import FORMAT as CAPTURE_FORMAT
-from .decoding import EXEC_HELD, NetRecord, ProcessRecord, RecordType, SocketRecord
+from .decoding import EXEC_HELD, NetRecord, ProcessRecord, RecordType, SocketRecord, is_loopback
 from .config import Config
 from .detect import Engine
 from .detect.argv import is_shell_or_interpreter
@@ -17,7 +17,7 @@ from .events import Alert, Burst, Episode, IcmpEchoes, Metric, NetworkEvent, Pay
 from .kernel import cgroups
 from .kernel.loader import Probes
 from .detect.rules import EPISODE_CONTAINED
-from .policy import Policy
+from .policy import PROTOCOLS as CUT_PROTOCOLS, Policy
 from .state.episodes import Episodes
 from .state.flows import FlowTable
 from .state.pipes import PipeShells
@@ -285,32 +285,45 @@ class Tracer:
         return policy.describe(entry) if policy else Policy().describe(entry)
 
     def _act_on(self, alert: Alert) -> None:
-        """The on_alert action for this alert's rule (--on-alert over the episode's policy), once per episode."""
+        """The on_alert action for this alert's rule (--on-alert over the episode's policy): once per episode,
+        but cut, which acts on each alert's own flows."""
         cgid = alert.episode.cgroup_id
         policy = self.policies.get(cgid)
         action = self.config.on_alert or (policy.action_for(alert.rule.name) if policy else "none")
         done = self._contained.setdefault(cgid, set())
-        if action == "none" or action in done:
+        if action == "none" or action in done or "deny_network" in done and action == "cut":
             return
-        done.add(action)
+        if action != "cut":
+            done.add(action)
         path = cgroups.cgroup2_mount() / alert.episode.cgroup_path.lstrip("/")
+        details: dict = {"action": action, "rule": alert.rule.name, "rule_id": alert.rule.id}
+        error = None
         try:
             if action == "deny_network":
                 self.probes.contain(cgid, policy)
+            elif action == "cut":
+                cookies, destinations = self._evidence_flows(alert)
+                if not cookies:
+                    error = "the alert's evidence names no flow"
+                else:
+                    self.probes.cut(cgid, policy, sorted(cookies), sorted(destinations))
+                details["flows_cut"] = len(cookies)
+                details["destinations_denied"] = [_destination_text(*d) for d in sorted(destinations)]
             else:
                 (path / ("cgroup.kill" if action == "kill" else "cgroup.freeze")).write_text("1")
-            error = None
         except OSError as e:
             error = f"{e.strerror or e}"
+        if error:
             log.error("episode %s: cannot %s it after %s: %s", alert.episode.id, action, alert.rule.name, error)
         now = time.time_ns()
         evidence_ns = min((e.timestamp_ns for e in alert.evidence), default=alert.timestamp_ns)
-        details = {"action": action, "rule": alert.rule.name, "rule_id": alert.rule.id,
-                   "after_evidence_ms": round((now - evidence_ns) / 1e6, 3),
-                   "after_alert_ms": round((now - alert.timestamp_ns) / 1e6, 3), "done": error is None}
+        details.update(after_evidence_ms=round((now - evidence_ns) / 1e6, 3),
+                       after_alert_ms=round((now - alert.timestamp_ns) / 1e6, 3), done=error is None)
         if error:
             details["error"] = error
         what = {"deny_network": "cut off its network (every connect, send and packet refused; processes live on)",
+                "cut": f"cut {details.get('flows_cut', 0)} flow(s) of the alert and denied "
+                       f"{', '.join(details.get('destinations_denied', [])) or 'no destination'}",
                 "kill": "killed every process (cgroup.kill)", "freeze": "froze every process (cgroup.freeze)"}[action]
         self.stats["containment_actions"] += 1
         self.emit(Alert(rule=EPISODE_CONTAINED, timestamp_ns=now, episode=alert.episode, cgroup_id=alert.cgroup_id,
@@ -319,6 +332,26 @@ class Tracer:
                                  f"{details['after_evidence_ms']} ms after its evidence")
                         if error is None else f"episode {alert.episode.id}: {action} failed: {error}",
                         risk_score=0.0, evidence=alert.evidence, containment=details))
+
+    def _evidence_flows(self, alert: Alert) -> tuple[set[int], set[tuple[str, int, int]]]:
+        """The sockets (cookies) of the alert's evidence, and the destinations of those the episode opened
+        (address, port, IANA protocol): what cut cuts and denies. Loopback peers are the episode's own."""
+        cookies, destinations = set(), set()
+        for ev in alert.evidence:
+            cookie = getattr(ev, "cookie", 0)
+            if not cookie:
+                continue
+            cookies.add(cookie)
+            flow = self.flows.flows.get(cookie)
+            if flow is not None:
+                remote, transport, outbound = flow.remote, flow.transport, flow.initiated
+            else:
+                remote, transport = getattr(ev, "destination", None), getattr(ev, "transport", None)
+                outbound = getattr(ev, "direction", None) == "egress"
+            if outbound and remote is not None and remote.ip and not is_loopback(remote.ip) \
+                    and transport in CUT_PROTOCOLS:
+                destinations.add((remote.ip, remote.port, CUT_PROTOCOLS[transport]))
+        return cookies, destinations
 
     # -- loop -------------------------------------------------------------------------
     def poll(self, timeout_ms: int = POLL_MS) -> None:
@@ -410,6 +443,12 @@ class Tracer:
         self._sweep(time.monotonic_ns(), final=True)
         self.emit_stats()
         self.outputs.flush()
+
+
+def _destination_text(address: str, port: int, protocol: int) -> str:
+    host = f"[{address}]" if ":" in address else address
+    name = next(n for n, number in CUT_PROTOCOLS.items() if number == protocol)
+    return f"{host}:{port}/{name}" if port else f"{host}/{name}"
 
 
 def _current_rss() -> int:

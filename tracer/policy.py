@@ -7,7 +7,7 @@ into the kernel's maps (probes/common.h: policies, policy4, policy6).
     deny = ["169.254.169.254/32"]     # deny entries win
     raw_sockets = false
     listen = "local"                  # "any" | "local" | "none"
-    on_alert = "kill"                 # "none" | "deny_network" | "kill" | "freeze", or a table by rule name
+    on_alert = "kill"                 # "none" | "deny_network" | "cut" | "kill" | "freeze", or a table by rule name
 
 A bad policy is a ConfigError (one line, exit 2) before anything is traced.
 """
@@ -21,12 +21,13 @@ from pathlib import Path
 
 from .config import ConfigError
 
-ACTIONS = ("none", "deny_network", "kill", "freeze")
+ACTIONS = ("none", "deny_network", "cut", "kill", "freeze")
 LISTEN = ("any", "local", "none")
 KEYS = ("default", "allow", "deny", "raw_sockets", "listen", "on_alert")
 PROTOCOLS = {"tcp": 6, "udp": 17}
-# A denial's "entry" when no entry decided (records.h POLICY_DEFAULT, POLICY_CONTAINED; the last is ours)
-DENIED_DEFAULT, DENIED_CONTAINED, DENIED_RAW_SOCKET = -1, -2, -3
+# A denial's "entry" when no entry decided (records.h POLICY_DEFAULT, POLICY_CONTAINED, POLICY_LISTEN,
+# POLICY_CUT; DENIED_RAW_SOCKET is ours)
+DENIED_DEFAULT, DENIED_CONTAINED, DENIED_RAW_SOCKET, DENIED_LISTEN, DENIED_CUT = -1, -2, -3, -4, -5
 POLICY_RULES = 16                   # rules per prefix in the kernel (POLICY_RULES in common.h)
 # A bare port: "53", "53/udp", "8000-8080/tcp"; an address or CIDR with an optional ":port" or ":lo-hi"
 # (IPv6 with a port in brackets: "[2001:db8::1]:443").
@@ -77,6 +78,10 @@ class Policy:
             return "contained (deny_network)"
         if index == DENIED_RAW_SOCKET:
             return "raw_sockets = false"
+        if index == DENIED_LISTEN:
+            return f"listen = {self.listen!r}"
+        if index == DENIED_CUT:
+            return "cut (on_alert)"
         if 0 <= index < len(self.entries):
             entry = self.entries[index]
             return f"{'deny' if index < len(self.deny) else 'allow'} {entry.text!r}"

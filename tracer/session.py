@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 from . import __version__
 from .config import Config, ConfigError
 from .events import Metric
-from .kernel import cgroups, pins
+from .kernel import cgroups, pins, seccomp
 from .kernel.loader import Probes
 from .pipeline import Tracer
 from .policy import Policy
@@ -191,10 +192,13 @@ def run_episode(episode_id: str, argv: list[str], outputs, labels: dict[str, str
         episode = tracer.add_episode(episode_id, cgroup, labels, policy)
         watchdog, watchdog_pipe = _start_watchdog(cgroup, tracer.probes.pin_dir)
         procs_file = str(cgroup / "cgroup.procs")
+        packet_filter = _packet_socket_filter(tracer.policies.get(episode.cgroup_id))
 
         def enter_cgroup() -> None:     # runs in the child before exec, so exec is traced
             with open(procs_file, "w") as f:
                 f.write(str(os.getpid()))
+            if packet_filter is not None:   # while still root: no no_new_privs needed
+                packet_filter.install()
             if user is not None:        # after joining: an unprivileged process cannot move itself
                 os.setgroups(user.groups)
                 os.setgid(user.gid)
@@ -226,6 +230,18 @@ def run_episode(episode_id: str, argv: list[str], outputs, labels: dict[str, str
         if cgroup is not None:
             _remove_run_cgroup(cgroup)      # before the probes go: nothing runs untraced
         _close(tracer, outputs, capture, metrics)
+
+
+def _packet_socket_filter(policy: Policy | None) -> seccomp.Installer | None:
+    """raw_sockets = false: the command's socket(AF_PACKET, ...) fails with EPERM (the probes' kill stays
+    the backstop, and the only way for registered episodes)."""
+    if policy is None or policy.raw_sockets:
+        return None
+    program = seccomp.packet_socket_filter()
+    if program is None:
+        log.warning("no seccomp filter for %s: AF_PACKET sockets are refused by a kill", platform.machine())
+        return None
+    return seccomp.Installer(program)
 
 
 def account(verdict: Verdict, tracer: Tracer, cgroup_id: int, alone: bool) -> None:

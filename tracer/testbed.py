@@ -348,10 +348,12 @@ def udp_echo_server(net: TestNetwork, port: int, host: str = HOST_IP, reply: byt
                  f"udp server on {host}:{port}", lambda peer: "ready\n" in peer.stdout)
 
 
-# A DNS server: answers every A query with 198.51.100.1, anything else with NXDOMAIN; logs "query NAME".
+# A DNS server: answers every A query with 198.51.100.1 (or, for a name in argv[3], "NAME=IP,...", with its IP;
+# such a name's other queries get an empty answer), anything else with NXDOMAIN; logs "query NAME".
 _DNS_SERVER = r'''
 import socket, struct, sys
 host, port = sys.argv[1], int(sys.argv[2])
+names = dict(item.split("=") for item in sys.argv[3].split(",") if item) if len(sys.argv) > 3 else {}
 s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
 s.bind((host, port))
 print("ready", flush=True)
@@ -366,18 +368,23 @@ while True:
     question = data[12:at + 5]
     qtype = struct.unpack("!H", data[at + 1:at + 3])[0] if at + 3 <= len(data) else 0
     print("query", ".".join(labels), flush=True)
+    name = ".".join(labels).lower()
     if qtype == 1:
-        answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton("198.51.100.1")
+        answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton(names.get(name, "198.51.100.1"))
         header = struct.pack("!HHHHHH", struct.unpack("!H", data[:2])[0], 0x8180, 1, 1, 0, 0)
+    elif name in names:
+        answer, header = b"", struct.pack("!HHHHHH", struct.unpack("!H", data[:2])[0], 0x8180, 1, 0, 0, 0)
     else:
         answer, header = b"", struct.pack("!HHHHHH", struct.unpack("!H", data[:2])[0], 0x8183, 1, 0, 0, 0)
     s.sendto(header + question + answer, addr)
 '''
 
 
-def dns_server(net: TestNetwork, port: int = 53, host: str = HOST_IP):
-    """A DNS server in the host namespace; its Peer's stdout has a "query NAME" line per query."""
-    return _peer(net, [PYTHON, "-u", "-c", _DNS_SERVER, host, port], f"dns server on {host}:{port}",
+def dns_server(net: TestNetwork, port: int = 53, host: str = HOST_IP, names: dict[str, str] | None = None):
+    """A DNS server in the host namespace; its Peer's stdout has a "query NAME" line per query. names: the
+    A answer for these names (lowercase), instead of HOST_IP."""
+    mapping = ",".join(f"{name}={ip}" for name, ip in (names or {}).items())
+    return _peer(net, [PYTHON, "-u", "-c", _DNS_SERVER, host, port, mapping], f"dns server on {host}:{port}",
                  lambda peer: "ready\n" in peer.stdout)
 
 

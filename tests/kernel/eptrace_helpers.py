@@ -135,12 +135,13 @@ class Watcher:
     """
 
     def __init__(self, events: Path, state_dir: Path, stats_interval: float = 0.25, verbose: bool = True,
-                 config: Path | None = None):
+                 config: Path | None = None, extra: tuple = ()):
         self.events, self.state_dir = Path(events), Path(state_dir)
         self.stopped_at: float | None = None     # time.time() when SIGTERM was sent
         args = ["-v"] if verbose else []
         args += ["watch", "--output", f"file:{self.events}", "--stats-interval", stats_interval]
         args += ["--config", config] if config else []
+        args += list(extra)                         # more watch options (--on-alert ...)
         self.proc = start_eptrace(*args, state_dir=self.state_dir, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE)
         self.stdout, self.stderr = LineReader(self.proc.stdout), LineReader(self.proc.stderr)

@@ -107,3 +107,29 @@ def test_name_hash_is_over_the_wire_format_lowercased():
     for byte in wire:
         h, p = (h + byte * p) % 2 ** 64, p * 0x100000001B3 % 2 ** 64
     assert name_hash("pypi.org") == h
+
+
+def test_cut_is_an_action_and_refusals_name_their_reason():
+    from tracer.policy import DENIED_CUT, DENIED_LISTEN
+    policy = parse({"listen": "local", "on_alert": {"reverse_tunnel": "cut", "default": "kill"}})
+    assert policy.action_for("reverse_tunnel") == "cut" and policy.action_for("crypto_mining") == "kill"
+    assert policy.describe(DENIED_LISTEN) == "listen = 'local'"
+    assert policy.describe(DENIED_CUT) == "cut (on_alert)"
+
+
+def test_a_refused_inbound_connection_is_ingress_denied_once_per_source_and_listener():
+    from tracer.config import Config
+    from tracer.detect import Engine
+    from tracer.events import Endpoint, Episode, NetworkEvent, Process
+
+    engine = Engine(Config(), parent_of=lambda p: None)
+    episode = Episode("ep", "/ep", 7)
+
+    def refused(src: str, port: int) -> NetworkEvent:
+        return NetworkEvent("connection_accepted", 1, episode, 7, "/ep", Process(42, "python3"), 9, "ipv4", "tcp",
+                            "ingress", Endpoint(src, 40000), Endpoint("198.51.100.2", port), outcome="failure",
+                            denied_by="listen = 'local'")
+
+    fired = [a.rule.name for src, port in [("198.51.100.1", 7540), ("198.51.100.1", 7540), ("198.51.100.9", 7540),
+                                           ("198.51.100.1", 7541)] for a in engine.observe(refused(src, port))]
+    assert fired == ["ingress_denied"] * 3          # no inbound_listener: nothing was accepted

@@ -1,5 +1,5 @@
 """Rules on where the sandbox connects and what sockets it opens:
-cloud_metadata_access, raw_socket, inbound_listener."""
+cloud_metadata_access, raw_socket, inbound_listener, egress_denied and ingress_denied."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -33,7 +33,8 @@ def raw_socket(event, ctx: Context) -> Iterator[Finding]:
 
 
 def inbound_listener(event, ctx: Context) -> Iterator[Finding]:
-    if not isinstance(event, NetworkEvent) or event.action != "connection_accepted" or event.source is None:
+    if not isinstance(event, NetworkEvent) or event.action != "connection_accepted" or event.source is None \
+            or event.outcome == "failure":          # refused by the policy: ingress_denied
         return
     src = event.source.ip
     if src and not is_loopback(src):
@@ -46,6 +47,14 @@ def inbound_listener(event, ctx: Context) -> Iterator[Finding]:
 
 def egress_denied(event, ctx: Context) -> Iterator[Finding]:
     if not isinstance(event, NetworkEvent) or not event.denied_by:
+        return
+    if event.direction == "ingress":          # a listener's refusal: once per source address and listener
+        src = event.source.ip if event.source else "?"
+        listener = event.destination.port if event.destination else "?"
+        yield Finding(rules.INGRESS_DENIED, (src, listener),
+                      f"a connection from {src} to the listener on port {listener} of {who(event.process)} in "
+                      f"episode {event.episode.id} was refused by its policy ({event.denied_by})",
+                      rules.INGRESS_DENIED.severity, [event])
         return
     target = where(event) if event.destination else f"a {event.socket_family} {event.socket_type} socket"
     yield Finding(rules.EGRESS_DENIED, (event.process and event.process.pid, event.action, target),

@@ -47,13 +47,18 @@ EGRESS_DENIED = Rule(
     "A connect, send or socket that the episode's policy refused in the kernel",
     "T1048", "Exfiltration Over Alternative Protocol", "TA0010", "Exfiltration", 47)
 
+INGRESS_DENIED = Rule(
+    "EPT-0010", "ingress_denied",
+    "A connection to a listener of the episode that its policy (listen) refused in the kernel",
+    "T1133", "External Remote Services", "TA0001", "Initial Access", 47)
+
 ALL = (REVERSE_TUNNEL, REVERSE_SHELL, CRYPTO_MINING, CLOUD_METADATA_ACCESS, DNS_TUNNEL, ICMP_TUNNEL, RAW_SOCKET,
-       INBOUND_LISTENER, EGRESS_DENIED)
+       INBOUND_LISTENER, EGRESS_DENIED, INGRESS_DENIED)
 
 # Not a detection: the document of a containment action (on_alert), event.kind alert.
 EPISODE_CONTAINED = Rule(
     "EPT-0100", "episode_contained",
-    "eptrace acted on an alert: it cut the episode's network, killed or froze its processes",
+    "eptrace acted on an alert: it cut the episode's network or the alert's flows, killed or froze its processes",
     "T1572", "Protocol Tunneling", "TA0011", "Command and Control", 0)
 
 

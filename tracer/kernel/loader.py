@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import logging
 import os
 import tempfile
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import Limits
-from ..policy import LISTEN, Policy, compile_rules, name_hash
+from ..policy import DENIED_CUT, LISTEN, POLICY_RULES, Policy, compile_rules, name_hash
 from . import cgroups, pins
 
 log = logging.getLogger(__name__)
@@ -296,6 +297,9 @@ class Probes:
             except KeyError:
                 pass
         self._clear_policy(cgid)
+        flows = self.bpf[b"cut_flows"]
+        for key in [k for k, v in flows.items() if v.value == cgid]:
+            del flows[key]
         return final
 
     def _write_levels(self) -> None:
@@ -344,10 +348,12 @@ class Probes:
 
     # -- containment ------------------------------------------------------------
     def set_policy(self, cgid: int, policy: Policy | None) -> None:
-        """Write an episode's policy into the kernel's maps (replacing what it had); None: no policy."""
-        self._clear_policy(cgid)
-        if policy is None or not policy.restricts:
+        """Write an episode's policy into the kernel's maps (replacing what it had, but for what a cut
+        denied); None: no policy."""
+        cut = self._clear_policy(cgid)
+        if (policy is None or not policy.restricts) and not cut:
             return
+        policy = policy or Policy()
         for prefix, rules in compile_rules(policy).items():
             table = self.bpf[b"policy4" if prefix.version == 4 else b"policy6"]
             key = table.Key()
@@ -366,41 +372,93 @@ class Probes:
         for index, entry in policy.names:
             key = names.Key(cgid, name_hash(entry.name), entry.wildcard)
             names[key] = names.Leaf(entry.port_lo, entry.port_hi, entry.protocol, 0, index, 0)
-        self._write_episode_policy(cgid, policy, contained=self.contained(cgid))
+        for address, port, protocol in cut:
+            self._deny_destination(cgid, address, port, protocol)
+        self._write_episode_policy(cgid, policy, contained=self.contained(cgid), cut=self.cut_set(cgid))
 
-    def _write_episode_policy(self, cgid: int, policy: Policy | None, contained: bool) -> None:
+    def _write_episode_policy(self, cgid: int, policy: Policy | None, contained: bool, cut: bool = False) -> None:
         table = self.bpf[b"policies"]
         leaf = table.Leaf()
         policy = policy or Policy()
         leaf.default_deny, leaf.raw_sockets = policy.default_deny, policy.raw_sockets
-        leaf.listen, leaf.contained = LISTEN.index(policy.listen), contained
+        leaf.listen, leaf.contained, leaf.cut = LISTEN.index(policy.listen), contained, cut
         leaf.names = bool(policy.names)
         table[ctypes.c_uint64(cgid)] = leaf
 
-    def _clear_policy(self, cgid: int) -> None:
+    def _clear_policy(self, cgid: int) -> list[tuple[str, int, int]]:
+        """Remove an episode's rules; returns the destinations a cut denied (they outlive a new policy)."""
+        cut = []
         for name in (b"policy4", b"policy6"):
             table = self.bpf[name]
-            for key in [k for k in table.keys() if (k.episode_hi << 32 | k.episode_lo) == cgid]:
+            for key, leaf in [(k, v) for k, v in table.items() if (k.episode_hi << 32 | k.episode_lo) == cgid]:
+                if key.prefixlen == 64 + (32 if name == b"policy4" else 128):
+                    address = str(ipaddress.ip_address(bytes(key.addr)))
+                    cut += [(address, r.port_lo, r.protocol) for r in leaf.r[:leaf.n] if r.entry == DENIED_CUT]
                 del table[key]
         names = self.bpf[b"dns_names"]
         for key in [k for k in names.keys() if k.episode == cgid]:
             del names[key]
-        if not self.contained(cgid):
+        if not self.contained(cgid) and not self.cut_set(cgid):
             try:
                 del self.bpf[b"policies"][ctypes.c_uint64(cgid)]
             except KeyError:
                 pass
+        return cut
 
     def contain(self, cgid: int, policy: Policy | None) -> None:
         """deny_network: refuse every connect, send and packet of the episode from now on (pinned: this
         holds with no tracer running, until the episode is detached)."""
-        self._write_episode_policy(cgid, policy, contained=True)
+        self._write_episode_policy(cgid, policy, contained=True, cut=self.cut_set(cgid))
 
     def contained(self, cgid: int) -> bool:
         try:
             return bool(self.bpf[b"policies"][ctypes.c_uint64(cgid)].contained)
         except KeyError:
             return False
+
+    def cut_set(self, cgid: int) -> bool:
+        """Has on_alert = "cut" cut flows of this episode?"""
+        try:
+            return bool(self.bpf[b"policies"][ctypes.c_uint64(cgid)].cut)
+        except KeyError:
+            return False
+
+    def cut(self, cgid: int, policy: Policy | None, cookies: list[int],
+            destinations: list[tuple[str, int, int]]) -> None:
+        """cut: drop every packet of these sockets both ways, and refuse connects and sends to these
+        (address, port, protocol) destinations (port or protocol 0: any), from now on. Pinned, like contain."""
+        flows = self.bpf[b"cut_flows"]
+        for cookie in cookies:
+            flows[ctypes.c_uint64(cookie)] = ctypes.c_uint64(cgid)
+        for address, port, protocol in destinations:
+            self._deny_destination(cgid, address, port, protocol)
+        self._write_episode_policy(cgid, policy, contained=self.contained(cgid), cut=True)
+
+    def _deny_destination(self, cgid: int, address: str, port: int, protocol: int) -> None:
+        """A deny rule (entry DENIED_CUT) first on the address's own prefix, before the rules that applied to it
+        (those of its longest covering prefix: an LPM lookup finds them, host-name answers included)."""
+        ip = ipaddress.ip_address(address)
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped                     # the kernel checks these as IPv4 (policy_refuses)
+        table = self.bpf[b"policy4" if ip.version == 4 else b"policy6"]
+        key = table.Key()
+        key.prefixlen = 64 + ip.max_prefixlen
+        key.episode_hi, key.episode_lo = cgid >> 32, cgid & 0xFFFFFFFF
+        for i, byte in enumerate(ip.packed):
+            key.addr[i] = byte
+        try:
+            now = table[key]                          # longest prefix match
+            rules = [now.r[i] for i in range(min(now.n, POLICY_RULES))]
+        except KeyError:
+            rules = []
+        rules = [r for r in rules if not (r.entry == DENIED_CUT and r.port_lo == port and r.protocol == protocol)]
+        leaf = table.Leaf()
+        leaf.r[0].port_lo = leaf.r[0].port_hi = port
+        leaf.r[0].protocol, leaf.r[0].deny, leaf.r[0].entry = protocol, 1, DENIED_CUT
+        for i, rule in enumerate(rules[:POLICY_RULES - 1], start=1):
+            leaf.r[i] = rule
+        leaf.n = 1 + min(len(rules), POLICY_RULES - 1)
+        table[key] = leaf
 
     def denied(self) -> dict[int, int]:
         """Episode cgroup id -> connects, sends, sockets and packets its policy refused."""

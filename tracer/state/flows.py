@@ -246,6 +246,14 @@ class FlowTable:
 
     # -- inbound -----------------------------------------------------------------
     def _accepted(self, rec: NetRecord, ctx) -> None:
+        if rec.flags & FLOW_DENIED:
+            # the listener's policy dropped the SYN: no connection, no flow (the cookie is the listener's)
+            self.emit(self._event("connection_accepted", rec, None, ctx, network_type=FAMILIES.get(rec.family),
+                                  transport="tcp", direction="ingress", outcome="failure", error_message="EPERM",
+                                  source=Endpoint(rec.remote_ip, rec.remote_port),
+                                  destination=Endpoint(rec.local_ip, rec.local_port),
+                                  denied_by=self.denial(ctx[0].cgroup_id, rec.ret)))
+            return
         flow = self._flow_from(rec, ctx)
         flow.established = True
         flow.initiated = False
