@@ -123,7 +123,7 @@ def main() -> None:
             cgroups.kill_and_remove(parent)
     floor = floors.main()
     records = floor["records"]
-    print(f"  eptrace's cost per connection / the contract records' floor (same run)")
+    print("  eptrace's cost per connection / the contract records' floor (same run)")
     for label, f in (("eptrace run's storm above", eptrace), ("eptrace's own probes, in-process", floor["shipped"])):
         times = f.cost / records.cost if records.cost > 0 else float("inf")
         print(f"    {label:34s} {times:5.2f} times   target <= 1.5    {verdict(times <= 1.5)}   "

@@ -17,7 +17,7 @@ import pytest
 
 import eptrace_helpers
 from support import require
-from test_syslog import RSYSLOGD, Certs, Rsyslog, certs, check_received, rsyslog_factory  # noqa: F401 (fixtures)
+from test_syslog import RSYSLOGD, Certs, Rsyslog, certs, check_received, rsyslog_factory  # noqa: F401,F811 (fixtures)
 
 from tracer.outputs.delivery import DeliveryOutput
 from tracer.outputs.relp import RelpSender, parse_relp_spec
