@@ -8,12 +8,17 @@ struct stays defined once, in probes/.
 from __future__ import annotations
 
 import ctypes
+import logging
+import mmap
 import os
+import select
+import struct
 from typing import Any, Callable, Iterator
+
+log = logging.getLogger(__name__)
 
 PERCPU_MAP_TYPES = {5, 6, 10}           # enum bpf_map_type: percpu_hash, percpu_array, lru_percpu_hash
 BPF_F_ALLOW_MULTI = 2
-SAMPLE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 
 
 class BpfError(OSError):
@@ -32,10 +37,6 @@ def _lib() -> ctypes.CDLL:
         "bpf_map_delete_elem": ([ctypes.c_int, ctypes.c_void_p], ctypes.c_int),
         "bpf_map_get_next_key": ([ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int),
         "libbpf_num_possible_cpus": ([], ctypes.c_int),
-        "ring_buffer__new": ([ctypes.c_int, SAMPLE, ctypes.c_void_p, ctypes.c_void_p], ctypes.c_void_p),
-        "ring_buffer__poll": ([ctypes.c_void_p, ctypes.c_int], ctypes.c_int),
-        "ring_buffer__consume": ([ctypes.c_void_p], ctypes.c_int),
-        "ring_buffer__free": ([ctypes.c_void_p], None),
     }
     for name, (argtypes, restype) in sigs.items():
         fn = getattr(lib, name)
@@ -108,8 +109,8 @@ class Map:
     """A BPF map by fd, used like bcc's tables: map[key], map[key] = value, del map[key], keys(), items().
     Keys and values are instances of Key and Leaf; a per-CPU map's value reads as a list, one per CPU."""
 
-    def __init__(self, name: str, fd: int, map_type: int, key: type | None, leaf: type | None):
-        self.name, self.fd, self.map_type = name, fd, map_type
+    def __init__(self, name: str, fd: int, map_type: int, max_entries: int, key: type | None, leaf: type | None):
+        self.name, self.fd, self.map_type, self.max_entries = name, fd, map_type, max_entries
         self.Key, self.Leaf = key, leaf
         self.percpu = map_type in PERCPU_MAP_TYPES
 
@@ -172,24 +173,59 @@ class Map:
 
 
 class RingBuffer:
-    """libbpf's reader of a BPF ring buffer: handle(bytes) for each record, from poll() and consume()."""
+    """A reader of a BPF ring buffer: handle(bytes) for each record, from poll() and consume().
 
-    def __init__(self, map_fd: int, handle: Callable[[bytes], None]):
-        def sample(_ctx, data, size):
-            handle(ctypes.string_at(data, size))
-            return 0
-        self._sample = SAMPLE(sample)       # libbpf holds only a C pointer to it
-        self._ring = lib.ring_buffer__new(map_fd, self._sample, None, None)
-        if not self._ring:
-            raise _error("cannot open the ring buffer")
+    libbpf's reader maps the data pages twice in a row, so that a record that wraps around reads as one
+    piece; RSS then counts the whole buffer twice (64 MB for the default 32 MB). This one maps them
+    once and joins the two pieces of the rare record that wraps."""
+
+    BUSY, DISCARD, HEADER = 1 << 31, 1 << 30, 8         # struct bpf_ringbuf_hdr, in the kernel's uapi
+
+    def __init__(self, map_fd: int, data_size: int, handle: Callable[[bytes], None]):
+        page = mmap.PAGESIZE
+        self._handle, self._size = handle, data_size
+        self._consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._producer = mmap.mmap(map_fd, page + data_size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        self._data = memoryview(self._producer)[page:]
+        self._epoll = select.epoll()
+        self._epoll.register(map_fd, select.EPOLLIN)    # woken only when the probes ask (BPF_RB_FORCE_WAKEUP
+                                                        # or a full buffer): the poll timeout paces reading
 
     def poll(self, timeout_ms: int) -> None:
-        lib.ring_buffer__poll(self._ring, timeout_ms)
+        self._epoll.poll(timeout_ms / 1000)
+        self.consume()
 
     def consume(self) -> None:
-        lib.ring_buffer__consume(self._ring)
+        # x86-64 keeps loads and stores in order: plain reads and writes are the acquire and release
+        # the kernel's ring protocol asks for.
+        size, data = self._size, self._data
+        consumer = struct.unpack_from("<Q", self._consumer)[0]
+        while True:
+            producer = struct.unpack_from("<Q", self._producer)[0]
+            if consumer >= producer:
+                return
+            while consumer < producer:
+                at = consumer & (size - 1)
+                header = struct.unpack_from("<I", data, at)[0]
+                if header & self.BUSY:
+                    return                      # still being written: the next consume() reads it
+                length = header & ~self.DISCARD
+                start = (at + self.HEADER) & (size - 1)
+                end = start + length
+                # a record that runs past the end of the buffer goes on at its start
+                record = bytes(data[start:end]) if end <= size else bytes(data[start:]) + bytes(data[:end - size])
+                consumer += (length + self.HEADER + 7) & ~7
+                struct.pack_into("<Q", self._consumer, 0, consumer)
+                if not header & self.DISCARD:
+                    try:
+                        self._handle(record)
+                    except Exception:       # one record's bug must not stop the reading
+                        log.exception("handling a ring-buffer record failed")
 
     def close(self) -> None:
-        if self._ring:
-            lib.ring_buffer__free(self._ring)
-            self._ring = None
+        if self._epoll is not None:
+            self._epoll.close()
+            self._data.release()
+            self._producer.close()
+            self._consumer.close()
+            self._epoll = None

@@ -119,7 +119,9 @@ def compile_and_pin(maps: Path, links: Path, programs: Path, ringbuf_pages: int)
         if not (maps / name.decode()).exists():
             continue                # the probes' own scratch space: the tracer reaches only pinned maps
         map_id = libbcc.bpf_table_id(compiled.module, name)
-        entry: dict = {"type": libbcc.bpf_table_type_id(compiled.module, map_id), "key": None, "value": None}
+        entry: dict = {"type": libbcc.bpf_table_type_id(compiled.module, map_id),
+                       "max_entries": libbcc.bpf_table_max_entries_id(compiled.module, map_id), "key": None,
+                       "value": None}
         try:
             entry["key"] = bpf.describe_type(BPF._decode_table_type(
                 json.loads(libbcc.bpf_table_key_desc(compiled.module, name))))

@@ -117,7 +117,7 @@ class Probes:
         try:
             compiled = _compile(maps, handoff / "links", handoff / pins.PROGRAMS_DIR, ringbuf_pages)
             for name, d in compiled["maps"].items():
-                self.maps[name] = bpf.Map(name, bpf.obj_get(maps / name), d["type"],
+                self.maps[name] = bpf.Map(name, bpf.obj_get(maps / name), d["type"], d["max_entries"],
                                           d["key"] and bpf.build_type(d["key"]),
                                           d["value"] and bpf.build_type(d["value"]))
             for name, attach_type in compiled["programs"].items():
@@ -356,7 +356,8 @@ class Probes:
     # -- records ----------------------------------------------------------------
     def open_records(self, handle: Callable[[bytes], None]) -> None:
         """Call handle(raw_record) for every ring-buffer record from poll()."""
-        self._ring = bpf.RingBuffer(self.maps["events"].fd, handle)
+        events = self.maps["events"]
+        self._ring = bpf.RingBuffer(events.fd, events.max_entries, handle)
 
     def poll(self, timeout_ms: int) -> None:
         """Wait up to timeout_ms, then hand over every record there. The probes
