@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from . import bpf
@@ -26,6 +27,7 @@ BPF_PERF_EVENT = 41                                    # enum bpf_attach_type: a
 PERF_TYPE_TRACEPOINT, PERF_SAMPLE_RAW, PERF_ATTR_SIZE = 2, 1 << 10, 128
 SYS_PERF_EVENT_OPEN = 298                              # x86_64
 TRACEPOINT_PREFIX = b"tracepoint__"                    # TRACEPOINT_PROBE(category, event)'s function names
+STARTED = time.monotonic()
 
 
 class CompileError(Exception):
@@ -103,6 +105,7 @@ def compile_and_pin(maps: Path, links: Path, programs: Path, ringbuf_pages: int)
         "on_egress": (P.CGROUP_SKB, A.CGROUP_INET_EGRESS),
         "on_ingress": (P.CGROUP_SKB, A.CGROUP_INET_INGRESS),
     }
+    seconds = {"import": time.monotonic() - STARTED}
     source, cflags = probe_build(ringbuf_pages)
     cflags.append(f'-DPIN_DIR="{maps}"')
     messages: list[str] = []
@@ -112,6 +115,7 @@ def compile_and_pin(maps: Path, links: Path, programs: Path, ringbuf_pages: int)
     except Exception as e:  # bcc raises bare Exceptions
         raise _error("cannot compile or load the probes", e, messages) from e
 
+    seconds["compile"] = time.monotonic() - STARTED - sum(seconds.values())
     described: dict[str, dict] = {}
     tracepoints: list[str] = []
     for i in range(libbcc.bpf_num_tables(compiled.module)):
@@ -148,6 +152,7 @@ def compile_and_pin(maps: Path, links: Path, programs: Path, ringbuf_pages: int)
                 tracepoints.append(f"tp-{category}-{event_name}")
                 _replace_pin(link, links / tracepoints[-1])
                 os.close(link)
+            seconds["tracepoints"] = time.monotonic() - STARTED - sum(seconds.values())
             for name, (prog_type, attach_type) in cgroup_programs.items():
                 fn = compiled.load_func(name.encode(), prog_type, attach_type=attach_type)
                 _replace_pin(fn.fd, programs / name)
@@ -155,7 +160,8 @@ def compile_and_pin(maps: Path, links: Path, programs: Path, ringbuf_pages: int)
         raise CompileError(str(e)) from e
     except Exception as e:
         raise _error("cannot load a program", e, messages) from e
-    return {"maps": described, "tracepoints": tracepoints, "programs": {name: attach for name, (_, attach) in cgroup_programs.items()}}
+    seconds["cgroup programs"] = time.monotonic() - STARTED - sum(seconds.values())
+    return {"seconds": seconds, "maps": described, "tracepoints": tracepoints, "programs": {name: attach for name, (_, attach) in cgroup_programs.items()}}
 
 
 def main(argv: list[str]) -> int:

@@ -115,7 +115,10 @@ class Probes:
         self._programs: dict[str, tuple[int, int]] = {}     # cgroup program name -> (fd, attach type)
         self._tracepoint_links: list[int] = []
         try:
+            started = time.monotonic()
             compiled = _compile(maps, handoff / "links", handoff / pins.PROGRAMS_DIR, ringbuf_pages)
+            log.debug("compiling child: %.2f s in all; %s", time.monotonic() - started,
+                      ", ".join(f"{step} {s:.2f} s" for step, s in compiled["seconds"].items()))
             for name, d in compiled["maps"].items():
                 self.maps[name] = bpf.Map(name, bpf.obj_get(maps / name), d["type"], d["max_entries"],
                                           d["key"] and bpf.build_type(d["key"]),
@@ -127,11 +130,13 @@ class Probes:
             for stale in (handoff / "links").glob("tp-*"):
                 if stale.name not in compiled["tracepoints"]:
                     stale.unlink()              # a tracepoint older probes traced
-        except (ProbeError, OSError) as e:
+        except BaseException as e:
             self._release()
             if pin_dir is None:
                 pins.remove(handoff)
-            raise e if isinstance(e, ProbeError) else ProbeError(str(e)) from e
+            if isinstance(e, (OSError, ValueError, KeyError)):
+                raise ProbeError(f"cannot open what the compiling child pinned: {e}") from e
+            raise
         pins.remove(handoff / pins.PROGRAMS_DIR)        # held by our fds; the links pin what runs
         if pin_dir is None:
             pins.remove(handoff)
