@@ -70,10 +70,10 @@ def _compile(maps: Path, links: Path, programs: Path, ringbuf_pages: int) -> dic
                                                                       os.environ.get("PYTHONPATH")])))
     done = subprocess.run([sys.executable, "-m", "tracer.kernel.compile", str(maps), str(links), str(programs),
                            str(ringbuf_pages)], capture_output=True, text=True, env=env)
+    lines = done.stderr.strip().splitlines()
+    for line in lines[:-1] if done.returncode != 0 else lines:
+        log.debug("compiling child: %s", line)
     if done.returncode != 0:
-        lines = done.stderr.strip().splitlines()
-        for line in lines[:-1]:
-            log.debug("compiling child: %s", line)
         raise ProbeError(lines[-1] if lines else f"the compiling child exited with status {done.returncode}")
     return json.loads(done.stdout)
 
