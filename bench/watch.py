@@ -102,8 +102,9 @@ def main() -> None:
             pins.remove(pin_root)
     mb = {k: v / 2**20 for k, v in rss.items()}
     compiler = "yes" if any(c in maps for c in (*COMPILER, "libbcc")) else "no"
-    print(f"  eptrace watch, steady: one episode, {CONNECTIONS:,} loopback connections traced, then {IDLE_SECONDS:.0f} s "
-          f"idle ({stats.get('records_received', 0):,} records read, ready {ready_s:.1f} s after start)")
+    print(f"  eptrace watch, steady: one episode, {CONNECTIONS:,} loopback connections traced, then "
+          f"{IDLE_SECONDS:.0f} s idle ({stats.get('records_received', 0):,} records read, ready {ready_s:.1f} s "
+          f"after start)")
     print(f"    RSS {mb.get('total', 0):10.1f} MB    target <= {TARGET_MB}     "
           f"{'PASS' if mb.get('total', 0) <= TARGET_MB else 'MISS'}   compiler mapped: {compiler} "
           f"({mb.get('compiler', 0):.1f} MB); the mmapped ring buffer {mb.get('ring buffer', 0):.1f} MB; "

@@ -1,12 +1,12 @@
 """The compiling child: `python -m tracer.kernel.compile MAPS LINKS PROGRAMS RINGBUF_PAGES`.
 
-bcc compiles probes/ (clang and LLVM mapped only here), loads every program, and pins what the
-tracer needs: every map declared PINNED() under MAPS (bcc re-opens a map pinned there before), a BPF link of every
-tracepoint program under LINKS (tp-<category>-<event>, replacing what a dead tracer pinned), and
-every cgroup program under PROGRAMS, for the tracer to attach per episode. Then it prints one JSON
-object on stdout (each map's type and its key and value types, each cgroup program's attach type)
-and exits: the tracer (tracer/kernel/loader.py) goes on with libbpf alone. On failure: one line on
-stderr that names the kernel's reason, and exit status 1.
+bcc compiles probes/ (clang and LLVM are mapped only here), loads every program, and pins what the
+tracer needs: every map declared PINNED() under MAPS (bcc re-opens a map pinned there before), a BPF
+link of every tracepoint program under LINKS (tp-<category>-<event>, replacing what a dead tracer
+pinned), and every cgroup program under PROGRAMS, for the tracer to attach per episode. Then it prints
+one JSON object on stdout (each map's type and its key and value types, the tracepoint links, each
+cgroup program's attach type, the time each step took) and exits: the tracer (tracer/kernel/loader.py)
+goes on with libbpf alone. On failure: one line on stderr that names the kernel's reason, status 1.
 """
 from __future__ import annotations
 
@@ -161,7 +161,8 @@ def compile_and_pin(maps: Path, links: Path, programs: Path, ringbuf_pages: int)
     except Exception as e:
         raise _error("cannot load a program", e, messages) from e
     seconds["cgroup programs"] = time.monotonic() - STARTED - sum(seconds.values())
-    return {"seconds": seconds, "maps": described, "tracepoints": tracepoints, "programs": {name: attach for name, (_, attach) in cgroup_programs.items()}}
+    return {"seconds": seconds, "maps": described, "tracepoints": tracepoints,
+            "programs": {name: attach for name, (_, attach) in cgroup_programs.items()}}
 
 
 def main(argv: list[str]) -> int:
