@@ -223,7 +223,7 @@ class Probes:
         try:
             link = bpf.link_create(program, cgroup_fd, attach_type)
         except OSError as e:
-            raise ProbeError(f"cannot attach {program_name} to {cgroup_path}: {e.strerror}") from None
+            raise ProbeError(f"cannot attach {program_name} to {cgroup_path}: {os.strerror(e.errno)}") from None
         try:
             self._pin(link, name)
         except ProbeError:
