@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tracer.kernel import cgroups
 
-from . import detection, floors, memory, outputs, peer
+from . import detection, floors, memory, outputs, peer, watch
 from .storm import Figures, pair_rates
 
 STORM_SECONDS = 30.0     # 60 alternating phases of 0.25 s each side
@@ -130,8 +130,7 @@ def main() -> None:
               f"({f.cost:.1f} us, {quartiles(f.cost_quartiles, 1)}; floor {records.cost:.1f} us, "
               f"{quartiles(records.cost_quartiles, 1)})")
     detection.main()
-    # in a process of its own: this one has loaded bcc (floors.py traces in-process)
-    subprocess.run([sys.executable, "-m", "bench.nocompiler"], cwd=Path(__file__).parent.parent)
+    watch.main()
     print("  containment: connects to a test host from an episode with no policy and from one with a policy of "
           "1,000 entries (none matching), alternating, in one tracer", flush=True)
     subprocess.run([sys.executable, "-m", "bench.policy"], cwd=Path(__file__).parent.parent)
@@ -167,8 +166,9 @@ def report_storm(phases: list[dict], stats: dict, wall: float, startups: list[fl
           f"{evicted} table entries evicted (capped tables)")
     if rss:
         mb = {k: v / 2**20 for k, v in rss.items()}
-        print(f"  tracer RSS mid-storm  {mb['total']:10.1f} MB    of which the compiler bcc keeps mapped "
-              f"(libLLVM, libclang) {mb['compiler']:.1f} MB, the mmapped ring buffer {mb['ring buffer']:.1f} MB; "
+        print(f"  tracer RSS mid-storm  {mb['total']:10.1f} MB    of which the compiler mapped (libLLVM, libclang: "
+              f"bcc compiles in a child that exits) {mb['compiler']:.1f} MB, the mmapped ring buffer "
+              f"{mb['ring buffer']:.1f} MB; "
               f"private dirty {mb['private']:.1f} MB")
     by_reason = {r: n for r, n in stats.get("records_lost_by_reason", {}).items() if n}
     if by_reason:

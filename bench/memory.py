@@ -1,11 +1,12 @@
-"""Where a running tracer's RSS goes, from /proc/PID/smaps: the compiler bcc keeps mapped, the ring buffer, the rest."""
+"""Where a running tracer's RSS goes, from /proc/PID/smaps: the compiler (none since bcc compiles in a child
+that exits: tracer/kernel/compile.py), the ring buffer, the rest."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
 MAPPING = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")
-COMPILER = ("libLLVM", "libclang")      # bcc compiles in-process: libbcc links both
+COMPILER = ("libLLVM", "libclang")      # libbcc links both
 RING_BUFFER = "anon_inode:bpf-map"      # mmapped BPF maps: the ring buffer, its data pages mapped twice
 
 

@@ -69,7 +69,7 @@ def main() -> None:
         plain, policed = cgroups.create(parent / "plain"), cgroups.create(parent / "policy")
         probes.attach(plain)
         probes.attach(policed, BIG)
-        fd = probes.bpf.funcs[b"on_connect4"].fd
+        fd = probes.program_fd("on_connect4")
         results: dict[str, list[tuple[float, float]]] = {"none": [], "1000 entries": []}
         with TestNetwork() as net:
             for _ in range(PHASES):

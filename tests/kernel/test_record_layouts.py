@@ -4,10 +4,12 @@ decoder reads are the ones clang gives, as bcc's generated ctypes types show the
 from __future__ import annotations
 
 import ctypes
+import json
 
 import pytest
 
 from tracer import decoding
+from tracer.kernel import bpf
 from tracer.kernel.loader import PROBES_DIR
 
 STRUCTS = sorted({layout.struct for layout in decoding.LAYOUTS.values()})
@@ -56,6 +58,30 @@ def test_a_wrong_offset_is_seen(leaf_types):
     """The comparison above can fail: one byte off in a copy of a layout is caught."""
     layout = decoding.NET_LAYOUT
     assert offset_of(leaf_types[layout.struct], "ep.dport") != layout.offsets["ep.dport"] + 1
+
+
+@pytest.mark.parametrize("struct", STRUCTS)
+def test_the_tracer_rebuilds_bccs_type(leaf_types, struct):
+    """The tracer never imports bcc: it rebuilds bcc's ctypes types from the compiling child's JSON
+    description of them (tracer/kernel/bpf.py). Same size, same fields at the same offsets."""
+    original = leaf_types[struct]
+    rebuilt = bpf.build_type(json.loads(json.dumps(bpf.describe_type(original))))
+    assert layout_of(rebuilt) == layout_of(original)
+    assert layout_of(rebuilt)[0][2] > 0
+
+
+def layout_of(ctype: type, prefix: str = "", base: int = 0) -> list[tuple]:
+    """(path, offset, size, scalar type) of the type and every field in it, nested structs and arrays unrolled."""
+    entries = [(prefix or ctype.__name__, base, ctypes.sizeof(ctype), getattr(ctype, "_type_", "") if
+                not issubclass(ctype, ctypes.Array) else "")]
+    if issubclass(ctype, ctypes.Array):
+        step = ctypes.sizeof(ctype._type_)
+        for i in range(ctype._length_):
+            entries += layout_of(ctype._type_, f"{prefix}[{i}]", base + i * step)
+    elif issubclass(ctype, (ctypes.Structure, ctypes.Union)):
+        for field in ctype._fields_:
+            entries += layout_of(field[1], f"{prefix}.{field[0]}", base + getattr(ctype, field[0]).offset)
+    return entries
 
 
 def field_paths(ctype: type, prefix: str = "") -> list[str]:

@@ -1,20 +1,25 @@
-"""Compile probes/ with bcc, attach them to episode cgroups, and read the ring buffer.
+"""The probes, compiled by a short-lived child, then attached per episode and read with libbpf alone.
 
-Every program is attached through a BPF link, and with a pin directory the links
-and maps are pinned there (tracer/kernel/pins.py): a tracer that dies leaves its
-probes attached and recording, and the fail-closed check refuses the episodes'
-connects once no tracer refreshes the liveness map. A later Probes on the same
-pin directory re-opens the maps (bcc opens a pinned map instead of creating it)
-and moves the links to its own programs.
+The tracer never maps the compiler: tracer/kernel/compile.py (a child process) compiles probes/ with
+bcc, pins every map, every tracepoint's BPF link and every cgroup program, and exits; this process
+re-opens them by their pins (tracer/kernel/bpf.py, the system libbpf through ctypes). Every program is
+attached through a BPF link, and with a pin directory the links and maps stay pinned there
+(tracer/kernel/pins.py): a tracer that dies leaves its probes attached and recording, and the
+fail-closed check refuses the episodes' connects once no tracer refreshes the liveness map. A later
+Probes on the same pin directory re-opens the maps (bcc opens a pinned map instead of creating it)
+and moves the links to its own programs. Without a pin directory, the child hands over through a
+private one that this process removes once it holds every fd: nothing outlives it.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ipaddress
+import itertools
+import json
 import logging
 import os
-import tempfile
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,7 +27,7 @@ from typing import Callable
 
 from ..config import Limits
 from ..policy import DENIED_CUT, LISTEN, POLICY_RULES, Policy, compile_rules, name_hash
-from . import cgroups, pins
+from . import bpf, cgroups, pins
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +36,12 @@ PROBE_FILES = ("sockets.c", "tcp.c", "packets.c", "processes.c")
 # enum loss_reason in records.h, in its order
 LOSS_REASONS = ("ringbuf_full", "no_socket_storage", "budget", "argv_unread", "connects_map_full",
                 "exit_codes_map_full", "sockets_map_full", "argv_map_full", "burst_budget")
-BPF_PERF_EVENT = 41                                    # enum bpf_attach_type: a tracepoint's perf event
-PERF_TYPE_TRACEPOINT, PERF_SAMPLE_RAW, PERF_ATTR_SIZE = 2, 1 << 10, 128
-SYS_PERF_EVENT_OPEN = 298                              # x86_64
 LIVENESS_REFRESH_NS = 200_000_000                      # refreshed this often; the timeout is seconds
 RINGBUF_PAGES = Limits().ringbuf_pages     # the default size
 # enum setting in common.h
 SET_UPDATE_INTERVAL, SET_ICMP_LARGE, SET_BUDGET_RATE, SET_BUDGET_BURST = 0, 1, 2, 3
+PRIVATE_PREFIX = "private-"                # the hand-over pin directory of a Probes without one
+_private_dirs = itertools.count()
 
 
 class ProbeError(Exception):
@@ -55,67 +59,33 @@ def probe_source() -> str:
     return "\n".join(parts)
 
 
-def _libbpf() -> ctypes.CDLL:
-    lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
-    lib.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-    lib.bpf_link_create.restype = ctypes.c_int
-    lib.bpf_link_update.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-    lib.bpf_link_update.restype = ctypes.c_int
-    lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
-    lib.bpf_obj_pin.restype = ctypes.c_int
-    lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
-    lib.bpf_obj_get.restype = ctypes.c_int
-    return lib
+def probe_build(ringbuf_pages: int) -> tuple[str, list[str]]:
+    """The source and clang flags the probes are compiled with (the pin directory of the maps aside)."""
+    return probe_source(), [f"-I{PROBES_DIR}", f"-DRINGBUF_PAGES={ringbuf_pages}", "-Wno-macro-redefined",
+                            "-Wno-unused-function"]
 
 
-@contextlib.contextmanager
-def _libbcc_messages(lines: list[str]):
-    """libbcc prints its errors (a refused map, the verifier's log) straight to fd 2: collect them into
-    lines, so that a failure is one line on stderr that names the kernel's reason, and success stays quiet."""
-    with tempfile.TemporaryFile() as captured:
-        saved = os.dup(2)
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            lines.extend(line for line in captured.read().decode(errors="replace").splitlines() if line.strip())
-            for line in lines:
-                log.debug("libbcc: %s", line)
+def _compile(maps: Path, links: Path, programs: Path, ringbuf_pages: int) -> dict:
+    """Run the compiling child (tracer/kernel/compile.py); its description of what it pinned."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PROBES_DIR.parent),
+                                                                      os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-m", "tracer.kernel.compile", str(maps), str(links), str(programs),
+                           str(ringbuf_pages)], capture_output=True, text=True, env=env)
+    lines = done.stderr.strip().splitlines()
+    for line in lines[:-1] if done.returncode != 0 else lines:
+        log.debug("compiling child: %s", line)
+    if done.returncode != 0:
+        raise ProbeError(lines[-1] if lines else f"the compiling child exited with status {done.returncode}")
+    return json.loads(done.stdout)
 
 
-def _probe_error(what: str, error: Exception, messages: list[str]) -> ProbeError:
-    kernel_says = next((m for m in messages if "error" in m.lower() or "permission" in m.lower()), None)
-    reason = f"{kernel_says} ({error})" if kernel_says else str(error)
-    return ProbeError(f"{what}: {reason} (run 'eptrace doctor' to see which kernel feature is missing)")
-
-
-def _tracepoint_event(category: str, name: str) -> int:
-    """A perf event fd for a tracepoint, for a BPF_PERF_EVENT link (which bcc 0.26 cannot make)."""
-    from bcc import TRACEFS
-    tp_id = int(Path(TRACEFS, "events", category, name, "id").read_text())
-    attr = (ctypes.c_ubyte * PERF_ATTR_SIZE)()
-    ctypes.c_uint32.from_buffer(attr, 0).value = PERF_TYPE_TRACEPOINT
-    ctypes.c_uint32.from_buffer(attr, 4).value = PERF_ATTR_SIZE
-    ctypes.c_uint64.from_buffer(attr, 8).value = tp_id
-    ctypes.c_uint64.from_buffer(attr, 16).value = 1               # sample_period
-    ctypes.c_uint64.from_buffer(attr, 24).value = PERF_SAMPLE_RAW
-    ctypes.c_uint32.from_buffer(attr, 48).value = 1               # wakeup_events
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.syscall(SYS_PERF_EVENT_OPEN, attr, -1, 0, -1, 8)     # pid -1, cpu 0, PERF_FLAG_FD_CLOEXEC
-    if fd < 0:
-        raise ProbeError(f"cannot open tracepoint {category}:{name}: {os.strerror(ctypes.get_errno())}")
-    return fd
-
-
-def _release_compiler_memory() -> None:
-    """Hand back to the OS what clang/LLVM freed after compiling (tens of MB)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+def _close_side_by_side(fds: list[int]) -> None:
+    """Close fds at once: the last close of a link waits for an RCU grace period (tens of ms each)."""
+    threads = [threading.Thread(target=os.close, args=(fd,)) for fd in fds]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 class Probes:
@@ -124,40 +94,55 @@ class Probes:
 
     def __init__(self, ringbuf_pages: int = RINGBUF_PAGES, pin_dir: Path | None = None):
         """pin_dir: pin maps and links there (re-opening what a dead tracer left); None: nothing outlives us."""
-        from bcc import BPF, BPFAttachType, BPFProgType  # Debian's python3-bpfcc
-
-        self._BPF = BPF
-        self._lib = _libbpf()
         self.pin_dir = pin_dir
         self._lock_fd: int | None = None
-        source = probe_source()
-        cflags = [f"-I{PROBES_DIR}", f"-DRINGBUF_PAGES={ringbuf_pages}", "-Wno-macro-redefined",
-                  "-Wno-unused-function"]
-        self.resumed = False
-        old_maps: list[Path] = []
-        if pin_dir is not None:
-            try:
-                pins.ensure_bpffs(pin_dir)
-                self._lock_fd = pins.lock(pin_dir)
-            except (pins.PinError, OSError) as e:
-                raise ProbeError(str(e)) from None
-            maps = pin_dir / pins.maps_dir_name(source, cflags)
-            # Maps of other probes (another eptrace version) are never re-opened: their layout may differ.
-            old_maps = [d for d in pin_dir.glob(pins.MAPS_PREFIX + "*") if d != maps]
-            maps.mkdir(exist_ok=True)
-            (pin_dir / "links").mkdir(exist_ok=True)
-            cflags.append(f'-DPIN_DIR="{maps}"')
-            # A restart: the maps are there, and the probes a dead tracer left may still be attached.
-            self.resumed = (maps / "events").exists()
-        messages: list[str] = []
+        source, cflags = probe_build(ringbuf_pages)
+        handoff = pin_dir if pin_dir is not None else \
+            pins.root() / f"{PRIVATE_PREFIX}{os.getpid()}-{next(_private_dirs)}"
         try:
-            with _libbcc_messages(messages):
-                self.bpf = BPF(text=source.encode(), cflags=cflags)
-        except Exception as e:  # bcc raises bare Exceptions
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-            raise _probe_error("cannot compile or load the probes", e, messages) from e
-        _release_compiler_memory()
+            pins.ensure_bpffs(handoff)
+            self._lock_fd = pins.lock(handoff)
+        except (pins.PinError, OSError) as e:
+            raise ProbeError(str(e)) from None
+        maps = handoff / pins.maps_dir_name(source, cflags)
+        # Maps of other probes (another eptrace version) are never re-opened: their layout may differ.
+        old_maps = [d for d in handoff.glob(pins.MAPS_PREFIX + "*") if d != maps]
+        for d in (maps, handoff / "links", handoff / pins.PROGRAMS_DIR):
+            d.mkdir(exist_ok=True)
+        # A restart: the maps are there, and the probes a dead tracer left may still be attached.
+        self.resumed = pin_dir is not None and (maps / "events").exists()
+        self.maps: dict[str, bpf.Map] = {}
+        self._ring: bpf.RingBuffer | None = None
+        self._programs: dict[str, tuple[int, int]] = {}     # cgroup program name -> (fd, attach type)
+        self._tracepoint_links: list[int] = []
+        try:
+            started = time.monotonic()
+            compiled = _compile(maps, handoff / "links", handoff / pins.PROGRAMS_DIR, ringbuf_pages)
+            log.debug("compiling child: %.2f s in all; %s", time.monotonic() - started,
+                      ", ".join(f"{step} {s:.2f} s" for step, s in compiled["seconds"].items()))
+            for name, d in compiled["maps"].items():
+                self.maps[name] = bpf.Map(name, bpf.obj_get(maps / name), d["type"], d["max_entries"],
+                                          d["key"] and bpf.build_type(d["key"]),
+                                          d["value"] and bpf.build_type(d["value"]))
+            for name, attach_type in compiled["programs"].items():
+                self._programs[name] = (bpf.obj_get(handoff / pins.PROGRAMS_DIR / name), attach_type)
+            for name in compiled["tracepoints"]:
+                self._tracepoint_links.append(bpf.obj_get(handoff / "links" / name))
+            for stale in (handoff / "links").glob("tp-*"):
+                if stale.name not in compiled["tracepoints"]:
+                    stale.unlink()              # a tracepoint older probes traced
+        except BaseException as e:
+            self._release()
+            if pin_dir is None:
+                pins.remove(handoff)
+            if isinstance(e, (OSError, ValueError, KeyError)):
+                raise ProbeError(f"cannot open what the compiling child pinned: {e}") from e
+            raise
+        pins.remove(handoff / pins.PROGRAMS_DIR)        # held by our fds; the links pin what runs
+        if pin_dir is None:
+            pins.remove(handoff)
+            os.close(self._lock_fd)
+            self._lock_fd = None
         for stale in old_maps:
             log.warning("pinned maps of other probes in %s (another eptrace version): their records are "
                         "dropped, their links are taken over", stale)
@@ -166,32 +151,13 @@ class Probes:
         self._timeout_ns = 0
         self._liveness_thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._tracepoint_links: list[int] = []
-        self._relink_tracepoints()
-        A, P = BPFAttachType, BPFProgType
-        programs = [
-            ("on_sock_create", P.CGROUP_SOCK, A.CGROUP_INET_SOCK_CREATE),
-            ("on_sock_release", P.CGROUP_SOCK, A.CGROUP_INET_SOCK_RELEASE),
-            ("on_connect4", P.CGROUP_SOCK_ADDR, A.CGROUP_INET4_CONNECT),
-            ("on_connect6", P.CGROUP_SOCK_ADDR, A.CGROUP_INET6_CONNECT),
-            ("on_sendmsg4", P.CGROUP_SOCK_ADDR, A.CGROUP_UDP4_SENDMSG),
-            ("on_sendmsg6", P.CGROUP_SOCK_ADDR, A.CGROUP_UDP6_SENDMSG),
-            ("on_bind4", P.CGROUP_SOCK_ADDR, A.CGROUP_INET4_BIND),
-            ("on_bind6", P.CGROUP_SOCK_ADDR, A.CGROUP_INET6_BIND),
-            ("on_sock_ops", P.SOCK_OPS, A.CGROUP_SOCK_OPS),
-            ("on_egress", P.CGROUP_SKB, A.CGROUP_INET_EGRESS),
-            ("on_ingress", P.CGROUP_SKB, A.CGROUP_INET_INGRESS),
-        ]
-        messages.clear()
-        try:
-            with _libbcc_messages(messages):
-                self._cgroup_programs = [(self.bpf.load_func(name.encode(), prog_type, attach_type=attach_type),
-                                          attach_type) for name, prog_type, attach_type in programs]
-        except Exception as e:
-            raise _probe_error("cannot load a cgroup program", e, messages) from e
         self._links: dict[int, list[int]] = {}          # cgroup id -> link fds
         self._levels: dict[int, int] = {}               # episode cgroup id -> level
         self._budget_burst = 0                          # tokens a new episode starts with
+
+    def program_fd(self, name: str) -> int:
+        """The fd of a cgroup program (bpftool and the benchmarks find it by its id)."""
+        return self._programs[name][0]
 
     # -- links ------------------------------------------------------------------
     def _link_pin(self, name: str) -> Path | None:
@@ -203,26 +169,10 @@ class Probes:
         if path is None:
             return
         path.unlink(missing_ok=True)
-        if self._lib.bpf_obj_pin(fd, str(path).encode()) < 0:
-            raise ProbeError(f"cannot pin {path}: {os.strerror(ctypes.get_errno())}")
-
-    def _relink_tracepoints(self) -> None:
-        """Replace bcc's tracepoint attachments (perf event fds, which cannot be pinned) by
-        BPF links. bcc's goes first (the kernel attaches a program once per tracepoint);
-        this is before any episode is attached, and a dead tracer's pinned link runs meanwhile."""
-        for tp in list(self.bpf.tracepoint_fds):
-            category, name = tp.decode().split(":")
-            fn = self.bpf.load_func(b"tracepoint__" + tp.replace(b":", b"__"), self._BPF.TRACEPOINT)
-            self.bpf.detach_tracepoint(tp)
-            event = _tracepoint_event(category, name)
-            try:
-                link = self._lib.bpf_link_create(fn.fd, event, BPF_PERF_EVENT, None)
-                if link < 0:
-                    raise ProbeError(f"cannot link {tp.decode()}: {os.strerror(ctypes.get_errno())}")
-            finally:
-                os.close(event)         # the link holds the event
-            self._pin(link, f"tp-{category}-{name}")
-            self._tracepoint_links.append(link)
+        try:
+            bpf.obj_pin(fd, path)
+        except OSError as e:
+            raise ProbeError(str(e)) from None
 
     # -- episodes -------------------------------------------------------------
     def attach(self, cgroup_path: Path, policy: Policy | None = None) -> int:
@@ -234,17 +184,16 @@ class Probes:
         fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
         links: list[int] = []
         try:
-            for fn, attach_type in self._cgroup_programs:
-                links.append(self._cgroup_link(fn, attach_type, fd, cgid, cgroup_path))
+            for name, (program, attach_type) in self._programs.items():
+                links.append(self._cgroup_link(name, program, attach_type, fd, cgid, cgroup_path))
         except ProbeError:
-            for link in links:
-                os.close(link)
+            _close_side_by_side(links)
             raise
         finally:
             os.close(fd)
         self._links[cgid] = links
         # Its account first (losses, budget), so that nothing it loses goes uncounted.
-        accounts = self.bpf[b"accounts"]
+        accounts = self.maps["accounts"]
         try:
             accounts[ctypes.c_uint64(cgid)]          # a dead tracer's account (pinned): its losses are kept
         except KeyError:
@@ -252,26 +201,30 @@ class Probes:
             account.tokens = self._budget_burst
             accounts[ctypes.c_uint64(cgid)] = account
         # Register only once every hook is in place, so no event is half-seen.
-        self.bpf[b"episodes"][ctypes.c_uint64(cgid)] = ctypes.c_uint32(1)
+        self.maps["episodes"][ctypes.c_uint64(cgid)] = ctypes.c_uint32(1)
         self._levels[cgid] = cgroups.level(cgroup_path)
         self._write_levels()
         return cgid
 
-    def _cgroup_link(self, fn, attach_type: int, cgroup_fd: int, cgid: int, cgroup_path: Path) -> int:
-        """A link of fn on the cgroup. A link a dead tracer pinned there is taken over and
-        switched to fn atomically (no gap, no double records); else a new one is made and pinned."""
-        name = f"cg-{cgid}-{fn.name.decode()}"
+    def _cgroup_link(self, program_name: str, program: int, attach_type: int, cgroup_fd: int, cgid: int,
+                     cgroup_path: Path) -> int:
+        """A link of the program on the cgroup. A link a dead tracer pinned there is taken over and
+        switched to the program atomically (no gap, no double records); else a new one is made and pinned."""
+        name = f"cg-{cgid}-{program_name}"
         pinned = self._link_pin(name)
         if pinned is not None and pinned.exists():
-            link = self._lib.bpf_obj_get(str(pinned).encode())
-            if link >= 0:
-                if self._lib.bpf_link_update(link, fn.fd, None) == 0:
+            try:
+                link = bpf.obj_get(pinned)
+            except OSError:
+                pass
+            else:
+                if bpf.link_update(link, program):
                     return link
                 os.close(link)      # defunct (its cgroup was replaced): make a new one
-        link = self._lib.bpf_link_create(fn.fd, cgroup_fd, attach_type, None)
-        if link < 0:
-            err = ctypes.get_errno() or -link
-            raise ProbeError(f"cannot attach {fn.name.decode()} to {cgroup_path}: {os.strerror(err)}")
+        try:
+            link = bpf.link_create(program, cgroup_fd, attach_type)
+        except OSError as e:
+            raise ProbeError(f"cannot attach {program_name} to {cgroup_path}: {os.strerror(e.errno)}") from None
         try:
             self._pin(link, name)
         except ProbeError:
@@ -282,28 +235,27 @@ class Probes:
     def detach(self, cgid: int) -> dict[str, int]:
         """Stop tracing an episode; returns its final losses by reason."""
         try:
-            del self.bpf[b"episodes"][ctypes.c_uint64(cgid)]
+            del self.maps["episodes"][ctypes.c_uint64(cgid)]
         except KeyError:
             pass
-        for link in self._links.pop(cgid, []):
-            os.close(link)
         self.unpin_cgroup(cgid)
+        _close_side_by_side(self._links.pop(cgid, []))
         self._levels.pop(cgid, None)
         self._write_levels()
         final = self.episode_lost(cgid)
-        for name in (b"accounts", b"policies", b"denied"):
+        for name in ("accounts", "policies", "denied"):
             try:
-                del self.bpf[name][ctypes.c_uint64(cgid)]
+                del self.maps[name][ctypes.c_uint64(cgid)]
             except KeyError:
                 pass
         self._clear_policy(cgid)
-        flows = self.bpf[b"cut_flows"]
+        flows = self.maps["cut_flows"]
         for key in [k for k, v in flows.items() if v.value == cgid]:
             del flows[key]
         return final
 
     def _write_levels(self) -> None:
-        levels = self.bpf[b"episode_levels"]
+        levels = self.maps["episode_levels"]
         lo, hi = (min(self._levels.values()), max(self._levels.values())) if self._levels else (1, 0)
         levels[ctypes.c_int(0)] = ctypes.c_uint32(lo)
         levels[ctypes.c_int(1)] = ctypes.c_uint32(hi)
@@ -319,7 +271,7 @@ class Probes:
         their pinned links and their entries in the pinned maps. Returns their ids."""
         if self.pin_dir is None:
             return []
-        table = self.bpf[b"episodes"]
+        table = self.maps["episodes"]
         stale = {int(p.name.split("-")[1]) for p in (self.pin_dir / "links").glob("cg-*")}
         stale |= {key.value for key in table.keys()}
         stale -= set(self._links)
@@ -333,16 +285,16 @@ class Probes:
 
     def set_flow_update_interval(self, ns: int) -> None:
         """How often an active flow reports its counters (REC_FLOW_UPDATE)."""
-        self.bpf[b"settings"][ctypes.c_int(SET_UPDATE_INTERVAL)] = ctypes.c_uint64(ns)
+        self.maps["settings"][ctypes.c_int(SET_UPDATE_INTERVAL)] = ctypes.c_uint64(ns)
 
     def set_icmp_large_payload(self, nbytes: int) -> None:
         """A first echo request to a destination with a payload this long carries data (packets.c)."""
-        self.bpf[b"settings"][ctypes.c_int(SET_ICMP_LARGE)] = ctypes.c_uint64(nbytes)
+        self.maps["settings"][ctypes.c_int(SET_ICMP_LARGE)] = ctypes.c_uint64(nbytes)
 
     def set_budget(self, per_second: int, burst: int) -> None:
         """Low-value records each episode may send: per_second on average, burst at once (0: no budget)."""
         self._budget_burst = burst
-        settings = self.bpf[b"settings"]
+        settings = self.maps["settings"]
         settings[ctypes.c_int(SET_BUDGET_BURST)] = ctypes.c_uint64(burst)
         settings[ctypes.c_int(SET_BUDGET_RATE)] = ctypes.c_uint64(per_second)
 
@@ -355,7 +307,7 @@ class Probes:
             return
         policy = policy or Policy()
         for prefix, rules in compile_rules(policy).items():
-            table = self.bpf[b"policy4" if prefix.version == 4 else b"policy6"]
+            table = self.maps["policy4" if prefix.version == 4 else "policy6"]
             key = table.Key()
             key.prefixlen = 64 + prefix.prefixlen
             key.episode_hi, key.episode_lo = cgid >> 32, cgid & 0xFFFFFFFF
@@ -368,7 +320,7 @@ class Probes:
                 leaf.r[i].port_lo, leaf.r[i].port_hi = rule.port_lo, rule.port_hi
                 leaf.r[i].protocol, leaf.r[i].deny, leaf.r[i].entry = rule.protocol, rule.deny, rule.entry
             table[key] = leaf
-        names = self.bpf[b"dns_names"]
+        names = self.maps["dns_names"]
         for index, entry in policy.names:
             key = names.Key(cgid, name_hash(entry.name), entry.wildcard)
             names[key] = names.Leaf(entry.port_lo, entry.port_hi, entry.protocol, 0, index, 0)
@@ -377,7 +329,7 @@ class Probes:
         self._write_episode_policy(cgid, policy, contained=self.contained(cgid), cut=self.cut_set(cgid))
 
     def _write_episode_policy(self, cgid: int, policy: Policy | None, contained: bool, cut: bool = False) -> None:
-        table = self.bpf[b"policies"]
+        table = self.maps["policies"]
         leaf = table.Leaf()
         policy = policy or Policy()
         leaf.default_deny, leaf.raw_sockets = policy.default_deny, policy.raw_sockets
@@ -388,19 +340,19 @@ class Probes:
     def _clear_policy(self, cgid: int) -> list[tuple[str, int, int]]:
         """Remove an episode's rules; returns the destinations a cut denied (they outlive a new policy)."""
         cut = []
-        for name in (b"policy4", b"policy6"):
-            table = self.bpf[name]
+        for name in ("policy4", "policy6"):
+            table = self.maps[name]
             for key, leaf in [(k, v) for k, v in table.items() if (k.episode_hi << 32 | k.episode_lo) == cgid]:
-                if key.prefixlen == 64 + (32 if name == b"policy4" else 128):
+                if key.prefixlen == 64 + (32 if name == "policy4" else 128):
                     address = str(ipaddress.ip_address(bytes(key.addr)))
                     cut += [(address, r.port_lo, r.protocol) for r in leaf.r[:leaf.n] if r.entry == DENIED_CUT]
                 del table[key]
-        names = self.bpf[b"dns_names"]
+        names = self.maps["dns_names"]
         for key in [k for k in names.keys() if k.episode == cgid]:
             del names[key]
         if not self.contained(cgid) and not self.cut_set(cgid):
             try:
-                del self.bpf[b"policies"][ctypes.c_uint64(cgid)]
+                del self.maps["policies"][ctypes.c_uint64(cgid)]
             except KeyError:
                 pass
         return cut
@@ -412,14 +364,14 @@ class Probes:
 
     def contained(self, cgid: int) -> bool:
         try:
-            return bool(self.bpf[b"policies"][ctypes.c_uint64(cgid)].contained)
+            return bool(self.maps["policies"][ctypes.c_uint64(cgid)].contained)
         except KeyError:
             return False
 
     def cut_set(self, cgid: int) -> bool:
         """Has on_alert = "cut" cut flows of this episode?"""
         try:
-            return bool(self.bpf[b"policies"][ctypes.c_uint64(cgid)].cut)
+            return bool(self.maps["policies"][ctypes.c_uint64(cgid)].cut)
         except KeyError:
             return False
 
@@ -427,7 +379,7 @@ class Probes:
             destinations: list[tuple[str, int, int]]) -> None:
         """cut: drop every packet of these sockets both ways, and refuse connects and sends to these
         (address, port, protocol) destinations (port or protocol 0: any), from now on. Pinned, like contain."""
-        flows = self.bpf[b"cut_flows"]
+        flows = self.maps["cut_flows"]
         for cookie in cookies:
             flows[ctypes.c_uint64(cookie)] = ctypes.c_uint64(cgid)
         for address, port, protocol in destinations:
@@ -440,7 +392,7 @@ class Probes:
         ip = ipaddress.ip_address(address)
         if ip.version == 6 and ip.ipv4_mapped:
             ip = ip.ipv4_mapped                     # the kernel checks these as IPv4 (policy_refuses)
-        table = self.bpf[b"policy4" if ip.version == 4 else b"policy6"]
+        table = self.maps["policy4" if ip.version == 4 else "policy6"]
         key = table.Key()
         key.prefixlen = 64 + ip.max_prefixlen
         key.episode_hi, key.episode_lo = cgid >> 32, cgid & 0xFFFFFFFF
@@ -462,32 +414,29 @@ class Probes:
 
     def denied(self) -> dict[int, int]:
         """Episode cgroup id -> connects, sends, sockets and packets its policy refused."""
-        return {k.value: v.value for k, v in self.bpf[b"denied"].items()}
+        return {k.value: v.value for k, v in self.maps["denied"].items()}
 
     # -- records ----------------------------------------------------------------
     def open_records(self, handle: Callable[[bytes], None]) -> None:
         """Call handle(raw_record) for every ring-buffer record from poll()."""
-        def callback(_ctx, data, size):
-            handle(ctypes.string_at(data, size))
-            return 0
-        self._callback = callback   # keep a reference: bcc holds only a C pointer
-        self.bpf[b"events"].open_ring_buffer(callback)
+        events = self.maps["events"]
+        self._ring = bpf.RingBuffer(events.fd, events.max_entries, handle)
 
     def poll(self, timeout_ms: int) -> None:
         """Wait up to timeout_ms, then hand over every record there. The probes
         wake us only when the buffer fills up, so the timeout paces reading."""
-        self.bpf.ring_buffer_poll(timeout_ms)
-        self.bpf.ring_buffer_consume()
+        self._ring.poll(timeout_ms)
+        self._ring.consume()
 
     def lost(self) -> dict[str, int]:
         """Records the kernel could not send, by reason, summed over CPUs."""
-        table = self.bpf[b"lost"]
+        table = self.maps["lost"]
         return {reason: int(sum(table[ctypes.c_int(i)])) for i, reason in enumerate(LOSS_REASONS)}
 
     # -- fail-closed ----------------------------------------------------------------
     def _liveness(self) -> tuple[int, int, int]:
         """(refreshed_ns, timeout_ns, lost_reported) as the map holds them."""
-        value = self.bpf[b"liveness"][ctypes.c_int(0)]
+        value = self.maps["liveness"][ctypes.c_int(0)]
         return value.refreshed_ns, value.timeout_ns, value.lost_reported
 
     def set_fail_closed(self, timeout_ns: int) -> None:
@@ -507,18 +456,18 @@ class Probes:
             self._refresh_liveness()
 
     def _refresh_liveness(self) -> None:
-        table = self.bpf[b"liveness"]
+        table = self.maps["liveness"]
         table[ctypes.c_int(0)] = table.Leaf(time.monotonic_ns(), self._timeout_ns, sum(self.lost().values()),
                                             os.getpid(), 0)
 
     def refused(self) -> dict[int, int]:
         """Episode cgroup id -> connects and sends refused while no tracer was alive."""
-        return {k.value: v.value for k, v in self.bpf[b"refused"].items()}
+        return {k.value: v.value for k, v in self.maps["refused"].items()}
 
     def episode_lost(self, cgid: int) -> dict[str, int]:
         """What one episode lost so far, by reason (zeros when it has no account)."""
         try:
-            account = self.bpf[b"accounts"][ctypes.c_uint64(cgid)]
+            account = self.maps["accounts"][ctypes.c_uint64(cgid)]
         except KeyError:
             return dict.fromkeys(LOSS_REASONS, 0)
         return {reason: int(account.lost[i]) for i, reason in enumerate(LOSS_REASONS)}
@@ -529,19 +478,27 @@ class Probes:
         if self._liveness_thread is not None:
             self._liveness_thread.join()
         if keep_pins:
-            for links in self._links.values():
-                for link in links:
-                    os.close(link)
+            _close_side_by_side([link for links in self._links.values() for link in links])
             self._links.clear()
         else:
             for cgid in list(self._links):
                 self.detach(cgid)
             if self.pin_dir is not None:
                 pins.remove(self.pin_dir)
-        for link in self._tracepoint_links:
-            os.close(link)
+        self._release()
+
+    def _release(self) -> None:
+        """Close every fd (what is still pinned stays)."""
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        _close_side_by_side(self._tracepoint_links)
         self._tracepoint_links = []
-        self.bpf.cleanup()
+        for program, _ in self._programs.values():
+            os.close(program)
+        self._programs.clear()
+        for table in self.maps.values():
+            table.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -3,7 +3,9 @@
 Layout, under the pin root (default /sys/fs/bpf/eptrace, env EPTRACE_PIN_DIR):
     watch/            the fixed state of 'eptrace watch': a restarted watch re-opens it
     run-<pid>/        the state of one 'eptrace run' (removed when that run ends cleanly)
-each holding maps-<digest of the probes>/<map name> and links/<tp-... | cg-<cgroup id>-<program>>.
+    private-<pid>-<n>/  the hand-over of probes without a pin directory (removed once the tracer holds them)
+each holding maps-<digest of the probes>/<map name> and links/<tp-... | cg-<cgroup id>-<program>>, and
+while the tracer starts, programs/<cgroup program> (the compiling child's hand-over of what it loaded).
 A link holds its program, which holds its maps: while a pin exists, the probe runs.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ DEFAULT_ROOT = Path("/sys/fs/bpf/eptrace")
 WATCH_DIR = "watch"
 RUN_PREFIX = "run-"
 MAPS_PREFIX = "maps-"
+PROGRAMS_DIR = "programs"
 
 
 class PinError(Exception):

@@ -1,0 +1,185 @@
+"""The compiling child: `python -m tracer.kernel.compile MAPS LINKS PROGRAMS RINGBUF_PAGES`.
+
+bcc compiles probes/ (clang and LLVM are mapped only here), loads every program, and pins what the
+tracer needs: every map declared PINNED() under MAPS (bcc re-opens a map pinned there before), a BPF
+link of every tracepoint program under LINKS (tp-<category>-<event>, replacing what a dead tracer
+pinned), and every cgroup program under PROGRAMS, for the tracer to attach per episode. Then it prints
+one JSON object on stdout (each map's type and its key and value types, the tracepoint links, each
+cgroup program's attach type, the time each step took) and exits: the tracer (tracer/kernel/loader.py)
+goes on with libbpf alone. On failure: one line on stderr that names the kernel's reason, status 1.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import bpf
+from .loader import probe_build
+
+BPF_PERF_EVENT = 41                                    # enum bpf_attach_type: a tracepoint's perf event
+PERF_TYPE_TRACEPOINT, PERF_SAMPLE_RAW, PERF_ATTR_SIZE = 2, 1 << 10, 128
+SYS_PERF_EVENT_OPEN = 298                              # x86_64
+TRACEPOINT_PREFIX = b"tracepoint__"                    # TRACEPOINT_PROBE(category, event)'s function names
+STARTED = time.monotonic()
+
+
+class CompileError(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _libbcc_messages(lines: list[str]):
+    """libbcc prints its errors (a refused map, the verifier's log) straight to fd 2: collect them into
+    lines, so that a failure is one line that names the kernel's reason, and success stays quiet."""
+    with tempfile.TemporaryFile() as captured:
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines.extend(line for line in captured.read().decode(errors="replace").splitlines() if line.strip())
+
+
+def _error(what: str, error: Exception, messages: list[str]) -> CompileError:
+    kernel_says = next((m for m in messages if "error" in m.lower() or "permission" in m.lower()), None)
+    reason = f"{kernel_says} ({error})" if kernel_says else str(error)
+    return CompileError(f"{what}: {reason} (run 'eptrace doctor' to see which kernel feature is missing)")
+
+
+def _tracepoint_event(tracefs: str, category: str, name: str) -> int:
+    """A perf event fd for a tracepoint, for a BPF_PERF_EVENT link (which bcc 0.26 cannot make)."""
+    tp_id = int(Path(tracefs, "events", category, name, "id").read_text())
+    attr = (ctypes.c_ubyte * PERF_ATTR_SIZE)()
+    ctypes.c_uint32.from_buffer(attr, 0).value = PERF_TYPE_TRACEPOINT
+    ctypes.c_uint32.from_buffer(attr, 4).value = PERF_ATTR_SIZE
+    ctypes.c_uint64.from_buffer(attr, 8).value = tp_id
+    ctypes.c_uint64.from_buffer(attr, 16).value = 1               # sample_period
+    ctypes.c_uint64.from_buffer(attr, 24).value = PERF_SAMPLE_RAW
+    ctypes.c_uint32.from_buffer(attr, 48).value = 1               # wakeup_events
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(SYS_PERF_EVENT_OPEN, attr, -1, 0, -1, 8)     # pid -1, cpu 0, PERF_FLAG_FD_CLOEXEC
+    if fd < 0:
+        raise CompileError(f"cannot open tracepoint {category}:{name}: {os.strerror(ctypes.get_errno())}")
+    return fd
+
+
+def _replace_pin(fd: int, path: Path) -> None:
+    """Pin fd at path; what was pinned there (a dead tracer's link: its tracepoint) goes."""
+    path.unlink(missing_ok=True)
+    bpf.obj_pin(fd, path)
+
+
+def compile_and_pin(maps: Path, links: Path, programs: Path, ringbuf_pages: int) -> dict:
+    from bcc import BPF, TRACEFS, BPFAttachType, BPFProgType  # Debian's python3-bpfcc
+    from bcc import lib as libbcc
+    libbcc.bpf_num_tables.argtypes, libbcc.bpf_num_tables.restype = [ctypes.c_void_p], ctypes.c_ulonglong
+    libbcc.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong]
+    libbcc.bpf_table_name.restype = ctypes.c_char_p
+
+    class Compiler(BPF):
+        def _trace_autoload(self):
+            """bcc would attach each tracepoint through a perf event fd, which cannot be pinned (and
+            detaching it again costs a grace period each): they are linked below instead."""
+
+    A, P = BPFAttachType, BPFProgType
+    cgroup_programs = {
+        "on_sock_create": (P.CGROUP_SOCK, A.CGROUP_INET_SOCK_CREATE),
+        "on_sock_release": (P.CGROUP_SOCK, A.CGROUP_INET_SOCK_RELEASE),
+        "on_connect4": (P.CGROUP_SOCK_ADDR, A.CGROUP_INET4_CONNECT),
+        "on_connect6": (P.CGROUP_SOCK_ADDR, A.CGROUP_INET6_CONNECT),
+        "on_sendmsg4": (P.CGROUP_SOCK_ADDR, A.CGROUP_UDP4_SENDMSG),
+        "on_sendmsg6": (P.CGROUP_SOCK_ADDR, A.CGROUP_UDP6_SENDMSG),
+        "on_bind4": (P.CGROUP_SOCK_ADDR, A.CGROUP_INET4_BIND),
+        "on_bind6": (P.CGROUP_SOCK_ADDR, A.CGROUP_INET6_BIND),
+        "on_sock_ops": (P.SOCK_OPS, A.CGROUP_SOCK_OPS),
+        "on_egress": (P.CGROUP_SKB, A.CGROUP_INET_EGRESS),
+        "on_ingress": (P.CGROUP_SKB, A.CGROUP_INET_INGRESS),
+    }
+    seconds = {"import": time.monotonic() - STARTED}
+    source, cflags = probe_build(ringbuf_pages)
+    cflags.append(f'-DPIN_DIR="{maps}"')
+    messages: list[str] = []
+    try:
+        with _libbcc_messages(messages):
+            compiled = Compiler(text=source.encode(), cflags=cflags)
+    except Exception as e:  # bcc raises bare Exceptions
+        raise _error("cannot compile or load the probes", e, messages) from e
+
+    seconds["compile"] = time.monotonic() - STARTED - sum(seconds.values())
+    described: dict[str, dict] = {}
+    tracepoints: list[str] = []
+    for i in range(libbcc.bpf_num_tables(compiled.module)):
+        name = libbcc.bpf_table_name(compiled.module, i)
+        if not (maps / name.decode()).exists():
+            continue                # the probes' own scratch space: the tracer reaches only pinned maps
+        map_id = libbcc.bpf_table_id(compiled.module, name)
+        entry: dict = {"type": libbcc.bpf_table_type_id(compiled.module, map_id),
+                       "max_entries": libbcc.bpf_table_max_entries_id(compiled.module, map_id), "key": None,
+                       "value": None}
+        try:
+            entry["key"] = bpf.describe_type(BPF._decode_table_type(
+                json.loads(libbcc.bpf_table_key_desc(compiled.module, name))))
+            entry["value"] = bpf.describe_type(BPF._decode_table_type(
+                json.loads(libbcc.bpf_table_leaf_desc(compiled.module, name))))
+        except (TypeError, ValueError, KeyError):
+            pass                    # no plain key or value (a ring buffer, socket storage): not looked up
+        described[name.decode()] = entry
+
+    messages.clear()
+    try:
+        with _libbcc_messages(messages):
+            for i in range(libbcc.bpf_num_functions(compiled.module)):
+                fn_name = libbcc.bpf_function_name(compiled.module, i)
+                if not fn_name.startswith(TRACEPOINT_PREFIX):
+                    continue
+                category, event_name = fn_name[len(TRACEPOINT_PREFIX):].decode().split("__", 1)
+                fn = compiled.load_func(fn_name, BPF.TRACEPOINT)
+                event = _tracepoint_event(TRACEFS, category, event_name)
+                try:
+                    link = bpf.link_create(fn.fd, event, BPF_PERF_EVENT)
+                finally:
+                    os.close(event)         # the link holds the event
+                tracepoints.append(f"tp-{category}-{event_name}")
+                _replace_pin(link, links / tracepoints[-1])
+                os.close(link)
+            seconds["tracepoints"] = time.monotonic() - STARTED - sum(seconds.values())
+            for name, (prog_type, attach_type) in cgroup_programs.items():
+                fn = compiled.load_func(name.encode(), prog_type, attach_type=attach_type)
+                _replace_pin(fn.fd, programs / name)
+    except (CompileError, OSError) as e:
+        raise CompileError(str(e)) from e
+    except Exception as e:
+        raise _error("cannot load a program", e, messages) from e
+    seconds["cgroup programs"] = time.monotonic() - STARTED - sum(seconds.values())
+    return {"seconds": seconds, "maps": described, "tracepoints": tracepoints,
+            "programs": {name: attach for name, (_, attach) in cgroup_programs.items()}}
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if len(argv) != 4:
+        print("usage: python -m tracer.kernel.compile MAPS LINKS PROGRAMS RINGBUF_PAGES", file=sys.stderr)
+        return 2
+    maps, links, programs = (Path(a) for a in argv[:3])
+    try:
+        result = compile_and_pin(maps, links, programs, int(argv[3]))
+    except CompileError as e:
+        print(e, file=sys.stderr)
+        return 1
+    json.dump(result, sys.stdout)
+    sys.stdout.flush()
+    os._exit(0)         # now: bcc's atexit clean-up would only close what the pins keep
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
