@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import mmap
 import os
 import tempfile
 import threading
@@ -29,7 +30,7 @@ PROBES_DIR = Path(__file__).resolve().parents[2] / "probes"
 PROBE_FILES = ("sockets.c", "tcp.c", "packets.c", "processes.c")
 # enum loss_reason in records.h, in its order
 LOSS_REASONS = ("ringbuf_full", "no_socket_storage", "budget", "argv_unread", "connects_map_full",
-                "exit_codes_map_full", "sockets_map_full", "argv_map_full", "burst_budget")
+                "exit_codes_map_full", "sockets_map_full", "argv_map_full", "burst_budget", "ring_share")
 BPF_PERF_EVENT = 41                                    # enum bpf_attach_type: a tracepoint's perf event
 PERF_TYPE_TRACEPOINT, PERF_SAMPLE_RAW, PERF_ATTR_SIZE = 2, 1 << 10, 128
 SYS_PERF_EVENT_OPEN = 298                              # x86_64
@@ -37,6 +38,7 @@ LIVENESS_REFRESH_NS = 200_000_000                      # refreshed this often; t
 RINGBUF_PAGES = Limits().ringbuf_pages     # the default size
 # enum setting in common.h
 SET_UPDATE_INTERVAL, SET_ICMP_LARGE, SET_BUDGET_RATE, SET_BUDGET_BURST = 0, 1, 2, 3
+SET_SHARE_WATERMARK, SET_SHARE_RATE, SET_SHARE_BURST = 4, 5, 6
 
 
 class ProbeError(Exception):
@@ -128,6 +130,7 @@ class Probes:
         self._BPF = BPF
         self._lib = _libbpf()
         self.pin_dir = pin_dir
+        self.ringbuf_bytes = ringbuf_pages * mmap.PAGESIZE
         self._lock_fd: int | None = None
         source = probe_source()
         cflags = [f"-I{PROBES_DIR}", f"-DRINGBUF_PAGES={ringbuf_pages}", "-Wno-macro-redefined",
@@ -190,7 +193,7 @@ class Probes:
             raise _probe_error("cannot load a cgroup program", e, messages) from e
         self._links: dict[int, list[int]] = {}          # cgroup id -> link fds
         self._levels: dict[int, int] = {}               # episode cgroup id -> level
-        self._budget_burst = 0                          # tokens a new episode starts with
+        self._budget_burst = self._share_burst = 0      # tokens a new episode starts with
 
     # -- links ------------------------------------------------------------------
     def _link_pin(self, name: str) -> Path | None:
@@ -248,7 +251,8 @@ class Probes:
             accounts[ctypes.c_uint64(cgid)]          # a dead tracer's account (pinned): its losses are kept
         except KeyError:
             account = accounts.Leaf()
-            account.tokens = self._budget_burst
+            account.budget.tokens = self._budget_burst
+            account.share.tokens = self._share_burst
             accounts[ctypes.c_uint64(cgid)] = account
         # Register only once every hook is in place, so no event is half-seen.
         self.bpf[b"episodes"][ctypes.c_uint64(cgid)] = ctypes.c_uint32(1)
@@ -341,6 +345,16 @@ class Probes:
         settings = self.bpf[b"settings"]
         settings[ctypes.c_int(SET_BUDGET_BURST)] = ctypes.c_uint64(burst)
         settings[ctypes.c_int(SET_BUDGET_RATE)] = ctypes.c_uint64(per_second)
+
+    def set_ring_share(self, watermark_percent: int, per_second: int, burst: int) -> None:
+        """Above watermark_percent of the ring buffer unread, each episode's records are paid from its share:
+        per_second on average, burst at once; beyond, they are refused and counted (ring_share)."""
+        self._share_burst = burst
+        settings = self.bpf[b"settings"]
+        settings[ctypes.c_int(SET_SHARE_BURST)] = ctypes.c_uint64(burst)
+        settings[ctypes.c_int(SET_SHARE_RATE)] = ctypes.c_uint64(per_second)
+        watermark = self.ringbuf_bytes * watermark_percent // 100
+        settings[ctypes.c_int(SET_SHARE_WATERMARK)] = ctypes.c_uint64(watermark)
 
     # -- containment ------------------------------------------------------------
     def set_policy(self, cgid: int, policy: Policy | None) -> None:
