@@ -1,6 +1,6 @@
 """The ring share's cost on the connect path: `sudo python -m bench.fairness`.
 
-One episode cgroup, one set of probes; a connect loop in a sandbox network namespace (bench.policy's) runs
+Two episode cgroups (the share is in force only while episodes share the ring), one set of probes; a connect loop in a sandbox network namespace (bench.policy's) runs
 in short alternating phases with the ring share on (the default watermark: one bpf_ringbuf_query and one
 array lookup per record, nothing paid below the watermark) and off (watermark 0: the lookup only). Printed:
 connects per second and cgroup/connect4's run time per call (kernel.bpf_stats_enabled), median over the
@@ -34,6 +34,7 @@ def main() -> None:
     try:
         episode = cgroups.create(parent / "episode")
         probes.attach(episode)
+        probes.attach(cgroups.create(parent / "idle"))
         probes.open_records(lambda record: None)        # drained between phases: the ring stays low
         fd = probes.bpf.funcs[b"on_connect4"].fd
         results: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}

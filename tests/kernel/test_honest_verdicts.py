@@ -248,7 +248,9 @@ def test_run_fail_on_incomplete_exits_6_when_records_were_lost(tmp_path, net, ki
     config, events, verdict = tmp_path / "limits.toml", tmp_path / "events.ndjson", tmp_path / "verdict.json"
     config.write_text(TINY_BUDGET)
     flood = flood_argv(net, kind, tmp_path / "never", "count", "20000")
-    refused_as = "budget" if kind == "dns" else "ring_share"
+    # The episode is alone in its tracer: the ring share (which protects episodes from each other) is not in
+    # force, and the evidence flood fills the ring.
+    refused_as = "budget" if kind == "dns" else "ringbuf_full"
     r = run_eptrace("run", "--episode", "ep-flood-run", "--config", config, "--output", f"file:{events}",
                     "--verdict", verdict, "--grace", "2", "--fail-on-incomplete", "--", *flood)
     assert r.returncode == EXIT_INCOMPLETE, r.stderr

@@ -194,6 +194,7 @@ class Probes:
         self._links: dict[int, list[int]] = {}          # cgroup id -> link fds
         self._levels: dict[int, int] = {}               # episode cgroup id -> level
         self._budget_burst = self._share_burst = 0      # tokens a new episode starts with
+        self._share_watermark = 0                       # bytes; in force only while two episodes share the ring
 
     # -- links ------------------------------------------------------------------
     def _link_pin(self, name: str) -> Path | None:
@@ -258,6 +259,7 @@ class Probes:
         self.bpf[b"episodes"][ctypes.c_uint64(cgid)] = ctypes.c_uint32(1)
         self._levels[cgid] = cgroups.level(cgroup_path)
         self._write_levels()
+        self._write_share_watermark()
         return cgid
 
     def _cgroup_link(self, fn, attach_type: int, cgroup_fd: int, cgid: int, cgroup_path: Path) -> int:
@@ -293,6 +295,7 @@ class Probes:
         self.unpin_cgroup(cgid)
         self._levels.pop(cgid, None)
         self._write_levels()
+        self._write_share_watermark()
         final = self.episode_lost(cgid)
         for name in (b"accounts", b"policies", b"denied"):
             try:
@@ -353,8 +356,13 @@ class Probes:
         settings = self.bpf[b"settings"]
         settings[ctypes.c_int(SET_SHARE_BURST)] = ctypes.c_uint64(burst)
         settings[ctypes.c_int(SET_SHARE_RATE)] = ctypes.c_uint64(per_second)
-        watermark = self.ringbuf_bytes * watermark_percent // 100
-        settings[ctypes.c_int(SET_SHARE_WATERMARK)] = ctypes.c_uint64(watermark)
+        self._share_watermark = self.ringbuf_bytes * watermark_percent // 100
+        self._write_share_watermark()
+
+    def _write_share_watermark(self) -> None:
+        """The share protects episodes from each other: an episode alone (every run) has the whole ring."""
+        watermark = self._share_watermark if len(self._links) > 1 else 0
+        self.bpf[b"settings"][ctypes.c_int(SET_SHARE_WATERMARK)] = ctypes.c_uint64(watermark)
 
     # -- containment ------------------------------------------------------------
     def set_policy(self, cgid: int, policy: Policy | None) -> None:
