@@ -84,7 +84,9 @@ BPF_F_TABLE(PINNED("lru_hash", destinations_seen), struct destination, __u8, des
 
 /* Fail-closed: the tracer writes refreshed_ns (CLOCK_MONOTONIC) several times a
  * second. When timeout_ns is set and the tracer has been silent longer, episode
- * sockets may not connect or send datagrams (EPERM) until a tracer is back. */
+ * sockets may not connect or send datagrams (EPERM), raw sockets are refused, and
+ * the episode's packets to or from other hosts are dropped (its established flows
+ * and ping sockets stall) until a tracer is back. */
 struct liveness {
     __u64 refreshed_ns;
     __u64 timeout_ns;         /* 0: fail open */
@@ -93,7 +95,7 @@ struct liveness {
     __u32 tracer_exited;      /* set by sched_process_exit: refuse now, not after the timeout */
 };
 BPF_F_TABLE(PINNED("array", liveness), int, struct liveness, liveness, 1, 0);
-/* episode cgroup id -> connects and sends refused while no tracer was alive */
+/* episode cgroup id -> connects, sends, raw sockets and packets refused while no tracer was alive */
 BPF_F_TABLE(PINNED("hash", refused), __u64, __u64, refused, 65536, 0);
 
 /* Containment (tracer/policy.py writes these; the probes only read them, so that they hold while
@@ -461,13 +463,18 @@ static __always_inline __u64 current_episode(void)
     return 0;
 }
 
-/* Is the tracer gone (fail-closed)? Then count a refusal for the episode. On the
- * connect path: one array lookup and a clock read when the tracer is alive. */
-static __always_inline int refuse_without_tracer(__u64 episode)
+/* Is the tracer gone (fail-closed)? One array lookup and a clock read when it is alive. */
+static __always_inline int tracer_gone(void)
 {
     int zero = 0;
     struct liveness *l = liveness.lookup(&zero);
-    if (!l || !l->timeout_ns || (!l->tracer_exited && bpf_ktime_get_ns() - l->refreshed_ns <= l->timeout_ns))
+    return l && l->timeout_ns && (l->tracer_exited || bpf_ktime_get_ns() - l->refreshed_ns > l->timeout_ns);
+}
+
+/* Is the tracer gone? Then count a refusal (a connect, a send, a raw socket, a packet) for the episode. */
+static __always_inline int refuse_without_tracer(__u64 episode)
+{
+    if (!tracer_gone())
         return 0;
     refused.increment(episode);
     return 1;

@@ -42,6 +42,46 @@ while time.monotonic() < until:
     time.sleep(0.1)
 '''
 
+# An episode's long-lived TCP flow (argv[2] is the test host's echo port), its ping socket and a raw socket:
+# each is tried once when started, and again each time a line comes on stdin; prints one line per round:
+# "ROUND echo|stalled pong|noping raw|raw-refused ERRNO". Round "again" waits up to 20 s for the echo
+# (TCP retransmits after its backoff).
+FLOW_PING_RAW = r"""
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+flow = socket.create_connection((host, port), timeout=5)
+def echo(wait):
+    flow.settimeout(wait)
+    try:
+        flow.sendall(b"x")
+        return "echo" if flow.recv(1) == b"x" else "closed"
+    except OSError:
+        return "stalled"
+def ping():
+    p = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+    p.settimeout(1)
+    try:
+        p.sendto(b"\x08\x00\x00\x00\x00\x00\x00\x01eptrace", (host, 0))
+        return "pong" if p.recv(1024)[:1] == b"\x00" else "other"
+    except OSError:
+        return "noping"
+    finally:
+        p.close()
+def raw():
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP).close()
+        return "raw"
+    except OSError as e:
+        return "raw-refused %d" % e.errno
+print("alive", echo(5), ping(), raw(), flush=True)
+for line in sys.stdin:
+    round = line.strip()
+    wait = 20 if round == "again" else 1
+    print(round, echo(wait), ping(), raw(), flush=True)
+"""
+# Ping sockets need the caller's group in this per-namespace range: opened in the sandbox namespace only.
+OPEN_PING_SOCKETS = "echo '0 2147483647' > /proc/sys/net/ipv4/ping_group_range"
+
 
 @pytest.fixture
 def pin_dir(monkeypatch):
@@ -248,3 +288,50 @@ def test_doctor_lists_pinned_state_and_unpin_clears_a_dead_one(tmp_path, pin_dir
     assert not (pin_dir / "watch").exists()
     r = run_eptrace("doctor", state_dir=state)
     assert f"pinned state: none under {pin_dir}" in r.stdout, r.stdout
+
+
+def test_fail_closed_stalls_established_flows_ping_and_raw_sockets(net, tmp_path, episode_cgroup, pin_dir):
+    """What a connect check misses: a flow opened while the tracer lived (an ssh -R tunnel), ping sockets
+    (no connect, no UDP send) and raw sockets. With no tracer alive, the episode's packets to other hosts are
+    dropped and raw sockets refused, each counted; once a tracer is back, the same flow talks again."""
+    port = 7905
+    token = secrets.token_hex(3)
+    eid, state = f"ep-stall-{token}", tmp_path / "state"
+    cg = episode_cgroup(f"stall-{token}")
+    config = tmp_path / "c.toml"
+    config.write_text("[tracing]\nfail_closed = true\nliveness_timeout_seconds = 0.5\n")
+    ev1, ev2 = tmp_path / "first.ndjson", tmp_path / "second.ndjson"
+    assert run_eptrace("episode", "add", "--id", eid, "--cgroup", cg, state_dir=state).returncode == 0
+    args = ("watch", "--config", config, "--stats-interval", 0.25, "--output")
+    ready = lambda docs: [d for d in docs if get(d, "eptrace.stats.episodes") == 1]  # noqa: E731
+    with harness.tcp_echo_server(net, port):
+        first = start_eptrace(*args, f"file:{ev1}", state_dir=state, stderr=subprocess.PIPE)
+        client = None
+        try:
+            wait_for_docs(ev1, ready, 60, "the first watch")
+            client = harness.spawn_in_cgroup(cg, net.sandbox_prefix() + [
+                "/bin/sh", "-c", f'{OPEN_PING_SOCKETS} && exec "$@"', "sh", PYTHON, "-u", "-c", FLOW_PING_RAW,
+                HOST_IP, port], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert client.stdout.readline().split() == ["alive", "echo", "pong", "raw"], client.stderr.read()
+            kill(first)
+            time.sleep(1.5)                       # three times the timeout
+            client.stdin.write("dead\n")
+            client.stdin.flush()
+            assert client.stdout.readline().split() == ["dead", "stalled", "noping", "raw-refused", "1"]
+            second = start_eptrace(*args, f"file:{ev2}", state_dir=state, stderr=subprocess.PIPE)
+            try:
+                resumed = wait_for_docs(ev2, lambda docs: [d for d in docs if get(d, "eptrace.stats.tracer_resumed")],
+                                        60, "the resumption metric")[0]
+                refused = next(item["count"] for item in get(resumed, "eptrace.stats.episode_connects_refused")
+                               if item["episode_id"] == eid)
+                assert refused >= 3, resumed      # the raw socket, the ping, the flow's byte (and retransmits)
+                client.stdin.write("again\n")
+                client.stdin.flush()
+                assert client.stdout.readline().split() == ["again", "echo", "pong", "raw"]
+                assert stop(second) == 0
+            finally:
+                kill(second)
+        finally:
+            kill(first)
+            if client is not None:
+                kill(client)
