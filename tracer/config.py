@@ -133,6 +133,7 @@ class Tracing:
     """Fail-closed tracing (README: Fail-closed tracing). run always fails closed."""
     fail_closed: bool = False               # watch: refuse episode connects/sends while no tracer is alive
     liveness_timeout_seconds: float = 2.0   # how long without a live tracer before refusing
+    stall_timeout_seconds: float = 10.0     # a main loop that makes no progress this long is no live tracer
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,9 @@ def make_tracer(outputs, stats_interval_s: float, config: Config | None = None, 
     config = config or Config()
     probes = Probes(ringbuf_pages=config.limits.ringbuf_pages, pin_dir=pin_dir)
     try:
-        probes.set_fail_closed(int(config.tracing.liveness_timeout_seconds * 1e9) if fail_closed else 0)
+        tracing = config.tracing
+        probes.set_fail_closed(int(tracing.liveness_timeout_seconds * 1e9) if fail_closed else 0,
+                               int(tracing.stall_timeout_seconds * 1e9))
         return Tracer(probes, make_encoder(), outputs, stats_interval_s=stats_interval_s, config=config,
                       capture=capture)
     except BaseException:

@@ -335,3 +335,43 @@ def test_fail_closed_stalls_established_flows_ping_and_raw_sockets(net, tmp_path
             kill(first)
             if client is not None:
                 kill(client)
+
+
+def test_a_hung_main_loop_lets_the_liveness_lapse(net, tmp_path, episode_cgroup, pin_dir):
+    """The liveness thread outlives a main loop hung for good: here its stdout output, a pipe nobody reads,
+    is full, so the loop blocks in a write. The thread then stops refreshing (stall_timeout_seconds), and
+    the episode's connects are refused while the tracer's process still lives and runs."""
+    port = 7906
+    token = secrets.token_hex(3)
+    eid, state = f"ep-hang-{token}", tmp_path / "state"
+    cg = episode_cgroup(f"hang-{token}")
+    config = tmp_path / "c.toml"
+    config.write_text("[tracing]\nfail_closed = true\nliveness_timeout_seconds = 0.5\nstall_timeout_seconds = 1\n")
+    assert run_eptrace("episode", "add", "--id", eid, "--cgroup", cg, state_dir=state).returncode == 0
+    stderr = tmp_path / "stderr"
+    with harness.python_server(net, ACCEPT_LOGGER, port, args=(HOST_IP, port), banner="listening\n") as peer, \
+            open(stderr, "w") as err:
+        # stdout: a pipe this test never reads (64 KiB, then eptrace's own 64 KiB buffer)
+        watch = start_eptrace("watch", "--config", config, "--stats-interval", 0.25, state_dir=state,
+                              stdout=subprocess.PIPE, stderr=err)
+        client = None
+        try:
+            wait_until(lambda: list((pin_dir / "watch" / "links").glob("cg-*")), 60,
+                       lambda: f"watch attached nothing: {stderr.read_text()}")
+            client = harness.spawn_in_cgroup(cg, net.sandbox_prefix() + [
+                PYTHON, "-u", "-c", CONNECT_LOOP, HOST_IP, port, 60], stdout=subprocess.PIPE, text=True)
+            outcomes: list[str] = []
+            for line in client.stdout:
+                outcomes.append(line.split()[0])
+                if outcomes[-3:] == ["refused"] * 3:
+                    break
+            assert outcomes[0] == "connected" and outcomes[-3:] == ["refused"] * 3, outcomes
+            assert watch.poll() is None, "the tracer died: it should be alive and hung"
+            assert "the main loop has made no progress" in stderr.read_text(), stderr.read_text()
+            before = len(accepts(peer))
+            time.sleep(1.0)
+            assert len(accepts(peer)) == before, "connections went through while the tracer was hung"
+        finally:
+            if client is not None:
+                kill(client)
+            kill(watch)

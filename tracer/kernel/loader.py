@@ -165,7 +165,8 @@ class Probes:
                         "dropped, their links are taken over", stale)
             pins.remove(stale)
         self.previous_liveness = self._liveness() if self.resumed else None
-        self._timeout_ns = 0
+        self._timeout_ns = self._stall_ns = 0
+        self._progress_ns = time.monotonic_ns()
         self._liveness_thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._tracepoint_links: list[int] = []
@@ -432,6 +433,7 @@ class Probes:
     def open_records(self, handle: Callable[[bytes], None]) -> None:
         """Call handle(raw_record) for every ring-buffer record from poll()."""
         def callback(_ctx, data, size):
+            self._progress_ns = time.monotonic_ns()
             handle(ctypes.string_at(data, size))
             return 0
         self._callback = callback   # keep a reference: bcc holds only a C pointer
@@ -442,6 +444,7 @@ class Probes:
         wake us only when the buffer fills up, so the timeout paces reading."""
         self.bpf.ring_buffer_poll(timeout_ms)
         self.bpf.ring_buffer_consume()
+        self._beat()
 
     def lost(self) -> dict[str, int]:
         """Records the kernel could not send, by reason, summed over CPUs."""
@@ -454,20 +457,34 @@ class Probes:
         value = self.bpf[b"liveness"][ctypes.c_int(0)]
         return value.refreshed_ns, value.timeout_ns, value.lost_reported
 
-    def set_fail_closed(self, timeout_ns: int) -> None:
+    def set_fail_closed(self, timeout_ns: int, stall_ns: int = 0) -> None:
         """Refuse episode connects and sends once no tracer refreshed liveness for timeout_ns (0: never).
 
-        A thread refreshes it: the main loop may spend seconds in one poll under a flood, or
-        in a slow output, and that must not refuse the sandbox's connects. What it tells the
-        probes is that this process lives and runs (not killed, not stopped)."""
-        self._timeout_ns = timeout_ns
+        A thread refreshes it: the main loop may spend seconds in one poll under a flood, and that
+        must not refuse the sandbox's connects. But the thread refreshes only while the main loop
+        makes progress (poll() returns, or a record is handed over) at least every stall_ns (0: always):
+        a main loop hung for good (an output blocked) is no live tracer, though this process lives."""
+        self._timeout_ns, self._stall_ns = timeout_ns, stall_ns
+        self._beat()
         self._refresh_liveness()
         if self._liveness_thread is None:
             self._liveness_thread = threading.Thread(target=self._keep_alive, name="eptrace-liveness", daemon=True)
             self._liveness_thread.start()
 
+    def _beat(self) -> None:
+        """The main loop made progress."""
+        self._progress_ns = time.monotonic_ns()
+
     def _keep_alive(self) -> None:
+        stalled = False
         while not self._stopping.wait(LIVENESS_REFRESH_NS / 1e9):
+            if self._stall_ns and time.monotonic_ns() - self._progress_ns > self._stall_ns:
+                if not stalled:
+                    log.warning("the main loop has made no progress for %.1f s: liveness no longer refreshed, "
+                                "the episodes fail closed until it moves again", self._stall_ns / 1e9)
+                stalled = True
+                continue
+            stalled = False
             self._refresh_liveness()
 
     def _refresh_liveness(self) -> None:
