@@ -4,6 +4,7 @@ user. Every test pins under its own directory and removes it, even when it fails
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import shutil
 import subprocess
@@ -111,6 +112,10 @@ def test_tracer_killed_from_inside_the_episode_kills_it(net, tmp_path, pin_dir):
                         *net.sandbox_prefix(), "sh", "-c", script, timeout=60)
         assert r.returncode == -9, f"eptrace was not killed: {r.returncode} {r.stderr}"
         assert "killed the episode" in r.stderr, r.stderr
+        # what the probes recorded after the tracer's last read (at least the killed processes' exits) is
+        # counted before the pins go
+        lost = re.search(r"died with (\d+) record\(s\) \((\d+) bytes\) it had not read yet", r.stderr)
+        assert lost and int(lost.group(1)) >= 1, r.stderr
         # the whole episode is gone: its cgroup is removed, and nothing reached the test host
         mine = lambda: [n for n in ((cgroup2_mount() / "eptrace").iterdir() if  # noqa: E731
                                     (cgroup2_mount() / "eptrace").is_dir() else [])
@@ -375,3 +380,30 @@ def test_a_hung_main_loop_lets_the_liveness_lapse(net, tmp_path, episode_cgroup,
             if client is not None:
                 kill(client)
             kill(watch)
+
+
+def test_a_dead_runs_unread_records_are_counted_by_the_next_run(tmp_path, pin_dir, episode_cgroup):
+    """A run whose watchdog died too leaves its pinned ring buffer behind with records nobody read; the next
+    run's clean-up counts them in a metric document before it unpins them."""
+    from tracer.kernel import loader
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = pin_dir / f"run-{dead.pid}"
+    cg = episode_cgroup(f"dead-run-{secrets.token_hex(3)}")
+    probes = loader.Probes(pin_dir=left)
+    try:
+        probes.attach(cg)
+        for _ in range(5):
+            harness.spawn_in_cgroup(cg, ["/bin/true"]).wait(timeout=10)
+    finally:
+        probes.close(keep_pins=True)              # as a tracer killed with its watchdog would leave it
+    assert list(left.glob("maps-*/events")), "nothing pinned"
+    events = tmp_path / "ev.ndjson"
+    r = run_eptrace("run", "--episode", "ep-after", "--output", f"file:{events}", "--", "true", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert not left.exists(), "the dead run's pins were not removed"
+    reports = [d for d in read_docs(events) if get(d, "eptrace.stats.leftover_pin_dir") == str(left)]
+    assert len(reports) == 1, dump(read_docs(events))
+    # each /bin/true: fork, argv, exec, exit (the exit and fork records come out of the budget: it is large)
+    assert get(reports[0], "eptrace.stats.records_undelivered") >= 5 * 3, reports[0]
+    assert get(reports[0], "eptrace.stats.bytes_undelivered") > 0, reports[0]
