@@ -134,6 +134,9 @@ def main() -> None:
     print("  containment: connects to a test host from an episode with no policy and from one with a policy of "
           "1,000 entries (none matching), alternating, in one tracer", flush=True)
     subprocess.run([sys.executable, "-m", "bench.policy"], cwd=Path(__file__).parent.parent)
+    print("  fairness: connects from an episode with the ring share in force (two episodes) and not, alternating",
+          flush=True)
+    subprocess.run([sys.executable, "-m", "bench.fairness"], cwd=Path(__file__).parent.parent)
     outputs.main()
 
 

@@ -45,8 +45,10 @@ struct connect_in_flight {
 BPF_F_TABLE(PINNED("hash", connects_in_flight), __u64, struct connect_in_flight, connects_in_flight, 16384, 0);
 
 /* Settings written by userspace: the flow update interval (ns), the ICMP large payload (bytes), the
- * low-value records each episode may send per second (0: no budget) and how many it may send at once. */
-enum setting { SET_UPDATE_INTERVAL = 0, SET_ICMP_LARGE = 1, SET_BUDGET_RATE = 2, SET_BUDGET_BURST = 3, SETTINGS = 4 };
+ * low-value records each episode may send per second (0: no budget) and how many it may send at once;
+ * the ring buffer's watermark (bytes unread; 0: no fairness) and each episode's share above it. */
+enum setting { SET_UPDATE_INTERVAL = 0, SET_ICMP_LARGE = 1, SET_BUDGET_RATE = 2, SET_BUDGET_BURST = 3,
+               SET_SHARE_WATERMARK = 4, SET_SHARE_RATE = 5, SET_SHARE_BURST = 6, SETTINGS = 7 };
 BPF_F_TABLE(PINNED("array", settings), int, __u64, settings, SETTINGS, 0);
 
 /* BPF_RINGBUF_OUTPUT, with a pin: bcc's macro has no pinned form. */
@@ -57,6 +59,7 @@ struct events_table_t {
     void* (*ringbuf_reserve) (u64);
     void (*ringbuf_discard) (void *, u64);
     void (*ringbuf_submit) (void *, u64);
+    u64 (*peek) (u64);        /* bpf_ringbuf_query: see ring_unread() */
     u32 max_entries;
 };
 __attribute__((section("maps/" PINNED("ringbuf", events))))
@@ -81,7 +84,9 @@ BPF_F_TABLE(PINNED("lru_hash", destinations_seen), struct destination, __u8, des
 
 /* Fail-closed: the tracer writes refreshed_ns (CLOCK_MONOTONIC) several times a
  * second. When timeout_ns is set and the tracer has been silent longer, episode
- * sockets may not connect or send datagrams (EPERM) until a tracer is back. */
+ * sockets may not connect or send datagrams (EPERM), raw sockets are refused, and
+ * the episode's packets to or from other hosts are dropped (its established flows
+ * and ping sockets stall) until a tracer is back. */
 struct liveness {
     __u64 refreshed_ns;
     __u64 timeout_ns;         /* 0: fail open */
@@ -90,7 +95,7 @@ struct liveness {
     __u32 tracer_exited;      /* set by sched_process_exit: refuse now, not after the timeout */
 };
 BPF_F_TABLE(PINNED("array", liveness), int, struct liveness, liveness, 1, 0);
-/* episode cgroup id -> connects and sends refused while no tracer was alive */
+/* episode cgroup id -> connects, sends, raw sockets and packets refused while no tracer was alive */
 BPF_F_TABLE(PINNED("hash", refused), __u64, __u64, refused, 65536, 0);
 
 /* Containment (tracer/policy.py writes these; the probes only read them, so that they hold while
@@ -257,9 +262,29 @@ static __always_inline void count_lost(__u64 episode, __u32 reason)
 #define BUDGET_REFILL_NS 1000000ULL          /* refill at most once a millisecond */
 #define BUDGET_MAX_ELAPSED_NS 10000000000ULL /* keeps elapsed * rate far from overflow */
 
+/* Take n tokens from a bucket that refills rate a second up to burst. Updates from several
+ * CPUs may race: the bucket is approximate, never unbounded. */
+static __always_inline int take_tokens(struct token_bucket *b, __u64 rate, __u64 burst, __s64 n)
+{
+    __u64 now = bpf_ktime_get_ns();
+    __u64 elapsed = now - b->refill_ns;
+    if (elapsed >= BUDGET_REFILL_NS) {
+        if (elapsed > BUDGET_MAX_ELAPSED_NS)
+            elapsed = BUDGET_MAX_ELAPSED_NS;
+        __s64 tokens = b->tokens + (__s64)(elapsed * rate / 1000000000ULL);
+        if (tokens > (__s64)burst)
+            tokens = burst;
+        b->tokens = tokens;
+        b->refill_ns = now;
+    }
+    if (b->tokens < n)
+        return 0;
+    __sync_fetch_and_add(&b->tokens, -n);
+    return 1;
+}
+
 /* May the episode send n more low-value records? A token bucket per episode, so that one
- * episode's flood of routine records cannot fill the ring buffer that every episode shares.
- * Updates from several CPUs may race: the bucket is approximate, never unbounded. */
+ * episode's flood of routine records cannot fill the ring buffer that every episode shares. */
 static __always_inline int take_budget(__u64 episode, __s64 n)
 {
     __u32 k_rate = SET_BUDGET_RATE, k_burst = SET_BUDGET_BURST;
@@ -269,21 +294,37 @@ static __always_inline int take_budget(__u64 episode, __s64 n)
     struct episode_account *a = accounts.lookup(&episode);
     if (!a)
         return 1;                           /* not an episode this tracer accounts for */
-    __u64 now = bpf_ktime_get_ns();
-    __u64 elapsed = now - a->refill_ns;
-    if (elapsed >= BUDGET_REFILL_NS) {
-        if (elapsed > BUDGET_MAX_ELAPSED_NS)
-            elapsed = BUDGET_MAX_ELAPSED_NS;
-        __s64 tokens = a->tokens + (__s64)(elapsed * *rate / 1000000000ULL);
-        if (tokens > (__s64)*burst)
-            tokens = *burst;
-        a->tokens = tokens;
-        a->refill_ns = now;
-    }
-    if (a->tokens < n)
-        return 0;
-    __sync_fetch_and_add(&a->tokens, -n);
-    return 1;
+    return take_tokens(&a->budget, *rate, *burst, n);
+}
+
+/* Bytes in the ring buffer that the reader has not consumed yet. bcc 0.26 has no ringbuf_query
+ * in its rewriter: events.peek(FLAGS) is rewritten to bpf_map_peek_elem(<the map>, FLAGS), which
+ * this macro, scoped to this function, turns into bpf_ringbuf_query. */
+static __always_inline __u64 ring_unread(void)
+{
+#define bpf_map_peek_elem(map, flags) bpf_ringbuf_query(map, flags)
+    return events.peek(BPF_RB_AVAIL_DATA);
+#undef bpf_map_peek_elem
+}
+
+/* Fairness among episodes for every record, evidence too. Below the watermark nothing is refused
+ * and nothing is paid: one helper call and one array lookup. Above it, each record is paid from its
+ * episode's share (a token bucket, full while the episode was quiet), so that an episode that keeps
+ * flooding is refused while the room left above the watermark stays for the episodes that do not.
+ * A refused record is the flooding episode's own loss (LOST_RING_SHARE), counted in its account. */
+static __always_inline int within_ring_share(__u64 episode)
+{
+    __u32 k_mark = SET_SHARE_WATERMARK;
+    __u64 *mark = settings.lookup(&k_mark);
+    if (!episode || !mark || !*mark || ring_unread() < *mark)
+        return 1;
+    __u32 k_rate = SET_SHARE_RATE, k_burst = SET_SHARE_BURST;
+    __u64 *rate = settings.lookup(&k_rate), *burst = settings.lookup(&k_burst);
+    struct episode_account *a = accounts.lookup(&episode);
+    if (!rate || !burst || !a || take_tokens(&a->share, *rate, *burst, 1))
+        return 1;
+    count_lost(episode, LOST_RING_SHARE);
+    return 0;
 }
 
 /* One low-value record: sent, or refused and counted. */
@@ -331,10 +372,12 @@ static __always_inline int known_destination(struct destination *d)
     return 0;
 }
 
-/* Reserve a record, counting a failure as a loss. One function per record
+/* Reserve a record within the episode's ring share, counting a failure as a loss. One function per record
  * type: the size must be a constant, and bcc does not expand map calls in macros. */
 static __always_inline struct net_record *reserve_net(__u64 episode)
 {
+    if (!within_ring_share(episode))
+        return 0;
     struct net_record *r = events.ringbuf_reserve(sizeof(struct net_record));
     if (!r)
         count_lost(episode, LOST_RINGBUF_FULL);
@@ -343,6 +386,8 @@ static __always_inline struct net_record *reserve_net(__u64 episode)
 
 static __always_inline struct socket_record *reserve_socket(__u64 episode)
 {
+    if (!within_ring_share(episode))
+        return 0;
     struct socket_record *r = events.ringbuf_reserve(sizeof(struct socket_record));
     if (!r)
         count_lost(episode, LOST_RINGBUF_FULL);
@@ -351,6 +396,8 @@ static __always_inline struct socket_record *reserve_socket(__u64 episode)
 
 static __always_inline struct payload_record *reserve_payload(__u64 episode)
 {
+    if (!within_ring_share(episode))
+        return 0;
     struct payload_record *r = events.ringbuf_reserve(sizeof(struct payload_record));
     if (!r)
         count_lost(episode, LOST_RINGBUF_FULL);
@@ -359,6 +406,8 @@ static __always_inline struct payload_record *reserve_payload(__u64 episode)
 
 static __always_inline struct burst_record *reserve_burst(__u64 episode)
 {
+    if (!within_ring_share(episode))
+        return 0;
     struct burst_record *r = events.ringbuf_reserve(sizeof(struct burst_record));
     if (!r)
         count_lost(episode, LOST_RINGBUF_FULL);
@@ -367,6 +416,8 @@ static __always_inline struct burst_record *reserve_burst(__u64 episode)
 
 static __always_inline struct icmp_record *reserve_icmp(__u64 episode)
 {
+    if (!within_ring_share(episode))
+        return 0;
     struct icmp_record *r = events.ringbuf_reserve(sizeof(struct icmp_record));
     if (!r)
         count_lost(episode, LOST_RINGBUF_FULL);
@@ -375,6 +426,8 @@ static __always_inline struct icmp_record *reserve_icmp(__u64 episode)
 
 static __always_inline struct process_record *reserve_process(__u64 episode)
 {
+    if (!within_ring_share(episode))
+        return 0;
     struct process_record *r = events.ringbuf_reserve(sizeof(struct process_record));
     if (!r)
         count_lost(episode, LOST_RINGBUF_FULL);
@@ -415,13 +468,18 @@ static __always_inline __u64 current_episode(void)
     return 0;
 }
 
-/* Is the tracer gone (fail-closed)? Then count a refusal for the episode. On the
- * connect path: one array lookup and a clock read when the tracer is alive. */
-static __always_inline int refuse_without_tracer(__u64 episode)
+/* Is the tracer gone (fail-closed)? One array lookup and a clock read when it is alive. */
+static __always_inline int tracer_gone(void)
 {
     int zero = 0;
     struct liveness *l = liveness.lookup(&zero);
-    if (!l || !l->timeout_ns || (!l->tracer_exited && bpf_ktime_get_ns() - l->refreshed_ns <= l->timeout_ns))
+    return l && l->timeout_ns && (l->tracer_exited || bpf_ktime_get_ns() - l->refreshed_ns > l->timeout_ns);
+}
+
+/* Is the tracer gone? Then count a refusal (a connect, a send, a raw socket, a packet) for the episode. */
+static __always_inline int refuse_without_tracer(__u64 episode)
+{
+    if (!tracer_gone())
         return 0;
     refused.increment(episode);
     return 1;

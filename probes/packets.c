@@ -660,6 +660,12 @@ static __always_inline int count_packet(struct __sk_buff *skb, int egress)
             report_listen_refusal(skb, st);
         return 0;
     }
+    /* Fail-closed: with no tracer alive, a flow opened before (an ssh -R tunnel) or a ping socket
+     * must not keep talking to other hosts. Loopback is the episode's own business. */
+    if (tracer_gone() && !from_loopback(skb)) {
+        refused.increment(st->owner.episode_cgroup_id);
+        return 0;
+    }
     if (egress && !st->ep.sport) {
         /* UDP and raw sockets: learn the local end, which no hook reports. */
         st->ep.sport = sk->src_port;

@@ -177,15 +177,21 @@ enum loss_reason {
     LOST_SOCKETS_MAP_FULL = 6,    /* sockets_in_flight full: an unusual socket goes unreported */
     LOST_ARGV_MAP_FULL = 7,       /* argv_unread full: an exec with unread argv is not held */
     LOST_BURST_BUDGET = 8,        /* a burst over its episode's burst budget (BURSTS_PER_SECOND) */
-    LOSS_REASONS = 9,
+    LOST_RING_SHARE = 9,          /* the ring buffer was above its watermark and the episode had used its share */
+    LOSS_REASONS = 10,
+};
+
+struct token_bucket {
+    __s64 tokens;             /* records it may still send */
+    __u64 refill_ns;          /* when tokens were last refilled */
 };
 
 /* One per traced episode, created by userspace when it attaches the episode (the
- * probes only look it up, so it cannot fill up): its losses and its record budget. */
+ * probes only look it up, so it cannot fill up): its losses and its two buckets. */
 struct episode_account {
     __u64 lost[LOSS_REASONS];
-    __s64 tokens;             /* low-value records it may still send */
-    __u64 refill_ns;          /* when tokens were last refilled */
+    struct token_bucket budget;   /* low-value records, always */
+    struct token_bucket share;    /* every record, while the ring buffer is above its watermark */
 };
 
 #endif

@@ -28,11 +28,14 @@ int on_sock_create(struct bpf_sock *sk)
     __u64 episode = current_episode();
     if (!episode)
         return 1;
-    /* A policy with raw_sockets = false refuses raw sockets here (socket() fails with EPERM). */
+    /* A policy with raw_sockets = false refuses raw sockets here (socket() fails with EPERM), and so
+     * does fail-closed while no tracer is alive (a raw socket's packets would need no connect). */
     struct episode_policy *p = episode_policy(episode);
     int verdict = !(p && !p->raw_sockets && sk->type == SOCK_RAW);
     if (!verdict)
         denied.increment(episode);
+    else if (sk->type == SOCK_RAW && refuse_without_tracer(episode))
+        verdict = 0;
     else
         owned_state(sk, episode);
     struct socket_record *r = reserve_socket(episode);

@@ -153,6 +153,9 @@ class ReplayProbes:
     def set_budget(self, per_second: int, burst: int) -> None:
         pass
 
+    def set_ring_share(self, watermark_percent: int, per_second: int, burst: int) -> None:
+        pass
+
     def attach(self, cgroup_path) -> int:
         raise CaptureError("replay attaches nothing")
 

@@ -27,6 +27,7 @@ MAX_INT = 2 ** 53                 # beyond this an int key is a typo, and floats
 UNIT_BOUNDS: dict[str, tuple[float, float]] = {
     "_seconds": (0.001, 10 * 365 * 86400.0),
     "_mb": (1.0, 1024.0 * 1024),
+    "_percent": (1, 100),
 }
 
 
@@ -132,16 +133,25 @@ class Tracing:
     """Fail-closed tracing (README: Fail-closed tracing). run always fails closed."""
     fail_closed: bool = False               # watch: refuse episode connects/sends while no tracer is alive
     liveness_timeout_seconds: float = 2.0   # how long without a live tracer before refusing
+    stall_timeout_seconds: float = 10.0     # a main loop that makes no progress this long is no live tracer
 
 
 @dataclass(frozen=True)
 class Limits:
     """Each episode's budget of low-value records (flow updates, DNS queries after a socket's
-    first two, forks and exits, flows to destinations it reached before), so that one episode's
-    flood cannot fill the ring buffer all episodes share. Refused records are counted as the
-    episode's losses (reason "budget") and make its verdict incomplete."""
+    first two, forks and exits, flows to destinations it reached before), and its share of the ring
+    buffer for every record once the buffer fills up, so that one episode's flood cannot fill the ring
+    buffer all episodes share. Refused records are counted as the episode's losses (reasons "budget",
+    "ring_share") and make its verdict incomplete."""
     record_budget_per_second: int = 50_000
     record_budget_burst: int = 20_000
+    # Fairness for every record, evidence too: once this much of the ring buffer is unread, each
+    # episode's records are paid from its share (per second, at once); beyond it they are refused and
+    # counted ("ring_share"). The room above the watermark (16 MiB by default) holds a full share of
+    # about 13 episodes at once (5,000 records of ~250 bytes); a reader stalled for seconds is the limit.
+    ring_share_watermark_percent: int = 50
+    ring_share_per_second: int = 5_000
+    ring_share_burst: int = 5_000
     # The ring buffer every episode shares: 32 MiB absorb a burst of ~200k records while
     # userspace catches up (make bench). A power of two, at least one page.
     ringbuf_kb: int = 32768

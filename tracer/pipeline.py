@@ -72,7 +72,10 @@ class Tracer:
                                 ssh_forwarding=self._ssh_forwarding)
         self._ssh_configs: dict[tuple[int, int | None], str | None] = {}
         self.shells = PipeShells(self.proc, observe=self._inspect, lookup=self.processes.known)
-        probes.set_budget(self.config.limits.record_budget_per_second, self.config.limits.record_budget_burst)
+        limits = self.config.limits
+        probes.set_budget(limits.record_budget_per_second, limits.record_budget_burst)
+        probes.set_ring_share(limits.ring_share_watermark_percent, limits.ring_share_per_second,
+                              limits.ring_share_burst)
         self.flows.evicted = self._flow_evicted
         # What userspace could not keep or find, per episode cgroup id (the kernel's losses are in its maps).
         self.episode_counts: dict[int, Counter[str]] = {}

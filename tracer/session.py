@@ -38,7 +38,9 @@ def make_tracer(outputs, stats_interval_s: float, config: Config | None = None, 
     config = config or Config()
     probes = Probes(ringbuf_pages=config.limits.ringbuf_pages, pin_dir=pin_dir)
     try:
-        probes.set_fail_closed(int(config.tracing.liveness_timeout_seconds * 1e9) if fail_closed else 0)
+        tracing = config.tracing
+        probes.set_fail_closed(int(tracing.liveness_timeout_seconds * 1e9) if fail_closed else 0,
+                               int(tracing.stall_timeout_seconds * 1e9))
         return Tracer(probes, make_encoder(), outputs, stats_interval_s=stats_interval_s, config=config,
                       capture=capture)
     except BaseException:
@@ -63,7 +65,9 @@ def make_encoder():
 def clean_leftovers(tracer: Tracer) -> None:
     """Run cgroups left by an eptrace that died, <id>@<pid>[.<n>] ('@' is in no id) whose pid is
     gone: kill what is in them, report each in a metric document, remove them; then unpin the
-    probes of dead runs (after the kill, so that they keep refusing until then)."""
+    probes of dead runs (after the kill, so that they keep refusing until then), each reported in a
+    metric document with the records its ring buffer held that nobody read (counted, not delivered:
+    their episode's cgroup is gone)."""
     parent = cgroups.cgroup2_mount() / RUN_PARENT
     for child in sorted(parent.iterdir()) if parent.is_dir() else []:
         episode_id, _, owner = child.name.rpartition("@")
@@ -83,7 +87,11 @@ def clean_leftovers(tracer: Tracer) -> None:
             "leftover_run_cgroup": cgroups.relative(child), "leftover_episode_id": episode_id,
             "leftover_owner_pid": int(owner), "leftover_processes_killed": len(left)}))
     for path in pins.dead_run_dirs():
-        log.warning("removing the pinned probes of a dead eptrace run: %s", path)
+        records, nbytes = pins.undelivered(path)
+        log.warning("removing the pinned probes of a dead eptrace run: %s (%d record(s) it never read are lost)",
+                    path, records)
+        tracer.emit(Metric(timestamp_ns=time.time_ns(), stats={
+            "leftover_pin_dir": str(path), "records_undelivered": records, "bytes_undelivered": nbytes}))
         pins.remove(path)
 
 

@@ -14,8 +14,9 @@ DISTINCT_DESTINATIONS = 262144   # the count is exact up to this many (memory); 
 # (argv_unread counts the kernel's side, argv_from_proc the recoveries, argv_missing the rest).
 NOT_GAPS = frozenset({"argv_unread", "argv_from_proc"})
 # Counts that are records the kernel did not send (the other reasons are userspace's, or argv).
-RECORD_LOSSES = frozenset({"ringbuf_full", "no_socket_storage", "budget", "connects_map_full",
-                           "exit_codes_map_full", "sockets_map_full", "argv_map_full", "unattributed"})
+RECORD_LOSSES = frozenset({"ringbuf_full", "no_socket_storage", "budget", "ring_share", "burst_budget",
+                           "connects_map_full", "exit_codes_map_full", "sockets_map_full", "argv_map_full",
+                           "unattributed"})
 
 
 @dataclass

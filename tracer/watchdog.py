@@ -4,8 +4,9 @@
 
 The tracer writes "done" before it ends the episode itself. End of file without
 it means the tracer died (kill -9, crash, OOM): the kernel closes the pipe at
-once, and this process kills the cgroup (cgroup.kill), removes it, and unpins
-the run's probes. It runs outside the episode cgroup, in its own session; it
+once, and this process kills the cgroup (cgroup.kill), removes it, counts the
+records the tracer had not read yet (they cannot be delivered: the episode's
+cgroup is gone), and unpins the run's probes. It runs outside the episode cgroup, in its own session; it
 imports nothing heavy, so it starts in tens of milliseconds.
 """
 from __future__ import annotations
@@ -41,6 +42,10 @@ def main(argv: list[str]) -> int:
         cgroups.kill_and_remove(cgroups.Path(cgroup))
     except cgroups.CgroupError as e:
         print(f"eptrace: warning: {e}", file=sys.stderr)
+    records, nbytes = pins.undelivered(cgroups.Path(pin_dir))
+    if records:
+        print(f"eptrace: error: the tracer of {cgroup} died with {records} record(s) ({nbytes} bytes) it had not "
+              "read yet: they are lost with its pins", file=sys.stderr)
     pins.remove(cgroups.Path(pin_dir))
     return 0
 

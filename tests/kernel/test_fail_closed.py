@@ -4,6 +4,7 @@ user. Every test pins under its own directory and removes it, even when it fails
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import shutil
 import subprocess
@@ -42,6 +43,46 @@ while time.monotonic() < until:
     time.sleep(0.1)
 '''
 
+# An episode's long-lived TCP flow (argv[2] is the test host's echo port), its ping socket and a raw socket:
+# each is tried once when started, and again each time a line comes on stdin; prints one line per round:
+# "ROUND echo|stalled pong|noping raw|raw-refused ERRNO". Round "again" waits up to 20 s for the echo
+# (TCP retransmits after its backoff).
+FLOW_PING_RAW = r"""
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+flow = socket.create_connection((host, port), timeout=5)
+def echo(wait):
+    flow.settimeout(wait)
+    try:
+        flow.sendall(b"x")
+        return "echo" if flow.recv(1) == b"x" else "closed"
+    except OSError:
+        return "stalled"
+def ping():
+    p = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+    p.settimeout(1)
+    try:
+        p.sendto(b"\x08\x00\x00\x00\x00\x00\x00\x01eptrace", (host, 0))
+        return "pong" if p.recv(1024)[:1] == b"\x00" else "other"
+    except OSError:
+        return "noping"
+    finally:
+        p.close()
+def raw():
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP).close()
+        return "raw"
+    except OSError as e:
+        return "raw-refused %d" % e.errno
+print("alive", echo(5), ping(), raw(), flush=True)
+for line in sys.stdin:
+    round = line.strip()
+    wait = 20 if round == "again" else 1
+    print(round, echo(wait), ping(), raw(), flush=True)
+"""
+# Ping sockets need the caller's group in this per-namespace range: opened in the sandbox namespace only.
+OPEN_PING_SOCKETS = "echo '0 2147483647' > /proc/sys/net/ipv4/ping_group_range"
+
 
 @pytest.fixture
 def pin_dir(monkeypatch):
@@ -71,6 +112,10 @@ def test_tracer_killed_from_inside_the_episode_kills_it(net, tmp_path, pin_dir):
                         *net.sandbox_prefix(), "sh", "-c", script, timeout=60)
         assert r.returncode == -9, f"eptrace was not killed: {r.returncode} {r.stderr}"
         assert "killed the episode" in r.stderr, r.stderr
+        # what the probes recorded after the tracer's last read (at least the killed processes' exits) is
+        # counted before the pins go
+        lost = re.search(r"died with (\d+) record\(s\) \((\d+) bytes\) it had not read yet", r.stderr)
+        assert lost and int(lost.group(1)) >= 1, r.stderr
         # the whole episode is gone: its cgroup is removed, and nothing reached the test host
         mine = lambda: [n for n in ((cgroup2_mount() / "eptrace").iterdir() if  # noqa: E731
                                     (cgroup2_mount() / "eptrace").is_dir() else [])
@@ -248,3 +293,117 @@ def test_doctor_lists_pinned_state_and_unpin_clears_a_dead_one(tmp_path, pin_dir
     assert not (pin_dir / "watch").exists()
     r = run_eptrace("doctor", state_dir=state)
     assert f"pinned state: none under {pin_dir}" in r.stdout, r.stdout
+
+
+def test_fail_closed_stalls_established_flows_ping_and_raw_sockets(net, tmp_path, episode_cgroup, pin_dir):
+    """What a connect check misses: a flow opened while the tracer lived (an ssh -R tunnel), ping sockets
+    (no connect, no UDP send) and raw sockets. With no tracer alive, the episode's packets to other hosts are
+    dropped and raw sockets refused, each counted; once a tracer is back, the same flow talks again."""
+    port = 7905
+    token = secrets.token_hex(3)
+    eid, state = f"ep-stall-{token}", tmp_path / "state"
+    cg = episode_cgroup(f"stall-{token}")
+    config = tmp_path / "c.toml"
+    config.write_text("[tracing]\nfail_closed = true\nliveness_timeout_seconds = 0.5\n")
+    ev1, ev2 = tmp_path / "first.ndjson", tmp_path / "second.ndjson"
+    assert run_eptrace("episode", "add", "--id", eid, "--cgroup", cg, state_dir=state).returncode == 0
+    args = ("watch", "--config", config, "--stats-interval", 0.25, "--output")
+    ready = lambda docs: [d for d in docs if get(d, "eptrace.stats.episodes") == 1]  # noqa: E731
+    with harness.tcp_echo_server(net, port):
+        first = start_eptrace(*args, f"file:{ev1}", state_dir=state, stderr=subprocess.PIPE)
+        client = None
+        try:
+            wait_for_docs(ev1, ready, 60, "the first watch")
+            client = harness.spawn_in_cgroup(cg, net.sandbox_prefix() + [
+                "/bin/sh", "-c", f'{OPEN_PING_SOCKETS} && exec "$@"', "sh", PYTHON, "-u", "-c", FLOW_PING_RAW,
+                HOST_IP, port], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert client.stdout.readline().split() == ["alive", "echo", "pong", "raw"], client.stderr.read()
+            kill(first)
+            time.sleep(1.5)                       # three times the timeout
+            client.stdin.write("dead\n")
+            client.stdin.flush()
+            assert client.stdout.readline().split() == ["dead", "stalled", "noping", "raw-refused", "1"]
+            second = start_eptrace(*args, f"file:{ev2}", state_dir=state, stderr=subprocess.PIPE)
+            try:
+                resumed = wait_for_docs(ev2, lambda docs: [d for d in docs if get(d, "eptrace.stats.tracer_resumed")],
+                                        60, "the resumption metric")[0]
+                refused = next(item["count"] for item in get(resumed, "eptrace.stats.episode_connects_refused")
+                               if item["episode_id"] == eid)
+                assert refused >= 3, resumed      # the raw socket, the ping, the flow's byte (and retransmits)
+                client.stdin.write("again\n")
+                client.stdin.flush()
+                assert client.stdout.readline().split() == ["again", "echo", "pong", "raw"]
+                assert stop(second) == 0
+            finally:
+                kill(second)
+        finally:
+            kill(first)
+            if client is not None:
+                kill(client)
+
+
+def test_a_hung_main_loop_lets_the_liveness_lapse(net, tmp_path, episode_cgroup, pin_dir):
+    """The liveness thread outlives a main loop hung for good: here its stdout output, a pipe nobody reads,
+    is full, so the loop blocks in a write. The thread then stops refreshing (stall_timeout_seconds), and
+    the episode's connects are refused while the tracer's process still lives and runs."""
+    port = 7906
+    token = secrets.token_hex(3)
+    eid, state = f"ep-hang-{token}", tmp_path / "state"
+    cg = episode_cgroup(f"hang-{token}")
+    config = tmp_path / "c.toml"
+    config.write_text("[tracing]\nfail_closed = true\nliveness_timeout_seconds = 0.5\nstall_timeout_seconds = 1\n")
+    assert run_eptrace("episode", "add", "--id", eid, "--cgroup", cg, state_dir=state).returncode == 0
+    stderr = tmp_path / "stderr"
+    with harness.python_server(net, ACCEPT_LOGGER, port, args=(HOST_IP, port), banner="listening\n") as peer, \
+            open(stderr, "w") as err:
+        # stdout: a pipe this test never reads (64 KiB, then eptrace's own 64 KiB buffer)
+        watch = start_eptrace("watch", "--config", config, "--stats-interval", 0.25, state_dir=state,
+                              stdout=subprocess.PIPE, stderr=err)
+        client = None
+        try:
+            wait_until(lambda: list((pin_dir / "watch" / "links").glob("cg-*")), 60,
+                       lambda: f"watch attached nothing: {stderr.read_text()}")
+            client = harness.spawn_in_cgroup(cg, net.sandbox_prefix() + [
+                PYTHON, "-u", "-c", CONNECT_LOOP, HOST_IP, port, 60], stdout=subprocess.PIPE, text=True)
+            outcomes: list[str] = []
+            for line in client.stdout:
+                outcomes.append(line.split()[0])
+                if outcomes[-3:] == ["refused"] * 3:
+                    break
+            assert outcomes[0] == "connected" and outcomes[-3:] == ["refused"] * 3, outcomes
+            assert watch.poll() is None, "the tracer died: it should be alive and hung"
+            assert "the main loop has made no progress" in stderr.read_text(), stderr.read_text()
+            before = len(accepts(peer))
+            time.sleep(1.0)
+            assert len(accepts(peer)) == before, "connections went through while the tracer was hung"
+        finally:
+            if client is not None:
+                kill(client)
+            kill(watch)
+
+
+def test_a_dead_runs_unread_records_are_counted_by_the_next_run(tmp_path, pin_dir, episode_cgroup):
+    """A run whose watchdog died too leaves its pinned ring buffer behind with records nobody read; the next
+    run's clean-up counts them in a metric document before it unpins them."""
+    from tracer.kernel import loader
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = pin_dir / f"run-{dead.pid}"
+    cg = episode_cgroup(f"dead-run-{secrets.token_hex(3)}")
+    probes = loader.Probes(pin_dir=left)
+    try:
+        probes.attach(cg)
+        for _ in range(5):
+            harness.spawn_in_cgroup(cg, ["/bin/true"]).wait(timeout=10)
+    finally:
+        probes.close(keep_pins=True)              # as a tracer killed with its watchdog would leave it
+    assert list(left.glob("maps-*/events")), "nothing pinned"
+    events = tmp_path / "ev.ndjson"
+    r = run_eptrace("run", "--episode", "ep-after", "--output", f"file:{events}", "--", "true", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert not left.exists(), "the dead run's pins were not removed"
+    reports = [d for d in read_docs(events) if get(d, "eptrace.stats.leftover_pin_dir") == str(left)]
+    assert len(reports) == 1, dump(read_docs(events))
+    # each /bin/true: fork, argv, exec, exit (the exit and fork records come out of the budget: it is large)
+    assert get(reports[0], "eptrace.stats.records_undelivered") >= 5 * 3, reports[0]
+    assert get(reports[0], "eptrace.stats.bytes_undelivered") > 0, reports[0]

@@ -3,12 +3,14 @@ so, and cannot make another episode's record incomplete.
 
 - Hidden argv: argv strings on file-backed pages the process never touched make the kernel-side read fail;
   the exec is held, its argv read from /proc, the event marked args_complete false, and it is counted.
-- Flood: one episode floods DNS queries (one payload record each) while another makes 100 connections under
-  the same `eptrace watch`: the budget refuses the flood's records, the other's 100 arrive, and the losses
-  reach the metric documents per episode. `run --fail-on-incomplete` exits 6 for the flooding episode.
+- Flood: one episode floods records while another makes 100 connections under the same `eptrace watch`,
+  the other's 100 arrive, and the flood's losses reach the metric documents per episode. Two floods: DNS
+  queries (one low-value payload record each: the budget refuses them) and evidence (ping sockets, datagrams
+  and connects to ever new test-host destinations: records no budget refuses, so the ring share does once
+  the ring buffer is above its watermark). `run --fail-on-incomplete` exits 6 for a flooding episode.
 
-The flood tests set a tiny budget in a config file ([limits] record_budget_per_second / _burst), so that
-the flood is refused quickly whatever the machine's speed.
+The flood tests set a tiny budget and share in a config file ([limits]), so that the flood is refused
+quickly whatever the machine's speed.
 """
 from __future__ import annotations
 
@@ -27,15 +29,20 @@ from tracer.verdict import NOT_GAPS
 
 EXIT_INCOMPLETE = 6
 
-# A tiny budget: an episode may put at most burst + rate x t records in the ring while the tracer does not
-# read for t seconds; with two episodes here, 100 + 200/s each, a stall of a second and a half still fits
-# this ring of 256 KiB (about 750 payload records; the default is 32 MiB). Without the budget the flood
-# overflows it within a few polls, and the other episode loses records too.
+# A tiny budget and share in a ring of 1 MiB (the default is 32 MiB). The budget: an episode may put at
+# most 100 + 200/s low-value records in the ring. The share: once half the ring is unread, every record of
+# an episode is paid from its share, 300 + 400/s; the half above holds about 2,700 records of 192 bytes, so
+# the two episodes' shares fit it while the tracer does not read for 3 s. The victim's own records (about
+# 6 per connection, 33 connections a second) stay well within both. Without the share (watermark 100%) the
+# evidence flood fills the ring within a poll, and the victim loses records too.
 TINY_BUDGET = """
 [limits]
 record_budget_per_second = 200
 record_budget_burst = 100
-ringbuf_kb = 256
+ring_share_watermark_percent = 50
+ring_share_per_second = 400
+ring_share_burst = 300
+ringbuf_kb = 1024
 """
 BUDGET_RATE, BUDGET_BURST = 200, 100
 
@@ -61,6 +68,46 @@ while time.monotonic() < deadline and not os.path.exists(stop):
         break
 print("sent", sent, "seconds", time.monotonic() - start, flush=True)
 '''
+
+# Records that carry evidence, none of them routine, as fast as it can until the file argv[2] exists (at most
+# argv[3] seconds, or argv[3] rounds with "count"): each round opens and closes a ping socket (an unusual
+# socket), sends a datagram to a destination it never sent to (the test host's next port; other addresses
+# would wait for ARP), and every tenth round starts a TCP connect to a new one. Same output as DNS_FLOOD.
+EVIDENCE_FLOOD = r"""
+import os, socket, sys, time
+host, stop, limit = sys.argv[1], sys.argv[2], sys.argv[3]
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sent, said = 0, False
+start = time.monotonic()
+deadline = time.monotonic() + (60 if limit == "count" else float(limit))
+count = int(sys.argv[4]) if limit == "count" else None
+while time.monotonic() < deadline and not os.path.exists(stop):
+    for _ in range(500):
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP).close()
+        port = 1024 + sent % 64000
+        udp.sendto(b"x", (host, port))
+        if sent % 10 == 0:
+            tcp = socket.socket()
+            tcp.setblocking(False)
+            tcp.connect_ex((host, port))
+            tcp.close()
+        sent += 1
+    if sent >= 5000 and not said:
+        print("flooding", flush=True)
+        said = True
+    if count is not None and sent >= count:
+        break
+print("sent", sent, "seconds", time.monotonic() - start, flush=True)
+"""
+FLOODS = {"dns": DNS_FLOOD, "evidence": EVIDENCE_FLOOD}
+# Ping sockets need the caller's group in this per-namespace range: opened in the sandbox namespace only.
+OPEN_PING_SOCKETS = "echo '0 2147483647' > /proc/sys/net/ipv4/ping_group_range"
+
+
+def flood_argv(net, kind: str, *args) -> list:
+    return net.sandbox_prefix() + ["/bin/sh", "-c", f'{OPEN_PING_SOCKETS} && exec "$@"', "sh", PYTHON, "-c",
+                                   FLOODS[kind], HOST_IP, *args]
+
 
 # argv[3] sequential TCP connections to argv[1]:argv[2], 30 ms apart, each says one byte and reads it back.
 # Five of its records per connection are routine (the destination is known after the first): paced, they
@@ -124,7 +171,8 @@ def test_hidden_argv_is_read_from_proc_marked_and_counted(tmp_path, hidden_argv)
     assert v["alerted"] is True and v["clean"] is False, v
 
 
-def test_a_flood_is_refused_by_its_budget_and_spares_the_other_episode(net, tmp_path, episode_cgroup):
+@pytest.mark.parametrize("kind", ["dns", "evidence"])
+def test_a_flood_is_refused_and_spares_the_other_episode(net, tmp_path, episode_cgroup, kind):
     token = secrets.token_hex(3)
     state, events, config = tmp_path / "state", tmp_path / "events.ndjson", tmp_path / "limits.toml"
     config.write_text(TINY_BUDGET)
@@ -136,9 +184,8 @@ def test_a_flood_is_refused_by_its_budget_and_spares_the_other_episode(net, tmp_
     port = 7811
     with harness.tcp_echo_server(net, port), Watcher(events, state, config=config) as watcher:
         watcher.ready(episodes=2)
-        flooder = harness.spawn_in_cgroup(
-            flooder_cg, net.sandbox_prefix() + [PYTHON, "-c", DNS_FLOOD, HOST_IP, stop_file, "60"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        flooder = harness.spawn_in_cgroup(flooder_cg, flood_argv(net, kind, stop_file, "60"),
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             assert flooder.stdout.readline().strip() == "flooding", flooder.stderr.read()
             victim = harness.spawn_in_cgroup(
@@ -160,8 +207,9 @@ def test_a_flood_is_refused_by_its_budget_and_spares_the_other_episode(net, tmp_
 
         def losses_reported(docs):
             metrics = [d for d in docs if get(d, "event.kind") == "metric"]
-            return metrics and losses_of(metrics[-1]).get("ep-flood", {}).get("budget")
-        wait_for_docs(events, losses_reported, 20, "the flood's budget losses in a metric document")
+            return metrics and losses_of(metrics[-1]).get("ep-flood", {}).get(refused_as)
+        refused_as = "budget" if kind == "dns" else "ring_share"
+        wait_for_docs(events, losses_reported, 20, f"the flood's {refused_as} losses in a metric document")
         assert watcher.stop() == 0, watcher.stderr.text()
 
     docs = read_docs(events)
@@ -174,10 +222,15 @@ def test_a_flood_is_refused_by_its_budget_and_spares_the_other_episode(net, tmp_
     # The victim lost nothing (its long `python -c` argv may have been read from /proc: no gap).
     assert not gaps(by_episode.get("ep-victim", {})), by_episode
     flood_losses = by_episode["ep-flood"]
-    # Each query is one payload record; the first two are evidence, the others took a token or were refused.
-    allowed = BUDGET_BURST + BUDGET_RATE * (seconds + 1)
-    assert flood_losses["budget"] >= sent - 2 - allowed, (sent, seconds, flood_losses)
-    assert set(gaps(flood_losses)) == {"budget"}, flood_losses         # and nothing else was lost
+    if kind == "dns":
+        # Each query is one payload record; the first two are evidence, the others took a token or were refused.
+        allowed = BUDGET_BURST + BUDGET_RATE * (seconds + 1)
+        assert flood_losses["budget"] >= sent - 2 - allowed, (sent, seconds, flood_losses)
+        assert set(gaps(flood_losses)) <= {"budget", "ring_share"}, flood_losses   # and nothing else was lost
+    else:
+        # Evidence takes no budget: the share refused it, and nothing else was lost.
+        assert flood_losses["ring_share"] > 0, (sent, seconds, flood_losses)
+        assert set(gaps(flood_losses)) <= {"ring_share", "budget"}, flood_losses
     assert get(metric, "eptrace.stats.records_lost_by_reason.ringbuf_full") == 0, metric
 
 
@@ -190,19 +243,25 @@ def gaps(losses: dict[str, int]) -> dict[str, int]:
     return {reason: n for reason, n in losses.items() if reason not in NOT_GAPS}
 
 
-def test_run_fail_on_incomplete_exits_6_when_records_were_lost(tmp_path, net):
+@pytest.mark.parametrize("kind", ["dns", "evidence"])
+def test_run_fail_on_incomplete_exits_6_when_records_were_lost(tmp_path, net, kind):
     config, events, verdict = tmp_path / "limits.toml", tmp_path / "events.ndjson", tmp_path / "verdict.json"
     config.write_text(TINY_BUDGET)
-    flood = net.sandbox_prefix() + [PYTHON, "-c", DNS_FLOOD, HOST_IP, tmp_path / "never", "count", "20000"]
+    flood = flood_argv(net, kind, tmp_path / "never", "count", "20000")
+    # The episode is alone in its tracer: the ring share (which protects episodes from each other) is not in
+    # force, and the evidence flood fills the ring.
+    refused_as = "budget" if kind == "dns" else "ringbuf_full"
     r = run_eptrace("run", "--episode", "ep-flood-run", "--config", config, "--output", f"file:{events}",
                     "--verdict", verdict, "--grace", "2", "--fail-on-incomplete", "--", *flood)
     assert r.returncode == EXIT_INCOMPLETE, r.stderr
     v = json.loads(verdict.read_text())
     assert v["exit_code"] == 0, v                      # the command itself succeeded
-    assert v["complete"] is False and "budget" in v["incomplete_reasons"], v
-    assert v["losses"]["budget"] > 0 and v["records_lost"] >= v["losses"]["budget"], v
-    assert v["clean"] is False and v["alerted"] is False, v
-    assert "INCOMPLETE" in r.stderr and "budget" in r.stderr, r.stderr
+    assert v["complete"] is False and refused_as in v["incomplete_reasons"], v
+    assert v["losses"][refused_as] > 0 and v["records_lost"] >= v["losses"][refused_as], v
+    assert v["clean"] is False, v
+    if kind == "dns":
+        assert v["alerted"] is False, v        # (the evidence flood's raw sockets and scans may alert)
+    assert "INCOMPLETE" in r.stderr and refused_as in r.stderr, r.stderr
 
     # The same episode without the flag: the command's status; a short, quiet one is complete.
     r = run_eptrace("run", "--episode", "ep-quiet-run", "--verdict", verdict, "--output", f"file:{events}",

@@ -121,9 +121,20 @@ def test_the_ring_buffer_size_must_be_a_power_of_two_pages(kb):
 
 def test_limits_are_read_from_the_config():
     config = _build(Config, {"limits": {"ringbuf_kb": 64, "record_budget_per_second": 10,
-                                        "record_budget_burst": 5}}, "")
+                                        "record_budget_burst": 5, "ring_share_watermark_percent": 75,
+                                        "ring_share_per_second": 7, "ring_share_burst": 3}}, "")
     assert config.limits.ringbuf_kb == 64 and config.limits.ringbuf_pages * mmap.PAGESIZE == 64 * 1024
     assert config.limits.record_budget_per_second == 10 and config.limits.record_budget_burst == 5
+    assert config.limits.ring_share_watermark_percent == 75
+    assert config.limits.ring_share_per_second == 7 and config.limits.ring_share_burst == 3
+
+
+@pytest.mark.parametrize("key, value", [("ring_share_watermark_percent", 0), ("ring_share_watermark_percent", 101),
+                                        ("ring_share_watermark_percent", 50.5), ("ring_share_per_second", 0),
+                                        ("ring_share_burst", float("inf")), ("ring_share_burst", -1)])
+def test_the_ring_share_must_be_sane_numbers(key, value):
+    with pytest.raises(ConfigError, match=key):
+        _build(Config, {"limits": {key: value}}, "")
 
 
 def test_episode_losses_and_evictions_reach_prometheus():

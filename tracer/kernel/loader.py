@@ -17,6 +17,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import mmap
 import os
 import subprocess
 import sys
@@ -35,11 +36,12 @@ PROBES_DIR = Path(__file__).resolve().parents[2] / "probes"
 PROBE_FILES = ("sockets.c", "tcp.c", "packets.c", "processes.c")
 # enum loss_reason in records.h, in its order
 LOSS_REASONS = ("ringbuf_full", "no_socket_storage", "budget", "argv_unread", "connects_map_full",
-                "exit_codes_map_full", "sockets_map_full", "argv_map_full", "burst_budget")
+                "exit_codes_map_full", "sockets_map_full", "argv_map_full", "burst_budget", "ring_share")
 LIVENESS_REFRESH_NS = 200_000_000                      # refreshed this often; the timeout is seconds
 RINGBUF_PAGES = Limits().ringbuf_pages     # the default size
 # enum setting in common.h
 SET_UPDATE_INTERVAL, SET_ICMP_LARGE, SET_BUDGET_RATE, SET_BUDGET_BURST = 0, 1, 2, 3
+SET_SHARE_WATERMARK, SET_SHARE_RATE, SET_SHARE_BURST = 4, 5, 6
 PRIVATE_PREFIX = "private-"                # the hand-over pin directory of a Probes without one
 _private_dirs = itertools.count()
 
@@ -95,6 +97,7 @@ class Probes:
     def __init__(self, ringbuf_pages: int = RINGBUF_PAGES, pin_dir: Path | None = None):
         """pin_dir: pin maps and links there (re-opening what a dead tracer left); None: nothing outlives us."""
         self.pin_dir = pin_dir
+        self.ringbuf_bytes = ringbuf_pages * mmap.PAGESIZE
         self._lock_fd: int | None = None
         source, cflags = probe_build(ringbuf_pages)
         handoff = pin_dir if pin_dir is not None else \
@@ -148,12 +151,14 @@ class Probes:
                         "dropped, their links are taken over", stale)
             pins.remove(stale)
         self.previous_liveness = self._liveness() if self.resumed else None
-        self._timeout_ns = 0
+        self._timeout_ns = self._stall_ns = 0
+        self._progress_ns = time.monotonic_ns()
         self._liveness_thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._links: dict[int, list[int]] = {}          # cgroup id -> link fds
         self._levels: dict[int, int] = {}               # episode cgroup id -> level
-        self._budget_burst = 0                          # tokens a new episode starts with
+        self._budget_burst = self._share_burst = 0      # tokens a new episode starts with
+        self._share_watermark = 0                       # bytes; in force only while two episodes share the ring
 
     def program_fd(self, name: str) -> int:
         """The fd of a cgroup program (bpftool and the benchmarks find it by its id)."""
@@ -198,12 +203,14 @@ class Probes:
             accounts[ctypes.c_uint64(cgid)]          # a dead tracer's account (pinned): its losses are kept
         except KeyError:
             account = accounts.Leaf()
-            account.tokens = self._budget_burst
+            account.budget.tokens = self._budget_burst
+            account.share.tokens = self._share_burst
             accounts[ctypes.c_uint64(cgid)] = account
         # Register only once every hook is in place, so no event is half-seen.
         self.maps["episodes"][ctypes.c_uint64(cgid)] = ctypes.c_uint32(1)
         self._levels[cgid] = cgroups.level(cgroup_path)
         self._write_levels()
+        self._write_share_watermark()
         return cgid
 
     def _cgroup_link(self, program_name: str, program: int, attach_type: int, cgroup_fd: int, cgid: int,
@@ -242,6 +249,7 @@ class Probes:
         _close_side_by_side(self._links.pop(cgid, []))
         self._levels.pop(cgid, None)
         self._write_levels()
+        self._write_share_watermark()
         final = self.episode_lost(cgid)
         for name in ("accounts", "policies", "denied"):
             try:
@@ -297,6 +305,21 @@ class Probes:
         settings = self.maps["settings"]
         settings[ctypes.c_int(SET_BUDGET_BURST)] = ctypes.c_uint64(burst)
         settings[ctypes.c_int(SET_BUDGET_RATE)] = ctypes.c_uint64(per_second)
+
+    def set_ring_share(self, watermark_percent: int, per_second: int, burst: int) -> None:
+        """Above watermark_percent of the ring buffer unread, each episode's records are paid from its share:
+        per_second on average, burst at once; beyond, they are refused and counted (ring_share)."""
+        self._share_burst = burst
+        settings = self.maps["settings"]
+        settings[ctypes.c_int(SET_SHARE_BURST)] = ctypes.c_uint64(burst)
+        settings[ctypes.c_int(SET_SHARE_RATE)] = ctypes.c_uint64(per_second)
+        self._share_watermark = self.ringbuf_bytes * watermark_percent // 100
+        self._write_share_watermark()
+
+    def _write_share_watermark(self) -> None:
+        """The share protects episodes from each other: an episode alone (every run) has the whole ring."""
+        watermark = self._share_watermark if len(self._links) > 1 else 0
+        self.maps["settings"][ctypes.c_int(SET_SHARE_WATERMARK)] = ctypes.c_uint64(watermark)
 
     # -- containment ------------------------------------------------------------
     def set_policy(self, cgid: int, policy: Policy | None) -> None:
@@ -419,14 +442,18 @@ class Probes:
     # -- records ----------------------------------------------------------------
     def open_records(self, handle: Callable[[bytes], None]) -> None:
         """Call handle(raw_record) for every ring-buffer record from poll()."""
+        def handed(raw: bytes) -> None:
+            self._progress_ns = time.monotonic_ns()     # the main loop moves (liveness: not hung)
+            handle(raw)
         events = self.maps["events"]
-        self._ring = bpf.RingBuffer(events.fd, events.max_entries, handle)
+        self._ring = bpf.RingBuffer(events.fd, events.max_entries, handed)
 
     def poll(self, timeout_ms: int) -> None:
         """Wait up to timeout_ms, then hand over every record there. The probes
         wake us only when the buffer fills up, so the timeout paces reading."""
         self._ring.poll(timeout_ms)
         self._ring.consume()
+        self._beat()
 
     def lost(self) -> dict[str, int]:
         """Records the kernel could not send, by reason, summed over CPUs."""
@@ -439,20 +466,34 @@ class Probes:
         value = self.maps["liveness"][ctypes.c_int(0)]
         return value.refreshed_ns, value.timeout_ns, value.lost_reported
 
-    def set_fail_closed(self, timeout_ns: int) -> None:
+    def set_fail_closed(self, timeout_ns: int, stall_ns: int = 0) -> None:
         """Refuse episode connects and sends once no tracer refreshed liveness for timeout_ns (0: never).
 
-        A thread refreshes it: the main loop may spend seconds in one poll under a flood, or
-        in a slow output, and that must not refuse the sandbox's connects. What it tells the
-        probes is that this process lives and runs (not killed, not stopped)."""
-        self._timeout_ns = timeout_ns
+        A thread refreshes it: the main loop may spend seconds in one poll under a flood, and that
+        must not refuse the sandbox's connects. But the thread refreshes only while the main loop
+        makes progress (poll() returns, or a record is handed over) at least every stall_ns (0: always):
+        a main loop hung for good (an output blocked) is no live tracer, though this process lives."""
+        self._timeout_ns, self._stall_ns = timeout_ns, stall_ns
+        self._beat()
         self._refresh_liveness()
         if self._liveness_thread is None:
             self._liveness_thread = threading.Thread(target=self._keep_alive, name="eptrace-liveness", daemon=True)
             self._liveness_thread.start()
 
+    def _beat(self) -> None:
+        """The main loop made progress."""
+        self._progress_ns = time.monotonic_ns()
+
     def _keep_alive(self) -> None:
+        stalled = False
         while not self._stopping.wait(LIVENESS_REFRESH_NS / 1e9):
+            if self._stall_ns and time.monotonic_ns() - self._progress_ns > self._stall_ns:
+                if not stalled:
+                    log.warning("the main loop has made no progress for %.1f s: liveness no longer refreshed, "
+                                "the episodes fail closed until it moves again", self._stall_ns / 1e9)
+                stalled = True
+                continue
+            stalled = False
             self._refresh_liveness()
 
     def _refresh_liveness(self) -> None:

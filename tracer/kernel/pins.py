@@ -10,10 +10,13 @@ A link holds its program, which holds its maps: while a pin exists, the probe ru
 """
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import hashlib
+import mmap
 import os
 import shutil
+import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +93,55 @@ def is_locked(path: Path) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+RINGBUF_BUSY, RINGBUF_DISCARD, RINGBUF_HEADER = 1 << 31, 1 << 30, 8     # struct bpf_ringbuf_hdr (UAPI)
+MAP_INFO_SIZE, MAP_INFO_MAX_ENTRIES = 80, 16                              # struct bpf_map_info (UAPI)
+
+
+def undelivered(path: Path) -> tuple[int, int]:
+    """(records, bytes) that no reader consumed in the ring buffers pinned under path: what a dead tracer
+    recorded after its last read, lost with the pins. Read through the ring's read-only mmap, without bcc."""
+    records = nbytes = 0
+    for events in path.glob(MAPS_PREFIX + "*/events"):
+        try:
+            fd = _libbpf().bpf_obj_get(str(events).encode())
+        except OSError:
+            return records, nbytes
+        if fd < 0:
+            continue
+        try:
+            info = (ctypes.c_ubyte * MAP_INFO_SIZE)()
+            size = ctypes.c_uint32(MAP_INFO_SIZE)
+            if _libbpf().bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)) != 0:
+                continue
+            ring = ctypes.c_uint32.from_buffer(info, MAP_INFO_MAX_ENTRIES).value
+            page = mmap.PAGESIZE
+            with mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ, offset=0) as consumer, \
+                    mmap.mmap(fd, page + 2 * ring, mmap.MAP_SHARED, mmap.PROT_READ, offset=page) as producer:
+                pos = struct.unpack_from("<Q", consumer, 0)[0]
+                end = struct.unpack_from("<Q", producer, 0)[0]
+                while pos < end:
+                    header = struct.unpack_from("<I", producer, page + (pos & (ring - 1)))[0]
+                    if header & RINGBUF_BUSY:
+                        break                   # reserved, never submitted: the writer died with it
+                    length = header & ~(RINGBUF_BUSY | RINGBUF_DISCARD)
+                    if not header & RINGBUF_DISCARD:
+                        records += 1
+                        nbytes += length
+                    pos += (length + RINGBUF_HEADER + 7) & ~7
+        except (OSError, ValueError, struct.error):
+            continue
+        finally:
+            os.close(fd)
+    return records, nbytes
+
+
+def _libbpf() -> ctypes.CDLL:
+    lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
+    lib.bpf_obj_get.restype = ctypes.c_int
+    return lib
 
 
 def remove(path: Path) -> None:
