@@ -13,7 +13,7 @@
 Both return a tracer.verdict.Verdict: connections, destinations, bytes, alerts, and whether the
 record is complete (`complete`, `incomplete_reasons`, `losses`); `clean` is no alert and complete.
 
-daemon="auto" (the default) traces through the eptrace daemon when its socket answers (without
+daemon="auto" (the default, or the environment's EPTRACE_DAEMON) traces through the eptrace daemon when its socket answers (without
 loading the probes in this process), "never" in this process, "require" raises
 tracer.control.NoDaemon without one. A config (its detection thresholds are the tracer's) or a
 tracer.policy.Policy object (rather than the [policy] table as a dict) traces in this process.
@@ -21,6 +21,7 @@ The outputs are the given specs, else the config's [output] specs (with its spoo
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from . import control, session
@@ -32,7 +33,8 @@ from .registry import validate_id
 from .verdict import Verdict
 
 
-def _connection(daemon: str, config: Config | None, policy) -> control.Connection | None:
+def _connection(daemon: str | None, config: Config | None, policy) -> control.Connection | None:
+    daemon = daemon or os.environ.get("EPTRACE_DAEMON") or "auto"
     if daemon not in ("auto", "never", "require"):
         raise ValueError(f"daemon must be auto, never or require, not {daemon!r}")
     if config is not None or isinstance(policy, Policy):
@@ -45,7 +47,7 @@ def _connection(daemon: str, config: Config | None, policy) -> control.Connectio
 
 def run_episode(episode_id: str, argv: list[str], *, outputs: list[str] | None = None,
                 config: Config | None = None, labels: dict[str, str] | None = None,
-                grace_s: float = 10.0, policy: Policy | dict | None = None, daemon: str = "auto") -> Verdict:
+                grace_s: float = 10.0, policy: Policy | dict | None = None, daemon: str | None = None) -> Verdict:
     """Run argv as a traced episode in a fresh cgroup, like `eptrace run`; blocks until it is over.
     policy: a tracer.policy.Policy, or the [policy] table as a dict (checked: ConfigError)."""
     validate_id(episode_id)
@@ -70,7 +72,7 @@ class trace_cgroup:
 
     def __init__(self, episode_id: str, cgroup: str | Path, *, outputs: list[str] | None = None,
                  config: Config | None = None, labels: dict[str, str] | None = None,
-                 policy: Policy | dict | None = None, daemon: str = "auto"):
+                 policy: Policy | dict | None = None, daemon: str | None = None):
         self.episode_id = validate_id(episode_id)
         self.cgroup = cgroups.resolve(cgroup)
         self._table = policy if isinstance(policy, dict) else None

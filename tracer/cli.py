@@ -487,9 +487,9 @@ def episode_rm(episode_id, verdict_path) -> None:
         Registry().remove(episode_id)
     except (RegistryError, CgroupError, OSError) as e:
         raise Failure(str(e), EXIT_BAD_INPUT) from None
-    if _tell_daemon("sync", id=episode_id) is not None:
+    if _tell_daemon("sync", id=episode_id) is not None and verdict_path:
         answer = _tell_daemon("verdict", id=episode_id)
-        if verdict_path and answer:
+        if answer:
             from .session import write_verdict
             from .verdict import from_dict
             write_verdict(from_dict(answer["verdict"]), verdict_path)

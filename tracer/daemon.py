@@ -422,6 +422,8 @@ class Daemon:
 
     def _op_start(self, conn: Conn, request: dict) -> None:
         """A new episode: a fresh cgroup for the command the client runs, or an existing cgroup."""
+        if conn.uid != 0:
+            raise ValueError("only root may start an episode (its command must be moved into its cgroup)")
         episode_id = validate_id(request["id"])
         labels = parse_labels([f"{k}={v}" for k, v in (request.get("labels") or {}).items()])
         policy_table, on_alert = request.get("policy"), request.get("on_alert")
@@ -431,8 +433,6 @@ class Daemon:
             raise ValueError(f"on_alert {on_alert!r}")
         existing = request.get("cgroup")
         if existing:
-            if conn.uid != 0:
-                raise ValueError("only root may trace an existing cgroup")
             cgroup, kind = cgroups.resolve(existing), "cgroup"
             if cgroups.cgroup_id(cgroup) in self.traced:
                 raise ValueError(f"cgroup {cgroup} is already traced")
