@@ -223,7 +223,7 @@ Exit status:
               help="Where registrations are kept [default: /var/lib/eptrace; env EPTRACE_STATE_DIR].")
 @click.option("--pin-dir", envvar="EPTRACE_PIN_DIR", type=click.Path(file_okay=False), default=None,
               help="Where the probes are pinned, on bpffs [default: /sys/fs/bpf/eptrace; env EPTRACE_PIN_DIR].")
-@click.option("--socket", "socket_path", envvar="EPTRACE_SOCKET", type=click.Path(dir_okay=False), default=None,
+@click.option("--socket", "socket_path", envvar="EPTRACE_SOCKET", default=None, metavar="PATH",
               help="The daemon's control socket [default: /run/eptrace/eptrace.sock; env EPTRACE_SOCKET].")
 def cli(verbose: int, state_dir: str | None, pin_dir: str | None, socket_path: str | None) -> None:
     """Trace the network activity of AI-agent sandboxes, tagged by episode.
@@ -354,7 +354,7 @@ def _end_run(verdict, verdict_path: str | None, fail_on_alert: bool, fail_on_inc
 @click.option("--capture", "capture_path", type=click.Path(dir_okay=False), metavar="PATH", help=CAPTURE_HELP)
 @click.option("--metrics-listen", metavar="ADDR:PORT", help=METRICS_HELP)
 @click.option("--on-alert", type=ON_ALERT, help=ON_ALERT_HELP)
-@click.option("--socket", "socket_path", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+@click.option("--socket", "socket_path", default=None, metavar="PATH",
               help="The control socket (mode 0600) [default: eptrace's --socket, /run/eptrace/eptrace.sock].")
 @click.option("--socket-group", metavar="GROUP",
               help="Also let this group's members use the socket (mode 0660); other users are refused.")

@@ -23,6 +23,7 @@ from .verdict import Verdict, from_dict, merge
 log = logging.getLogger(__name__)
 
 READ_TIMEOUT_S = 0.2          # how often the reader looks up from the socket (an end to send, a stop)
+FLUSH_INTERVAL_S = 0.25       # the outputs are flushed this often, as the in-process tracer's sweep does
 RECONNECT_INTERVAL_S = 0.2
 RECONNECT_AFTER_COMMAND_S = float(os.environ.get("EPTRACE_RECONNECT_SECONDS", "30"))
 
@@ -53,7 +54,11 @@ class Episode:
     # -- the reader thread ---------------------------------------------------------
     def _read(self) -> None:
         self.conn.sock.settimeout(READ_TIMEOUT_S)
+        next_flush = time.monotonic() + FLUSH_INTERVAL_S
         while self.final is None:
+            if time.monotonic() >= next_flush:
+                next_flush = time.monotonic() + FLUSH_INTERVAL_S
+                self.outputs.flush()
             try:
                 self._send_end_if_due()
                 line = self.conn.line()

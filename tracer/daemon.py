@@ -71,7 +71,6 @@ class Conn:
         self.sock, self.pid, self.uid = sock, pid, uid
         self.inbuf = b""
         self.outbuf = bytearray()
-        self.all = False                  # subscribed to every document
         self.episodes: set[int] = set()   # subscribed to these episodes' (cgroup ids)
         self.closed = False
 
@@ -117,11 +116,14 @@ class Daemon:
         self.warned: set[tuple[str, str]] = set()     # (id, cgroup) that could not be traced: not retried
         self.final: dict[str, dict] = {}              # ended registered episodes: id -> final verdict
         self.conns: dict[int, Conn] = {}              # fd -> connection
+        self.subscribers: dict[int, set[Conn]] = {}   # cgroup id -> connections subscribed to its documents
+        self.everything: set[Conn] = set()            # connections subscribed to every document
         self.selector = selectors.DefaultSelector()
         self.counters = {"connections": 0, "refused_peers": 0, "episodes_started": 0, "episodes_ended": 0,
                          "clients_dropped": 0, "requests": 0}
         self.runs_dir = state_dir() / RUNS_DIR
         tracer.on_document = self._route
+        tracer.observers.append(self._observe)        # one observer: per event, one episode's builder
         self.listener = self._listen()
 
     # -- the socket -------------------------------------------------------------------
@@ -216,9 +218,24 @@ class Daemon:
                     self.counters["clients_dropped"] += 1
                     self._drop(conn, f"too slow ({len(conn.outbuf)} bytes owed)")
 
+    def _subscribe(self, conn: Conn, cgroup_id: int) -> None:
+        conn.episodes.add(cgroup_id)
+        self.subscribers.setdefault(cgroup_id, set()).add(conn)
+
+    def _unsubscribe(self, conn: Conn, cgroup_id: int) -> None:
+        conn.episodes.discard(cgroup_id)
+        subscribed = self.subscribers.get(cgroup_id)
+        if subscribed is not None:
+            subscribed.discard(conn)
+            if not subscribed:
+                del self.subscribers[cgroup_id]
+
     def _drop(self, conn: Conn, why: str) -> None:
         if conn.closed:
             return
+        for cgroup_id in list(conn.episodes):
+            self._unsubscribe(conn, cgroup_id)
+        self.everything.discard(conn)
         conn.closed = True
         self.selector.unregister(conn.sock)
         self.conns.pop(conn.sock.fileno(), None)
@@ -232,6 +249,12 @@ class Daemon:
                     self._end(traced, 0.0, "client_gone")
 
     # -- documents --------------------------------------------------------------------
+    def _observe(self, event) -> None:
+        episode = getattr(event, "episode", None)
+        traced = self.traced.get(episode.cgroup_id) if episode is not None else None
+        if traced is not None:
+            traced.builder.observe(event)
+
     def _route(self, event, doc) -> None:
         episode = getattr(event, "episode", None)
         line = None
@@ -241,10 +264,10 @@ class Daemon:
             if traced.owner is None and traced.kind != "registered" and len(traced.pending) < MAX_PENDING:
                 line = encode_doc(doc.kind, doc.json)
                 traced.pending.append(line)
-        for conn in self.conns.values():
-            if conn.all or (episode is not None and episode.cgroup_id in conn.episodes):
-                line = line or encode_doc(doc.kind, doc.json)
-                conn.send(line)
+        subscribed = self.subscribers.get(episode.cgroup_id, ()) if episode is not None else ()
+        for conn in (*subscribed, *self.everything) if self.everything else subscribed:
+            line = line or encode_doc(doc.kind, doc.json)
+            conn.send(line)
 
     def _snapshots(self) -> None:
         """Each client that owns a changed episode gets its verdict so far: if the daemon dies, the
@@ -269,11 +292,10 @@ class Daemon:
         policy = policy_of(policy_table) if policy_table else None
         episode = self.tracer.add_episode(episode_id, cgroup, labels, policy, on_alert=on_alert)
         builder = VerdictBuilder(episode_id, cgroup_id=episode.cgroup_id)
-        self.tracer.observers.append(builder.observe)
         traced = Traced(episode_id, kind, cgroup, episode.cgroup_id, dict(labels), builder, owner_pid, owner)
         self.traced[episode.cgroup_id] = traced
         if owner is not None:
-            owner.episodes.add(episode.cgroup_id)
+            self._subscribe(owner, episode.cgroup_id)
         return traced
 
     def _record(self, traced: Traced, policy_table: dict | None, on_alert: str | None) -> None:
@@ -360,17 +382,15 @@ class Daemon:
         if traced.kind == "run":
             session.remove_run_cgroup(traced.cgroup)    # before its probes go: nothing runs untraced
         self.tracer.remove_episode(traced.cgroup_id)
-        self.tracer.observers.remove(traced.builder.observe)
         del self.traced[traced.cgroup_id]
         if traced.record is not None:
             traced.record.unlink(missing_ok=True)
         self.counters["episodes_ended"] += 1
         message = encode({"type": "verdict", "final": True, "id": traced.id, "reason": traced.ending.reason
                           if traced.ending else "ended", "verdict": verdict.__dict__})
-        for conn in self.conns.values():
-            if traced.cgroup_id in conn.episodes:
-                conn.episodes.discard(traced.cgroup_id)
-                conn.send(message)
+        for conn in list(self.subscribers.get(traced.cgroup_id, ())):
+            self._unsubscribe(conn, traced.cgroup_id)
+            conn.send(message)
         if traced.kind == "registered":
             self.final[traced.id] = verdict.__dict__
             while len(self.final) > FINAL_VERDICTS_KEPT:
@@ -464,7 +484,7 @@ class Daemon:
                    delivered_from_restart=len(traced.pending))
         conn.send(b"".join(traced.pending))       # recorded while it was away: nothing lost
         traced.pending.clear()
-        conn.episodes.add(traced.cgroup_id)
+        self._subscribe(conn, traced.cgroup_id)
 
     def _op_end(self, conn: Conn, request: dict) -> None:
         traced = self._owned(conn, request)
@@ -478,12 +498,13 @@ class Daemon:
     def _op_subscribe(self, conn: Conn, request: dict) -> None:
         episode_id = request.get("id")
         if episode_id is None:
-            conn.all = True
+            self.everything.add(conn)
         else:
             found = [t.cgroup_id for t in self.traced.values() if t.id == episode_id]
             if not found:
                 raise ValueError(f"no episode {episode_id!r} is traced")
-            conn.episodes.update(found)
+            for cgroup_id in found:
+                self._subscribe(conn, cgroup_id)
         conn.reply(type="subscribed", id=episode_id)
 
     def _op_list(self, conn: Conn, request: dict) -> None:
