@@ -53,7 +53,6 @@ class Traced:
     owner: Conn | None = None             # its connection (None while it reconnects)
     record: Path | None = None            # its file under runs/
     ending: Ending | None = None
-    changed: bool = False                 # documents since the owner's last verdict snapshot
     pending: list = field(default_factory=list)   # documents while its client reconnects (after a restart)
 
 
@@ -118,6 +117,8 @@ class Daemon:
         self.conns: dict[int, Conn] = {}              # fd -> connection
         self.subscribers: dict[int, set[Conn]] = {}   # cgroup id -> connections subscribed to its documents
         self.everything: set[Conn] = set()            # connections subscribed to every document
+        self.changed: set[int] = set()                # episodes with documents since their owner's snapshot
+        self.ending: set[int] = set()                 # episodes being ended
         self.selector = selectors.DefaultSelector()
         self.counters = {"connections": 0, "refused_peers": 0, "episodes_started": 0, "episodes_ended": 0,
                          "clients_dropped": 0, "requests": 0}
@@ -260,7 +261,7 @@ class Daemon:
         line = None
         traced = self.traced.get(episode.cgroup_id) if episode is not None else None
         if traced is not None:
-            traced.changed = True
+            self.changed.add(traced.cgroup_id)
             if traced.owner is None and traced.kind != "registered" and len(traced.pending) < MAX_PENDING:
                 line = encode_doc(doc.kind, doc.json)
                 traced.pending.append(line)
@@ -272,11 +273,12 @@ class Daemon:
     def _snapshots(self) -> None:
         """Each client that owns a changed episode gets its verdict so far: if the daemon dies, the
         client carries it over to the next daemon's (tracer.client)."""
-        for traced in self.traced.values():
-            if traced.changed and traced.owner is not None:
-                traced.changed = False
+        for cgroup_id in self.changed:
+            traced = self.traced.get(cgroup_id)
+            if traced is not None and traced.owner is not None:
                 traced.owner.reply(type="verdict", final=False, id=traced.id,
                                    verdict=self._verdict(traced).__dict__)
+        self.changed.clear()
 
     def _verdict(self, traced: Traced) -> Verdict:
         verdict = Verdict(**{**traced.builder.verdict.__dict__})
@@ -339,6 +341,7 @@ class Daemon:
 
     def _end(self, traced: Traced, grace_s: float, reason: str = "ended") -> None:
         traced.ending = Ending(grace_s, time.monotonic() + grace_s, reason=reason)
+        self.ending.add(traced.cgroup_id)
         if traced.kind == "cgroup":
             traced.ending.phase = "flows"           # its processes are not ours to wait for
         elif reason == "client_gone":
@@ -354,7 +357,7 @@ class Daemon:
 
     def _advance_endings(self) -> None:
         now = time.monotonic()
-        for traced in [t for t in self.traced.values() if t.ending is not None]:
+        for traced in [self.traced[cgroup_id] for cgroup_id in list(self.ending)]:
             ending = traced.ending
             if ending.phase == "processes":
                 if not cgroups.pids(traced.cgroup):
@@ -383,6 +386,8 @@ class Daemon:
             session.remove_run_cgroup(traced.cgroup)    # before its probes go: nothing runs untraced
         self.tracer.remove_episode(traced.cgroup_id)
         del self.traced[traced.cgroup_id]
+        self.ending.discard(traced.cgroup_id)
+        self.changed.discard(traced.cgroup_id)
         if traced.record is not None:
             traced.record.unlink(missing_ok=True)
         self.counters["episodes_ended"] += 1
@@ -485,6 +490,7 @@ class Daemon:
         conn.send(b"".join(traced.pending))       # recorded while it was away: nothing lost
         traced.pending.clear()
         self._subscribe(conn, traced.cgroup_id)
+        self.changed.add(traced.cgroup_id)        # and its verdict so far follows
 
     def _op_end(self, conn: Conn, request: dict) -> None:
         traced = self._owned(conn, request)
@@ -555,15 +561,9 @@ class Daemon:
             self._flush_conns()
 
     def close(self, clean: bool) -> None:
-        for conn in list(self.conns.values()):
-            conn.reply(type="bye", error="the eptrace daemon stops")
-        self._flush_conns()
-        for conn in list(self.conns.values()):
-            conn.closed = True
-            conn.sock.close()
-        self.listener.close()
-        self.socket_path.unlink(missing_ok=True)
-        if clean:       # a clean stop ends the clients' episodes: nobody would resume them
+        """A clean stop ends the clients' episodes (nobody would resume them): each client gets its final
+        verdict, then a goodbye. After a failure they stay pinned and recorded for the next daemon."""
+        if clean:
             for traced in list(self.traced.values()):
                 if traced.kind == "registered":
                     continue
@@ -572,6 +572,17 @@ class Daemon:
                 if traced.kind == "run":
                     self._kill(traced)
                 self._finish(traced)
+        for conn in list(self.conns.values()):
+            conn.reply(type="bye", error="the eptrace daemon stops")
+            try:
+                conn.sock.settimeout(1.0)
+                conn.sock.sendall(conn.outbuf)
+            except OSError:
+                pass
+            conn.closed = True
+            conn.sock.close()
+        self.listener.close()
+        self.socket_path.unlink(missing_ok=True)
 
 
 def serve(outputs, registry: Registry, socket_path: Path, socket_group: str | None = None,

@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -323,3 +324,21 @@ print(json.dumps({"run": v.destinations, "cg": t.verdict.destinations, "bcc": "b
     result = json.loads(r.stdout.splitlines()[-1])
     assert result == {"run": [f"127.0.0.1:{port}/tcp"], "cg": [f"127.0.0.1:{port}/tcp"], "bcc": False}, result
     assert ports_attempted(read_docs(tmp_path / "api.ndjson")) == [port]
+
+
+def test_a_client_that_dies_takes_its_episode_with_it(daemon):
+    proc = start_eptrace("run", "--daemon", "require", "--episode", "ep-orphan", "--output",
+                         f"file:{daemon.tmp}/ep-orphan.ndjson", "--", "sleep", "300", state_dir=daemon.state,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        listed = wait_until(lambda: [e for e in daemon.request("list")["episodes"] if e["id"] == "ep-orphan"], 60,
+                            "the client's episode")
+        cgroup = Path(listed[0]["cgroup"])
+        sleeper = int(wait_until(lambda: (cgroup / "cgroup.procs").read_text().strip(), 30, "sleep in its cgroup"))
+        os.kill(proc.pid, signal.SIGKILL)           # the client alone: its command lives on, in the episode
+        proc.wait(30)
+    finally:
+        kill(proc)
+    wait_until(lambda: not cgroup.exists(), 30, "the orphaned episode's cgroup to go")
+    assert not Path(f"/proc/{sleeper}").exists(), "the orphaned episode's command still runs"
+    assert not [e for e in daemon.request("list")["episodes"] if e["id"] == "ep-orphan"]
