@@ -164,7 +164,8 @@ def concurrent(env: dict, tmp: Path) -> None:
     crossed = 0
     for i, port in enumerate(ports):
         docs = [json.loads(line) for line in open(tmp / f"c-{i}.ndjson")]
-        mine = {d["labels"]["episode_id"] for d in docs} == {f"c-{i}"}
+        mine = {d["labels"]["episode_id"] if "labels" in d else d["eptrace"]["stats"]["episode_id"]
+                for d in docs} == {f"c-{i}"}
         attempted = [d["destination"]["port"] for d in docs if d["event"].get("action") == "connection_attempted"]
         crossed += not (mine and attempted == [port])
     ok = statuses.count(0) == CONCURRENT and crossed == 0

@@ -208,9 +208,9 @@ OUTPUT_HELP = ("Where documents go (repeat for several): '-' (stdout, the defaul
 EPILOG = """\b
 Exit status:
   0   success (run: the command's own status is passed through)
-  2   bad input: an invalid episode id, label, output, config or cgroup
+  2   bad input: an invalid episode id, label, output, config or cgroup; no daemon (--daemon require)
   3   run --fail-on-alert: the episode raised an alert (see --verdict)
-  4   not running as root
+  4   not running as root, or refused by the daemon's socket
   5   the kernel refused the probes (see: eptrace doctor)
   6   run --fail-on-incomplete: the episode's record is incomplete (records lost, argv unread; see --verdict)
 """

@@ -115,7 +115,7 @@ class Episode:
             try:
                 conn = control.Connection()
                 answer = conn.request("resume", cgroup_id=self.cgroup_id)
-            except control.NoDaemon:
+            except (control.NoDaemon, control.DaemonGone):     # not up yet, or the dead one's socket closing
                 time.sleep(RECONNECT_INTERVAL_S)
                 continue
             except control.DaemonError as e:

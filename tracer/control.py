@@ -84,7 +84,11 @@ class Connection:
             self.sock.close()
             raise NoDaemon(f"cannot reach the eptrace daemon on {self.path}: {e.strerror or e}") from None
         self._buffer = b""
-        hello = self.message()
+        try:
+            hello = self.message()
+        except BaseException:
+            self.sock.close()
+            raise
         if hello.get("type") == "error":
             self.close()
             if hello.get("status") == 4:

@@ -23,6 +23,7 @@ from pathlib import Path
 from . import __version__, safefiles, session
 from .config import Config, ConfigError
 from .control import MAX_LINE, PROTOCOL_VERSION, encode, encode_doc
+from .events import Metric
 from .kernel import cgroups
 from .policy import parse as policy_of
 from .registry import Registry, RegistryError, parse_labels, state_dir, validate_id
@@ -391,6 +392,7 @@ class Daemon:
         if traced.record is not None:
             traced.record.unlink(missing_ok=True)
         self.counters["episodes_ended"] += 1
+        self._send_episode_metric(traced, verdict)
         message = encode({"type": "verdict", "final": True, "id": traced.id, "reason": traced.ending.reason
                           if traced.ending else "ended", "verdict": verdict.__dict__})
         for conn in list(self.subscribers.get(traced.cgroup_id, ())):
@@ -401,6 +403,21 @@ class Daemon:
             while len(self.final) > FINAL_VERDICTS_KEPT:
                 self.final.pop(next(iter(self.final)))
         return verdict
+
+    def _send_episode_metric(self, traced: Traced, verdict: Verdict) -> None:
+        """The episode's subscribers' last document: its own counters (the tracer-wide metric documents
+        are the daemon's outputs'), as an in-process run ends with its tracer's."""
+        subscribed = self.subscribers.get(traced.cgroup_id)
+        if not subscribed:
+            return
+        doc = self.tracer.encoder.encode_document(Metric(timestamp_ns=time.time_ns(), stats={
+            "episode_id": traced.id, "episodes": 1, "records_lost": verdict.records_lost,
+            "connects_refused": verdict.connects_refused, "egress_denied": verdict.denied,
+            "episode_losses": [{"episode_id": traced.id, "losses": verdict.losses}] if verdict.losses else [],
+            "daemon_instance": self.instance}))
+        line = encode_doc(doc.kind, doc.json)
+        for conn in subscribed:
+            conn.send(line)
 
     def sync(self) -> None:
         """Registered episodes: trace new registrations, end removed ones (watch's poll, now also at once)."""

@@ -156,10 +156,13 @@ def test_a_run_client_gets_its_own_documents_and_verdict_without_loading_the_pro
     assert r.returncode == 7, r.stderr                  # the command's own status
     docs = read_docs(tmp_path / "ep-d1.ndjson")
     assert_contract(docs)
-    assert {doc["labels"]["episode_id"] for doc in docs} == {"ep-d1"}, dump(docs)
-    assert {doc["labels"]["team"] for doc in docs} == {"rl"}, dump(docs)
+    events = [doc for doc in docs if doc["event"]["kind"] != "metric"]
+    assert {doc["labels"]["episode_id"] for doc in events} == {"ep-d1"}, dump(docs)
+    assert {doc["labels"]["team"] for doc in events} == {"rl"}, dump(docs)
     assert ports_attempted(docs) == [port], dump(docs)
     assert select(docs, "process_started"), dump(docs)
+    metrics = [doc for doc in docs if doc["event"]["kind"] == "metric"]      # its own counters, last
+    assert metrics == [docs[-1]] and metrics[0]["eptrace"]["stats"]["episode_id"] == "ep-d1", dump(docs)
     verdict = verdict_of(daemon, "ep-d1")
     assert verdict["exit_code"] == 7 and verdict["connections"] == 1, verdict
     assert verdict["destinations"] == [f"127.0.0.1:{port}/tcp"] and verdict["complete"], verdict
@@ -188,7 +191,8 @@ def test_fifty_concurrent_clients_each_get_only_their_own_documents(daemon):
         r = results[episode]
         assert r.returncode == 0, (episode, r.stderr)
         docs = read_docs(daemon.tmp / f"{episode}.ndjson")
-        assert {doc["labels"]["episode_id"] for doc in docs} == {episode}, (episode, dump(docs))
+        assert {doc.get("labels", {}).get("episode_id") or doc["eptrace"]["stats"]["episode_id"]
+                for doc in docs} == {episode}, (episode, dump(docs))
         assert ports_attempted(docs) == [port], (episode, dump(docs))
         verdict = verdict_of(daemon, episode)
         assert verdict["destinations"] == [f"127.0.0.1:{port}/tcp"], (episode, verdict)
@@ -277,7 +281,7 @@ def test_a_killed_daemon_is_restarted_and_its_client_loses_nothing(daemon):
         kill(proc)
     err.join()
     assert "the eptrace daemon went away" in err.text() and "resumed by the restarted" in err.text(), err.text()
-    docs = read_docs(events)
+    docs = [doc for doc in read_docs(events) if doc["event"]["kind"] != "metric"]
     assert {doc["labels"]["episode_id"] for doc in docs} == {episode}, dump(docs)
     assert sorted(ports_attempted(docs)) == [base + i for i in range(count)], dump(docs)   # nothing lost
     assert before < count, "the daemon was killed after the command had finished"
