@@ -76,11 +76,11 @@ class Daemon:
         os.environ["EPTRACE_SOCKET"] = str(self.socket)
         os.environ["EPTRACE_PIN_DIR"] = str(self.pins)
 
-    def start(self) -> Daemon:
+    def start(self, *options) -> Daemon:
         self.env()
         self.starts += 1
         self.proc = start_eptrace("-v", "daemon", "--output", f"file:{self.events}", "--stats-interval", 0.5,
-                                  "--config", self.config, state_dir=self.state, stdout=subprocess.DEVNULL,
+                                  "--config", self.config, *options, state_dir=self.state, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE)
         self.stderr = LineReader(self.proc.stderr)
         wait_until(self._answers, 90, lambda: f"the daemon never answered; stderr:\n{self.stderr.text()}")
@@ -354,3 +354,28 @@ def test_a_client_that_dies_takes_its_episode_with_it(daemon):
     wait_until(lambda: not cgroup.exists(), 30, "the orphaned episode's cgroup to go")
     assert not alive(sleeper), "the orphaned episode's command still runs"
     assert not [e for e in daemon.request("list")["episodes"] if e["id"] == "ep-orphan"]
+
+
+def test_the_socket_group_may_ask_but_not_start(tmp_path, monkeypatch):
+    """--socket-group nogroup: the socket is 0660 root:nogroup, and nobody (whose group it is) is let in."""
+    monkeypatch.setenv("EPTRACE_SOCKET", os.environ["EPTRACE_SOCKET"])
+    monkeypatch.setenv("EPTRACE_PIN_DIR", os.environ["EPTRACE_PIN_DIR"])
+    d = Daemon(tmp_path)
+    try:
+        d.start("--socket-group", "nogroup")
+        st = d.socket.stat()
+        assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == 65534, (oct(st.st_mode), st.st_gid)
+        as_nobody = ["runuser", "-u", "nobody", "--"]
+        r = run_eptrace("episode", "verdict", "--id", "ep-none", prefix=as_nobody)
+        line = assert_one_line_error(r, 2)             # let in: the daemon answers, it has no such episode
+        assert "no registered episode" in line, line
+        conn = control.Connection(d.socket)
+        conn.close()
+        code = ("from tracer import control; c = control.Connection(); "
+                "print(c.request('start', id='ep-g')['type'])")
+        r = subprocess.run(as_nobody + [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode != 0 and "only root may start an episode" in r.stderr, r.stderr
+        assert d.request("health")["counters"]["refused_peers"] == 0
+    finally:
+        d.cleanup()
