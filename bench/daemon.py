@@ -109,12 +109,15 @@ def main() -> None:
                 if daemon.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit(f"the daemon did not start: {(tmp / 'daemon.log').read_text()}")
                 time.sleep(0.2)
-        print(f"eptrace daemon bench: {os.cpu_count()} cores; one daemon, its clients started by this bench")
+        print(f"eptrace daemon bench: {os.cpu_count()} cores; one daemon, its clients started by this bench",
+              flush=True)
         startup(env)
-        concurrent(env, tmp)
-        rate(sock)
         parent.mkdir()
         scale(sock, daemon.pid, parent)
+        while health(sock)["episodes"]:         # the 1,000 end with their client's connection
+            time.sleep(0.5)
+        concurrent(env, tmp)
+        rate(sock)
     finally:
         daemon.terminate()
         try:
