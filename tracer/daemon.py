@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 LOOP_MS = 10                  # the longest a request waits for the ring-buffer read before it is served
 SYNC_INTERVAL_S = 0.5         # registrations are re-read this often (add/rm through the socket: at once)
 OWNER_CHECK_S = 0.5           # how often the daemon looks for clients that died while it was away
-MAX_PENDING = 1 << 20        # documents kept for a client that reconnects after a restart
+MAX_PENDING = 64 << 20       # bytes of documents kept for a client that reconnects after a restart
 MAX_BUFFERED = 64 << 20       # bytes owed to one connection before it is dropped as too slow
 FINAL_VERDICTS_KEPT = 1024    # verdicts of ended episodes kept for 'episode rm' and 'episode verdict'
 RUNS_DIR = "runs"             # <state dir>/runs/<cgroup name>.json: the episodes clients started
@@ -55,6 +55,7 @@ class Traced:
     record: Path | None = None            # its file under runs/
     ending: Ending | None = None
     pending: list = field(default_factory=list)   # documents while its client reconnects (after a restart)
+    pending_bytes: int = 0
 
 
 @dataclass
@@ -122,7 +123,7 @@ class Daemon:
         self.ending: set[int] = set()                 # episodes being ended
         self.selector = selectors.DefaultSelector()
         self.counters = {"connections": 0, "refused_peers": 0, "episodes_started": 0, "episodes_ended": 0,
-                         "clients_dropped": 0, "requests": 0}
+                         "clients_dropped": 0, "requests": 0, "documents_not_kept_for_clients": 0}
         self.runs_dir = state_dir() / RUNS_DIR
         tracer.on_document = self._route
         tracer.observers.append(self._observe)        # one observer: per event, one episode's builder
@@ -263,9 +264,13 @@ class Daemon:
         traced = self.traced.get(episode.cgroup_id) if episode is not None else None
         if traced is not None:
             self.changed.add(traced.cgroup_id)
-            if traced.owner is None and traced.kind != "registered" and len(traced.pending) < MAX_PENDING:
+            if traced.owner is None and traced.kind != "registered" and traced.ending is None:
                 line = encode_doc(doc.kind, doc.json)
-                traced.pending.append(line)
+                if traced.pending_bytes + len(line) <= MAX_PENDING:
+                    traced.pending.append(line)
+                    traced.pending_bytes += len(line)
+                else:
+                    self.counters["documents_not_kept_for_clients"] += 1
         subscribed = self.subscribers.get(episode.cgroup_id, ()) if episode is not None else ()
         for conn in (*subscribed, *self.everything) if self.everything else subscribed:
             line = line or encode_doc(doc.kind, doc.json)
@@ -506,6 +511,7 @@ class Daemon:
                    delivered_from_restart=len(traced.pending))
         conn.send(b"".join(traced.pending))       # recorded while it was away: nothing lost
         traced.pending.clear()
+        traced.pending_bytes = 0
         self._subscribe(conn, traced.cgroup_id)
         self.changed.add(traced.cgroup_id)        # and its verdict so far follows
 
