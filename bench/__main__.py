@@ -108,6 +108,7 @@ def bulk(untraced: Path, events_file: Path) -> None:
 def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("make bench needs root: sudo make bench")
+    os.environ["EPTRACE_DAEMON"] = "never"     # in-process figures, even on a host whose daemon runs
     parent = cgroups.cgroup2_mount() / "eptrace-bench"
     parent.mkdir(exist_ok=True)
     untraced_cgroup = cgroups.create(parent / "untraced")
@@ -138,6 +139,7 @@ def main() -> None:
           flush=True)
     subprocess.run([sys.executable, "-m", "bench.fairness"], cwd=Path(__file__).parent.parent)
     outputs.main()
+    subprocess.run([sys.executable, "-m", "bench.daemon"], cwd=Path(__file__).parent.parent)
 
 
 def report_storm(phases: list[dict], stats: dict, wall: float, startups: list[float], rss: dict | None) -> None:

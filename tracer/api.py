@@ -12,65 +12,93 @@
 
 Both return a tracer.verdict.Verdict: connections, destinations, bytes, alerts, and whether the
 record is complete (`complete`, `incomplete_reasons`, `losses`); `clean` is no alert and complete.
+
+daemon="auto" (the default, or the environment's EPTRACE_DAEMON) traces through the eptrace daemon when its socket answers (without
+loading the probes in this process), "never" in this process, "require" raises
+tracer.control.NoDaemon without one. A config (its detection thresholds are the tracer's) or a
+tracer.policy.Policy object (rather than the [policy] table as a dict) traces in this process.
+The outputs are the given specs, else the config's [output] specs (with its spool_mb), else stdout.
 """
 from __future__ import annotations
 
-import threading
+import os
 from pathlib import Path
 
-from . import session
+from . import control, session
 from .config import Config
 from .kernel import cgroups
-from .outputs import Fanout, parse_output_specs
 from .policy import Policy
 from .policy import parse as parse_policy
 from .registry import validate_id
-from .verdict import Verdict, VerdictBuilder
+from .verdict import Verdict
+
+
+def _connection(daemon: str | None, config: Config | None, policy) -> control.Connection | None:
+    daemon = daemon or os.environ.get("EPTRACE_DAEMON") or "auto"
+    if daemon not in ("auto", "never", "require"):
+        raise ValueError(f"daemon must be auto, never or require, not {daemon!r}")
+    if config is not None or isinstance(policy, Policy):
+        if daemon == "require":
+            raise ValueError("a config or a Policy object cannot be used through the daemon "
+                             "(pass the [policy] table as a dict, or daemon='never')")
+        return None
+    return control.connect_if_running(daemon)
 
 
 def run_episode(episode_id: str, argv: list[str], *, outputs: list[str] | None = None,
                 config: Config | None = None, labels: dict[str, str] | None = None,
-                grace_s: float = 10.0, policy: Policy | dict | None = None) -> Verdict:
+                grace_s: float = 10.0, policy: Policy | dict | None = None, daemon: str | None = None) -> Verdict:
     """Run argv as a traced episode in a fresh cgroup, like `eptrace run`; blocks until it is over.
     policy: a tracer.policy.Policy, or the [policy] table as a dict (checked: ConfigError)."""
-    if isinstance(policy, dict):
-        policy = parse_policy(policy)
-    return session.run_episode(episode_id, list(argv), Fanout(parse_output_specs(list(outputs or []))),
-                               labels=labels, grace_s=grace_s, config=config, policy=policy)
+    validate_id(episode_id)
+    table = policy if isinstance(policy, dict) else None
+    if table is not None:
+        policy = parse_policy(table)
+    conn = _connection(daemon, config, None if table is not None else policy)
+    fanout = session.open_outputs(list(outputs or []), config)
+    if conn is not None:
+        from . import client
+        try:
+            return client.run_episode(conn, episode_id, list(argv), fanout, labels=labels, grace_s=grace_s,
+                                      policy=table)
+        finally:
+            fanout.close()
+    return session.run_episode(episode_id, list(argv), fanout, labels=labels, grace_s=grace_s, config=config,
+                               policy=policy)
 
 
 class trace_cgroup:
     """Trace an existing cgroup as an episode for the duration of a with-block."""
 
     def __init__(self, episode_id: str, cgroup: str | Path, *, outputs: list[str] | None = None,
-                 config: Config | None = None, labels: dict[str, str] | None = None):
+                 config: Config | None = None, labels: dict[str, str] | None = None,
+                 policy: Policy | dict | None = None, daemon: str | None = None):
         self.episode_id = validate_id(episode_id)
         self.cgroup = cgroups.resolve(cgroup)
-        self._outputs = Fanout(parse_output_specs(list(outputs or [])))
-        self._config, self._labels = config, labels
-        self._stop = threading.Event()
+        self._table = policy if isinstance(policy, dict) else None
+        self._policy = parse_policy(policy) if isinstance(policy, dict) else policy
+        self._specs, self._config, self._labels, self._daemon = list(outputs or []), config, labels, daemon
         self.verdict: Verdict | None = None
 
     def __enter__(self) -> trace_cgroup:
-        self._tracer = session.make_tracer(self._outputs, stats_interval_s=10.0, config=self._config)
-        self._builder = VerdictBuilder(self.episode_id)
-        self._tracer.observers.append(self._builder.observe)
-        self._cgroup_id = self._tracer.add_episode(self.episode_id, self.cgroup, self._labels).cgroup_id
-        self._thread = threading.Thread(target=self._loop, name="eptrace", daemon=True)
-        self._thread.start()
+        conn = _connection(self._daemon, self._config, None if self._table is not None else self._policy)
+        self._outputs = session.open_outputs(self._specs, self._config)
+        try:
+            if conn is not None:
+                from . import client
+                self._episode = client.Episode(conn, self._outputs, self.episode_id, self._labels, self._table,
+                                               cgroup=str(self.cgroup))
+                self._trace = None
+            else:
+                self._trace = session.CgroupTrace(self.episode_id, self.cgroup, self._outputs, self._config,
+                                                  self._labels, self._policy)
+        except BaseException:
+            self._outputs.close()
+            raise
         return self
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._tracer.poll()
-
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
         try:
-            self._tracer.finish()
-            session.account(self._builder.verdict, self._tracer, self._cgroup_id, alone=True)
-            self.verdict = self._builder.verdict
+            self.verdict = self._trace.end() if self._trace is not None else self._episode.end(0.0)
         finally:
-            self._tracer.probes.close()
             self._outputs.close()

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -53,17 +54,25 @@ def _require_root() -> None:
 
 def _outputs(specs: tuple[str, ...], schema: str = "ecs", config=None):
     """The outputs: --output forms, else the config file's [output] specs, else stdout."""
-    from .config import Config
-    from .outputs import Fanout, OutputError, OutputSpecError, Transform, parse_output_specs
-    config = config or Config()
+    from .session import OutputsError, open_outputs
     try:
-        fanout = Fanout(parse_output_specs(list(specs) or list(config.output.specs), config.output.spool_mb))
-    except (OutputSpecError, OutputError, OSError) as e:
+        return open_outputs(specs, config, schema)
+    except OutputsError as e:
         raise Failure(str(e), EXIT_BAD_INPUT) from None
-    if schema == "ocsf":
-        from .schema.ocsf import convert
-        return Transform(fanout, convert)
-    return fanout
+
+
+def _daemon(mode: str, in_process_only: dict[str, object]):
+    """The daemon's connection for --daemon MODE, or None (trace in-process)."""
+    from . import control
+    wanted = [option for option, value in in_process_only.items() if value]
+    if wanted:
+        if mode == "require":
+            raise Failure(f"{', '.join(wanted)} cannot be used through the daemon (use --daemon never)", EXIT_BAD_INPUT)
+        return None
+    try:
+        return control.connect_if_running(mode)
+    except control.DaemonError as e:
+        raise Failure(str(e), e.status) from None
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -139,6 +148,14 @@ ON_ALERT = click.Choice(list(POLICY_ACTIONS))
 ON_ALERT_HELP = "What to do to an episode on any alert, over its policy's on_alert."
 
 
+def _policy_table(path: str | None) -> dict | None:
+    """A --policy file's [policy] table as written (checked first by _policy), for the daemon or the state dir."""
+    if path is None:
+        return None
+    import tomllib
+    return tomllib.loads(open(path, "rb").read().decode())["policy"]
+
+
 def _policy(path: str | None):
     """A --policy file, checked (exit 2 before anything is traced), or None."""
     if path is None:
@@ -192,9 +209,9 @@ OUTPUT_HELP = ("Where documents go (repeat for several): '-' (stdout, the defaul
 EPILOG = """\b
 Exit status:
   0   success (run: the command's own status is passed through)
-  2   bad input: an invalid episode id, label, output, config or cgroup
+  2   bad input: an invalid episode id, label, output, config or cgroup; no daemon (--daemon require)
   3   run --fail-on-alert: the episode raised an alert (see --verdict)
-  4   not running as root
+  4   not running as root, or refused by the daemon's socket
   5   the kernel refused the probes (see: eptrace doctor)
   6   run --fail-on-incomplete: the episode's record is incomplete (records lost, argv unread; see --verdict)
 """
@@ -207,7 +224,9 @@ Exit status:
               help="Where registrations are kept [default: /var/lib/eptrace; env EPTRACE_STATE_DIR].")
 @click.option("--pin-dir", envvar="EPTRACE_PIN_DIR", type=click.Path(file_okay=False), default=None,
               help="Where the probes are pinned, on bpffs [default: /sys/fs/bpf/eptrace; env EPTRACE_PIN_DIR].")
-def cli(verbose: int, state_dir: str | None, pin_dir: str | None) -> None:
+@click.option("--socket", "socket_path", envvar="EPTRACE_SOCKET", default=None, metavar="PATH",
+              help="The daemon's control socket [default: /run/eptrace/eptrace.sock; env EPTRACE_SOCKET].")
+def cli(verbose: int, state_dir: str | None, pin_dir: str | None, socket_path: str | None) -> None:
     """Trace the network activity of AI-agent sandboxes, tagged by episode.
 
     eptrace attaches eBPF programs to the cgroups of sandbox episodes and streams one ECS JSON
@@ -218,7 +237,7 @@ def cli(verbose: int, state_dir: str | None, pin_dir: str | None) -> None:
       sudo eptrace doctor                                   # can this host run eptrace?
       sudo eptrace run --episode ep-42 -- python3 agent.py  # trace one command as an episode
       sudo eptrace episode add --id ep-43 --cgroup /sys/fs/cgroup/unified/sandbox/ep-43
-      sudo eptrace watch --output file:/var/log/eptrace/events.ndjson
+      sudo eptrace daemon --output file:/var/log/eptrace/events.ndjson
     """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LowerLevelFormatter("eptrace: %(levelname)s: %(message)s"))
@@ -227,6 +246,8 @@ def cli(verbose: int, state_dir: str | None, pin_dir: str | None) -> None:
         os.environ["EPTRACE_STATE_DIR"] = state_dir
     if pin_dir:
         os.environ["EPTRACE_PIN_DIR"] = os.path.abspath(pin_dir)
+    if socket_path:
+        os.environ["EPTRACE_SOCKET"] = os.path.abspath(socket_path)
 
 
 # Options end at "--" or at the first argument that is not an option: the command starts there, and what
@@ -256,9 +277,14 @@ def cli(verbose: int, state_dir: str | None, pin_dir: str | None) -> None:
 @click.option("--fail-on-incomplete", is_flag=True,
               help=f"Exit {EXIT_INCOMPLETE} if the episode's record is incomplete (records lost, argv unread), "
                    f"whatever CMD's own status; --fail-on-alert's {EXIT_ALERTED} comes first.")
+@click.option("--daemon", "daemon_mode", type=click.Choice(["auto", "never", "require"]), default="auto",
+              envvar="EPTRACE_DAEMON", show_default=True,
+              help="Trace through the eptrace daemon: when its socket answers (auto), never, or fail without it "
+                   "(require). --config, --capture and --metrics-listen trace in-process. [env EPTRACE_DAEMON]")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
 def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict_path, capture_path,
-        metrics_listen, policy_path, on_alert, run_as, schema, fail_on_alert, fail_on_incomplete, command) -> None:
+        metrics_listen, policy_path, on_alert, run_as, schema, fail_on_alert, fail_on_incomplete, daemon_mode,
+        command) -> None:
     """Run CMD as a traced episode, in a fresh cgroup of its own.
 
     Events stream until CMD and its children have exited and their flows are closed (at most
@@ -281,7 +307,19 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
     user = _user(run_as) if run_as else None
     _require_root()
     _check_written_paths(verdict=verdict_path, capture=capture_path)
+    conn = _daemon(daemon_mode, {"--config": config_path, "--capture": capture_path,
+                                 "--metrics-listen": metrics_listen})
     fanout = _outputs(outputs, schema, config)
+    if conn is not None:
+        from . import client, control
+        try:
+            verdict = client.run_episode(conn, episode_id, list(command), fanout, labels=label_map, grace_s=grace,
+                                         user=user, policy=_policy_table(policy_path), on_alert=on_alert)
+        except control.DaemonError as e:
+            raise Failure(str(e), e.status) from None
+        finally:
+            fanout.close()
+        _end_run(verdict, verdict_path, fail_on_alert, fail_on_incomplete)
     capture = _capture(capture_path, fanout)
     from .kernel.cgroups import CgroupError
     from .kernel.loader import ProbeError
@@ -296,13 +334,14 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
         raise Failure(str(e), EXIT_KERNEL) from None
     except ValueError as e:        # the metrics address cannot be bound
         raise Failure(str(e), EXIT_BAD_INPUT) from None
+    _end_run(verdict, verdict_path, fail_on_alert, fail_on_incomplete)
+
+
+def _end_run(verdict, verdict_path: str | None, fail_on_alert: bool, fail_on_incomplete: bool) -> None:
+    """The verdict on stderr and to --verdict, then run's exit status."""
+    from .session import write_verdict
     click.echo(verdict.human(), err=True)
-    if verdict_path:
-        from .safefiles import UnsafePathError, write_atomically
-        try:
-            write_atomically(verdict_path, (verdict.to_json() + "\n").encode(), "--verdict")
-        except (OSError, UnsafePathError) as e:
-            log.error("cannot write the verdict to %s: %s", verdict_path, e)
+    write_verdict(verdict, verdict_path)
     if fail_on_alert and verdict.alerted:
         sys.exit(EXIT_ALERTED)
     sys.exit(EXIT_INCOMPLETE if fail_on_incomplete and not verdict.complete else verdict.exit_code)
@@ -316,22 +355,37 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
 @click.option("--capture", "capture_path", type=click.Path(dir_okay=False), metavar="PATH", help=CAPTURE_HELP)
 @click.option("--metrics-listen", metavar="ADDR:PORT", help=METRICS_HELP)
 @click.option("--on-alert", type=ON_ALERT, help=ON_ALERT_HELP)
+@click.option("--socket", "socket_path", default=None, metavar="PATH",
+              help="The control socket (mode 0600) [default: eptrace's --socket, /run/eptrace/eptrace.sock].")
+@click.option("--socket-group", metavar="GROUP",
+              help="Also let this group's members use the socket (mode 0660); other users are refused.")
 @SCHEMA_OPTION
-def watch(outputs, stats_interval, config_path, capture_path, metrics_listen, on_alert, schema) -> None:
-    """Trace every registered episode, as a daemon, until SIGINT or SIGTERM.
+def daemon(outputs, stats_interval, config_path, capture_path, metrics_listen, on_alert, socket_path,
+           socket_group, schema) -> None:
+    """Trace every episode on the host, and serve the clients of the control socket, until SIGINT or SIGTERM.
 
-    Episodes are registered with 'eptrace episode add'; a registration made while watch runs
-    takes effect within a second, and registrations survive a restart of watch.
+    The probes are loaded once. Registered episodes ('eptrace episode add') are traced as soon as
+    they are added, and their registrations survive a restart; 'eptrace run' and tracer.api start
+    their episodes through the socket and get their own documents and verdict. The probes stay
+    pinned: a daemon that is killed and restarted resumes every episode, and its clients reconnect.
+    'eptrace watch' is the same command.
 
     \b
     Examples:
-      sudo eptrace watch
-      sudo eptrace watch --output file:/var/log/eptrace/events.ndjson?max_mb=100&keep=10
+      sudo eptrace daemon
+      sudo eptrace daemon --socket-group eptrace --output file:/var/log/eptrace/events.ndjson?max_mb=100&keep=10
     """
     config = _with_on_alert(_config(config_path), on_alert)
     metrics_listen = _metrics_address(metrics_listen)
     _require_root()
     _check_written_paths(capture=capture_path)
+    if socket_group:
+        import grp
+        try:
+            grp.getgrnam(socket_group)
+        except KeyError:
+            raise Failure(f"--socket-group: no group {socket_group!r}", EXIT_BAD_INPUT) from None
+    from .control import socket_path as default_socket
     from .registry import Registry, RegistryError
     registry = Registry()
     try:
@@ -340,20 +394,42 @@ def watch(outputs, stats_interval, config_path, capture_path, metrics_listen, on
         raise Failure(str(e), EXIT_BAD_INPUT) from None
     fanout = _outputs(outputs, schema, config)
     capture = _capture(capture_path, fanout)
+    from .daemon import serve
     from .kernel.loader import ProbeError
-    from .session import watch as watch_episodes
     try:
-        sys.exit(watch_episodes(fanout, registry, stats_interval_s=stats_interval, config=config,
-                                capture=capture, metrics_listen=metrics_listen))
+        sys.exit(serve(fanout, registry, Path(os.path.abspath(socket_path)) if socket_path else default_socket(),
+                       socket_group, stats_interval_s=stats_interval, config=config, capture=capture,
+                       metrics_listen=metrics_listen))
     except ProbeError as e:
         raise Failure(str(e), EXIT_KERNEL) from None
-    except ValueError as e:        # the metrics address cannot be bound
-        raise Failure(str(e), EXIT_BAD_INPUT) from None
+    except (ValueError, OSError) as e:        # the metrics address or the socket cannot be bound
+        raise Failure(str(getattr(e, "strerror", None) or e), EXIT_BAD_INPUT) from None
+
+
+cli.add_command(daemon, "watch")
+
+
+def _tell_daemon(op: str, **fields) -> dict | None:
+    """Tell a running daemon (registrations changed); None when none runs."""
+    from . import control
+    try:
+        conn = control.connect_if_running("auto")
+    except control.DaemonError as e:
+        log.warning("%s", e)
+        return None
+    if conn is None:
+        return None
+    try:
+        return conn.request(op, **fields)
+    except control.DaemonError as e:
+        raise Failure(str(e), e.status) from None
+    finally:
+        conn.close()
 
 
 @cli.group()
 def episode() -> None:
-    """Register the cgroups of episodes for 'eptrace watch'.
+    """Register the cgroups of episodes for the daemon ('eptrace daemon', alias 'eptrace watch').
 
     \b
     Examples:
@@ -376,26 +452,34 @@ def episode_add(episode_id, cgroup, labels, policy_path) -> None:
     label_map = _labels(labels)
     _policy(policy_path)                # checked now; stored as written
     _require_root()
-    table = None
-    if policy_path:
-        import tomllib
-        table = tomllib.loads(open(policy_path, "rb").read().decode())["policy"]
     try:
-        reg = Registry().add(episode_id, cgroup, label_map, policy=table)
+        reg = Registry().add(episode_id, cgroup, label_map, policy=_policy_table(policy_path))
     except RegistryError as e:
         raise Failure(str(e), EXIT_BAD_INPUT) from None
-    click.echo(f"registered episode {reg.id} for cgroup {printable(reg.cgroup)}", err=True)
+    traced = _tell_daemon("sync", id=episode_id)
+    click.echo(f"registered episode {reg.id} for cgroup {printable(reg.cgroup)}"
+               + ("" if traced is None else "; the daemon traces it" if reg.id in traced["registered"]
+                  else "; the daemon cannot trace it (see its log)"), err=True)
 
 
 @episode.command("rm")
 @click.option("--id", "episode_id", required=True, metavar="ID")
-def episode_rm(episode_id) -> None:
-    """Stop tracing an episode (within a second, if watch runs); a frozen episode is killed."""
+@click.option("--verdict", "verdict_path", type=click.Path(dir_okay=False), metavar="PATH",
+              help="Write the episode's final verdict as JSON to PATH (from the running daemon).")
+def episode_rm(episode_id, verdict_path) -> None:
+    """Stop tracing an episode (at once when the daemon runs); a frozen episode is killed."""
     from .kernel.cgroups import CgroupError
     from .registry import Registry, RegistryError
     from .session import episode_cgroups
     _episode_id(episode_id)
     _require_root()
+    _check_written_paths(verdict=verdict_path)
+    if verdict_path:
+        from . import control
+        try:
+            control.Connection().close()
+        except control.DaemonError as e:
+            raise Failure(f"--verdict: {e}", e.status) from None
     try:
         for path in episode_cgroups(episode_id, Registry()):
             if (path / "cgroup.freeze").read_text().strip() == "1":
@@ -404,7 +488,33 @@ def episode_rm(episode_id) -> None:
         Registry().remove(episode_id)
     except (RegistryError, CgroupError, OSError) as e:
         raise Failure(str(e), EXIT_BAD_INPUT) from None
+    if _tell_daemon("sync", id=episode_id) is not None and verdict_path:
+        answer = _tell_daemon("verdict", id=episode_id)
+        if answer:
+            from .session import write_verdict
+            from .verdict import from_dict
+            write_verdict(from_dict(answer["verdict"]), verdict_path)
     click.echo(f"removed episode {episode_id}", err=True)
+
+
+@episode.command("verdict")
+@click.option("--id", "episode_id", required=True, metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="The verdict as JSON (as run --verdict writes it).")
+def episode_verdict(episode_id, as_json) -> None:
+    """A registered episode's verdict so far (or its final one once removed), from the running daemon."""
+    from . import control
+    from .verdict import from_dict
+    _episode_id(episode_id)
+    try:
+        conn = control.Connection()
+        try:
+            answer = conn.request("verdict", id=episode_id)
+        finally:
+            conn.close()
+    except control.DaemonError as e:
+        raise Failure(str(e), e.status) from None
+    verdict = from_dict(answer["verdict"])
+    click.echo(verdict.to_json() if as_json else verdict.human())
 
 
 @episode.command("thaw")
@@ -426,18 +536,24 @@ def episode_thaw(episode_id) -> None:
 @episode.command("ls")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def episode_ls(as_json) -> None:
-    """List registered episodes: id, cgroup and labels."""
+    """List registered episodes: id, cgroup and labels (with a daemon, also the episodes its clients run)."""
     from .registry import Registry, RegistryError
     try:
         registrations = Registry().list(strict=True)
     except RegistryError as e:
         raise Failure(str(e), EXIT_BAD_INPUT) from None
-    for reg in registrations:
+    listed = _tell_daemon("list")
+    traced = {e["cgroup"]: e for e in listed["episodes"]} if listed else {}
+    rows = [{**reg.__dict__, **({"traced": reg.cgroup in traced} if listed else {})} for reg in registrations]
+    rows += [{"id": e["id"], "cgroup": e["cgroup"], "labels": e["labels"], "kind": e["kind"], "traced": True}
+             for e in traced.values() if e["kind"] != "registered"]
+    for row in rows:
         if as_json:
-            click.echo(json.dumps(reg.__dict__))
+            click.echo(json.dumps(row))
         else:
-            labels = " ".join(f"{k}={printable(v)}" for k, v in sorted(reg.labels.items()))
-            click.echo(f"{reg.id}\t{printable(reg.cgroup)}\t{labels}".rstrip())
+            labels = " ".join(f"{k}={printable(v)}" for k, v in sorted(row["labels"].items()))
+            kind = f"\t({row['kind']})" if "kind" in row else ""
+            click.echo(f"{row['id']}\t{printable(row['cgroup'])}\t{labels}".rstrip() + kind)
 
 
 @cli.command()

@@ -83,6 +83,8 @@ class Tracer:
         self.episode_activity: dict[int, Counter[str]] = {}
         self._removed_losses: dict[str, dict[str, int]] = {}   # episodes removed since the last metric
         self.observers: list = []          # callables that see every emitted event (verdicts)
+        self.on_document = None            # callable(event, document): the daemon's clients get theirs
+        self._on_alert: dict[int, str] = {}             # episode cgroup id -> its own on_alert (a client's)
         self.policies: dict[int, Policy] = {}           # episode cgroup id -> its policy (own or the config's)
         self._contained: dict[int, set[str]] = {}       # episode cgroup id -> actions taken on it
         self.flows.denial = self._denial
@@ -108,12 +110,15 @@ class Tracer:
 
     # -- episodes -------------------------------------------------------------------
     def add_episode(self, episode_id: str, cgroup_path: Path, labels: dict[str, str] | None = None,
-                    policy: Policy | None = None) -> Episode:
-        """policy: the episode's own, which replaces the config's [policy]."""
+                    policy: Policy | None = None, on_alert: str | None = None) -> Episode:
+        """policy: the episode's own, which replaces the config's [policy]; on_alert: the episode's own
+        --on-alert (a daemon client's), over the config's."""
         policy = policy or self.config.policy
         cgid = self.probes.attach(cgroup_path, policy)
         if policy is not None:
             self.policies[cgid] = policy
+        if on_alert:
+            self._on_alert[cgid] = on_alert
         episode = Episode(id=episode_id, cgroup_path=cgroups.relative(cgroup_path), cgroup_id=cgid,
                           labels=dict(labels or {}))
         self.episodes.add(episode)
@@ -124,6 +129,7 @@ class Tracer:
 
     def remove_episode(self, cgroup_id: int) -> None:
         self.policies.pop(cgroup_id, None)
+        self._on_alert.pop(cgroup_id, None)
         self._contained.pop(cgroup_id, None)
         counts = self._episode_losses(cgroup_id, self.probes.detach(cgroup_id))
         self.episode_counts.pop(cgroup_id, None)
@@ -257,7 +263,10 @@ class Tracer:
             self.shells.on_event(seen)      # the first bytes of a flow: a pipeline may be complete now
 
     def emit(self, event) -> None:
-        self.outputs.write(self.encoder.encode_document(event))
+        doc = self.encoder.encode_document(event)
+        self.outputs.write(doc)
+        if self.on_document is not None:
+            self.on_document(event, doc)
         self.stats["events_emitted"] += 1
         for observe in self.observers:
             observe(event)
@@ -292,7 +301,7 @@ class Tracer:
         but cut, which acts on each alert's own flows."""
         cgid = alert.episode.cgroup_id
         policy = self.policies.get(cgid)
-        action = self.config.on_alert or (policy.action_for(alert.rule.name) if policy else "none")
+        action = self._on_alert.get(cgid) or self.config.on_alert or (policy.action_for(alert.rule.name) if policy else "none")
         done = self._contained.setdefault(cgid, set())
         if action == "none" or action in done or "deny_network" in done and action == "cut":
             return
@@ -439,6 +448,11 @@ class Tracer:
     def emit_stats(self) -> None:
         self.emit(Metric(timestamp_ns=time.time_ns(), stats=self.stats_snapshot()))
         self._removed_losses.clear()
+
+    def finish_episode(self, cgroup_id: int) -> None:
+        """One episode is over (the others go on): resolve its connection attempts still pending."""
+        self.flows.sweep(time.monotonic_ns(), final=True, episode_cgroup_id=cgroup_id)
+        self.outputs.flush()
 
     def finish(self) -> None:
         """Resolve what is pending, report the final counters and flush."""

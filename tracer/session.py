@@ -1,5 +1,8 @@
-"""The two ways to trace: one episode around a command (run), or every
-registered episode (watch)."""
+"""The session lifecycle every way of tracing shares: open the outputs, trace, close, verdict.
+In-process: one episode around a command (run_episode), an existing cgroup (CgroupTrace, the API),
+or the whole host (trace_host: the daemon). tracer/client.py does the same through a daemon.
+
+The probes (bcc) are imported only where a tracer is made: a daemon's client never loads them."""
 from __future__ import annotations
 
 import logging
@@ -14,13 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .config import Config, ConfigError
+from .config import Config
 from .events import Metric
 from .kernel import cgroups, pins, seccomp
-from .kernel.loader import Probes
-from .pipeline import Tracer
 from .policy import Policy
-from .policy import parse as policy_of
 from .registry import Registry, validate_id
 from .verdict import Verdict, VerdictBuilder
 from .watchdog import DONE
@@ -28,13 +28,44 @@ from .watchdog import DONE
 log = logging.getLogger(__name__)
 
 RUN_PARENT = "eptrace"          # run's fresh cgroups live under <cgroup2>/eptrace/, as <id>@<pid>
-SYNC_INTERVAL_S = 0.5           # how often watch re-reads the registrations
+
+
+class OutputsError(Exception):
+    """An output spec or its destination is wrong (bad input)."""
+
+
+def open_outputs(specs: list[str] | tuple[str, ...], config: Config | None = None, schema: str = "ecs"):
+    """The session's outputs: the specs, else the config's [output] specs, else stdout; with the
+    config's spool_mb for network outputs."""
+    from .outputs import Fanout, OutputError, OutputSpecError, Transform, parse_output_specs
+    config = config or Config()
+    try:
+        fanout = Fanout(parse_output_specs(list(specs) or list(config.output.specs), config.output.spool_mb))
+    except (OutputSpecError, OutputError, OSError) as e:
+        raise OutputsError(str(e)) from None
+    if schema == "ocsf":
+        from .schema.ocsf import convert
+        return Transform(fanout, convert)
+    return fanout
+
+
+def write_verdict(verdict: Verdict, path: str | None) -> None:
+    """The session's last step: the verdict as JSON to path (tracer.safefiles), when asked."""
+    if not path:
+        return
+    from .safefiles import UnsafePathError, write_atomically
+    try:
+        write_atomically(path, (verdict.to_json() + "\n").encode(), "--verdict")
+    except (OSError, UnsafePathError) as e:
+        log.error("cannot write the verdict to %s: %s", path, e)
 
 
 def make_tracer(outputs, stats_interval_s: float, config: Config | None = None, capture=None,
-                pin_dir: Path | None = None, fail_closed: bool = False) -> Tracer:
+                pin_dir: Path | None = None, fail_closed: bool = False):
     """pin_dir: pin the probes there (they outlive this process); fail_closed: and refuse the
     episodes' connects once no tracer has refreshed the liveness map for the configured timeout."""
+    from .kernel.loader import Probes
+    from .pipeline import Tracer
     config = config or Config()
     probes = Probes(ringbuf_pages=config.limits.ringbuf_pages, pin_dir=pin_dir)
     try:
@@ -48,7 +79,7 @@ def make_tracer(outputs, stats_interval_s: float, config: Config | None = None, 
         raise
 
 
-def serve_metrics(tracer: Tracer, address: str | None):
+def serve_metrics(tracer, address: str | None):
     """The Prometheus endpoint of --metrics-listen, or None."""
     if not address:
         return None
@@ -62,7 +93,7 @@ def make_encoder():
     return EcsEncoder(host_name=socket.gethostname(), agent_version=__version__)
 
 
-def clean_leftovers(tracer: Tracer) -> None:
+def clean_leftovers(tracer) -> None:
     """Run cgroups left by an eptrace that died, <id>@<pid>[.<n>] ('@' is in no id) whose pid is
     gone: kill what is in them, report each in a metric document, remove them; then unpin the
     probes of dead runs (after the kill, so that they keep refusing until then), each reported in a
@@ -104,19 +135,20 @@ def episode_cgroups(episode_id: str, registry: Registry) -> list[Path]:
     return found
 
 
-def _fresh_cgroup(episode_id: str) -> Path:
+def fresh_cgroup(episode_id: str, owner_pid: int) -> Path:
+    """A new cgroup <id>@<owner pid>[.n]: killed and removed by the next eptrace once the owner is dead."""
     parent = cgroups.cgroup2_mount() / RUN_PARENT
     for attempt in range(100):
         suffix = f".{attempt}" if attempt else ""
         try:
             parent.mkdir(exist_ok=True)
-            return cgroups.create(parent / f"{episode_id}@{os.getpid()}{suffix}")
+            return cgroups.create(parent / f"{episode_id}@{owner_pid}{suffix}")
         except (FileExistsError, FileNotFoundError):   # taken, or the parent was just removed
             continue
     raise cgroups.CgroupError(f"cannot make a fresh cgroup for episode {episode_id} under {parent}")
 
 
-def _remove_run_cgroup(cgroup: Path) -> None:
+def remove_run_cgroup(cgroup: Path) -> None:
     try:
         cgroups.kill_and_remove(cgroup)
     except cgroups.CgroupError as e:
@@ -195,28 +227,12 @@ def run_episode(episode_id: str, argv: list[str], outputs, labels: dict[str, str
         builder = VerdictBuilder(episode_id)
         tracer.observers.append(builder.observe)
         clean_leftovers(tracer)
-        cgroup = _fresh_cgroup(episode_id)
+        cgroup = fresh_cgroup(episode_id, os.getpid())
         stop = _Stop()
         episode = tracer.add_episode(episode_id, cgroup, labels, policy)
         watchdog, watchdog_pipe = _start_watchdog(cgroup, tracer.probes.pin_dir)
-        procs_file = str(cgroup / "cgroup.procs")
-        packet_filter = _packet_socket_filter(tracer.policies.get(episode.cgroup_id))
-
-        def enter_cgroup() -> None:     # runs in the child before exec, so exec is traced
-            with open(procs_file, "w") as f:
-                f.write(str(os.getpid()))
-            if packet_filter is not None:   # while still root: no no_new_privs needed
-                packet_filter.install()
-            if user is not None:        # after joining: an unprivileged process cannot move itself
-                os.setgroups(user.groups)
-                os.setgid(user.gid)
-                os.setuid(user.uid)
-
-        env = None
-        if user is not None and user.name:
-            env = {**os.environ, "USER": user.name, "LOGNAME": user.name, "HOME": user.home or "/"}
-        # stdout carries the event stream when it is an output: CMD's stdout goes to stderr then.
-        child_stdout = sys.stderr if any(o.name == "stdout" for o in outputs.outputs) else None
+        enter_cgroup, env, child_stdout = command_setup(cgroup, user, outputs,
+                                                        tracer.policies.get(episode.cgroup_id))
         try:
             child = subprocess.Popen(argv, preexec_fn=enter_cgroup, stdout=child_stdout, env=env)
         except (OSError, subprocess.SubprocessError) as e:
@@ -236,7 +252,7 @@ def run_episode(episode_id: str, argv: list[str], outputs, labels: dict[str, str
         if watchdog is not None:
             _stop_watchdog(watchdog, watchdog_pipe)
         if cgroup is not None:
-            _remove_run_cgroup(cgroup)      # before the probes go: nothing runs untraced
+            remove_run_cgroup(cgroup)      # before the probes go: nothing runs untraced
         _close(tracer, outputs, capture, metrics)
 
 
@@ -252,7 +268,31 @@ def _packet_socket_filter(policy: Policy | None) -> seccomp.Installer | None:
     return seccomp.Installer(program)
 
 
-def account(verdict: Verdict, tracer: Tracer, cgroup_id: int, alone: bool) -> None:
+def command_setup(cgroup: Path, user: User | None, outputs, policy: Policy | None = None):
+    """(preexec_fn, env, stdout) for CMD: it joins the episode cgroup before exec (so that its exec is
+    traced), installs the packet-socket filter of its policy, then becomes user; its stdout goes to stderr
+    when stdout carries the event stream."""
+    procs_file = str(cgroup / "cgroup.procs")
+    packet_filter = _packet_socket_filter(policy)
+
+    def enter_cgroup() -> None:     # runs in the child before exec
+        with open(procs_file, "w") as f:
+            f.write(str(os.getpid()))
+        if packet_filter is not None:   # while still root: no no_new_privs needed
+            packet_filter.install()
+        if user is not None:        # after joining: an unprivileged process cannot move itself
+            os.setgroups(user.groups)
+            os.setgid(user.gid)
+            os.setuid(user.uid)
+
+    env = None
+    if user is not None and user.name:
+        env = {**os.environ, "USER": user.name, "LOGNAME": user.name, "HOME": user.home or "/"}
+    child_stdout = sys.stderr if any(o.name == "stdout" for o in outputs.outputs) else None
+    return enter_cgroup, env, child_stdout
+
+
+def account(verdict: Verdict, tracer, cgroup_id: int, alone: bool) -> None:
     """The verdict's completeness, from the episode's losses. alone: the tracer traced only this
     episode, so a loss the kernel could not attribute to an episode is this one's too."""
     losses = tracer.episode_losses(cgroup_id)
@@ -264,7 +304,7 @@ def account(verdict: Verdict, tracer: Tracer, cgroup_id: int, alone: bool) -> No
     verdict.account(losses)
 
 
-def _wait_for_command(tracer: Tracer, child: subprocess.Popen, stop: _Stop) -> int:
+def _wait_for_command(tracer, child: subprocess.Popen, stop: _Stop) -> int:
     forwarded = False
     while child.poll() is None:
         if stop.signum is not None and not forwarded:
@@ -274,7 +314,7 @@ def _wait_for_command(tracer: Tracer, child: subprocess.Popen, stop: _Stop) -> i
     return child.returncode if child.returncode >= 0 else 128 - child.returncode
 
 
-def _wait_for_descendants(tracer: Tracer, cgroup: Path, grace_s: float, stop: _Stop) -> None:
+def _wait_for_descendants(tracer, cgroup: Path, grace_s: float, stop: _Stop) -> None:
     deadline = time.monotonic() + grace_s
     while cgroups.pids(cgroup):
         if time.monotonic() > deadline or stop.signum is not None:
@@ -286,7 +326,7 @@ def _wait_for_descendants(tracer: Tracer, cgroup: Path, grace_s: float, stop: _S
         tracer.poll()
 
 
-def _wait_for_flows(tracer: Tracer, grace_s: float, stop: _Stop) -> None:
+def _wait_for_flows(tracer, grace_s: float, stop: _Stop) -> None:
     deadline = time.monotonic() + grace_s
     while tracer.flows.open_flows() and time.monotonic() < deadline and stop.signum is None:
         tracer.poll()
@@ -296,39 +336,30 @@ def _wait_for_flows(tracer: Tracer, grace_s: float, stop: _Stop) -> None:
         log.warning("%d flow(s) still open %.0fs after the episode ended; not waiting longer", len(still_open), grace_s)
 
 
-def watch(outputs, registry: Registry, stats_interval_s: float = 10.0, config: Config | None = None,
-          capture=None, metrics_listen: str | None = None) -> int:
-    """Trace every registered episode until SIGINT/SIGTERM; registrations are re-read twice a second."""
+def trace_host(outputs, loop, stats_interval_s: float = 10.0, config: Config | None = None,
+               capture=None, metrics_listen: str | None = None) -> int:
+    """The daemon's session: the host's tracer on the pinned watch state, loop(tracer, stop) until
+    SIGINT/SIGTERM, then close. A clean stop detaches everything; after a failure (or SIGKILL) the
+    pinned probes stay for the next daemon, and keep the episodes traced (and fail-closed) meanwhile."""
     config = config or Config()
     tracer = make_tracer(outputs, stats_interval_s, config, capture, pin_dir=pins.watch_dir(),
                          fail_closed=config.tracing.fail_closed)
     metrics = None
     clean = False
     stop = _Stop()
-    attached: dict[str, int] = {}          # episode id -> cgroup id
-    warned: set[tuple[str, str]] = set()   # (episode id, cgroup) that could not be traced: not retried
     try:
         metrics = serve_metrics(tracer, metrics_listen)
         clean_leftovers(tracer)
-        _sync(tracer, registry, attached, warned)
-        if tracer.probes.resumed:
-            _report_resumption(tracer, attached)
-        next_sync = time.monotonic() + SYNC_INTERVAL_S
-        while stop.signum is None:
-            if time.monotonic() >= next_sync:
-                next_sync = time.monotonic() + SYNC_INTERVAL_S
-                _sync(tracer, registry, attached, warned)
-            tracer.poll()
+        loop(tracer, stop)
         tracer.finish()
         clean = True
         return 0
     finally:
-        # A clean stop detaches everything; after a failure the pinned probes stay for the next watch.
         _close(tracer, outputs, capture, metrics, keep_pins=not clean)
 
 
-def _report_resumption(tracer: Tracer, attached: dict[str, int]) -> None:
-    """A watch that re-opened the pinned state of one that died: deliver what was recorded
+def report_resumption(tracer, attached: dict[str, int]) -> None:
+    """A daemon that re-opened the pinned state of one that died: deliver what was recorded
     meanwhile, forget links of episodes unregistered meanwhile, and say how long it was away."""
     probes = tracer.probes
     forgotten = probes.forget_others()
@@ -353,7 +384,7 @@ def _report_resumption(tracer: Tracer, attached: dict[str, int]) -> None:
     tracer.emit(Metric(timestamp_ns=time.time_ns(), stats=stats))
 
 
-def _close(tracer: Tracer, outputs, capture, metrics, keep_pins: bool = False) -> None:
+def _close(tracer, outputs, capture, metrics, keep_pins: bool = False) -> None:
     """Detach the probes, then flush and close what the session opened."""
     tracer.probes.close(keep_pins=keep_pins)
     outputs.close()
@@ -363,24 +394,36 @@ def _close(tracer: Tracer, outputs, capture, metrics, keep_pins: bool = False) -
         metrics.close()
 
 
-def _sync(tracer: Tracer, registry: Registry, attached: dict[str, int], warned: set[tuple[str, str]]) -> None:
-    wanted = {reg.id: reg for reg in registry.list()}
-    for episode_id, cgid in list(attached.items()):
-        episode = tracer.episodes.get(cgid)
-        gone = episode is None or not (cgroups.cgroup2_mount() / episode.cgroup_path.lstrip("/")).is_dir()
-        if episode_id not in wanted or gone:
-            tracer.remove_episode(cgid)
-            del attached[episode_id]
-            if gone and episode_id in wanted:
-                log.warning("episode %s: its cgroup was removed; it stays registered", episode_id)
-                warned.add((episode_id, wanted[episode_id].cgroup))
-    for episode_id, reg in wanted.items():
-        if episode_id in attached or (episode_id, reg.cgroup) in warned:
-            continue
+class CgroupTrace:
+    """An existing cgroup traced in-process for a while (tracer.api.trace_cgroup): a tracer of its own,
+    read by a thread, until end() gives the verdict."""
+
+    def __init__(self, episode_id: str, cgroup: Path, outputs, config: Config | None = None,
+                 labels: dict[str, str] | None = None, policy: Policy | None = None):
+        import threading
+        self.episode_id, self.outputs = episode_id, outputs
+        self.tracer = make_tracer(outputs, stats_interval_s=10.0, config=config)
         try:
-            path = cgroups.resolve(reg.cgroup)
-            attached[episode_id] = tracer.add_episode(episode_id, path, reg.labels,
-                                                      policy_of(reg.policy) if reg.policy else None).cgroup_id
-        except (cgroups.CgroupError, OSError, ConfigError) as e:
-            log.warning("episode %s: cannot trace cgroup %s: %s", episode_id, reg.cgroup, e)
-            warned.add((episode_id, reg.cgroup))
+            self.builder = VerdictBuilder(episode_id)
+            self.tracer.observers.append(self.builder.observe)
+            self.cgroup_id = self.tracer.add_episode(episode_id, cgroup, labels, policy).cgroup_id
+        except BaseException:
+            _close(self.tracer, outputs, None, None)
+            raise
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="eptrace", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.tracer.poll()
+
+    def end(self) -> Verdict:
+        self._stop.set()
+        self._thread.join()
+        try:
+            self.tracer.finish()
+            account(self.builder.verdict, self.tracer, self.cgroup_id, alone=True)
+            return self.builder.verdict
+        finally:
+            _close(self.tracer, self.outputs, None, None)

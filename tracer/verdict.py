@@ -85,12 +85,16 @@ class Verdict:
 class VerdictBuilder:
     """Watches one episode's events as they are emitted."""
 
-    def __init__(self, episode_id: str):
+    def __init__(self, episode_id: str, cgroup_id: int | None = None):
+        """cgroup_id: only that episode's events (a daemon may trace two episodes of one id)."""
         self.verdict = Verdict(episode_id)
+        self.cgroup_id = cgroup_id
         self._destinations: set[str] = set()
 
     def observe(self, event) -> None:
-        if getattr(event, "episode", None) is None or event.episode.id != self.verdict.episode_id:
+        episode = getattr(event, "episode", None)
+        if episode is None or episode.id != self.verdict.episode_id or \
+                (self.cgroup_id is not None and episode.cgroup_id != self.cgroup_id):
             return
         v = self.verdict
         if isinstance(event, Alert) and event.containment is not None:
@@ -118,3 +122,27 @@ class VerdictBuilder:
                                   else (event.source_bytes, event.destination_bytes))
                 v.bytes_out += sent or 0
                 v.bytes_in += received or 0
+
+
+def from_dict(data: dict) -> Verdict:
+    """A Verdict from its JSON form (the daemon's answers); derived fields (alerted, clean) are dropped."""
+    known = {f for f in Verdict.__dataclass_fields__}
+    return Verdict(**{k: v for k, v in data.items() if k in known})
+
+
+def merge(earlier: Verdict, later: Verdict) -> Verdict:
+    """One episode's verdict from two daemons (one died, the next resumed the episode): activity adds up;
+    the kernel's counters (losses, refusals, denials) are cumulative in the pinned maps, so the larger counts."""
+    v = Verdict(later.episode_id, exit_code=later.exit_code)
+    for name in ("connections", "connections_failed", "flows_ended", "bytes_out", "bytes_in"):
+        setattr(v, name, getattr(earlier, name) + getattr(later, name))
+    seen = set(earlier.destinations)
+    v.destinations = (earlier.destinations + [d for d in later.destinations if d not in seen])[:MAX_DESTINATIONS]
+    v.destination_count = earlier.destination_count + later.destination_count - \
+        sum(1 for d in later.destinations if d in seen)
+    v.alerts = earlier.alerts + later.alerts
+    v.containment = earlier.containment + later.containment
+    v.connects_refused = max(earlier.connects_refused, later.connects_refused)
+    v.denied = max(earlier.denied, later.denied)
+    v.account({r: max(earlier.losses.get(r, 0), later.losses.get(r, 0)) for r in {*earlier.losses, *later.losses}})
+    return v

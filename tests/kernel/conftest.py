@@ -70,6 +70,15 @@ def _pin_dir_of_this_session(require_kernel):
         yield path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_daemon_unless_asked(tmp_path_factory):
+    """eptrace runs of the tests trace in-process (--daemon never) unless a test asks for a daemon, and a
+    daemon started by a test (watch is one) listens on this session's own socket, never the host's."""
+    os.environ["EPTRACE_DAEMON"] = "never"
+    os.environ["EPTRACE_SOCKET"] = str(tmp_path_factory.mktemp("eptrace-socket") / "eptrace.sock")
+    yield
+
+
 @pytest.fixture
 def net():
     with harness.TestNetwork() as n:

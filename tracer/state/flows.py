@@ -360,9 +360,12 @@ class FlowTable:
                               socket_type=SOCKET_TYPES.get(rec.type, str(rec.type)), socket_protocol=rec.protocol))
 
     # -- sweeps --------------------------------------------------------------------
-    def sweep(self, now_mono_ns: int, final: bool = False) -> None:
-        """Resolve attempts whose outcome did not come in time, and report long flows."""
+    def sweep(self, now_mono_ns: int, final: bool = False, episode_cgroup_id: int | None = None) -> None:
+        """Resolve attempts whose outcome did not come in time, and report long flows.
+        episode_cgroup_id: only that episode's flows (final: that episode is over)."""
         for flow in list(self.flows.values()):
+            if episode_cgroup_id is not None and flow.episode.cgroup_id != episode_cgroup_id:
+                continue
             if flow.established and not final:
                 self._report_if_due(flow, now_mono_ns)
             if flow.attempt is None:

@@ -1,0 +1,381 @@
+"""eptrace daemon and its clients (issue 11), for real: a daemon started by the test (its own socket, state
+directory and pin directory) traces the episodes of `eptrace run` clients and of registrations; it is killed
+and restarted under a running client; the socket refuses other users."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+import harness
+from eptrace_helpers import (REPO_ROOT, LineReader, alerts, assert_contract, assert_one_line_error, dump, kill,
+                             read_docs, run_eptrace, select, start_eptrace, stop, wait_for_docs, wait_until)
+from harness import HOST_IP, METADATA_IP, PYTHON
+from support import free_port
+
+from tracer import control
+
+CONNECT = "import socket, sys; socket.socket().connect_ex(('127.0.0.1', int(sys.argv[1])))"
+# Connects to 127.0.0.1:BASE+i every 0.2 s, N times, printing each i.
+CONNECT_LOOP = r'''
+import socket, sys, time
+base, n = int(sys.argv[1]), int(sys.argv[2])
+for i in range(n):
+    socket.socket().connect_ex(("127.0.0.1", base + i))
+    print(i, flush=True)
+    time.sleep(0.2)
+'''
+CONNECT_TWICE = r'''
+import socket, sys
+for host in (sys.argv[1], sys.argv[2]):
+    with socket.create_connection((host, int(sys.argv[3])), timeout=5) as s:
+        s.sendall(b"hello")
+        s.recv(100)
+print("done", flush=True)
+'''
+# eptrace's command line in this process, reporting at exit whether bcc or the loader were imported, and VmHWM.
+CLIENT_PROBE = r'''
+import atexit, json, sys
+path = sys.argv[1]
+def report():
+    hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    with open(path, "w") as f:
+        json.dump({"bcc": "bcc" in sys.modules, "loader": "tracer.kernel.loader" in sys.modules,
+                   "vmhwm_kb": hwm}, f)
+atexit.register(report)
+sys.argv = ["eptrace"] + sys.argv[2:]
+from tracer.cli import main
+main()
+'''
+
+
+class Daemon:
+    """`eptrace daemon` with a socket, state directory and pin directory of this test's own."""
+
+    def __init__(self, tmp_path: Path, config: str | None = None):
+        self.tmp = tmp_path
+        self.socket = Path(f"/tmp/eptrace-test-sock-{secrets.token_hex(4)}") / "eptrace.sock"
+        self.state = tmp_path / "state"
+        self.pins = Path(f"/sys/fs/bpf/eptrace-test-daemon-{secrets.token_hex(3)}")
+        self.events = tmp_path / "daemon.ndjson"
+        self.config = tmp_path / "daemon.toml"
+        self.config.write_text(config or "")
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def env(self) -> None:
+        os.environ["EPTRACE_SOCKET"] = str(self.socket)
+        os.environ["EPTRACE_PIN_DIR"] = str(self.pins)
+
+    def start(self, *options) -> Daemon:
+        self.env()
+        self.starts += 1
+        self.proc = start_eptrace("-v", "daemon", "--output", f"file:{self.events}", "--stats-interval", 0.5,
+                                  "--config", self.config, *options, state_dir=self.state, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE)
+        self.stderr = LineReader(self.proc.stderr)
+        wait_until(self._answers, 90, lambda: f"the daemon never answered; stderr:\n{self.stderr.text()}")
+        return self
+
+    def _answers(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the daemon exited with {self.proc.returncode}: {self.stderr.text()}")
+        try:
+            return self.request("health")["type"] == "health"
+        except control.DaemonError:
+            return False
+
+    def request(self, op: str, **fields) -> dict:
+        conn = control.Connection(self.socket, timeout=10)
+        try:
+            return conn.request(op, **fields)
+        finally:
+            conn.close()
+
+    def cleanup(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+        shutil.rmtree(self.pins, ignore_errors=True)
+        shutil.rmtree(self.socket.parent, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(tmp_path, monkeypatch):
+    monkeypatch.setenv("EPTRACE_DAEMON", "never")      # restored after the test; clients ask explicitly
+    monkeypatch.setenv("EPTRACE_SOCKET", os.environ["EPTRACE_SOCKET"])
+    monkeypatch.setenv("EPTRACE_PIN_DIR", os.environ["EPTRACE_PIN_DIR"])
+    d = Daemon(tmp_path)
+    try:
+        yield d.start()
+    finally:
+        d.cleanup()
+
+
+def client(d: Daemon, episode: str, *command, options=(), timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """`eptrace run --daemon require` with its own output and verdict file."""
+    return run_eptrace("run", "--daemon", "require", "--episode", episode, "--grace", 2,
+                       "--output", f"file:{d.tmp / episode}.ndjson", "--verdict", f"{d.tmp / episode}.json",
+                       *options, "--", *command, state_dir=d.state, timeout=timeout)
+
+
+def verdict_of(d: Daemon, episode: str) -> dict:
+    return json.loads((d.tmp / f"{episode}.json").read_text())
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for its new parent to reap it is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def ports_attempted(docs: list[dict]) -> list[int]:
+    return [doc["destination"]["port"] for doc in select(docs, "connection_attempted")]
+
+
+# ---- the daemon traces its clients ----------------------------------------------------------------------
+
+def test_a_run_client_gets_its_own_documents_and_verdict_without_loading_the_probes(daemon, tmp_path):
+    port = free_port()
+    report = tmp_path / "client.json"
+    r = subprocess.run([sys.executable, "-c", CLIENT_PROBE, str(report), "run", "--daemon", "require", "--episode",
+                        "ep-d1", "--grace", "2", "--output", f"file:{tmp_path}/ep-d1.ndjson", "--verdict",
+                        f"{tmp_path}/ep-d1.json", "--label", "team=rl", "--", PYTHON, "-c",
+                        CONNECT + "; raise SystemExit(7)", str(port)], cwd=REPO_ROOT, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "EPTRACE_STATE_DIR": str(daemon.state)})
+    assert r.returncode == 7, r.stderr                  # the command's own status
+    docs = read_docs(tmp_path / "ep-d1.ndjson")
+    assert_contract(docs)
+    events = [doc for doc in docs if doc["event"]["kind"] != "metric"]
+    assert {doc["labels"]["episode_id"] for doc in events} == {"ep-d1"}, dump(docs)
+    assert {doc["labels"]["team"] for doc in events} == {"rl"}, dump(docs)
+    assert ports_attempted(docs) == [port], dump(docs)
+    assert select(docs, "process_started"), dump(docs)
+    metrics = [doc for doc in docs if doc["event"]["kind"] == "metric"]      # its own counters, last
+    assert metrics == [docs[-1]] and metrics[0]["eptrace"]["stats"]["episode_id"] == "ep-d1", dump(docs)
+    verdict = verdict_of(daemon, "ep-d1")
+    assert verdict["exit_code"] == 7 and verdict["connections"] == 1, verdict
+    assert verdict["destinations"] == [f"127.0.0.1:{port}/tcp"] and verdict["complete"], verdict
+    # the daemon's own output has them too; the client never loaded bcc or the probes
+    wait_for_docs(daemon.events, lambda all_docs: port in ports_attempted(all_docs))
+    probe = json.loads(report.read_text())
+    assert probe["bcc"] is False and probe["loader"] is False, probe
+    assert probe["vmhwm_kb"] < 80 * 1024, probe         # the 40 MB target is bench's; this catches a probe load
+    listed = daemon.request("list")["episodes"]
+    assert not [e for e in listed if e["id"] == "ep-d1"], listed       # ended: untraced, cgroup gone
+    assert not list((daemon.state / "runs").glob("ep-d1@*")), "the run record was left behind"
+
+
+def test_fifty_concurrent_clients_each_get_only_their_own_documents(daemon):
+    ports = {f"ep-c{i}": free_port() for i in range(50)}
+    results: dict[str, subprocess.CompletedProcess] = {}
+
+    def one(episode: str) -> None:
+        results[episode] = client(daemon, episode, PYTHON, "-c", CONNECT, str(ports[episode]), timeout=600)
+    threads = [threading.Thread(target=one, args=(e,)) for e in ports]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for episode, port in ports.items():
+        r = results[episode]
+        assert r.returncode == 0, (episode, r.stderr)
+        docs = read_docs(daemon.tmp / f"{episode}.ndjson")
+        assert {doc.get("labels", {}).get("episode_id") or doc["eptrace"]["stats"]["episode_id"]
+                for doc in docs} == {episode}, (episode, dump(docs))
+        assert ports_attempted(docs) == [port], (episode, dump(docs))
+        verdict = verdict_of(daemon, episode)
+        assert verdict["destinations"] == [f"127.0.0.1:{port}/tcp"], (episode, verdict)
+
+
+@pytest.fixture
+def echo_on_host_and_metadata(net):
+    with harness.tcp_echo_server(net, 8080) as host, harness.tcp_echo_server(net, 8080, host=METADATA_IP) as md:
+        yield host, md
+
+
+def test_exit_statuses_and_fail_on_alert_are_the_same_as_in_process(daemon, net, echo_on_host_and_metadata):
+    argv = net.sandbox_prefix() + [PYTHON, "-c", CONNECT_TWICE + "raise SystemExit(9)", HOST_IP, METADATA_IP, 8080]
+    through = {}
+    for options in ((), ("--fail-on-alert",)):
+        for mode in ("require", "never"):
+            episode = f"ep-{mode}-{len(options)}"
+            r = run_eptrace("run", "--daemon", mode, "--episode", episode, "--grace", 2, "--output",
+                            f"file:{daemon.tmp / episode}.ndjson", "--verdict", f"{daemon.tmp / episode}.json",
+                            *options, "--", *argv, state_dir=daemon.state, timeout=180)
+            docs = read_docs(daemon.tmp / f"{episode}.ndjson")
+            assert alerts(docs, "cloud_metadata_access"), dump(docs)
+            v = verdict_of(daemon, episode)
+            through[(mode, options)] = (r.returncode, v["connections"], v["bytes_out"], v["bytes_in"],
+                                        [a["rule"] for a in v["alerts"]], v["exit_code"])
+    assert through[("require", ())] == through[("never", ())] == (9, 2, 10, 10, ["cloud_metadata_access"], 9), through
+    assert through[("require", ("--fail-on-alert",))] == through[("never", ("--fail-on-alert",))], through
+    assert through[("require", ("--fail-on-alert",))][0] == 3, through
+    # a command that cannot start: 127, as in-process
+    assert client(daemon, "ep-nocmd", "/nonexistent/command").returncode == 127
+
+
+# ---- registered episodes ------------------------------------------------------------------------------------
+
+def test_episode_add_takes_effect_at_once_and_its_verdict_is_there_at_any_time(daemon, episode_cgroup, tmp_path):
+    cgroup = episode_cgroup(f"daemon-live-{os.getpid()}")
+    add = run_eptrace("episode", "add", "--id", "ep-live", "--cgroup", cgroup, "--label", "run=7",
+                      state_dir=daemon.state)
+    assert add.returncode == 0 and "the daemon traces it" in add.stderr, add.stderr
+    # no poll: the daemon lists it as soon as `episode add` returned
+    listed = {e["id"]: e for e in daemon.request("list")["episodes"]}
+    assert listed["ep-live"]["kind"] == "registered", listed
+    port = free_port()
+    proc = harness.spawn_in_cgroup(cgroup, [PYTHON, "-c", CONNECT, str(port)])
+    assert proc.wait(30) == 0
+    docs = wait_for_docs(daemon.events, lambda d: [x for x in select(d, "connection_attempted", port=port)])
+    assert docs[0]["labels"] == {"episode_id": "ep-live", "run": "7"}, docs[0]
+
+    def current() -> dict:
+        r = run_eptrace("episode", "verdict", "--id", "ep-live", "--json", state_dir=daemon.state)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+    v = wait_until(lambda: (lambda v: v if v["connections"] == 1 else None)(current()), 15, "the verdict so far")
+    assert v["destinations"] == [f"127.0.0.1:{port}/tcp"] and v["exit_code"] is None, v
+    human = run_eptrace("episode", "verdict", "--id", "ep-live", state_dir=daemon.state)
+    assert human.stdout.startswith("episode ep-live: exit None, 1 connection(s)"), human.stdout
+    ls = run_eptrace("episode", "ls", "--json", state_dir=daemon.state)
+    assert json.loads(ls.stdout.splitlines()[0])["traced"] is True, ls.stdout
+    final = tmp_path / "final.json"
+    rm = run_eptrace("episode", "rm", "--id", "ep-live", "--verdict", final, state_dir=daemon.state)
+    assert rm.returncode == 0, rm.stderr
+    assert json.loads(final.read_text())["connections"] == 1
+    assert not [e for e in daemon.request("list")["episodes"] if e["id"] == "ep-live"]
+    after = run_eptrace("episode", "verdict", "--id", "ep-live", "--json", state_dir=daemon.state)
+    assert json.loads(after.stdout)["connections"] == 1, after       # the final one, kept after rm
+
+
+# ---- restart ------------------------------------------------------------------------------------------------
+
+def test_a_killed_daemon_is_restarted_and_its_client_loses_nothing(daemon):
+    base, count = free_port(), 40
+    episode = "ep-restart"
+    proc = start_eptrace("run", "--daemon", "require", "--episode", episode, "--grace", 2, "--output",
+                         f"file:{daemon.tmp / episode}.ndjson", "--verdict", f"{daemon.tmp / episode}.json",
+                         "--", PYTHON, "-c", CONNECT_LOOP, base, count, state_dir=daemon.state,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = LineReader(proc.stdout), LineReader(proc.stderr)
+    try:
+        events = daemon.tmp / f"{episode}.ndjson"
+        wait_for_docs(events, lambda d: len(ports_attempted(d)) >= 3, timeout=60)
+        kill(daemon.proc)                                       # SIGKILL: no goodbye, pins stay
+        before = len(out.lines)
+        daemon.start()
+        assert proc.wait(timeout=180) == 0, err.text()
+    finally:
+        kill(proc)
+    err.join()
+    assert "the eptrace daemon went away" in err.text() and "resumed by the restarted" in err.text(), err.text()
+    docs = [doc for doc in read_docs(events) if doc["event"]["kind"] != "metric"]
+    assert {doc["labels"]["episode_id"] for doc in docs} == {episode}, dump(docs)
+    assert sorted(ports_attempted(docs)) == [base + i for i in range(count)], dump(docs)   # nothing lost
+    assert before < count, "the daemon was killed after the command had finished"
+    verdict = verdict_of(daemon, episode)
+    assert verdict["connections"] == count and verdict["exit_code"] == 0, verdict        # carried over
+    assert "tracer_resumed" in json.dumps(read_docs(daemon.events)), "no resumption metric"
+
+
+# ---- without a daemon, and the socket's users ------------------------------------------------------------
+
+def test_daemon_require_without_a_daemon_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("EPTRACE_SOCKET", str(tmp_path / "none.sock"))
+    r = run_eptrace("run", "--daemon", "require", "--episode", "ep-nod", "--", "true")
+    line = assert_one_line_error(r, 2)
+    assert "no eptrace daemon" in line, line
+    r = run_eptrace("episode", "verdict", "--id", "ep-nod")
+    assert_one_line_error(r, 2)
+
+
+def test_the_socket_is_0600_and_refuses_other_users_with_exit_4(daemon):
+    mode = daemon.socket.stat().st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600, oct(mode)
+    as_nobody = ["runuser", "-u", "nobody", "--"]
+    r = run_eptrace("episode", "verdict", "--id", "ep-x", prefix=as_nobody)
+    assert_one_line_error(r, 4)                 # the file's mode: connect() is refused
+    os.chmod(daemon.socket, 0o666)               # past the mode, the daemon itself refuses (SO_PEERCRED)
+    r = run_eptrace("episode", "verdict", "--id", "ep-x", prefix=as_nobody)
+    line = assert_one_line_error(r, 4)
+    assert "refuses uid" in line, line
+    assert daemon.request("health")["counters"]["refused_peers"] == 1
+    r = run_eptrace("run", "--daemon", "require", "--episode", "ep-x", "--", "true", prefix=as_nobody)
+    assert_one_line_error(r, 4)
+
+
+def test_the_api_traces_through_the_daemon(daemon, tmp_path, episode_cgroup):
+    port = free_port()
+    code = r'''
+import json, subprocess, sys
+from tracer.api import run_episode, trace_cgroup
+events, cgroup, port = sys.argv[1], sys.argv[2], sys.argv[3]
+connect = "import socket, sys; socket.socket().connect_ex(('127.0.0.1', int(sys.argv[1])))"
+v = run_episode("ep-api-d", [sys.executable, "-c", connect, port], outputs=["file:" + events], daemon="require")
+with trace_cgroup("ep-api-dcg", cgroup, outputs=["file:" + events + ".cg"], daemon="require") as t:
+    subprocess.run(["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', cgroup + "/cgroup.procs",
+                    sys.executable, "-c", connect, port], check=True)
+print(json.dumps({"run": v.destinations, "cg": t.verdict.destinations, "bcc": "bcc" in sys.modules}))
+'''
+    cgroup = episode_cgroup(f"daemon-api-{os.getpid()}")
+    r = subprocess.run([sys.executable, "-c", code, f"{tmp_path}/api.ndjson", str(cgroup), str(port)],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.splitlines()[-1])
+    assert result == {"run": [f"127.0.0.1:{port}/tcp"], "cg": [f"127.0.0.1:{port}/tcp"], "bcc": False}, result
+    assert ports_attempted(read_docs(tmp_path / "api.ndjson")) == [port]
+
+
+def test_a_client_that_dies_takes_its_episode_with_it(daemon):
+    proc = start_eptrace("run", "--daemon", "require", "--episode", "ep-orphan", "--output",
+                         f"file:{daemon.tmp}/ep-orphan.ndjson", "--", "sleep", "300", state_dir=daemon.state,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        listed = wait_until(lambda: [e for e in daemon.request("list")["episodes"] if e["id"] == "ep-orphan"], 60,
+                            "the client's episode")
+        cgroup = Path(listed[0]["cgroup"])
+        sleeper = int(wait_until(lambda: (cgroup / "cgroup.procs").read_text().strip(), 30, "sleep in its cgroup"))
+        os.kill(proc.pid, signal.SIGKILL)           # the client alone: its command lives on, in the episode
+        proc.wait(30)
+    finally:
+        kill(proc)
+    wait_until(lambda: not cgroup.exists(), 30, "the orphaned episode's cgroup to go")
+    assert not alive(sleeper), "the orphaned episode's command still runs"
+    assert not [e for e in daemon.request("list")["episodes"] if e["id"] == "ep-orphan"]
+
+
+def test_the_socket_group_may_ask_but_not_start(tmp_path, monkeypatch):
+    """--socket-group nogroup: the socket is 0660 root:nogroup, and nobody (whose group it is) is let in."""
+    monkeypatch.setenv("EPTRACE_SOCKET", os.environ["EPTRACE_SOCKET"])
+    monkeypatch.setenv("EPTRACE_PIN_DIR", os.environ["EPTRACE_PIN_DIR"])
+    d = Daemon(tmp_path)
+    try:
+        d.start("--socket-group", "nogroup")
+        st = d.socket.stat()
+        assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == 65534, (oct(st.st_mode), st.st_gid)
+        as_nobody = ["runuser", "-u", "nobody", "--"]
+        r = run_eptrace("episode", "verdict", "--id", "ep-none", prefix=as_nobody)
+        line = assert_one_line_error(r, 2)             # let in: the daemon answers, it has no such episode
+        assert "no registered episode" in line, line
+        conn = control.Connection(d.socket)
+        conn.close()
+        code = ("from tracer import control; c = control.Connection(); "
+                "print(c.request('start', id='ep-g')['type'])")
+        r = subprocess.run(as_nobody + [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode != 0 and "only root may start an episode" in r.stderr, r.stderr
+        assert d.request("health")["counters"]["refused_peers"] == 0
+    finally:
+        d.cleanup()

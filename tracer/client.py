@@ -1,0 +1,177 @@
+"""Tracing through the daemon: 'eptrace run' and tracer.api as clients of its control socket.
+
+The client opens its own outputs, asks the daemon for an episode, runs the command in it, writes the
+episode's documents as they stream in, and ends with the daemon's verdict: the same session as in
+process (tracer/session.py), without loading the probes. If the daemon dies, the episode stays
+traced and fail-closed in the kernel; the client says so, reconnects to the restarted daemon, takes
+its episode back (resume) and carries the verdict over (tracer.verdict.merge).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from . import control
+from .schema import Document
+from .verdict import Verdict, from_dict, merge
+
+log = logging.getLogger(__name__)
+
+READ_TIMEOUT_S = 0.2          # how often the reader looks up from the socket (an end to send, a stop)
+FLUSH_INTERVAL_S = 0.25       # the outputs are flushed this often, as the in-process tracer's sweep does
+RECONNECT_INTERVAL_S = 0.2
+RECONNECT_AFTER_COMMAND_S = float(os.environ.get("EPTRACE_RECONNECT_SECONDS", "30"))
+
+
+class Episode:
+    """One episode the daemon traces for this client: documents to the outputs (a thread of its own),
+    verdict snapshots kept, the final verdict at the end."""
+
+    def __init__(self, conn: control.Connection, outputs, episode_id: str, labels: dict | None = None,
+                 policy: dict | None = None, on_alert: str | None = None, cgroup: str | None = None):
+        self.conn, self.outputs, self.episode_id = conn, outputs, episode_id
+        started = conn.request("start", id=episode_id, labels=labels or {}, policy=policy, on_alert=on_alert,
+                               cgroup=cgroup)
+        self.cgroup = Path(started["cgroup"])
+        self.cgroup_id = started["cgroup_id"]
+        self.instance = started["instance"]
+        self.documents = 0
+        self.carried: Verdict | None = None       # from daemons that died during the episode
+        self.latest: Verdict | None = None        # this daemon's verdict so far
+        self.final: Verdict | None = None
+        self._end_grace: float | None = None
+        self._end_sent = False
+        self._command_done_at: float | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._read, name="eptrace-client", daemon=True)
+        self._thread.start()
+
+    # -- the reader thread ---------------------------------------------------------
+    def _read(self) -> None:
+        self.conn.sock.settimeout(READ_TIMEOUT_S)
+        next_flush = time.monotonic() + FLUSH_INTERVAL_S
+        while self.final is None:
+            if time.monotonic() >= next_flush:
+                next_flush = time.monotonic() + FLUSH_INTERVAL_S
+                self.outputs.flush()
+            try:
+                self._send_end_if_due()
+                line = self.conn.line()
+            except TimeoutError:
+                continue
+            except control.DaemonGone:
+                if not self._reconnect():
+                    return
+                continue
+            except control.DaemonError as e:
+                log.error("%s", e)
+                return
+            self._handle(line)
+
+    def _handle(self, line: bytes) -> None:
+        doc = control.decode_doc(line)
+        if doc is not None:
+            self.outputs.write(Document(doc[1], doc[0]))
+            self.documents += 1
+            return
+        import json
+        message = json.loads(line)
+        kind = message.get("type")
+        if kind == "verdict" and message.get("final"):
+            verdict = from_dict(message["verdict"])
+            self.final = merge(self.carried, verdict) if self.carried else verdict
+        elif kind == "verdict":
+            self.latest = from_dict(message["verdict"])
+        elif kind == "error":
+            log.error("the eptrace daemon: %s", message.get("error"))
+        elif kind == "bye":
+            log.warning("the eptrace daemon stops: episode %s ends with it", self.episode_id)
+
+    def _send_end_if_due(self) -> None:
+        with self._lock:
+            if self._end_grace is not None and not self._end_sent:
+                self.conn.send("end", cgroup_id=self.cgroup_id, grace=self._end_grace)
+                self._end_sent = True
+                self.outputs.flush()
+
+    def _reconnect(self) -> bool:
+        log.warning("the eptrace daemon went away: episode %s stays traced and fail-closed in the kernel; "
+                    "waiting for the daemon to come back", self.episode_id)
+        if self.latest is not None:
+            self.carried = merge(self.carried, self.latest) if self.carried else self.latest
+            self.latest = None
+        self.conn.close()
+        while True:
+            if self._command_done_at is not None and \
+                    time.monotonic() - self._command_done_at > RECONNECT_AFTER_COMMAND_S:
+                log.error("the eptrace daemon did not come back within %.0fs: episode %s has no final verdict",
+                          RECONNECT_AFTER_COMMAND_S, self.episode_id)
+                return False
+            try:
+                conn = control.Connection()
+                answer = conn.request("resume", cgroup_id=self.cgroup_id)
+            except (control.NoDaemon, control.DaemonGone):     # not up yet, or the dead one's socket closing
+                time.sleep(RECONNECT_INTERVAL_S)
+                continue
+            except control.DaemonError as e:
+                log.error("the restarted eptrace daemon cannot resume episode %s: %s", self.episode_id, e)
+                return False
+            conn.sock.settimeout(READ_TIMEOUT_S)
+            with self._lock:
+                self.conn, self.instance, self._end_sent = conn, answer["instance"], False
+            log.warning("episode %s resumed by the restarted eptrace daemon (%d document(s) recorded meanwhile)",
+                        self.episode_id, answer.get("delivered_from_restart", 0))
+            return True
+
+    # -- the caller's side ---------------------------------------------------------
+    def end(self, grace_s: float) -> Verdict:
+        """Ask the daemon to end the episode (its processes get grace_s to exit, then its flows), and
+        wait for the verdict. Without one (the daemon never came back), the verdict so far, incomplete."""
+        with self._lock:
+            self._command_done_at = time.monotonic()
+            self._end_grace = grace_s
+        self._thread.join()
+        self.conn.close()
+        if self.final is not None:
+            return self.final
+        verdict = self.latest or Verdict(self.episode_id)
+        verdict = merge(self.carried, verdict) if self.carried else verdict
+        verdict.account({**verdict.losses, "daemon_gone": 1})
+        return verdict
+
+
+def run_episode(conn: control.Connection, episode_id: str, argv: list[str], outputs, labels=None,
+                grace_s: float = 10.0, user=None, policy: dict | None = None, on_alert: str | None = None) -> Verdict:
+    """session.run_episode through the daemon: CMD runs here, in the cgroup the daemon made for it."""
+    from .session import command_setup
+    episode = Episode(conn, outputs, episode_id, labels, policy, on_alert)
+    from .policy import parse as parse_policy
+    enter_cgroup, env, child_stdout = command_setup(episode.cgroup, user, outputs,
+                                                    parse_policy(policy) if policy else None)
+    try:
+        child = subprocess.Popen(argv, preexec_fn=enter_cgroup, stdout=child_stdout, env=env)
+    except (OSError, subprocess.SubprocessError) as e:
+        log.error("cannot start %s: %s", argv[0], getattr(e, "strerror", None) or e)
+        verdict = episode.end(0.0)
+        verdict.exit_code = 127 if isinstance(e, FileNotFoundError) else 126
+        return verdict
+    forwarded = []
+
+    def forward(signum, _frame) -> None:      # like in-process: CMD gets SIGINT/SIGTERM, we go on
+        if not forwarded:
+            forwarded.append(signum)
+            child.send_signal(signum)
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    verdict = episode.end(0.0 if forwarded else grace_s)
+    verdict.exit_code = status if status >= 0 else 128 - status
+    return verdict
