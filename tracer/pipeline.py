@@ -1,6 +1,7 @@
 """The tracer's main loop: records -> decoding -> state -> schema -> outputs."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import resource
 import time
@@ -243,6 +244,11 @@ class Tracer:
         now = self.proc.process_info(proc.pid)
         if now is None or (proc.name and now.name and now.name != proc.name):
             return      # gone, or another program now (exe paths differ through symlinks; names do not)
+        if now.args and now.args != proc.args:
+            # The same name with other argv: it exec'd a program of the same name since (sh -c ... then
+            # sh -i), or it rewrote its argv. The alert names what holds the socket now; the later exec
+            # record, if any, finds the same peer (one alert).
+            proc = dataclasses.replace(proc, args=now.args)
         for fd in fds:
             found = self.proc.socket_on_fd(proc.pid, fd)
             if found is not None:
