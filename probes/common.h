@@ -36,13 +36,22 @@ BPF_F_TABLE(PINNED("hash", episodes), __u64, __u32, episodes, 65536, 0);
  * the ancestor walk below tries only the levels that can match. */
 BPF_F_TABLE(PINNED("array", episode_levels), int, __u32, episode_levels, 2, 0);
 
-/* tid -> the socket whose connect() is in flight; its result is read at syscall exit. */
+/* Each thread's connect() in flight (cookie 0: none); its result is read at syscall exit. Task storage:
+ * a lookup in the task, where a hash keyed by thread cost an update and a delete per connect (make bench). */
 struct connect_in_flight {
     __u64 cookie;
     __u32 protocol;
     __u32 routine;            /* ROUTINE_*: the result of a refused routine flow is not sent */
 };
-BPF_F_TABLE(PINNED("hash", connects_in_flight), __u64, struct connect_in_flight, connects_in_flight, 16384, 0);
+BPF_F_TABLE(PINNED("task_storage", connects_in_flight), int, struct connect_in_flight, connects_in_flight, 0,
+            BPF_F_NO_PREALLOC);
+
+/* The current thread's connect in flight; create: make its storage (the thread's first connect). */
+static __always_inline struct connect_in_flight *connect_pending(int create)
+{
+    struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+    return connects_in_flight.task_storage_get(task, 0, create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+}
 
 /* Settings written by userspace: the flow update interval (ns), the ICMP large payload (bytes), the
  * low-value records each episode may send per second (0: no budget) and how many it may send at once;

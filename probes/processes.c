@@ -256,25 +256,24 @@ TRACEPOINT_PROBE(syscalls, sys_exit_socket)
 #ifndef EINPROGRESS
 #define EINPROGRESS 115
 #endif
-/* Drop a result left pending by an io_uring connect, which has no syscall exit.
- * Every connect on the host passes here: a lookup is lock-free, a delete is not. */
+/* Drop a result left pending by an io_uring connect, which has no syscall exit. Every connect on the
+ * host passes here: a thread that never connected in an episode has no storage, one lookup. */
 TRACEPOINT_PROBE(syscalls, sys_enter_connect)
 {
-    __u64 tid = bpf_get_current_pid_tgid();
-    if (connects_in_flight.lookup(&tid))
-        connects_in_flight.delete(&tid);
+    struct connect_in_flight *pending = connect_pending(0);
+    if (pending)
+        pending->cookie = 0;
     return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_connect)
 {
-    __u64 tid = bpf_get_current_pid_tgid();
-    struct connect_in_flight *pending = connects_in_flight.lookup(&tid);
-    if (!pending)
+    struct connect_in_flight *pending = connect_pending(0);
+    if (!pending || !pending->cookie)
         return 0;
     __u64 c = pending->cookie;
     __u32 protocol = pending->protocol, routine = pending->routine;
-    connects_in_flight.delete(&tid);
+    pending->cookie = 0;
     /* A TCP connect that succeeds, or is in progress, reports itself when established. */
     if (protocol == IPPROTO_TCP && (args->ret == 0 || args->ret == -EINPROGRESS))
         return 0;

@@ -172,7 +172,7 @@ enum loss_reason {
     LOST_NO_STORAGE = 1,          /* socket-local storage could not be created */
     LOST_BUDGET = 2,              /* a low-value record over its episode's budget */
     LOST_ARGV_UNREAD = 3,         /* an exec's argv not read whole (userspace then asks /proc) */
-    LOST_CONNECTS_MAP_FULL = 4,   /* connects_in_flight full: a connect's result goes unreported */
+    LOST_CONNECTS_MAP_FULL = 4,   /* no connects_in_flight storage for the thread: its result goes unreported */
     LOST_EXIT_CODES_MAP_FULL = 5, /* exit_codes full: an exit status is unknown */
     LOST_SOCKETS_MAP_FULL = 6,    /* sockets_in_flight full: an unusual socket goes unreported */
     LOST_ARGV_MAP_FULL = 7,       /* argv_unread full: an exec with unread argv is not held */

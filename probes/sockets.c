@@ -132,10 +132,14 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, __u16 family)
         }
         events.ringbuf_submit(r, SUBMIT_FLAGS);
     }
-    __u64 tid = bpf_get_current_pid_tgid();
-    struct connect_in_flight pending = {.cookie = cookie, .protocol = ctx->protocol, .routine = routine};
-    if (connects_in_flight.update(&tid, &pending))
+    struct connect_in_flight *pending = connect_pending(1);
+    if (pending) {
+        pending->cookie = cookie;
+        pending->protocol = ctx->protocol;
+        pending->routine = routine;
+    } else {
         count_lost(episode, LOST_CONNECTS_MAP_FULL);
+    }
     return verdict;
 }
 

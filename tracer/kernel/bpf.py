@@ -37,6 +37,7 @@ def _lib() -> ctypes.CDLL:
         "bpf_map_delete_elem": ([ctypes.c_int, ctypes.c_void_p], ctypes.c_int),
         "bpf_map_get_next_key": ([ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int),
         "libbpf_num_possible_cpus": ([], ctypes.c_int),
+        "bpf_prog_get_fd_by_id": ([ctypes.c_uint32], ctypes.c_int),
     }
     for name, (argtypes, restype) in sigs.items():
         fn = getattr(lib, name)
@@ -63,6 +64,16 @@ def obj_get(path: os.PathLike | str) -> int:
 def obj_pin(fd: int, path: os.PathLike | str) -> None:
     if lib.bpf_obj_pin(fd, os.fsencode(path)) < 0:
         raise _error(f"cannot pin {path}")
+
+
+def prog_fd_of_link(link_fd: int) -> int:
+    """An fd of the program a link runs (from the prog_id in the link's fdinfo)."""
+    with open(f"/proc/self/fdinfo/{link_fd}") as f:
+        prog_id = next(int(line.split()[1]) for line in f if line.startswith("prog_id:"))
+    fd = lib.bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        raise _error(f"cannot open program {prog_id}", fd)
+    return fd
 
 
 def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:

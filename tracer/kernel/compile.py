@@ -1,4 +1,4 @@
-"""The compiling child: `python -m tracer.kernel.compile MAPS LINKS PROGRAMS RINGBUF_PAGES`.
+"""The compiling child: `python -m tracer.kernel.compile MAPS LINKS PROGRAMS RINGBUF_PAGES [PROBES_DIR]`.
 
 bcc compiles probes/ (clang and LLVM are mapped only here), loads every program, and pins what the
 tracer needs: every map declared PINNED() under MAPS (bcc re-opens a map pinned there before), a BPF
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import bpf
+from . import bpf, loader
 from .loader import probe_build
 
 BPF_PERF_EVENT = 41                                    # enum bpf_attach_type: a tracepoint's perf event
@@ -167,10 +167,13 @@ def compile_and_pin(maps: Path, links: Path, programs: Path, ringbuf_pages: int)
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if len(argv) != 4:
-        print("usage: python -m tracer.kernel.compile MAPS LINKS PROGRAMS RINGBUF_PAGES", file=sys.stderr)
+    if len(argv) not in (4, 5):
+        print("usage: python -m tracer.kernel.compile MAPS LINKS PROGRAMS RINGBUF_PAGES [PROBES_DIR]",
+              file=sys.stderr)
         return 2
     maps, links, programs = (Path(a) for a in argv[:3])
+    if len(argv) == 5:
+        loader.PROBES_DIR = Path(argv[4])       # the parent's (bench.probecost compares probe variants)
     try:
         result = compile_and_pin(maps, links, programs, int(argv[3]))
     except CompileError as e:

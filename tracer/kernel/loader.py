@@ -72,7 +72,7 @@ def _compile(maps: Path, links: Path, programs: Path, ringbuf_pages: int) -> dic
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PROBES_DIR.parent),
                                                                       os.environ.get("PYTHONPATH")])))
     done = subprocess.run([sys.executable, "-m", "tracer.kernel.compile", str(maps), str(links), str(programs),
-                           str(ringbuf_pages)], capture_output=True, text=True, env=env)
+                           str(ringbuf_pages), str(PROBES_DIR)], capture_output=True, text=True, env=env)
     lines = done.stderr.strip().splitlines()
     for line in lines[:-1] if done.returncode != 0 else lines:
         log.debug("compiling child: %s", line)
@@ -131,6 +131,7 @@ class Probes:
                 self._programs[name] = (bpf.obj_get(handoff / pins.PROGRAMS_DIR / name), attach_type)
             for name in compiled["tracepoints"]:
                 self._tracepoint_links.append(bpf.obj_get(handoff / "links" / name))
+            self.tracepoint_names = list(compiled["tracepoints"])     # in the order of _tracepoint_links
             for stale in (handoff / "links").glob("tp-*"):
                 if stale.name not in compiled["tracepoints"]:
                     stale.unlink()              # a tracepoint older probes traced
@@ -163,6 +164,14 @@ class Probes:
     def program_fd(self, name: str) -> int:
         """The fd of a cgroup program (bpftool and the benchmarks find it by its id)."""
         return self._programs[name][0]
+
+    def program_fds(self) -> dict[str, int]:
+        """Every program's fd by name: the cgroup programs' own, and a tracepoint link's program (opened by
+        its id: the caller closes those). For the benchmarks' run-time statistics."""
+        fds = {name: fd for name, (fd, _) in self._programs.items()}
+        for name, link in zip(self.tracepoint_names, self._tracepoint_links):
+            fds[name] = bpf.prog_fd_of_link(link)
+        return fds
 
     # -- links ------------------------------------------------------------------
     def _link_pin(self, name: str) -> Path | None:

@@ -77,7 +77,13 @@ _last_seconds = 0
 
 
 def event_time(timestamp: object) -> msgpack.ExtType | None:
-    """EventTime (ext type 0) for an RFC 3339 @timestamp, or None if it is not one.
+    """EventTime (ext type 0) for an RFC 3339 @timestamp, or None if it is not one."""
+    data = _event_time_data(timestamp)
+    return msgpack.ExtType(EVENT_TIME_EXT, data) if data is not None else None
+
+
+def _event_time_data(timestamp: object) -> bytes | None:
+    """The 8 bytes of event_time's EventTime, or None.
 
     The encoder writes 'YYYY-MM-DDTHH:MM:SS.ffffffZ': that is parsed directly (the seconds
     part cached, as events come many per second); other RFC 3339 forms go through datetime.
@@ -110,14 +116,19 @@ def event_time(timestamp: object) -> msgpack.ExtType | None:
                 return None
             seconds = calendar.timegm(moment.utctimetuple())
             nanoseconds = moment.microsecond * 1000
-        return msgpack.ExtType(EVENT_TIME_EXT, _pack_event_time(seconds, nanoseconds))
+        return _pack_event_time(seconds, nanoseconds)
     except (ValueError, OverflowError, struct.error):     # not a date, or before 1970 / after 2106
         return None
 
 
-def _now() -> msgpack.ExtType:
+def _now() -> bytes:
     ns = time.time_ns()
-    return msgpack.ExtType(EVENT_TIME_EXT, _pack_event_time(ns // 1_000_000_000, ns % 1_000_000_000))
+    return _pack_event_time(ns // 1_000_000_000, ns % 1_000_000_000)
+
+
+# An entry's msgpack up to its record: a 2-element array, then the EventTime as a fixext 8 of type 0
+# and its 8 bytes. Written directly: an ExtType object and a list per document cost the sender ~8%.
+_ENTRY_HEAD = bytes([0x92, 0xd7, EVENT_TIME_EXT])
 
 
 def pack_entries(docs: list[Document]) -> tuple[bytes, int, list[tuple[Document, str]]]:
@@ -141,13 +152,13 @@ def pack_entries(docs: list[Document]) -> tuple[bytes, int, list[tuple[Document,
         if not isinstance(record, dict):
             rejected.append((doc, "not_a_map"))
             continue
-        entry = [event_time(record.get("@timestamp")) or _now(), record]
+        head = _ENTRY_HEAD + (_event_time_data(record.get("@timestamp")) or _now())
         try:
-            parts.append(pack(entry))
+            parts.append(head + pack(record))
         except UnicodeEncodeError:
             # A lone surrogate (a process name that is not UTF-8): replaced, as the other outputs do.
             record = loads(doc.json.encode("utf-8", "replace"))
-            parts.append(pack([entry[0], record]))
+            parts.append(head + pack(record))
         except (OverflowError, ValueError, TypeError, RecursionError):   # an integer beyond 64 bits
             rejected.append((doc, "unencodable"))
     return b"".join(parts), len(parts), rejected
