@@ -63,7 +63,7 @@ def one_round(probes: Path, parent: Path, seconds: float) -> tuple[list[tuple[fl
     try:
         config = Config(limits=Limits(record_budget_per_second=0))
         with api.trace_cgroup("bench-probecost", traced, outputs=["file:/dev/null"], config=config) as trace:
-            probes = trace._tracer.probes
+            probes = trace._trace.tracer.probes      # in-process (EPTRACE_DAEMON=never, set below)
             before = program_stats(probes)
             cpu = time.process_time()     # this process: the tracer's userspace (the storm is a child)
             procs = traced / "cgroup.procs"
@@ -84,6 +84,7 @@ def one_round(probes: Path, parent: Path, seconds: float) -> tuple[list[tuple[fl
 
 
 def main() -> None:
+    os.environ["EPTRACE_DAEMON"] = "never"     # this process's own probes, whose program fds it reads
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="storm seconds per round and variant")
     parser.add_argument("--rounds", type=int, default=3)
