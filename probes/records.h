@@ -64,6 +64,9 @@ struct counters {
     __u64 packets_in;
 };
 
+/* socket_record.family of a socket asked for through io_uring (IORING_OP_SOCKET): no hook shows its family. */
+#define SOCKET_FAMILY_IO_URING 0xffff
+
 struct socket_record {        /* REC_SOCKET_CREATED */
     struct record_header h;
     __u32 family;

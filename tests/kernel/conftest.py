@@ -100,6 +100,14 @@ def uring_helper(tmp_path_factory):
         pytest.fail(str(e), pytrace=False)
 
 
+@pytest.fixture(scope="session")
+def uring_socket_helper(tmp_path_factory):
+    try:
+        return harness.build_uring_helper(tmp_path_factory.mktemp("uring"), "uring_socket")
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
+
+
 @pytest.fixture(autouse=True)
 def documents_conform(tmp_path):
     """After each kernel test: every document its eptrace runs wrote (or it read, or left as NDJSON in its

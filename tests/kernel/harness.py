@@ -56,28 +56,27 @@ def cleanup_stale() -> None:
 
 # ---- io_uring helper ----------------------------------------------------------------------------------
 
-_uring_helper: Path | None = None
+_uring_helpers: dict[str, Path] = {}
 
 
-def build_uring_helper(tmpdir) -> Path:
-    """Compile helpers/uring_connect.c (once per session). Raises RuntimeError with the reason if it can't."""
-    global _uring_helper
+def build_uring_helper(tmpdir, name: str = "uring_connect") -> Path:
+    """Compile helpers/<name>.c with liburing (once per session). RuntimeError with the reason if it can't."""
     disabled = Path("/proc/sys/kernel/io_uring_disabled")
     if disabled.exists() and disabled.read_text().strip() == "2":
         raise RuntimeError("io_uring is disabled (kernel.io_uring_disabled=2): "
                            "sysctl -w kernel.io_uring_disabled=0")
-    if _uring_helper is None or not _uring_helper.exists():
-        out = Path(tmpdir) / "uring_connect"
-        cmd = ["gcc", "-O2", "-Wall", "-o", str(out), str(HELPERS_DIR / "uring_connect.c"), "-luring"]
+    if name not in _uring_helpers or not _uring_helpers[name].exists():
+        out = Path(tmpdir) / name
+        cmd = ["gcc", "-O2", "-Wall", "-o", str(out), str(HELPERS_DIR / f"{name}.c"), "-luring"]
         try:
             subprocess.run(cmd, check=True, capture_output=True, text=True)
         except FileNotFoundError:
             raise RuntimeError("gcc missing: apt-get install -y gcc liburing-dev") from None
         except subprocess.CalledProcessError as e:
-            raise RuntimeError(f"cannot build the io_uring helper (apt-get install -y liburing-dev?):\n"
+            raise RuntimeError(f"cannot build the io_uring helper {name} (apt-get install -y liburing-dev?):\n"
                                f"{e.stderr}") from None
-        _uring_helper = out
-    return _uring_helper
+        _uring_helpers[name] = out
+    return _uring_helpers[name]
 
 
 _built: dict[str, Path] = {}

@@ -513,6 +513,40 @@ def test_a_registered_episode_is_killed_at_a_packet_socket(net, tmp_path):
     assert "AF_PACKET" in message and "raw_sockets = false" in message, message
 
 
+@pytest.mark.usefixtures("pin_dir")
+def test_a_packet_socket_asked_for_through_io_uring_is_refused_and_seen(net, tmp_path, uring_socket_helper):
+    """IORING_OP_SOCKET passes no socket tracepoint and no cgroup hook sees a packet socket: with
+    raw_sockets = false the process is killed at the submission (its family cannot be seen there), and
+    without a policy the request is still reported, as a socket of unknown family."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[policy]\nraw_sockets = false\n")
+    state, events = tmp_path / "state", tmp_path / "events.ndjson"
+    token = secrets.token_hex(3)
+    with harness.episode_cgroup(f"uring-{token}") as refused, harness.episode_cgroup(f"uring-open-{token}") as seen:
+        for eid, cg, extra in (("ep-uring", refused, ["--policy", policy]), ("ep-uring-open", seen, [])):
+            r = run_eptrace("episode", "add", "--id", eid, "--cgroup", cg, *extra, state_dir=state)
+            assert r.returncode == 0, r.stderr
+        with Watcher(events, state) as watcher:
+            watcher.ready(episodes=2, timeout=90)
+            p = harness.spawn_in_cgroup(refused, net.sandbox_prefix() + [uring_socket_helper], stdout=subprocess.PIPE,
+                                        text=True)
+            out, _ = p.communicate(timeout=30)
+            assert p.returncode == -signal.SIGKILL and "socket=" not in out, (p.returncode, out)
+            p = harness.spawn_in_cgroup(seen, net.sandbox_prefix() + [uring_socket_helper], stdout=subprocess.PIPE,
+                                        text=True)
+            out, _ = p.communicate(timeout=30)
+            assert p.returncode == 0 and out.startswith("socket="), (p.returncode, out)
+            wait_for_docs(events, lambda docs: alerts(docs, "egress_denied") and select(
+                docs, "socket_created", episode="ep-uring-open"), 15, "egress_denied and the open episode's socket")
+    docs = read_docs(events)
+    denied = alerts(docs, "egress_denied")
+    assert [get(a, "labels.episode_id") for a in denied] == ["ep-uring"], dump(denied)
+    assert "raw_sockets = false" in get(denied[0], "message"), get(denied[0], "message")
+    created = select(docs, "socket_created", episode="ep-uring-open")
+    assert [get(d, "eptrace.socket.family") for d in created] == ["unknown (io_uring)"], dump(created)
+    assert get(created[0], "process.name") == "uring_socket", dump(created)
+
+
 # Connects to argv[1] on each port that follows; prints "PORT ok" or "PORT ERRNO".
 TRY_AT = TRY.replace(f'("{HOST_IP}", port)', '(sys.argv[1], port)').replace("sys.argv[1:]", "sys.argv[2:]")
 HOLD = f'''

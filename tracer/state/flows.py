@@ -26,7 +26,8 @@ MAX_FLOWS = 262144
 EINPROGRESS = errno.EINPROGRESS
 
 FAMILIES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
-SOCKET_FAMILIES = {f.value: f.name for f in socket.AddressFamily}
+SOCKET_FAMILY_IO_URING = 0xFFFF    # records.h: a socket asked for through io_uring, its family unknown
+SOCKET_FAMILIES = {f.value: f.name for f in socket.AddressFamily} | {SOCKET_FAMILY_IO_URING: "unknown (io_uring)"}
 
 
 @dataclass
@@ -355,7 +356,8 @@ class FlowTable:
                               outcome="failure" if failed else "success",
                               error_message=_errno_text(-rec.ret) if failed else None,
                               denied_by=self.denial(ctx[0].cgroup_id, DENIED_RAW_SOCKET) if failed and rec.ret == -errno.EPERM
-                              and rec.family in (socket.AF_INET, socket.AF_INET6, socket.AF_PACKET) else None,
+                              and rec.family in (socket.AF_INET, socket.AF_INET6, socket.AF_PACKET,
+                                                 SOCKET_FAMILY_IO_URING) else None,
                               socket_family=SOCKET_FAMILIES.get(rec.family, str(rec.family)),
                               socket_type=SOCKET_TYPES.get(rec.type, str(rec.type)), socket_protocol=rec.protocol))
 
