@@ -31,6 +31,8 @@
 #endif
 
 /* Episode cgroups registered by userspace: cgroup id -> 1. */
+#define EPISODE_TRACED 1
+#define EPISODE_FAIL_CLOSED 2     /* refused while no tracer is alive, whatever the tracer-wide choice */
 BPF_F_TABLE(PINNED("hash", episodes), __u64, __u32, episodes, 65536, 0);
 /* [0], [1]: shallowest and deepest level of a registered episode cgroup, so
  * the ancestor walk below tries only the levels that can match. */
@@ -98,7 +100,8 @@ BPF_F_TABLE(PINNED("lru_hash", destinations_seen), struct destination, __u8, des
  * and ping sockets stall) until a tracer is back. */
 struct liveness {
     __u64 refreshed_ns;
-    __u64 timeout_ns;         /* 0: fail open */
+    __u64 timeout_ns;         /* every episode fails closed after this; 0: only those marked EPISODE_FAIL_CLOSED */
+    __u64 episode_timeout_ns; /* the marked ones (run's, the daemon's clients') after this; 0: none */
     __u64 lost_reported;      /* records lost as the tracer last saw them (for the restart report) */
     __u32 tracer_tgid;        /* the tracer's process: its exit (a kill -9 too) is seen at once */
     __u32 tracer_exited;      /* set by sched_process_exit: refuse now, not after the timeout */
@@ -478,17 +481,25 @@ static __always_inline __u64 current_episode(void)
 }
 
 /* Is the tracer gone (fail-closed)? One array lookup and a clock read when it is alive. */
-static __always_inline int tracer_gone(void)
+static __always_inline int tracer_gone(__u64 episode)
 {
     int zero = 0;
     struct liveness *l = liveness.lookup(&zero);
-    return l && l->timeout_ns && (l->tracer_exited || bpf_ktime_get_ns() - l->refreshed_ns > l->timeout_ns);
+    if (!l)
+        return 0;
+    __u64 timeout = l->timeout_ns;
+    if (!timeout && l->episode_timeout_ns) {
+        __u32 *flags = episodes.lookup(&episode);
+        if (flags && (*flags & EPISODE_FAIL_CLOSED))
+            timeout = l->episode_timeout_ns;
+    }
+    return timeout && (l->tracer_exited || bpf_ktime_get_ns() - l->refreshed_ns > timeout);
 }
 
 /* Is the tracer gone? Then count a refusal (a connect, a send, a raw socket, a packet) for the episode. */
 static __always_inline int refuse_without_tracer(__u64 episode)
 {
-    if (!tracer_gone())
+    if (!tracer_gone(episode))
         return 0;
     refused.increment(episode);
     return 1;

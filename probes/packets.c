@@ -662,7 +662,7 @@ static __always_inline int count_packet(struct __sk_buff *skb, int egress)
     }
     /* Fail-closed: with no tracer alive, a flow opened before (an ssh -R tunnel) or a ping socket
      * must not keep talking to other hosts. Loopback is the episode's own business. */
-    if (tracer_gone() && !from_loopback(skb)) {
+    if (tracer_gone(st->owner.episode_cgroup_id) && !from_loopback(skb)) {
         refused.increment(st->owner.episode_cgroup_id);
         return 0;
     }

@@ -298,7 +298,8 @@ class Daemon:
     def _trace(self, episode_id: str, kind: str, cgroup: Path, labels: dict, policy_table: dict | None,
                on_alert: str | None = None, owner: Conn | None = None, owner_pid: int | None = None) -> Traced:
         policy = policy_of(policy_table) if policy_table else None
-        episode = self.tracer.add_episode(episode_id, cgroup, labels, policy, on_alert=on_alert)
+        episode = self.tracer.add_episode(episode_id, cgroup, labels, policy, on_alert=on_alert,
+                                          fail_closed=kind == "run")      # as run is in-process
         builder = VerdictBuilder(episode_id, cgroup_id=episode.cgroup_id)
         traced = Traced(episode_id, kind, cgroup, episode.cgroup_id, dict(labels), builder, owner_pid, owner)
         self.traced[episode.cgroup_id] = traced

@@ -111,11 +111,12 @@ class Tracer:
 
     # -- episodes -------------------------------------------------------------------
     def add_episode(self, episode_id: str, cgroup_path: Path, labels: dict[str, str] | None = None,
-                    policy: Policy | None = None, on_alert: str | None = None) -> Episode:
+                    policy: Policy | None = None, on_alert: str | None = None, fail_closed: bool = False) -> Episode:
         """policy: the episode's own, which replaces the config's [policy]; on_alert: the episode's own
-        --on-alert (a daemon client's), over the config's."""
+        --on-alert (a daemon client's), over the config's; fail_closed: refused while no tracer is alive,
+        whatever the tracer-wide choice (a run through the daemon, as run is in-process)."""
         policy = policy or self.config.policy
-        cgid = self.probes.attach(cgroup_path, policy)
+        cgid = self.probes.attach(cgroup_path, policy, fail_closed=fail_closed)
         if policy is not None:
             self.policies[cgid] = policy
         if on_alert:

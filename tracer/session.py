@@ -70,8 +70,9 @@ def make_tracer(outputs, stats_interval_s: float, config: Config | None = None, 
     probes = Probes(ringbuf_pages=config.limits.ringbuf_pages, pin_dir=pin_dir)
     try:
         tracing = config.tracing
-        probes.set_fail_closed(int(tracing.liveness_timeout_seconds * 1e9) if fail_closed else 0,
-                               int(tracing.stall_timeout_seconds * 1e9))
+        timeout_ns = int(tracing.liveness_timeout_seconds * 1e9)
+        probes.set_fail_closed(timeout_ns if fail_closed else 0, int(tracing.stall_timeout_seconds * 1e9),
+                               episode_timeout_ns=timeout_ns)
         return Tracer(probes, make_encoder(), outputs, stats_interval_s=stats_interval_s, config=config,
                       capture=capture)
     except BaseException:

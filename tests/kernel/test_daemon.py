@@ -3,6 +3,7 @@ directory and pin directory) traces the episodes of `eptrace run` clients and of
 and restarted under a running client; the socket refuses other users."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import harness
-from eptrace_helpers import (REPO_ROOT, LineReader, alerts, assert_contract, assert_one_line_error, dump, kill,
+from eptrace_helpers import (REPO_ROOT, LineReader, alerts, assert_contract, assert_one_line_error, dump, get, kill,
                              read_docs, run_eptrace, select, start_eptrace, stop, wait_for_docs, wait_until)
 from harness import HOST_IP, METADATA_IP, PYTHON
 from support import free_port
@@ -30,8 +31,7 @@ CONNECT_LOOP = r'''
 import socket, sys, time
 base, n = int(sys.argv[1]), int(sys.argv[2])
 for i in range(n):
-    socket.socket().connect_ex(("127.0.0.1", base + i))
-    print(i, flush=True)
+    print(i, socket.socket().connect_ex(("127.0.0.1", base + i)), flush=True)
     time.sleep(0.2)
 '''
 CONNECT_TWICE = r'''
@@ -283,10 +283,19 @@ def test_a_killed_daemon_is_restarted_and_its_client_loses_nothing(daemon):
     assert "the eptrace daemon went away" in err.text() and "resumed by the restarted" in err.text(), err.text()
     docs = [doc for doc in read_docs(events) if doc["event"]["kind"] != "metric"]
     assert {doc["labels"]["episode_id"] for doc in docs} == {episode}, dump(docs)
+    # A run's episode fails closed while its daemon is away (as run does in-process): those connects got
+    # EPERM, and were recorded (failed attempts) and counted like every other: nothing lost.
+    results = dict(line.split() for line in out.lines)
+    refused = sorted(base + int(i) for i, result in results.items() if result == str(errno.EPERM))
+    assert len(results) == count and refused, (results, err.text())
     assert sorted(ports_attempted(docs)) == [base + i for i in range(count)], dump(docs)   # nothing lost
+    eperm = sorted(get(d, "destination.port") for d in select(docs, "connection_attempted")
+                   if "EPERM" in (get(d, "error.message") or ""))
+    assert eperm == refused, (eperm, refused)
     assert before < count, "the daemon was killed after the command had finished"
     verdict = verdict_of(daemon, episode)
     assert verdict["connections"] == count and verdict["exit_code"] == 0, verdict        # carried over
+    assert verdict["connects_refused"] == len(refused), verdict
     assert "tracer_resumed" in json.dumps(read_docs(daemon.events)), "no resumption metric"
 
 

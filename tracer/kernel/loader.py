@@ -42,6 +42,7 @@ RINGBUF_PAGES = Limits().ringbuf_pages     # the default size
 # enum setting in common.h
 SET_UPDATE_INTERVAL, SET_ICMP_LARGE, SET_BUDGET_RATE, SET_BUDGET_BURST = 0, 1, 2, 3
 SET_SHARE_WATERMARK, SET_SHARE_RATE, SET_SHARE_BURST = 4, 5, 6
+EPISODE_TRACED, EPISODE_FAIL_CLOSED = 1, 2      # the episodes map's flags, as common.h defines them
 PRIVATE_PREFIX = "private-"                # the hand-over pin directory of a Probes without one
 _private_dirs = itertools.count()
 
@@ -152,7 +153,7 @@ class Probes:
                         "dropped, their links are taken over", stale)
             pins.remove(stale)
         self.previous_liveness = self._liveness() if self.resumed else None
-        self._timeout_ns = self._stall_ns = 0
+        self._timeout_ns = self._stall_ns = self._episode_timeout_ns = 0
         self._progress_ns = time.monotonic_ns()
         self._liveness_thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -189,8 +190,10 @@ class Probes:
             raise ProbeError(str(e)) from None
 
     # -- episodes -------------------------------------------------------------
-    def attach(self, cgroup_path: Path, policy: Policy | None = None) -> int:
-        """Trace a cgroup and its descendants as one episode, under policy; returns its cgroup id."""
+    def attach(self, cgroup_path: Path, policy: Policy | None = None, fail_closed: bool = False) -> int:
+        """Trace a cgroup and its descendants as one episode, under policy; returns its cgroup id.
+        fail_closed: this episode is refused while no tracer is alive even when the tracer-wide choice is
+        fail-open (set_fail_closed's episode_timeout_ns): run's episodes through the daemon."""
         cgid = cgroups.cgroup_id(cgroup_path)
         if cgid in self._links:
             return cgid
@@ -216,7 +219,8 @@ class Probes:
             account.share.tokens = self._share_burst
             accounts[ctypes.c_uint64(cgid)] = account
         # Register only once every hook is in place, so no event is half-seen.
-        self.maps["episodes"][ctypes.c_uint64(cgid)] = ctypes.c_uint32(1)
+        self.maps["episodes"][ctypes.c_uint64(cgid)] = ctypes.c_uint32(
+            EPISODE_TRACED | (EPISODE_FAIL_CLOSED if fail_closed else 0))
         self._levels[cgid] = cgroups.level(cgroup_path)
         self._write_levels()
         self._write_share_watermark()
@@ -475,14 +479,15 @@ class Probes:
         value = self.maps["liveness"][ctypes.c_int(0)]
         return value.refreshed_ns, value.timeout_ns, value.lost_reported
 
-    def set_fail_closed(self, timeout_ns: int, stall_ns: int = 0) -> None:
-        """Refuse episode connects and sends once no tracer refreshed liveness for timeout_ns (0: never).
+    def set_fail_closed(self, timeout_ns: int, stall_ns: int = 0, episode_timeout_ns: int = 0) -> None:
+        """Refuse episode connects and sends once no tracer refreshed liveness for timeout_ns (0: never);
+        those of episodes attached with fail_closed=True after episode_timeout_ns (0: never) in any case.
 
         A thread refreshes it: the main loop may spend seconds in one poll under a flood, and that
         must not refuse the sandbox's connects. But the thread refreshes only while the main loop
         makes progress (poll() returns, or a record is handed over) at least every stall_ns (0: always):
         a main loop hung for good (an output blocked) is no live tracer, though this process lives."""
-        self._timeout_ns, self._stall_ns = timeout_ns, stall_ns
+        self._timeout_ns, self._stall_ns, self._episode_timeout_ns = timeout_ns, stall_ns, episode_timeout_ns
         self._beat()
         self._refresh_liveness()
         if self._liveness_thread is None:
@@ -507,8 +512,11 @@ class Probes:
 
     def _refresh_liveness(self) -> None:
         table = self.maps["liveness"]
-        table[ctypes.c_int(0)] = table.Leaf(time.monotonic_ns(), self._timeout_ns, sum(self.lost().values()),
-                                            os.getpid(), 0)
+        leaf = table.Leaf()
+        leaf.refreshed_ns, leaf.timeout_ns = time.monotonic_ns(), self._timeout_ns
+        leaf.episode_timeout_ns = self._episode_timeout_ns
+        leaf.lost_reported, leaf.tracer_tgid, leaf.tracer_exited = sum(self.lost().values()), os.getpid(), 0
+        table[ctypes.c_int(0)] = leaf
 
     def refused(self) -> dict[int, int]:
         """Episode cgroup id -> connects and sends refused while no tracer was alive."""
