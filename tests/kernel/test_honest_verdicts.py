@@ -41,7 +41,7 @@ record_budget_per_second = 200
 record_budget_burst = 100
 ring_share_watermark_percent = 50
 ring_share_per_second = 400
-ring_share_burst = 300
+ring_share_burst = 1000
 ringbuf_kb = 1024
 """
 BUDGET_RATE, BUDGET_BURST = 200, 100
