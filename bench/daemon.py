@@ -244,8 +244,7 @@ def scale(sock: Path, daemon_pid: int, parent: Path) -> None:
     print(f"    connect rate 1,000 / 1      {ratio:7.3f}      target >= 0.95   {verdict(ratio >= 0.95)};   "
           f"daemon CPU per record 1 / 1,000: {cost_1 / cost_n if cost_n else float('inf'):.3f}")
     print(f"  daemon RSS, 1,000 episodes    {rss:7.1f} MB   target <= 250    {verdict(rss <= 250)}   (with 1: "
-          f"{rss_one:.1f} MB; of any tracer's RSS, 64 MB are the ring buffer mapped twice and about 80 MB the "
-          "compiler bcc keeps mapped: see RSS by part)")
+          f"{rss_one:.1f} MB, of which the ring buffer's 32 MB; no compiler is mapped: see RSS by part)")
     reader.close()
     server.close()
 
