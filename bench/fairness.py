@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import ctypes
 import os
-import statistics
 import subprocess
 
 from tracer.config import Limits
 from tracer.kernel import cgroups, loader
 from tracer.testbed import TestNetwork
 
-from .policy import CONNECTS, phase
+from .policy import phase, report
 
 PHASES = 20
 
@@ -36,7 +35,7 @@ def main() -> None:
         probes.attach(episode)
         probes.attach(cgroups.create(parent / "idle"))
         probes.open_records(lambda record: None)        # drained between phases: the ring stays low
-        fd = probes.bpf.funcs[b"on_connect4"].fd
+        fd = probes.program_fd("on_connect4")
         results: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
         with TestNetwork() as net:
             for _ in range(PHASES):
@@ -44,14 +43,7 @@ def main() -> None:
                     probes.set_ring_share(percent, limits.ring_share_per_second, limits.ring_share_burst)
                     results[side].append(phase(net, episode, lib, fd))
                     probes.poll(0)
-        rates = {k: statistics.median(r for r, _ in v) for k, v in results.items()}
-        costs = {k: statistics.median(c for _, c in v) for k, v in results.items()}
-        for k in results:
-            print(f"ring share {k:>3}: {rates[k]:8.0f} connects/s, connect4 {costs[k]:6.0f} ns per call (median of "
-                  f"{PHASES} phases of {CONNECTS})")
-        ratios = [on[0] / off[0] for off, on in zip(results["off"], results["on"])]
-        print(f"connect rate with / without the ring share: {statistics.median(ratios):.3f} (median of phase "
-              f"pairs; quartiles {', '.join(f'{q:.3f}' for q in statistics.quantiles(ratios, n=4))})")
+        report("ring share", results, "off", "on")
     finally:
         probes.close()
         cgroups.kill_and_remove(parent)

@@ -57,6 +57,17 @@ def phase(net: TestNetwork, cgroup, lib, fd: int) -> tuple[float, float]:
     return float(out), (after[0] - before[0]) / max(1, after[1] - before[1])
 
 
+def report(what: str, results: dict[str, list[tuple[float, float]]], without: str, with_: str) -> None:
+    """Print each side's median connect rate and connect4 cost, and the ratio of the rates phase by phase."""
+    for side, phases in results.items():
+        rate, cost = statistics.median(r for r, _ in phases), statistics.median(c for _, c in phases)
+        print(f"{what} {side:>13}: {rate:8.0f} connects/s, connect4 {cost:6.0f} ns per call (median of "
+              f"{len(phases)} phases of {CONNECTS})")
+    ratios = [w[0] / wo[0] for wo, w in zip(results[without], results[with_])]
+    print(f"connect rate with / without the {what}: {statistics.median(ratios):.3f} (median of phase pairs; "
+          f"quartiles {', '.join(f'{q:.3f}' for q in statistics.quantiles(ratios, n=4))})")
+
+
 def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("needs root: sudo python -m bench.policy")
@@ -76,14 +87,7 @@ def main() -> None:
                 results["none"].append(phase(net, plain, lib, fd))
                 results["1000 entries"].append(phase(net, policed, lib, fd))
                 time.sleep(0.05)
-        rates = {k: statistics.median(r for r, _ in v) for k, v in results.items()}
-        costs = {k: statistics.median(c for _, c in v) for k, v in results.items()}
-        for k in results:
-            print(f"policy {k:>13}: {rates[k]:8.0f} connects/s, connect4 {costs[k]:6.0f} ns per call (median of "
-                  f"{PHASES} phases of {CONNECTS})")
-        ratios = [p[0] / n[0] for n, p in zip(results["none"], results["1000 entries"])]
-        print(f"connect rate with / without the policy: {statistics.median(ratios):.3f} (median of phase pairs; "
-              f"quartiles {', '.join(f'{q:.3f}' for q in statistics.quantiles(ratios, n=4))})")
+        report("policy", results, "none", "1000 entries")
     finally:
         probes.close()
         cgroups.kill_and_remove(parent)
