@@ -528,23 +528,28 @@ def test_a_packet_socket_asked_for_through_io_uring_is_refused_and_seen(net, tmp
             assert r.returncode == 0, r.stderr
         with Watcher(events, state) as watcher:
             watcher.ready(episodes=2, timeout=90)
-            p = harness.spawn_in_cgroup(refused, net.sandbox_prefix() + [uring_socket_helper], stdout=subprocess.PIPE,
-                                        text=True)
-            out, _ = p.communicate(timeout=30)
-            assert p.returncode == -signal.SIGKILL and "socket=" not in out, (p.returncode, out)
-            p = harness.spawn_in_cgroup(seen, net.sandbox_prefix() + [uring_socket_helper], stdout=subprocess.PIPE,
-                                        text=True)
-            out, _ = p.communicate(timeout=30)
-            assert p.returncode == 0 and out.startswith("socket="), (p.returncode, out)
-            wait_for_docs(events, lambda docs: alerts(docs, "egress_denied") and select(
-                docs, "socket_created", episode="ep-uring-open"), 15, "egress_denied and the open episode's socket")
+            pids = {}
+            # sqpoll: the ring's kernel thread (iou-sqp) submits the request, in the same process and cgroup.
+            for mode in ("plain", "sqpoll"):
+                p = harness.spawn_in_cgroup(refused, net.sandbox_prefix() + [uring_socket_helper, mode],
+                                            stdout=subprocess.PIPE, text=True)
+                out, _ = p.communicate(timeout=30)
+                assert p.returncode == -signal.SIGKILL and "socket=" not in out, (mode, p.returncode, out)
+                p = harness.spawn_in_cgroup(seen, net.sandbox_prefix() + [uring_socket_helper, mode],
+                                            stdout=subprocess.PIPE, text=True)
+                out, _ = p.communicate(timeout=30)
+                assert p.returncode == 0 and out.startswith("socket="), (mode, p.returncode, out)
+                pids[p.pid] = mode
+            wait_for_docs(events, lambda docs: len(alerts(docs, "egress_denied")) >= 2 and len(select(
+                docs, "socket_created", episode="ep-uring-open")) >= 2, 15, "egress_denied and the open episode's sockets")
     docs = read_docs(events)
     denied = alerts(docs, "egress_denied")
-    assert [get(a, "labels.episode_id") for a in denied] == ["ep-uring"], dump(denied)
-    assert "raw_sockets = false" in get(denied[0], "message"), get(denied[0], "message")
+    assert [get(a, "labels.episode_id") for a in denied] == ["ep-uring"] * 2, dump(denied)
+    assert all("raw_sockets = false" in get(a, "message") for a in denied), dump(denied)
     created = select(docs, "socket_created", episode="ep-uring-open")
-    assert [get(d, "eptrace.socket.family") for d in created] == ["unknown (io_uring)"], dump(created)
-    assert get(created[0], "process.name") == "uring_socket", dump(created)
+    assert [get(d, "eptrace.socket.family") for d in created] == ["unknown (io_uring)"] * 2, dump(created)
+    assert sorted(pids[get(d, "process.pid")] for d in created) == ["plain", "sqpoll"], dump(created)
+    assert {get(d, "process.name") for d in created} == {"uring_socket"}, dump(created)
 
 
 # Connects to argv[1] on each port that follows; prints "PORT ok" or "PORT ERRNO".
