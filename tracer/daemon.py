@@ -512,11 +512,11 @@ class Daemon:
                 session.remove_run_cgroup(cgroup)
             raise
         self._record(traced, policy_table, on_alert)
-        if request.get("capture"):
-            self._capture(conn, traced)
         self.counters["episodes_started"] += 1
         conn.reply(type="started", id=episode_id, cgroup=str(cgroup), cgroup_id=traced.cgroup_id,
                    instance=self.instance)
+        if request.get("capture"):          # after the answer; before any record is read (the same turn)
+            self._capture(conn, traced)
 
     def _owned(self, conn: Conn, request: dict) -> Traced:
         traced = self.traced.get(int(request["cgroup_id"]))
