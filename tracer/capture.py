@@ -27,46 +27,54 @@ class CaptureError(Exception):
 
 
 class Recording:
-    """/proc lookups answered from /proc, each answer also kept as a capture entry (write)."""
+    """/proc lookups answered from /proc, each answer also kept as a capture entry (write) while recording."""
+    recording = True
 
     def write(self, *entry: Any) -> None:
         raise NotImplementedError
 
     def process_info(self, pid: int) -> Process | None:
         found = procfs.process_info(pid)
-        self.write("proc", pid, dataclasses.asdict(found) if found else None)
+        if self.recording:
+            self.write("proc", pid, dataclasses.asdict(found) if found else None)
         return found
 
     def socket_on_fd(self, pid: int, fd: int):
         found = procfs.socket_on_fd(pid, fd)
-        self.write("fd", pid, fd, None if found is None else
-                   [found[0], dataclasses.astuple(found[1]), dataclasses.astuple(found[2]), found[3]])
+        if self.recording:
+            self.write("fd", pid, fd, None if found is None else
+                       [found[0], dataclasses.astuple(found[1]), dataclasses.astuple(found[2]), found[3]])
         return found
 
     def open_files(self, pid: int):
         found = procfs.open_files(pid)
-        self.write("files", pid, found)
+        if self.recording:
+            self.write("files", pid, found)
         return found
 
     def inet_sockets(self, pid: int, inodes: set[str]):
         found = procfs.inet_sockets(pid, inodes)
-        self.write("socks", pid, {inode: [t, dataclasses.astuple(local), dataclasses.astuple(remote), state]
-                                  for inode, (t, local, remote, state) in found.items()})
+        if self.recording:
+            self.write("socks", pid, {inode: [t, dataclasses.astuple(local), dataclasses.astuple(remote), state]
+                                      for inode, (t, local, remote, state) in found.items()})
         return found
 
     def episode_pids(self, cgroup_path: str) -> list[int]:
         found = procfs.episode_pids(cgroup_path)
-        self.write("pids", cgroup_path, found)
+        if self.recording:
+            self.write("pids", cgroup_path, found)
         return found
 
     def wall_ns(self) -> int:
         now = procfs.wall_ns()
-        self.write("now", now)
+        if self.recording:
+            self.write("now", now)
         return now
 
     def ssh_forwarding(self, pid: int, args: list[str], started_ns: int | None = None) -> str | None:
         found = sshconfig.ssh_forwarding(pid, args, started_ns)
-        self.write("ssh", pid, found)
+        if self.recording:
+            self.write("ssh", pid, found)
         return found
 
     def resume(self, pid: int) -> None:
@@ -115,8 +123,9 @@ class EpisodeSink:
     pids: set[int] = dataclasses.field(default_factory=set)
 
 
-# /proc answers by the entry's pid argument (the others: "pids" by cgroup path, "now" for everyone)
-_PID_ANSWERS = frozenset({"proc", "fd", "files", "socks", "ssh"})
+# /proc answers: at a sweep, those of a pid go to the streams of that pid's episode ("pids" by cgroup path,
+# "now" to all); at a record, all go to the record's episode
+_ANSWERS = frozenset({"proc", "fd", "files", "socks", "ssh", "pids", "now"})
 MAX_EPISODE_PIDS = 65536                 # pids remembered per captured episode (a fork storm forgets some)
 
 
@@ -138,6 +147,8 @@ class EpisodeCaptures(Recording):
     def active(self) -> bool:
         """Whether the tracer needs to write to this at all (else it is left out: no cost)."""
         return self.own is not None or bool(self.sinks)
+
+    recording = active          # /proc answers are kept (and serialized) only then
 
     def add(self, sink: EpisodeSink, clock_offset: int, episode: list) -> None:
         """episode: the entry a tracer writes for it ("episode", id, cgroup path, cgroup id, labels)."""
@@ -170,10 +181,8 @@ class EpisodeCaptures(Recording):
             self._answers.clear()
             return
         kind = entry[0]
-        if kind in _PID_ANSWERS or kind == "pids":
+        if kind in _ANSWERS:
             self._answers.append(list(entry))
-        elif kind == "now":
-            self._to([s for sinks in self.sinks.values() for s in sinks], list(entry))
         elif kind == "rec":
             episode_cgroup_id, tgid = decoding.owner_of(entry[1])
             sinks = self.sinks.get(episode_cgroup_id)
@@ -194,6 +203,8 @@ class EpisodeCaptures(Recording):
     def _owners(self, answer: list) -> list[EpisodeSink]:
         """The streams a sweep's /proc answer belongs to."""
         everyone = [s for sinks in self.sinks.values() for s in sinks]
+        if answer[0] == "now":
+            return everyone
         if answer[0] == "pids":
             owners = [s for s in everyone if s.cgroup_path == answer[1]]
             for sink in owners:
