@@ -93,3 +93,53 @@ def test_no_daemon_is_no_connection_under_auto_and_an_error_under_require(tmp_pa
         assert "no eptrace daemon listens" in str(e) and e.status == 2
     else:
         raise AssertionError("require without a daemon connected")
+
+
+def test_a_client_numbers_its_stream_as_the_daemon_counted_so_that_undelivered_documents_show(tmp_path):
+    """A daemon (here, one speaking the protocol on a real socket) that could not deliver documents 3 and 4
+    of the episode: the client's stream shows the gap, under its own run id, and is not renumbered."""
+    import socket
+    import threading
+
+    from support import Collect
+
+    from tracer import client
+    from tracer.outputs import Fanout
+    from tracer.verdict import Verdict
+    path = tmp_path / "daemon.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    encoder = EcsEncoder("h", "0", run_id="daemon-run")
+    episode = Episode("ep-gap", "/eptrace/ep-gap@1", 5, {})
+    docs = [encoder.encode_document(Alert(rule=REVERSE_SHELL, timestamp_ns=i, episode=episode, cgroup_id=5,
+                                          cgroup_path="/eptrace/ep-gap@1", process=None, message="m",
+                                          risk_score=50.0)) for i in range(5)]
+    requests = []
+
+    def daemon() -> None:
+        sock, _ = server.accept()
+        with sock, sock.makefile("rwb") as f:
+            f.write(control.encode({"type": "hello", "instance": "i"}))
+            f.flush()
+            requests.append(json.loads(f.readline()))
+            f.write(control.encode({"type": "started", "cgroup": "/x", "cgroup_id": 5, "instance": "i"}))
+            for seq in (1, 2, 5):
+                f.write(control.encode_doc(docs[seq - 1].kind, docs[seq - 1].json, seq))
+            f.flush()
+            requests.append(json.loads(f.readline()))
+            f.write(control.encode({"type": "verdict", "final": True, "id": "ep-gap",
+                                    "verdict": Verdict("ep-gap", exit_code=0).__dict__}))
+            f.flush()
+    thread = threading.Thread(target=daemon)
+    thread.start()
+    sink = Collect()
+    ep = client.Episode(control.Connection(path, timeout=10), Fanout([sink]), "ep-gap")
+    verdict = ep.end(0.0)
+    thread.join(10)
+    server.close()
+    assert [r["op"] for r in requests] == ["start", "end"] and "capture" not in requests[0]
+    assert verdict.episode_id == "ep-gap"
+    assert [d["event"]["sequence"] for d in sink.docs] == [1, 2, 5]
+    assert {d["eptrace"]["run"]["id"] for d in sink.docs} == {ep.run_id} != {"daemon-run"}
+    assert [d["eptrace"]["daemon"]["sequence"] for d in sink.docs] == [1, 2, 5]
