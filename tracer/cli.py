@@ -78,11 +78,11 @@ def _daemon(mode: str, in_process_only: dict[str, object], config=None):
         raise Failure(str(e), e.status) from None
     if conn is None or config is None:
         return conn
-    from .config import tracer_settings
+    from .client import config_differences
     try:
-        differs = conn.request("config", settings=tracer_settings(config))["differs"]
+        differs = config_differences(conn, config)
     except control.DaemonError as e:
-        differs = [f"(the daemon cannot compare: {e})"]
+        raise Failure(str(e), e.status) from None
     if not differs:
         return conn
     conn.close()

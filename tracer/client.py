@@ -169,6 +169,18 @@ class Episode:
         return verdict
 
 
+def config_differences(conn: control.Connection, config) -> list[str]:
+    """The keys of a config's tracer settings (tracer.config.tracer_settings) that differ from the daemon's:
+    a config goes through the daemon only without any (its outputs and policy are the client's side)."""
+    from .config import tracer_settings
+    try:
+        return conn.request("config", settings=tracer_settings(config))["differs"]
+    except control.DaemonGone:
+        raise
+    except control.DaemonError as e:
+        return [f"(the daemon cannot compare: {e})"]
+
+
 def run_episode(conn: control.Connection, episode_id: str, argv: list[str], outputs, labels=None,
                 grace_s: float = 10.0, user=None, policy: dict | None = None, on_alert: str | None = None,
                 capture=None) -> Verdict:

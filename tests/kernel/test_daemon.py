@@ -417,14 +417,28 @@ v = run_episode("ep-api-d", [sys.executable, "-c", connect, port], outputs=["fil
 with trace_cgroup("ep-api-dcg", cgroup, outputs=["file:" + events + ".cg"], daemon="require") as t:
     subprocess.run(["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', cgroup + "/cgroup.procs",
                     sys.executable, "-c", connect, port], check=True)
-print(json.dumps({"run": v.destinations, "cg": t.verdict.destinations, "bcc": "bcc" in sys.modules}))
+import dataclasses
+from tracer.config import Config, Dns
+v2 = run_episode("ep-api-cfg", [sys.executable, "-c", connect, port], outputs=["file:" + events + ".cfg"],
+                 config=Config(), daemon="require")       # the daemon's settings: through it
+try:
+    run_episode("ep-api-cfg2", ["true"], config=dataclasses.replace(Config(), dns=Dns(long_query_chars=99)),
+                daemon="require")
+    differs = None
+except ValueError as e:
+    differs = str(e)
+print(json.dumps({"run": v.destinations, "cg": t.verdict.destinations, "bcc": "bcc" in sys.modules,
+                  "cfg": v2.destinations, "differs": differs}))
 '''
     cgroup = episode_cgroup(f"daemon-api-{os.getpid()}")
     r = subprocess.run([sys.executable, "-c", code, f"{tmp_path}/api.ndjson", str(cgroup), str(port)],
                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.splitlines()[-1])
-    assert result == {"run": [f"127.0.0.1:{port}/tcp"], "cg": [f"127.0.0.1:{port}/tcp"], "bcc": False}, result
+    assert "dns.long_query_chars" in result.pop("differs"), result
+    assert result == {"run": [f"127.0.0.1:{port}/tcp"], "cg": [f"127.0.0.1:{port}/tcp"], "bcc": False,
+                      "cfg": [f"127.0.0.1:{port}/tcp"]}, result
+    assert get(read_docs(tmp_path / "api.ndjson.cfg")[0], "eptrace.daemon.run_id")      # through the daemon
     assert ports_attempted(read_docs(tmp_path / "api.ndjson")) == [port]
 
 
