@@ -317,9 +317,10 @@ def test_episode_add_takes_effect_at_once_and_its_verdict_is_there_at_any_time(d
 def test_a_killed_daemon_is_restarted_and_its_client_loses_nothing(daemon):
     base, count = free_port(), 40
     episode = "ep-restart"
+    capture = daemon.tmp / f"{episode}.capture"
     proc = start_eptrace("run", "--daemon", "require", "--episode", episode, "--grace", 2, "--output",
                          f"file:{daemon.tmp / episode}.ndjson", "--verdict", f"{daemon.tmp / episode}.json",
-                         "--", PYTHON, "-c", CONNECT_LOOP, base, count, state_dir=daemon.state,
+                         "--capture", capture, "--", PYTHON, "-c", CONNECT_LOOP, base, count, state_dir=daemon.state,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = LineReader(proc.stdout), LineReader(proc.stderr)
     try:
@@ -351,6 +352,13 @@ def test_a_killed_daemon_is_restarted_and_its_client_loses_nothing(daemon):
     assert verdict["connections"] == count and verdict["exit_code"] == 0, verdict        # carried over
     assert verdict["connects_refused"] == len(refused), verdict
     assert "tracer_resumed" in json.dumps(read_docs(daemon.events)), "no resumption metric"
+    # the capture goes on after the resume (what the new daemon read before it is not in it: said on stderr)
+    assert "the capture of episode ep-restart lacks" in err.text(), err.text()
+    replayed = run_eptrace("replay", capture, "--all", "--output", f"file:{capture}.ndjson")
+    assert replayed.returncode == 0, replayed.stderr
+    captured = ports_attempted(read_docs(f"{capture}.ndjson"))
+    assert set(captured) <= set(ports_attempted(docs)) and captured[:3] == [base, base + 1, base + 2], captured
+    assert captured[-1] == base + count - 1, captured          # recorded after the resume
 
 
 # ---- --config and --metrics-listen ---------------------------------------------------------------------------
