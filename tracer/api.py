@@ -15,8 +15,10 @@ record is complete (`complete`, `incomplete_reasons`, `losses`); `clean` is no a
 
 daemon="auto" (the default, or the environment's EPTRACE_DAEMON) traces through the eptrace daemon when its socket answers (without
 loading the probes in this process), "never" in this process, "require" raises
-tracer.control.NoDaemon without one. A config (its detection thresholds are the tracer's) or a
-tracer.policy.Policy object (rather than the [policy] table as a dict) traces in this process.
+tracer.control.NoDaemon without one. A config goes through the daemon when its tracer settings are the
+daemon's (its [output] is this process's own), else it traces in this process ("require": ValueError naming
+the keys); a tracer.policy.Policy object, or a config with a [policy] (rather than the [policy] table as a
+dict), traces in this process.
 The outputs are the given specs, else the config's [output] specs (with its spool_mb), else stdout.
 """
 from __future__ import annotations
@@ -37,12 +39,22 @@ def _connection(daemon: str | None, config: Config | None, policy) -> control.Co
     daemon = daemon or os.environ.get("EPTRACE_DAEMON") or "auto"
     if daemon not in ("auto", "never", "require"):
         raise ValueError(f"daemon must be auto, never or require, not {daemon!r}")
-    if config is not None or isinstance(policy, Policy):
+    if isinstance(policy, Policy) or config is not None and config.policy is not None:
         if daemon == "require":
-            raise ValueError("a config or a Policy object cannot be used through the daemon "
+            raise ValueError("a Policy object (or a config with a [policy]) cannot be used through the daemon "
                              "(pass the [policy] table as a dict, or daemon='never')")
         return None
-    return control.connect_if_running(daemon)
+    conn = control.connect_if_running(daemon)
+    if conn is None or config is None:
+        return conn
+    from .client import config_differences
+    differs = config_differences(conn, config)
+    if not differs:
+        return conn
+    conn.close()
+    if daemon == "require":
+        raise ValueError(f"the config differs from the daemon's in {', '.join(differs)} (use daemon='never')")
+    return None
 
 
 def run_episode(episode_id: str, argv: list[str], *, outputs: list[str] | None = None,

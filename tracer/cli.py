@@ -61,18 +61,36 @@ def _outputs(specs: tuple[str, ...], schema: str = "ecs", config=None):
         raise Failure(str(e), EXIT_BAD_INPUT) from None
 
 
-def _daemon(mode: str, in_process_only: dict[str, object]):
-    """The daemon's connection for --daemon MODE, or None (trace in-process)."""
+def _daemon(mode: str, in_process_only: dict[str, object], config=None):
+    """The daemon's connection for --daemon MODE, or None (trace in-process). in_process_only: options
+    that need a tracer of the run's own; config: a --config, which goes through the daemon only when its
+    tracer settings are the daemon's (its [output], [metrics] and [policy] are the client's own)."""
     from . import control
     wanted = [option for option, value in in_process_only.items() if value]
     if wanted:
         if mode == "require":
-            raise Failure(f"{', '.join(wanted)} cannot be used through the daemon (use --daemon never)", EXIT_BAD_INPUT)
+            raise Failure(f"{', '.join(wanted)} needs a tracer of the run's own: it cannot be used through the "
+                          "daemon (use --daemon never)", EXIT_BAD_INPUT)
         return None
     try:
-        return control.connect_if_running(mode)
+        conn = control.connect_if_running(mode)
     except control.DaemonError as e:
         raise Failure(str(e), e.status) from None
+    if conn is None or config is None:
+        return conn
+    from .client import config_differences
+    try:
+        differs = config_differences(conn, config)
+    except control.DaemonError as e:
+        raise Failure(str(e), e.status) from None
+    if not differs:
+        return conn
+    conn.close()
+    message = f"--config differs from the daemon's config in {', '.join(differs)}"
+    if mode == "require":
+        raise Failure(f"{message}: use --daemon never to trace with it in-process", EXIT_BAD_INPUT)
+    log.info("%s: tracing in-process", message)
+    return None
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -149,11 +167,12 @@ ON_ALERT_HELP = "What to do to an episode on any alert, over its policy's on_ale
 
 
 def _policy_table(path: str | None) -> dict | None:
-    """A --policy file's [policy] table as written (checked first by _policy), for the daemon or the state dir."""
+    """A --policy (or --config) file's [policy] table as written (checked first by _policy or _config), for the
+    daemon or the state dir; None without one."""
     if path is None:
         return None
     import tomllib
-    return tomllib.loads(open(path, "rb").read().decode())["policy"]
+    return tomllib.loads(open(path, "rb").read().decode()).get("policy")
 
 
 def _policy(path: str | None):
@@ -280,7 +299,8 @@ def cli(verbose: int, state_dir: str | None, pin_dir: str | None, socket_path: s
 @click.option("--daemon", "daemon_mode", type=click.Choice(["auto", "never", "require"]), default="auto",
               envvar="EPTRACE_DAEMON", show_default=True,
               help="Trace through the eptrace daemon: when its socket answers (auto), never, or fail without it "
-                   "(require). --config, --capture and --metrics-listen trace in-process. [env EPTRACE_DAEMON]")
+                   "(require). --metrics-listen, and a --config whose tracer settings differ from the daemon's, "
+                   "trace in-process (require: refused). [env EPTRACE_DAEMON]")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
 def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict_path, capture_path,
         metrics_listen, policy_path, on_alert, run_as, schema, fail_on_alert, fail_on_incomplete, daemon_mode,
@@ -307,20 +327,20 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
     user = _user(run_as) if run_as else None
     _require_root()
     _check_written_paths(verdict=verdict_path, capture=capture_path)
-    conn = _daemon(daemon_mode, {"--config": config_path, "--capture": capture_path,
-                                 "--metrics-listen": metrics_listen})
+    conn = _daemon(daemon_mode, {"--metrics-listen": metrics_listen}, config if config_path else None)
     fanout = _outputs(outputs, schema, config)
+    capture = _capture(capture_path, fanout)
     if conn is not None:
         from . import client, control
         try:
             verdict = client.run_episode(conn, episode_id, list(command), fanout, labels=label_map, grace_s=grace,
-                                         user=user, policy=_policy_table(policy_path), on_alert=on_alert)
+                                         user=user, policy=_policy_table(policy_path or config_path),
+                                         on_alert=on_alert, capture=capture)
         except control.DaemonError as e:
             raise Failure(str(e), e.status) from None
         finally:
             fanout.close()
         _end_run(verdict, verdict_path, fail_on_alert, fail_on_incomplete)
-    capture = _capture(capture_path, fanout)
     from .kernel.cgroups import CgroupError
     from .kernel.loader import ProbeError
     from .session import run_episode

@@ -14,10 +14,12 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from . import control
 from .schema import Document
+from .schema.ecs import restamp
 from .verdict import Verdict, from_dict, merge
 
 log = logging.getLogger(__name__)
@@ -33,14 +35,22 @@ class Episode:
     verdict snapshots kept, the final verdict at the end."""
 
     def __init__(self, conn: control.Connection, outputs, episode_id: str, labels: dict | None = None,
-                 policy: dict | None = None, on_alert: str | None = None, cgroup: str | None = None):
-        self.conn, self.outputs, self.episode_id = conn, outputs, episode_id
+                 policy: dict | None = None, on_alert: str | None = None, cgroup: str | None = None,
+                 capture=None):
+        """capture: a tracer.capture.Recorder that gets the episode's capture entries from the daemon."""
+        self.conn, self.outputs, self.episode_id, self.capture = conn, outputs, episode_id, capture
         started = conn.request("start", id=episode_id, labels=labels or {}, policy=policy, on_alert=on_alert,
-                               cgroup=cgroup)
+                               cgroup=cgroup, **({"capture": True} if capture is not None else {}))
         self.cgroup = Path(started["cgroup"])
         self.cgroup_id = started["cgroup_id"]
         self.instance = started["instance"]
         self.documents = 0
+        # The stream is this client's own run: its own eptrace.run.id, and event.sequence from the daemon's
+        # count of the episode's documents (gaps show what the daemon could not deliver), continued across
+        # daemons (a restarted daemon counts from 1 again).
+        self.run_id = uuid.uuid4().hex[:16]
+        self.sequence = 0
+        self._sequence_base = 0
         self.carried: Verdict | None = None       # from daemons that died during the episode
         self.latest: Verdict | None = None        # this daemon's verdict so far
         self.final: Verdict | None = None
@@ -76,9 +86,18 @@ class Episode:
     def _handle(self, line: bytes) -> None:
         doc = control.decode_doc(line)
         if doc is not None:
-            self.outputs.write(Document(doc[1], doc[0]))
+            kind, text, seq = doc
+            if seq is not None:
+                self.sequence = self._sequence_base + seq
+                text = restamp(text, self.sequence, self.run_id)
+            self.outputs.write(Document(text, kind))
             self.documents += 1
             return
+        if self.capture is not None:
+            entry = control.decode_capture(line)
+            if entry is not None:
+                self.capture.write_packed(entry)
+                return
         import json
         message = json.loads(line)
         kind = message.get("type")
@@ -114,7 +133,8 @@ class Episode:
                 return False
             try:
                 conn = control.Connection()
-                answer = conn.request("resume", cgroup_id=self.cgroup_id)
+                answer = conn.request("resume", cgroup_id=self.cgroup_id,
+                                      **({"capture": True} if self.capture is not None else {}))
             except (control.NoDaemon, control.DaemonGone):     # not up yet, or the dead one's socket closing
                 time.sleep(RECONNECT_INTERVAL_S)
                 continue
@@ -124,8 +144,12 @@ class Episode:
             conn.sock.settimeout(READ_TIMEOUT_S)
             with self._lock:
                 self.conn, self.instance, self._end_sent = conn, answer["instance"], False
+                self._sequence_base = self.sequence
             log.warning("episode %s resumed by the restarted eptrace daemon (%d document(s) recorded meanwhile)",
                         self.episode_id, answer.get("delivered_from_restart", 0))
+            if self.capture is not None:
+                log.warning("the capture of episode %s lacks what the restarted daemon read before it resumed it",
+                            self.episode_id)
             return True
 
     # -- the caller's side ---------------------------------------------------------
@@ -145,11 +169,38 @@ class Episode:
         return verdict
 
 
+def config_differences(conn: control.Connection, config) -> list[str]:
+    """The keys of a config's tracer settings (tracer.config.tracer_settings) that differ from the daemon's:
+    a config goes through the daemon only without any (its outputs and policy are the client's side)."""
+    from .config import tracer_settings
+    try:
+        return conn.request("config", settings=tracer_settings(config))["differs"]
+    except control.DaemonGone:
+        raise
+    except control.DaemonError as e:
+        return [f"(the daemon cannot compare: {e})"]
+
+
 def run_episode(conn: control.Connection, episode_id: str, argv: list[str], outputs, labels=None,
-                grace_s: float = 10.0, user=None, policy: dict | None = None, on_alert: str | None = None) -> Verdict:
-    """session.run_episode through the daemon: CMD runs here, in the cgroup the daemon made for it."""
+                grace_s: float = 10.0, user=None, policy: dict | None = None, on_alert: str | None = None,
+                capture=None) -> Verdict:
+    """session.run_episode through the daemon: CMD runs here, in the cgroup the daemon made for it.
+    capture: a tracer.capture.Recorder for the episode's capture (this process writes it, and closes it)."""
+    try:
+        episode = Episode(conn, outputs, episode_id, labels, policy, on_alert, capture=capture)
+    except BaseException:
+        if capture is not None:
+            capture.abort()
+        raise
+    try:
+        return _run_command(episode, argv, outputs, grace_s, user, policy)
+    finally:
+        if capture is not None:
+            capture.close()
+
+
+def _run_command(episode: Episode, argv: list[str], outputs, grace_s: float, user, policy: dict | None) -> Verdict:
     from .session import command_setup
-    episode = Episode(conn, outputs, episode_id, labels, policy, on_alert)
     from .policy import parse as parse_policy
     enter_cgroup, env, child_stdout = command_setup(episode.cgroup, user, outputs,
                                                     parse_policy(policy) if policy else None)

@@ -195,6 +195,27 @@ class Config:
         return self.allowlist.allows_executable(path)
 
 
+# What a daemon client's config sets on its own side: its outputs, its metrics endpoint, its episode's policy
+# (sent with the episode), and run's fail_closed (a run is fail-closed whatever the config says).
+CLIENT_SIDE = frozenset({"output", "metrics", "policy", "on_alert", "tracing.fail_closed"})
+
+
+def tracer_settings(config: Config) -> dict[str, object]:
+    """The config's keys that are the tracer's, as "section.key" -> value (plain JSON values): a daemon
+    client's config may differ from the daemon's only outside these (CLIENT_SIDE)."""
+    import json
+    settings = {}
+    for section in fields(config):
+        if section.name in CLIENT_SIDE:
+            continue
+        table = getattr(config, section.name)
+        for key in fields(table):
+            name = f"{section.name}.{key.name}"
+            if name not in CLIENT_SIDE:
+                settings[name] = json.loads(json.dumps(getattr(table, key.name), default=dataclasses.asdict))
+    return settings
+
+
 def load(path: str | Path | None) -> Config:
     if path is None:
         return Config()

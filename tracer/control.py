@@ -7,6 +7,7 @@ and the API load it without bcc or the probes.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -15,7 +16,8 @@ from pathlib import Path
 PROTOCOL_VERSION = 1
 DEFAULT_SOCKET = Path("/run/eptrace/eptrace.sock")
 MAX_LINE = 16 << 20           # a request or answer longer than this is refused
-# A document travels as its exact ECS text: DOC_PREFIX + kind + '","doc":' + text + "}"
+# A document travels as its exact ECS text: DOC_PREFIX + kind + '"' [+ ',"seq":N'] + ',"doc":' + text + "}".
+# seq numbers the documents of one episode (1, 2, ...): a client's own event.sequence, gaps included.
 DOC_PREFIX = b'{"v":1,"type":"doc","kind":"'
 
 
@@ -50,18 +52,40 @@ def encode(message: dict) -> bytes:
     return (json.dumps({"v": PROTOCOL_VERSION, **message}, separators=(",", ":")) + "\n").encode()
 
 
-def encode_doc(kind: str, text: str) -> bytes:
-    return DOC_PREFIX + kind.encode() + b'","doc":' + text.encode() + b"}\n"
+def encode_doc(kind: str, text: str, seq: int | None = None) -> bytes:
+    numbered = b"" if seq is None else b',"seq":%d' % seq
+    return DOC_PREFIX + kind.encode() + b'"' + numbered + b',"doc":' + text.encode() + b"}\n"
 
 
-def decode_doc(line: bytes) -> tuple[str, str] | None:
-    """(kind, exact document text) of a doc line, or None for any other message."""
+CAPTURE_PREFIX = b'{"v":1,"type":"capture","entry":"'
+
+
+def encode_capture(entry: bytes) -> bytes:
+    """One capture entry (msgpack, as a capture file holds it) for a client that asked for a capture."""
+    return CAPTURE_PREFIX + base64.b64encode(entry) + b'"}\n'
+
+
+def decode_capture(line: bytes) -> bytes | None:
+    """The packed capture entry of a capture line, or None for any other message."""
+    if not line.startswith(CAPTURE_PREFIX) or not line.endswith(b'"}'):
+        return None
+    return base64.b64decode(line[len(CAPTURE_PREFIX):-2], validate=True)
+
+
+def decode_doc(line: bytes) -> tuple[str, str, int | None] | None:
+    """(kind, exact document text, its episode's seq or None) of a doc line, or None for any other message."""
     if not line.startswith(DOC_PREFIX):
         return None
-    kind, sep, rest = line[len(DOC_PREFIX):].partition(b'","doc":')
-    if not sep or not rest.endswith(b"}"):
+    kind, sep, rest = line[len(DOC_PREFIX):].partition(b'"')
+    seq = None
+    if rest.startswith(b',"seq":'):
+        number, _, rest = rest[7:].partition(b",")
+        if not number.isdigit():
+            return None
+        seq, rest = int(number), b"," + rest
+    if not sep or not rest.startswith(b',"doc":') or not rest.endswith(b"}"):
         return None
-    return kind.decode(), rest[:-1].decode()
+    return kind.decode(), rest[7:-1].decode(), seq
 
 
 class Connection:

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__, safefiles, session
-from .config import Config, ConfigError
-from .control import MAX_LINE, PROTOCOL_VERSION, encode, encode_doc
+from .capture import EpisodeCaptures, EpisodeSink
+from .config import Config, ConfigError, tracer_settings
+from .control import MAX_LINE, PROTOCOL_VERSION, encode, encode_capture, encode_doc
 from .events import Metric
 from .kernel import cgroups
 from .policy import parse as policy_of
@@ -56,6 +57,7 @@ class Traced:
     ending: Ending | None = None
     pending: list = field(default_factory=list)   # documents while its client reconnects (after a restart)
     pending_bytes: int = 0
+    sequence: int = 0                     # its documents so far: the seq its subscribers get with each
 
 
 @dataclass
@@ -106,8 +108,10 @@ def _alive(pid: int | None) -> bool:
 
 
 class Daemon:
-    def __init__(self, tracer, registry: Registry, socket_path: Path, socket_group: str | None = None):
+    def __init__(self, tracer, registry: Registry, socket_path: Path, socket_group: str | None = None,
+                 captures: EpisodeCaptures | None = None):
         self.tracer = tracer
+        self.captures = captures          # the tracer's capture and /proc: per-episode captures for clients
         self.registry = registry
         self.socket_path = socket_path
         self.group_id = grp.getgrnam(socket_group).gr_gid if socket_group else None
@@ -128,6 +132,7 @@ class Daemon:
         tracer.on_document = self._route
         tracer.observers.append(self._observe)        # one observer: per event, one episode's builder
         self.listener = self._listen()
+        self._captures_changed()
 
     # -- the socket -------------------------------------------------------------------
     def _listen(self) -> socket.socket:
@@ -239,6 +244,9 @@ class Daemon:
         for cgroup_id in list(conn.episodes):
             self._unsubscribe(conn, cgroup_id)
         self.everything.discard(conn)
+        if self.captures is not None:
+            self.captures.remove(key=conn)
+            self._captures_changed()
         conn.closed = True
         self.selector.unregister(conn.sock)
         self.conns.pop(conn.sock.fileno(), None)
@@ -262,10 +270,13 @@ class Daemon:
         episode = getattr(event, "episode", None)
         line = None
         traced = self.traced.get(episode.cgroup_id) if episode is not None else None
+        seq = None
         if traced is not None:
             self.changed.add(traced.cgroup_id)
+            traced.sequence += 1            # counted whether or not anyone gets it: what a client misses shows
+            seq = traced.sequence
             if traced.owner is None and traced.kind != "registered" and traced.ending is None:
-                line = encode_doc(doc.kind, doc.json)
+                line = encode_doc(doc.kind, doc.json, seq)
                 if traced.pending_bytes + len(line) <= MAX_PENDING:
                     traced.pending.append(line)
                     traced.pending_bytes += len(line)
@@ -273,7 +284,7 @@ class Daemon:
                     self.counters["documents_not_kept_for_clients"] += 1
         subscribed = self.subscribers.get(episode.cgroup_id, ()) if episode is not None else ()
         for conn in (*subscribed, *self.everything) if self.everything else subscribed:
-            line = line or encode_doc(doc.kind, doc.json)
+            line = line or encode_doc(doc.kind, doc.json, seq)
             conn.send(line)
 
     def _snapshots(self) -> None:
@@ -387,7 +398,10 @@ class Daemon:
     def _finish(self, traced: Traced) -> Verdict:
         """The episode's last records, its verdict, then untrace it and remove what the daemon made."""
         self.tracer.drain()
-        self.tracer.finish_episode(traced.cgroup_id)
+        now_ns = time.monotonic_ns()
+        if self.captures is not None:
+            self.captures.final_sweep(traced.cgroup_id, now_ns)
+        self.tracer.finish_episode(traced.cgroup_id, now_ns)
         verdict = self._verdict(traced)
         if traced.kind == "run":
             session.remove_run_cgroup(traced.cgroup)    # before its probes go: nothing runs untraced
@@ -404,6 +418,9 @@ class Daemon:
         for conn in list(self.subscribers.get(traced.cgroup_id, ())):
             self._unsubscribe(conn, traced.cgroup_id)
             conn.send(message)
+        if self.captures is not None:
+            self.captures.remove(cgroup_id=traced.cgroup_id)
+            self._captures_changed()
         if traced.kind == "registered":
             self.final[traced.id] = verdict.__dict__
             while len(self.final) > FINAL_VERDICTS_KEPT:
@@ -421,7 +438,8 @@ class Daemon:
             "connects_refused": verdict.connects_refused, "egress_denied": verdict.denied,
             "episode_losses": [{"episode_id": traced.id, "losses": verdict.losses}] if verdict.losses else [],
             "daemon_instance": self.instance}))
-        line = encode_doc(doc.kind, doc.json)
+        traced.sequence += 1
+        line = encode_doc(doc.kind, doc.json, traced.sequence)
         for conn in subscribed:
             conn.send(line)
 
@@ -497,6 +515,8 @@ class Daemon:
         self.counters["episodes_started"] += 1
         conn.reply(type="started", id=episode_id, cgroup=str(cgroup), cgroup_id=traced.cgroup_id,
                    instance=self.instance)
+        if request.get("capture"):          # after the answer; before any record is read (the same turn)
+            self._capture(conn, traced)
 
     def _owned(self, conn: Conn, request: dict) -> Traced:
         traced = self.traced.get(int(request["cgroup_id"]))
@@ -513,8 +533,25 @@ class Daemon:
         conn.send(b"".join(traced.pending))       # recorded while it was away: nothing lost
         traced.pending.clear()
         traced.pending_bytes = 0
+        if request.get("capture"):         # from now on: what this daemon read before is not in it
+            self._capture(conn, traced)
         self._subscribe(conn, traced.cgroup_id)
         self.changed.add(traced.cgroup_id)        # and its verdict so far follows
+
+    def _capture(self, conn: Conn, traced: Traced) -> None:
+        """The client gets its episode's capture entries; it writes the file (never the daemon)."""
+        if self.captures is None:
+            raise ValueError("this daemon cannot capture episodes")
+        episode = self.tracer.episodes.get(traced.cgroup_id)
+        self.captures.add(EpisodeSink(traced.cgroup_id, episode.cgroup_path, lambda entry: conn.send(encode_capture(entry)),
+                                      conn), self.tracer.clock.offset,
+                          ["episode", episode.id, episode.cgroup_path, episode.cgroup_id, episode.labels])
+        self._captures_changed()
+
+    def _captures_changed(self) -> None:
+        """The tracer writes capture entries only while someone wants them."""
+        if self.captures is not None:
+            self.tracer.capture = self.captures if self.captures.active else None
 
     def _op_end(self, conn: Conn, request: dict) -> None:
         traced = self._owned(conn, request)
@@ -536,6 +573,13 @@ class Daemon:
             for cgroup_id in found:
                 self._subscribe(conn, cgroup_id)
         conn.reply(type="subscribed", id=episode_id)
+
+    def _op_config(self, conn: Conn, request: dict) -> None:
+        """Which of a client's config keys differ from this daemon's tracer settings (tracer.config)."""
+        theirs, mine = request["settings"], tracer_settings(self.tracer.config)
+        if not isinstance(theirs, dict):
+            raise ValueError("settings is an object of section.key -> value")
+        conn.reply(type="config", differs=sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)))
 
     def _op_list(self, conn: Conn, request: dict) -> None:
         conn.reply(type="episodes", episodes=[
@@ -614,7 +658,7 @@ def serve(outputs, registry: Registry, socket_path: Path, socket_group: str | No
           metrics_listen: str | None = None) -> int:
     """Trace every registered episode and serve the control socket until SIGINT/SIGTERM."""
     def traced_loop(tracer, stop) -> None:
-        daemon = Daemon(tracer, registry, socket_path, socket_group)
+        daemon = Daemon(tracer, registry, socket_path, socket_group, captures)
         clean = False
         try:
             daemon.run(stop)
@@ -622,6 +666,7 @@ def serve(outputs, registry: Registry, socket_path: Path, socket_group: str | No
         finally:
             daemon.close(clean)
     config = config or Config()
+    captures = EpisodeCaptures(capture)     # the tracer's /proc: answers kept only while a capture is made
     return session.trace_host(outputs, traced_loop, stats_interval_s=stats_interval_s, config=config,
-                              capture=capture, metrics_listen=metrics_listen)
+                              capture=captures, metrics_listen=metrics_listen)
 

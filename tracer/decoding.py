@@ -289,6 +289,14 @@ def _ip_text(raw: bytes, family: int) -> str | None:
     return None
 
 
+def owner_of(raw: bytes) -> tuple[int, int]:
+    """(episode cgroup id, tgid) of a raw record, without decoding it (the daemon's per-episode captures)."""
+    if len(raw) < HEADER.size:
+        return 0, 0
+    fields = HEADER.unpack_from(raw)
+    return fields[5], fields[6]
+
+
 def decode(raw: bytes) -> Record:
     if len(raw) < HEADER.size:
         raise DecodeError(f"record of {len(raw)} bytes is shorter than its header")

@@ -456,9 +456,9 @@ class Tracer:
         self.emit(Metric(timestamp_ns=time.time_ns(), stats=self.stats_snapshot()))
         self._removed_losses.clear()
 
-    def finish_episode(self, cgroup_id: int) -> None:
+    def finish_episode(self, cgroup_id: int, now_ns: int | None = None) -> None:
         """One episode is over (the others go on): resolve its connection attempts still pending."""
-        self.flows.sweep(time.monotonic_ns(), final=True, episode_cgroup_id=cgroup_id)
+        self.flows.sweep(now_ns or time.monotonic_ns(), final=True, episode_cgroup_id=cgroup_id)
         self.outputs.flush()
 
     def finish(self) -> None:

@@ -24,6 +24,8 @@ from harness import HOST_IP, METADATA_IP, PYTHON
 from support import free_port
 
 from tracer import control
+from tracer.capture import entries as capture_entries
+from tracer.decoding import owner_of
 
 CONNECT = "import socket, sys; socket.socket().connect_ex(('127.0.0.1', int(sys.argv[1])))"
 # Connects to 127.0.0.1:BASE+i every 0.2 s, N times, printing each i.
@@ -143,6 +145,29 @@ def ports_attempted(docs: list[dict]) -> list[int]:
     return [doc["destination"]["port"] for doc in select(docs, "connection_attempted")]
 
 
+def assert_own_stream(docs: list[dict], daemon_run_id: str | None = None) -> str:
+    """A client's output is a run of its own, as in-process: one eptrace.run.id that is not the daemon's,
+    event.sequence 1..N without a gap (nothing was lost); the daemon's numbering is kept in eptrace.daemon.*"""
+    assert [get(d, "event.sequence") for d in docs] == list(range(1, len(docs) + 1)), dump(docs)
+    run_ids = {get(d, "eptrace.run.id") for d in docs}
+    daemon_runs = {get(d, "eptrace.daemon.run_id") for d in docs}
+    assert len(run_ids) == 1 and len(daemon_runs) == 1 and not run_ids & daemon_runs, (run_ids, daemon_runs)
+    assert daemon_run_id is None or daemon_runs == {daemon_run_id}, (daemon_runs, daemon_run_id)
+    return run_ids.pop()
+
+
+def daemon_run_id(d: Daemon) -> str:
+    return get(wait_for_docs(d.events, lambda docs: docs)[0], "eptrace.run.id")
+
+
+def key_fields(docs: list[dict]) -> list[tuple]:
+    """What a replay must give again: each event and alert, its time, process, peer and rule."""
+    return [(get(d, "@timestamp"), get(d, "event.action"), get(d, "event.outcome"), get(d, "process.pid"),
+             get(d, "process.executable"), get(d, "destination.ip"), get(d, "destination.port"),
+             get(d, "destination.bytes"), get(d, "rule.name"), get(d, "message"))
+            for d in docs if get(d, "event.kind") != "metric"]
+
+
 # ---- the daemon traces its clients ----------------------------------------------------------------------
 
 def test_a_run_client_gets_its_own_documents_and_verdict_without_loading_the_probes(daemon, tmp_path):
@@ -180,13 +205,18 @@ def test_fifty_concurrent_clients_each_get_only_their_own_documents(daemon):
     ports = {f"ep-c{i}": free_port() for i in range(50)}
     results: dict[str, subprocess.CompletedProcess] = {}
 
+    captured = [f"ep-c{i}" for i in range(0, 50, 10)]      # a few capture theirs, among the others
+
     def one(episode: str) -> None:
-        results[episode] = client(daemon, episode, PYTHON, "-c", CONNECT, str(ports[episode]), timeout=600)
+        capture = ("--capture", daemon.tmp / f"{episode}.capture") if episode in captured else ()
+        results[episode] = client(daemon, episode, PYTHON, "-c", CONNECT, str(ports[episode]), options=capture,
+                                  timeout=600)
     threads = [threading.Thread(target=one, args=(e,)) for e in ports]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    daemon_run, run_ids = daemon_run_id(daemon), set()
     for episode, port in ports.items():
         r = results[episode]
         assert r.returncode == 0, (episode, r.stderr)
@@ -194,8 +224,20 @@ def test_fifty_concurrent_clients_each_get_only_their_own_documents(daemon):
         assert {doc.get("labels", {}).get("episode_id") or doc["eptrace"]["stats"]["episode_id"]
                 for doc in docs} == {episode}, (episode, dump(docs))
         assert ports_attempted(docs) == [port], (episode, dump(docs))
+        run_ids.add(assert_own_stream(docs, daemon_run))         # while 49 other episodes were traced
         verdict = verdict_of(daemon, episode)
         assert verdict["destinations"] == [f"127.0.0.1:{port}/tcp"], (episode, verdict)
+    assert len(run_ids) == len(ports), "two clients share a run id"
+    for episode in captured:        # a capture holds its own episode's records only, and replays on its own
+        capture = daemon.tmp / f"{episode}.capture"
+        entries = list(capture_entries(capture))
+        episode_entries = [e for e in entries if e[0] == "episode"]
+        assert [e[1] for e in episode_entries] == [episode], episode_entries
+        owners = {owner_of(e[1])[0] for e in entries if e[0] == "rec"}
+        assert owners == {episode_entries[0][3]}, (episode, owners)
+        replayed = run_eptrace("replay", capture, "--all", "--output", f"file:{capture}.ndjson")
+        assert replayed.returncode == 0, replayed.stderr
+        assert key_fields(read_docs(f"{capture}.ndjson")) == key_fields(read_docs(daemon.tmp / f"{episode}.ndjson"))
 
 
 @pytest.fixture
@@ -206,21 +248,31 @@ def echo_on_host_and_metadata(net):
 
 def test_exit_statuses_and_fail_on_alert_are_the_same_as_in_process(daemon, net, echo_on_host_and_metadata):
     argv = net.sandbox_prefix() + [PYTHON, "-c", CONNECT_TWICE + "raise SystemExit(9)", HOST_IP, METADATA_IP, 8080]
-    through = {}
+    through, same = {}, {}
     for options in ((), ("--fail-on-alert",)):
         for mode in ("require", "never"):
             episode = f"ep-{mode}-{len(options)}"
+            capture = daemon.tmp / f"{episode}.capture"
             r = run_eptrace("run", "--daemon", mode, "--episode", episode, "--grace", 2, "--output",
                             f"file:{daemon.tmp / episode}.ndjson", "--verdict", f"{daemon.tmp / episode}.json",
-                            *options, "--", *argv, state_dir=daemon.state, timeout=180)
+                            "--capture", capture, *options, "--", *argv, state_dir=daemon.state, timeout=180)
+            assert r.returncode in (3, 9), r.stderr
             docs = read_docs(daemon.tmp / f"{episode}.ndjson")
             assert alerts(docs, "cloud_metadata_access"), dump(docs)
+            # the capture (through the daemon: the client wrote it) replays to the run's own documents
+            replayed = run_eptrace("replay", capture, "--all", "--output", f"file:{capture}.ndjson")
+            assert replayed.returncode == 0, replayed.stderr
+            assert key_fields(read_docs(f"{capture}.ndjson")) == key_fields(docs), (mode, dump(docs))
+            if mode == "require":
+                assert_own_stream(docs)
             v = verdict_of(daemon, episode)
             through[(mode, options)] = (r.returncode, v["connections"], v["bytes_out"], v["bytes_in"],
                                         [a["rule"] for a in v["alerts"]], v["exit_code"])
+            same[mode] = sorted(k[1:3] + k[5:9] for k in key_fields(docs))      # without times and pids
     assert through[("require", ())] == through[("never", ())] == (9, 2, 10, 10, ["cloud_metadata_access"], 9), through
     assert through[("require", ("--fail-on-alert",))] == through[("never", ("--fail-on-alert",))], through
     assert through[("require", ("--fail-on-alert",))][0] == 3, through
+    assert same["require"] == same["never"], same          # the same documents as in-process
     # a command that cannot start: 127, as in-process
     assert client(daemon, "ep-nocmd", "/nonexistent/command").returncode == 127
 
@@ -265,9 +317,10 @@ def test_episode_add_takes_effect_at_once_and_its_verdict_is_there_at_any_time(d
 def test_a_killed_daemon_is_restarted_and_its_client_loses_nothing(daemon):
     base, count = free_port(), 40
     episode = "ep-restart"
+    capture = daemon.tmp / f"{episode}.capture"
     proc = start_eptrace("run", "--daemon", "require", "--episode", episode, "--grace", 2, "--output",
                          f"file:{daemon.tmp / episode}.ndjson", "--verdict", f"{daemon.tmp / episode}.json",
-                         "--", PYTHON, "-c", CONNECT_LOOP, base, count, state_dir=daemon.state,
+                         "--capture", capture, "--", PYTHON, "-c", CONNECT_LOOP, base, count, state_dir=daemon.state,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = LineReader(proc.stdout), LineReader(proc.stderr)
     try:
@@ -281,6 +334,8 @@ def test_a_killed_daemon_is_restarted_and_its_client_loses_nothing(daemon):
         kill(proc)
     err.join()
     assert "the eptrace daemon went away" in err.text() and "resumed by the restarted" in err.text(), err.text()
+    assert_contract(read_docs(events))          # event.sequence went on increasing across the restart
+    assert len({get(doc, "eptrace.run.id") for doc in read_docs(events)}) == 1
     docs = [doc for doc in read_docs(events) if doc["event"]["kind"] != "metric"]
     assert {doc["labels"]["episode_id"] for doc in docs} == {episode}, dump(docs)
     # A run's episode fails closed while its daemon is away (as run does in-process): those connects got
@@ -297,6 +352,40 @@ def test_a_killed_daemon_is_restarted_and_its_client_loses_nothing(daemon):
     assert verdict["connections"] == count and verdict["exit_code"] == 0, verdict        # carried over
     assert verdict["connects_refused"] == len(refused), verdict
     assert "tracer_resumed" in json.dumps(read_docs(daemon.events)), "no resumption metric"
+    # the capture goes on after the resume (what the new daemon read before it is not in it: said on stderr)
+    assert "the capture of episode ep-restart lacks" in err.text(), err.text()
+    replayed = run_eptrace("replay", capture, "--all", "--output", f"file:{capture}.ndjson")
+    assert replayed.returncode == 0, replayed.stderr
+    captured = ports_attempted(read_docs(f"{capture}.ndjson"))
+    assert set(captured) <= set(ports_attempted(docs)) and captured[:3] == [base, base + 1, base + 2], captured
+    assert captured[-1] == base + count - 1, captured          # recorded after the resume
+
+
+# ---- --config and --metrics-listen ---------------------------------------------------------------------------
+
+CONNECT_TEST_NET = "import socket; print(socket.socket().connect_ex(('198.51.100.7', 9)))"
+
+
+def test_a_config_goes_through_the_daemon_when_its_tracer_settings_are_the_daemons(daemon, tmp_path):
+    own_side = tmp_path / "own.toml"        # outputs and a policy are the client's side: through the daemon
+    own_side.write_text('[output]\nspool_mb = 64\n[policy]\ndeny = ["198.51.100.0/24"]\n')
+    r = client(daemon, "ep-cfg", PYTHON, "-c", CONNECT_TEST_NET, options=("--config", own_side))
+    assert r.returncode == 0 and r.stdout.strip() == str(errno.EPERM), (r.stdout, r.stderr)
+    docs = read_docs(daemon.tmp / "ep-cfg.ndjson")
+    assert get(docs[0], "eptrace.daemon.run_id"), dump(docs)            # the daemon traced it
+    assert alerts(docs, "egress_denied") and verdict_of(daemon, "ep-cfg")["denied"] == 1, dump(docs)
+    tracer_side = tmp_path / "tracer.toml"
+    tracer_side.write_text("[dns]\nlong_query_chars = 99\n[limits]\nrecord_budget_burst = 1000\n")
+    r = client(daemon, "ep-cfg2", "true", options=("--config", tracer_side))
+    line = assert_one_line_error(r, 2)
+    assert "dns.long_query_chars, limits.record_budget_burst" in line and "--daemon never" in line, line
+    r = run_eptrace("run", "--daemon", "auto", "--episode", "ep-cfg3", "--config", tracer_side, "--output",
+                    f"file:{tmp_path}/ep-cfg3.ndjson", "--", "true", state_dir=daemon.state, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert not [d for d in read_docs(tmp_path / "ep-cfg3.ndjson") if get(d, "eptrace.daemon")], "not in-process"
+    r = client(daemon, "ep-metrics", "true", options=("--metrics-listen", f"127.0.0.1:{free_port()}"))
+    line = assert_one_line_error(r, 2)
+    assert "--metrics-listen needs a tracer of the run's own" in line, line
 
 
 # ---- without a daemon, and the socket's users ------------------------------------------------------------
@@ -336,14 +425,28 @@ v = run_episode("ep-api-d", [sys.executable, "-c", connect, port], outputs=["fil
 with trace_cgroup("ep-api-dcg", cgroup, outputs=["file:" + events + ".cg"], daemon="require") as t:
     subprocess.run(["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', cgroup + "/cgroup.procs",
                     sys.executable, "-c", connect, port], check=True)
-print(json.dumps({"run": v.destinations, "cg": t.verdict.destinations, "bcc": "bcc" in sys.modules}))
+import dataclasses
+from tracer.config import Config, Dns
+v2 = run_episode("ep-api-cfg", [sys.executable, "-c", connect, port], outputs=["file:" + events + ".cfg"],
+                 config=Config(), daemon="require")       # the daemon's settings: through it
+try:
+    run_episode("ep-api-cfg2", ["true"], config=dataclasses.replace(Config(), dns=Dns(long_query_chars=99)),
+                daemon="require")
+    differs = None
+except ValueError as e:
+    differs = str(e)
+print(json.dumps({"run": v.destinations, "cg": t.verdict.destinations, "bcc": "bcc" in sys.modules,
+                  "cfg": v2.destinations, "differs": differs}))
 '''
     cgroup = episode_cgroup(f"daemon-api-{os.getpid()}")
     r = subprocess.run([sys.executable, "-c", code, f"{tmp_path}/api.ndjson", str(cgroup), str(port)],
                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.splitlines()[-1])
-    assert result == {"run": [f"127.0.0.1:{port}/tcp"], "cg": [f"127.0.0.1:{port}/tcp"], "bcc": False}, result
+    assert "dns.long_query_chars" in result.pop("differs"), result
+    assert result == {"run": [f"127.0.0.1:{port}/tcp"], "cg": [f"127.0.0.1:{port}/tcp"], "bcc": False,
+                      "cfg": [f"127.0.0.1:{port}/tcp"]}, result
+    assert get(read_docs(tmp_path / "api.ndjson.cfg")[0], "eptrace.daemon.run_id")      # through the daemon
     assert ports_attempted(read_docs(tmp_path / "api.ndjson")) == [port]
 
 

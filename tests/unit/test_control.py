@@ -6,7 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgpack
+
 from tracer import control
+from tracer.detect.rules import REVERSE_SHELL
+from tracer.events import Alert, Episode, Metric
+from tracer.schema.ecs import EcsEncoder, restamp
 from tracer.verdict import Verdict, from_dict, merge
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,8 +23,37 @@ def test_a_document_travels_as_its_exact_text():
     assert line.endswith(b"\n") and b"\n" not in line[:-1]
     message = json.loads(line)                 # an ordinary JSON message for any client
     assert message == {"v": control.PROTOCOL_VERSION, "type": "doc", "kind": "alert", "doc": json.loads(text)}
-    assert control.decode_doc(line[:-1]) == ("alert", text)      # and byte-exact for eptrace's
+    assert control.decode_doc(line[:-1]) == ("alert", text, None)      # and byte-exact for eptrace's
     assert control.decode_doc(control.encode({"type": "verdict"})[:-1]) is None
+    numbered = control.encode_doc("event", text, 42)       # an episode's document: its number in the episode
+    assert json.loads(numbered)["seq"] == 42 and json.loads(numbered)["doc"] == json.loads(text)
+    assert control.decode_doc(numbered[:-1]) == ("event", text, 42)
+
+
+def test_a_capture_entry_travels_as_base64_of_its_msgpack():
+    entry = msgpack.packb(["rec", bytes(range(256))], use_bin_type=True)
+    line = control.encode_capture(entry)
+    assert json.loads(line)["type"] == "capture" and b"\n" not in line[:-1]
+    assert control.decode_capture(line[:-1]) == entry
+    assert control.decode_capture(control.encode_doc("event", "{}", 1)[:-1]) is None
+
+
+def test_a_client_document_gets_the_clients_sequence_and_run_id_and_keeps_the_daemons_for_correlation():
+    encoder = EcsEncoder("h", "0", run_id="daemon-run")
+    episode = Episode("ep-1", "/eptrace/ep-1@1", 7, {"eptrace": '"eptrace":{"run":{"id":"x"}'})
+    for _ in range(3):
+        doc = encoder.encode_document(Alert(rule=REVERSE_SHELL, timestamp_ns=1, episode=episode, cgroup_id=7,
+                                            cgroup_path="/eptrace/ep-1@1", process=None, message="m", risk_score=50.0))
+    metric = encoder.encode_document(Metric(timestamp_ns=2, stats={"episode_id": "ep-1"}))
+    for original in (doc, metric):
+        fields = json.loads(restamp(original.json, 2, "client-run"))
+        theirs = json.loads(original.json)
+        assert fields["event"]["sequence"] == 2 and fields["eptrace"]["run"] == {"id": "client-run"}
+        assert fields["eptrace"]["daemon"] == {"run_id": "daemon-run", "sequence": theirs["event"]["sequence"]}
+        assert fields["event"]["id"] == theirs["event"]["id"]             # unique already
+        del fields["eptrace"]["daemon"]
+        fields["event"]["sequence"], fields["eptrace"]["run"] = theirs["event"]["sequence"], theirs["eptrace"]["run"]
+        assert fields == theirs                                            # nothing else changed
 
 
 def test_requests_carry_the_version():
@@ -59,3 +93,53 @@ def test_no_daemon_is_no_connection_under_auto_and_an_error_under_require(tmp_pa
         assert "no eptrace daemon listens" in str(e) and e.status == 2
     else:
         raise AssertionError("require without a daemon connected")
+
+
+def test_a_client_numbers_its_stream_as_the_daemon_counted_so_that_undelivered_documents_show(tmp_path):
+    """A daemon (here, one speaking the protocol on a real socket) that could not deliver documents 3 and 4
+    of the episode: the client's stream shows the gap, under its own run id, and is not renumbered."""
+    import socket
+    import threading
+
+    from support import Collect
+
+    from tracer import client
+    from tracer.outputs import Fanout
+    from tracer.verdict import Verdict
+    path = tmp_path / "daemon.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    encoder = EcsEncoder("h", "0", run_id="daemon-run")
+    episode = Episode("ep-gap", "/eptrace/ep-gap@1", 5, {})
+    docs = [encoder.encode_document(Alert(rule=REVERSE_SHELL, timestamp_ns=i, episode=episode, cgroup_id=5,
+                                          cgroup_path="/eptrace/ep-gap@1", process=None, message="m",
+                                          risk_score=50.0)) for i in range(5)]
+    requests = []
+
+    def daemon() -> None:
+        sock, _ = server.accept()
+        with sock, sock.makefile("rwb") as f:
+            f.write(control.encode({"type": "hello", "instance": "i"}))
+            f.flush()
+            requests.append(json.loads(f.readline()))
+            f.write(control.encode({"type": "started", "cgroup": "/x", "cgroup_id": 5, "instance": "i"}))
+            for seq in (1, 2, 5):
+                f.write(control.encode_doc(docs[seq - 1].kind, docs[seq - 1].json, seq))
+            f.flush()
+            requests.append(json.loads(f.readline()))
+            f.write(control.encode({"type": "verdict", "final": True, "id": "ep-gap",
+                                    "verdict": Verdict("ep-gap", exit_code=0).__dict__}))
+            f.flush()
+    thread = threading.Thread(target=daemon)
+    thread.start()
+    sink = Collect()
+    ep = client.Episode(control.Connection(path, timeout=10), Fanout([sink]), "ep-gap")
+    verdict = ep.end(0.0)
+    thread.join(10)
+    server.close()
+    assert [r["op"] for r in requests] == ["start", "end"] and "capture" not in requests[0]
+    assert verdict.episode_id == "ep-gap"
+    assert [d["event"]["sequence"] for d in sink.docs] == [1, 2, 5]
+    assert {d["eptrace"]["run"]["id"] for d in sink.docs} == {ep.run_id} != {"daemon-run"}
+    assert [d["eptrace"]["daemon"]["sequence"] for d in sink.docs] == [1, 2, 5]

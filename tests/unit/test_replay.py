@@ -165,3 +165,52 @@ def test_a_record_that_fails_in_the_tracer_is_counted_and_makes_the_record_incom
     losses = [tracer.episode_losses(cgroup_id) for cgroup_id in tracer.episode_counts]
     assert [loss.get("record_errors") for loss in losses] == [failed]
     assert any(d.get("event", {}).get("action") == "process_started" for d in sink.docs)   # the rest went on
+
+
+@pytest.mark.parametrize("capture", ["pipes_fifo_reverse_shell_nc.capture", "reverse_shells.capture",
+                                     "pipes_curl_pipe_sh_is_no_reverse_shell.capture",   # answers at sweeps
+                                     "relay_ssh_config.capture"])
+def test_a_daemons_capture_of_one_episode_holds_its_own_entries_and_replays_on_its_own(capture, tmp_path):
+    """The daemon's EpisodeCaptures, fed what a tracer writes for this episode interleaved with another
+    episode's records and /proc answers (a copy under another cgroup id and other pids): the episode's stream
+    leaves the other out and replays to the same documents as the capture made in-process."""
+    import struct
+    import msgpack
+    from tracer.capture import EpisodeCaptures, EpisodeSink
+    from tracer.decoding import HEADER, owner_of
+    original = list(entries(FIXTURES / capture))
+    meta, episode = original[0], next(e for e in original if e[0] == "episode")
+    other_cgid, other_pid = episode[3] + 1000, 4_000_000
+    stream = []
+    hub = EpisodeCaptures()
+    assert not hub.active and not hub.recording          # nobody asked: the tracer leaves it out
+    hub.add(EpisodeSink(episode[3], episode[2], stream.append, key="client"), meta[1]["clock_offset"], episode)
+    assert hub.active
+    for entry in original[1:]:
+        if entry[0] == "episode":
+            continue
+        hub.write(*entry)
+        if entry[0] == "rec":           # then another episode's record, with the /proc answer it asked for
+            other = bytearray(entry[1])
+            struct.pack_into("<QI", other, HEADER.size - 32, other_cgid, other_pid)
+            assert owner_of(bytes(other)) == (other_cgid, other_pid)
+            hub.write("proc", other_pid, {"pid": other_pid, "name": "other"})
+            hub.write("rec", bytes(other))
+    hub.final_sweep(episode[3], 1)
+    path = tmp_path / "episode.capture"
+    path.write_bytes(b"".join(stream))
+    mine = [msgpack.unpackb(e, raw=False) for e in stream]
+    assert {owner_of(e[1])[0] for e in mine if e[0] == "rec"} == {episode[3]}
+    assert not [e for e in mine if e[0] in ("proc", "fd", "files", "socks", "ssh") and e[1] == other_pid]
+    assert len([e for e in mine if e[0] == "rec"]) == len([e for e in original if e[0] == "rec"])
+    answers = ("proc", "fd", "files", "socks", "ssh", "pids", "now")
+    assert [e for e in mine if e[0] in answers] == [e for e in original if e[0] in answers]   # all, in order
+
+    def documents(p):
+        sink = Collect()
+        replay(p, EcsEncoder("replay", "test", run_id="r"), Fanout([sink]))
+        return [{k: v for k, v in d.items() if k != "event"} | {"action": d["event"]["action"]} for d in sink.docs
+                if d["event"]["kind"] != "metric"]
+    assert documents(path) == documents(FIXTURES / capture)
+    hub.remove(key="client")
+    assert not hub.active

@@ -88,6 +88,25 @@ class Document:
         return json.loads(self.json)
 
 
+_SEQUENCE = ',"sequence":'
+_RUN = '"eptrace":{"run":{"id":'
+
+
+def restamp(text: str, sequence: int, run_id: str) -> str:
+    """Another run's document (the daemon's) as one of this run's (a daemon client's): event.sequence and
+    eptrace.run.id become this run's, and the daemon's go to eptrace.daemon.run_id and .sequence for
+    correlation; event.id stays (unique already). The fields are found where _head and _context put them,
+    before any text from the sandbox (which is JSON-escaped: its quotes cannot match)."""
+    at = text.index(_SEQUENCE) + len(_SEQUENCE)
+    end = text.index(",", at)
+    theirs = text[at:end]
+    text = f"{text[:at]}{int(sequence)}{text[end:]}"
+    at = text.index(_RUN) + len(_RUN)
+    end = text.index("}", at)
+    return (f"{text[:at]}{_j(run_id)}}},\"daemon\":{{\"run_id\":{text[at:end]},\"sequence\":{theirs}}}"
+            f"{text[end + 1:]}")
+
+
 # One encoder, built once: json.dumps with options would build a new one per call.
 _j = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
