@@ -6,12 +6,19 @@ with the default config (every detector on) and documents encoded and written
 to /dev/null as the file output does: decoding, state, every detector, the ECS
 encoder and the output, as in a running tracer, minus the ring buffer.
 
-Usage: python -m bench.detection [--profile]   (--profile prints cProfile's top entries)
+It also prints where that CPU goes: the functions with the most self time, sampled (SIGPROF every
+millisecond of this process's CPU, the innermost Python frame counted; C calls count to the function that
+calls them), with their shares. Capture reading (tracer/capture.py) and this file are the replay's own
+cost, not the tracer's.
+
+Usage: python -m bench.detection [--profile]   (--profile prints cProfile's top entries by self time)
 """
 from __future__ import annotations
 
 import cProfile
+import collections
 import pstats
+import signal
 import statistics
 import sys
 import time
@@ -25,6 +32,10 @@ from tracer.schema import EcsEncoder
 FIXTURES = Path(__file__).parent.parent / "tests" / "fixtures"
 ROUNDS = 5              # each round replays every capture; ROUNDS give the quartiles
 MIN_ROUND_SECONDS = 1.0  # a round repeats the whole set until it has spent this much CPU
+SAMPLE_SECONDS = 4.0     # CPU seconds of sampling for the self-time table
+SAMPLE_INTERVAL_S = 0.001
+TOP = 12
+ROOT = str(Path(__file__).parent.parent) + "/"
 
 
 def replay_all(captures: list[Path]) -> int:
@@ -49,6 +60,40 @@ def rounds(captures: list[Path]) -> list[float]:
     return per_100k
 
 
+def self_time(captures: list[Path], seconds: float = SAMPLE_SECONDS) -> tuple[int, list[tuple[str, int]]]:
+    """(samples, [(function, samples)] most first): where the replay's CPU goes, by self time."""
+    counts: collections.Counter[str] = collections.Counter()
+
+    def sample(signum, frame) -> None:
+        code = frame.f_code
+        if code.co_filename == "<string>":      # a dataclass's generated __init__: name its class
+            counts[f"{type(frame.f_locals.get('self')).__name__}.__init__ (dataclass)"] += 1
+        else:
+            counts[f"{code.co_filename.removeprefix(ROOT)}:{code.co_name}"] += 1
+
+    previous = signal.signal(signal.SIGPROF, sample)
+    signal.setitimer(signal.ITIMER_PROF, SAMPLE_INTERVAL_S, SAMPLE_INTERVAL_S)
+    try:
+        start = time.process_time()
+        while time.process_time() - start < seconds:
+            replay_all(captures)
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0, 0)
+        signal.signal(signal.SIGPROF, previous)
+    return sum(counts.values()), counts.most_common()
+
+
+def print_self_time(captures: list[Path], top: int = TOP) -> None:
+    samples, functions = self_time(captures)
+    if not samples:
+        return
+    print(f"    where it goes, by self time ({samples:,} samples of CPU; replay = the capture's reading, "
+          f"not the tracer's):")
+    for function, count in functions[:top]:
+        replay = "  (replay)" if function.startswith(("tracer/capture.py", "bench/")) else ""
+        print(f"      {count / samples:6.1%}  {function}{replay}")
+
+
 def captures() -> list[Path]:
     return sorted(FIXTURES.glob("*.capture"))
 
@@ -62,6 +107,7 @@ def main() -> None:
           f"speed, every detector on, documents to /dev/null")
     print(f"    tracer CPU per 100,000 records {statistics.median(figures):8.2f} s   "
           f"(median of {ROUNDS} rounds; quartiles {q[0]:.2f}-{q[2]:.2f})")
+    print_self_time(files)
 
 
 def profile(top: int = 25) -> None:
