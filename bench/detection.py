@@ -6,10 +6,11 @@ with the default config (every detector on) and documents encoded and written
 to /dev/null as the file output does: decoding, state, every detector, the ECS
 encoder and the output, as in a running tracer, minus the ring buffer.
 
-It also prints where that CPU goes: the functions with the most self time, sampled (SIGPROF every
-millisecond of this process's CPU, the innermost Python frame counted; C calls count to the function that
-calls them), with their shares. Capture reading (tracer/capture.py) and this file are the replay's own
-cost, not the tracer's.
+It also prints where that CPU goes: the functions with the most self time, with their shares, sampled
+by SIGPROF on this process's CPU (asked for every millisecond; the kernel's tick is the floor, 4 ms here).
+A sample counts to the innermost Python function; C code counts to the function that ran it. Capture
+reading and the replay loop (tracer/capture.py) and this file are the replay's own cost, not the
+tracer's: their share is printed, and the figure without them.
 
 Usage: python -m bench.detection [--profile]   (--profile prints cProfile's top entries by self time)
 """
@@ -65,6 +66,10 @@ def self_time(captures: list[Path], seconds: float = SAMPLE_SECONDS) -> tuple[in
     counts: collections.Counter[str] = collections.Counter()
 
     def sample(signum, frame) -> None:
+        if frame.f_lineno == frame.f_code.co_firstlineno and frame.f_back is not None:
+            # Python takes a signal at a function's start or a loop's jump: one taken as a function
+            # starts came during the caller's work since its last check (an f-string, a join): the caller's.
+            frame = frame.f_back
         code = frame.f_code
         if code.co_filename == "<string>":      # a dataclass's generated __init__: name its class
             counts[f"{type(frame.f_locals.get('self')).__name__}.__init__ (dataclass)"] += 1
@@ -83,15 +88,20 @@ def self_time(captures: list[Path], seconds: float = SAMPLE_SECONDS) -> tuple[in
     return sum(counts.values()), counts.most_common()
 
 
-def print_self_time(captures: list[Path], top: int = TOP) -> None:
+def _replay_own(function: str) -> bool:
+    return function.startswith(("tracer/capture.py", "bench/"))
+
+
+def print_self_time(captures: list[Path], per_100k: float, top: int = TOP) -> None:
     samples, functions = self_time(captures)
     if not samples:
         return
-    print(f"    where it goes, by self time ({samples:,} samples of CPU; replay = the capture's reading, "
-          f"not the tracer's):")
+    replay_share = sum(count for function, count in functions if _replay_own(function)) / samples
+    print(f"    the replay's own (capture reading, its loop) {replay_share:.0%} of the CPU; without it, the "
+          f"tracer's {per_100k * (1 - replay_share):.2f} s per 100,000 records")
+    print(f"    where the CPU goes, by self time ({samples:,} samples):")
     for function, count in functions[:top]:
-        replay = "  (replay)" if function.startswith(("tracer/capture.py", "bench/")) else ""
-        print(f"      {count / samples:6.1%}  {function}{replay}")
+        print(f"      {count / samples:6.1%}  {function}{'  (replay)' if _replay_own(function) else ''}")
 
 
 def captures() -> list[Path]:
@@ -107,7 +117,7 @@ def main() -> None:
           f"speed, every detector on, documents to /dev/null")
     print(f"    tracer CPU per 100,000 records {statistics.median(figures):8.2f} s   "
           f"(median of {ROUNDS} rounds; quartiles {q[0]:.2f}-{q[2]:.2f})")
-    print_self_time(files)
+    print_self_time(files, statistics.median(figures))
 
 
 def profile(top: int = 25) -> None:
