@@ -45,7 +45,9 @@ ARGV_CUT = 2
 EXEC_HELD = 1
 
 # struct record_header: type, size, ts_ns, cookie, owner{cgroup_id, episode_cgroup_id, tgid, pid, comm[16]}
-HEADER = struct.Struct("<IIQQQQII16s")
+HEADER_START = struct.Struct("<IIQQ")       # type, size, ts_ns, cookie
+OWNER = struct.Struct("<QQII16s")            # owner: decode reads it apart, once per thread (see _owner)
+HEADER = struct.Struct(HEADER_START.format + OWNER.format[1:])
 # struct endpoints + counters + activity + start_ns, flags, ret
 NET_BODY = struct.Struct("<16s16sHHHBB QQQQ QII8H QIi")
 GAP_BUCKETS = 8
@@ -122,7 +124,7 @@ class DecodeError(ValueError):
     pass
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Owner:
     cgroup_id: int
     episode_cgroup_id: int
@@ -245,8 +247,6 @@ LAYOUTS: dict[RecordType, Layout] = {
     RecordType.PAYLOAD: PAYLOAD_LAYOUT, RecordType.SOCKET_CREATED: SOCKET_LAYOUT, RecordType.BURST: BURST_LAYOUT,
     RecordType.ICMP_ECHO: ICMP_LAYOUT,
 }
-_SIZES = {t.value: layout.size for t, layout in LAYOUTS.items()}
-_TYPES = {t.value: t for t in RecordType}     # a dict lookup is much cheaper than RecordType(n)
 _ip_texts: dict[tuple[bytes, int], str | None] = {}
 _comms: dict[bytes, str] = {}
 
@@ -297,42 +297,75 @@ def owner_of(raw: bytes) -> tuple[int, int]:
     return fields[5], fields[6]
 
 
+def _net(raw: bytes, header: Header) -> NetRecord:
+    body = NET_BODY.unpack_from(raw, HEADER.size)
+    saddr, daddr, sport, dport, family, proto, stype, b_out, b_in, p_out, p_in, last, ex_out, ex_in = body[:14]
+    start, flags, ret = body[14 + GAP_BUCKETS:]
+    return NetRecord(header, family, proto, stype, ip_text(saddr, family), sport, ip_text(daddr, family), dport,
+                     b_out, b_in, p_out, p_in, last, ex_out, ex_in, body[14:14 + GAP_BUCKETS], start, flags, ret)
+
+
+def _payload(raw: bytes, header: Header) -> PayloadRecord:
+    (saddr, daddr, sport, dport, family, proto, _stype,
+     length, total, egress, index) = PAYLOAD_BODY.unpack_from(raw, HEADER.size)
+    off = HEADER.size + PAYLOAD_BODY.size
+    return PayloadRecord(header, family, proto, ip_text(saddr, family), sport, ip_text(daddr, family), dport,
+                         bool(egress), index, total, raw[off:off + min(length, PAYLOAD_LEN)])
+
+
+def _burst(raw: bytes, header: Header) -> BurstRecord:
+    idle, nbytes, egress, proto = BURST_BODY.unpack_from(raw, HEADER.size)
+    return BurstRecord(header, idle, nbytes, bool(egress), proto)
+
+
+def _icmp(raw: bytes, header: Header) -> IcmpRecord:
+    (saddr, daddr, _sport, _dport, family, proto, stype,
+     first, data_bytes, echoes, data_echoes, largest, payload) = ICMP_BODY.unpack_from(raw, HEADER.size)
+    return IcmpRecord(header, family, proto, stype, ip_text(saddr, family), ip_text(daddr, family),
+                      first, data_bytes, echoes, data_echoes, largest, payload)
+
+
+def _socket(raw: bytes, header: Header) -> SocketRecord:
+    family, stype, proto, ret = SOCKET_BODY.unpack_from(raw, HEADER.size)
+    return SocketRecord(header, family, stype, proto, ret)
+
+
+def _process(raw: bytes, header: Header) -> ProcessRecord:
+    parent, child, exit_code, data_len = PROCESS_BODY.unpack_from(raw, HEADER.size)
+    off = HEADER.size + PROCESS_BODY.size
+    return ProcessRecord(header, parent, child, exit_code, raw[off:off + min(data_len, ARGS_BUF)])
+
+
+_BODIES = {NET_LAYOUT.struct: _net, PAYLOAD_LAYOUT.struct: _payload, BURST_LAYOUT.struct: _burst,
+           ICMP_LAYOUT.struct: _icmp, SOCKET_LAYOUT.struct: _socket, PROCESS_LAYOUT.struct: _process}
+# type number -> (type, size, body decoder): one dict lookup per record instead of a chain of tests
+_DECODERS = {t.value: (t, layout.size, _BODIES[layout.struct]) for t, layout in LAYOUTS.items()}
+_OWNER_AT = HEADER.size - OWNER.size
+_owners: dict[bytes, Owner] = {}
+
+
+def _owner(raw: bytes) -> Owner:
+    """The record's owner, shared by the records of the same thread (Owner is frozen): the same few
+    threads come again and again, and building one is a good part of decoding a record."""
+    key = raw[_OWNER_AT:HEADER.size]
+    owner = _owners.get(key)
+    if owner is None:
+        if len(_owners) >= 4096:
+            _owners.clear()
+        cgid, epid, tgid, pid, comm = OWNER.unpack_from(raw, _OWNER_AT)
+        owner = _owners[key] = Owner(cgid, epid, tgid, pid, _comm_text(comm))
+    return owner
+
+
 def decode(raw: bytes) -> Record:
     if len(raw) < HEADER.size:
         raise DecodeError(f"record of {len(raw)} bytes is shorter than its header")
-    rtype, size, ts, cookie, cgid, epid, tgid, pid, comm = HEADER.unpack_from(raw)
-    kind = _TYPES.get(rtype)
-    if kind is None:
+    rtype, size, ts, cookie = HEADER_START.unpack_from(raw)
+    decoder = _DECODERS.get(rtype)
+    if decoder is None:
         raise DecodeError(f"unknown record type {rtype}")
-    if size != len(raw) or len(raw) != _SIZES.get(rtype):
+    kind, expected, body = decoder
+    if size != len(raw) or len(raw) != expected:
         raise DecodeError(f"record type {kind.name} says {size} bytes and has {len(raw)}, "
-                          f"but its struct has {_SIZES.get(rtype)}")
-    header = Header(kind, ts, cookie, Owner(cgid, epid, tgid, pid, _comm_text(comm)))
-    off = HEADER.size
-    if kind in _NET_TYPES:
-        (saddr, daddr, sport, dport, family, proto, stype, b_out, b_in, p_out, p_in,
-         last, ex_out, ex_in, *rest) = NET_BODY.unpack_from(raw, off)
-        gaps, (start, flags, ret) = tuple(rest[:GAP_BUCKETS]), rest[GAP_BUCKETS:]
-        return NetRecord(header, family, proto, stype, ip_text(saddr, family), sport, ip_text(daddr, family), dport,
-                         b_out, b_in, p_out, p_in, last, ex_out, ex_in, gaps, start, flags, ret)
-    if kind == RecordType.PAYLOAD:
-        (saddr, daddr, sport, dport, family, proto, _stype,
-         length, total, egress, index) = PAYLOAD_BODY.unpack_from(raw, off)
-        off += PAYLOAD_BODY.size
-        return PayloadRecord(header, family, proto, ip_text(saddr, family), sport, ip_text(daddr, family), dport,
-                             bool(egress), index, total, raw[off:off + min(length, PAYLOAD_LEN)])
-    if kind == RecordType.BURST:
-        idle, nbytes, egress, proto = BURST_BODY.unpack_from(raw, off)
-        return BurstRecord(header, idle, nbytes, bool(egress), proto)
-    if kind == RecordType.ICMP_ECHO:
-        (saddr, daddr, _sport, _dport, family, proto, stype,
-         first, data_bytes, echoes, data_echoes, largest, payload) = ICMP_BODY.unpack_from(raw, off)
-        return IcmpRecord(header, family, proto, stype, ip_text(saddr, family), ip_text(daddr, family),
-                          first, data_bytes, echoes, data_echoes, largest, payload)
-    if kind == RecordType.SOCKET_CREATED:
-        family, stype, proto, ret = SOCKET_BODY.unpack_from(raw, off)
-        return SocketRecord(header, family, stype, proto, ret)
-    parent, child, exit_code, data_len = PROCESS_BODY.unpack_from(raw, off)
-    off += PROCESS_BODY.size
-    data = raw[off:off + min(data_len, ARGS_BUF)]
-    return ProcessRecord(header, parent, child, exit_code, data)
+                          f"but its struct has {expected}")
+    return body(raw, Header(kind, ts, cookie, _owner(raw)))
