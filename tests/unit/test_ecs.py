@@ -218,3 +218,33 @@ def test_unknown_action_and_type_are_rejected_without_using_a_sequence(encoder):
 def test_to_json_is_one_compact_line():
     text = to_json({"a": "zwei\nZeilen ü", "b": [1, 2]})
     assert text == '{"a":"zwei\\nZeilen ü","b":[1,2]}'
+
+
+def test_the_process_object_is_valid_json_for_hostile_strings():
+    """The process object is written out by hand (ecs._process): whatever a sandbox names its programs and
+    arguments (quotes, backslashes, control characters, lone surrogates, non-ASCII), it parses back to them."""
+    import random
+    rng = random.Random(7)
+    alphabet = ['"', "\\", "\n", "\x00", "\x1b", "\u2028", "\ud800", "é", "名", "a", " ", "/", "}", ","]
+    enc = EcsEncoder("host-1", "0.1.0")
+    for _ in range(500):
+        def text(n: int) -> str:
+            return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, n)))
+        args = [text(12) for _ in range(rng.randint(0, 4))]
+        proc = Process(pid=rng.randint(1, 2**22), name=text(15), executable="/" + text(20), args=args,
+                       parent_pid=rng.choice([None, 1]), thread_id=rng.choice([None, 77]),
+                       start_ns=rng.choice([None, TS]), exit_code=rng.choice([None, 0, -9]))
+        doc = json.loads(enc.encode_document(network(process=proc)).json)
+        got = doc["process"]
+        assert got["pid"] == proc.pid
+        assert got.get("name", "") == proc.name
+        assert got["executable"] == proc.executable
+        if args:
+            assert got["args"][1:] == args[1:] and got["args"][0] == proc.executable
+            assert got["args_count"] == len(args)
+            if args[0] != proc.executable:
+                assert got["title"] == " ".join(args)
+        else:
+            assert "args" not in got
+        assert get(got, "parent.pid") == 1 if proc.parent_pid else "parent" not in got
+        assert got.get("exit_code") == proc.exit_code
