@@ -27,7 +27,7 @@ from .events import Metric
 from .kernel import cgroups
 from .policy import parse as policy_of
 from .registry import Registry, RegistryError, parse_labels, state_dir, validate_id
-from .verdict import Verdict, VerdictBuilder
+from .verdict import Verdict, VerdictBuilder, from_dict, merge
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,9 @@ MAX_PENDING = 64 << 20       # bytes of documents kept for a client that reconne
 MAX_BUFFERED = 64 << 20       # bytes owed to one connection before it is dropped as too slow
 FINAL_VERDICTS_KEPT = 1024    # verdicts of ended episodes kept for 'episode rm' and 'episode verdict'
 RUNS_DIR = "runs"             # <state dir>/runs/<cgroup name>.json: the episodes clients started
+VERDICTS_DIR = "verdicts"     # <state dir>/verdicts/<id>.json: registered episodes' verdicts so far
+VERDICT_SAVE_S = 1.0          # a registered episode's counts are saved at most this often (an alert: at once)
+RESTART_LOSS = "tracer_restart"   # a daemon died uncleanly: what it had counted since its last save may be missing
 
 
 @dataclass
@@ -56,6 +59,9 @@ class Traced:
     ending: Ending | None = None
     pending: list = field(default_factory=list)   # documents while its client reconnects (after a restart)
     pending_bytes: int = 0
+    carried: Verdict | None = None        # registered: its verdict under the daemons before this one
+    saved_alerts: int = 0                 # registered: alerts and containments in its last saved verdict
+    saved_at: float = 0.0
 
 
 @dataclass
@@ -121,10 +127,13 @@ class Daemon:
         self.everything: set[Conn] = set()            # connections subscribed to every document
         self.changed: set[int] = set()                # episodes with documents since their owner's snapshot
         self.ending: set[int] = set()                 # episodes being ended
+        self.unsaved: set[int] = set()                # registered episodes with events since their verdict was saved
+        self.unsaveable: set[str] = set()             # episode ids whose verdict could not be saved (logged once)
         self.selector = selectors.DefaultSelector()
         self.counters = {"connections": 0, "refused_peers": 0, "episodes_started": 0, "episodes_ended": 0,
                          "clients_dropped": 0, "requests": 0, "documents_not_kept_for_clients": 0}
         self.runs_dir = state_dir() / RUNS_DIR
+        self.verdicts_dir = state_dir() / VERDICTS_DIR
         tracer.on_document = self._route
         tracer.observers.append(self._observe)        # one observer: per event, one episode's builder
         self.listener = self._listen()
@@ -257,6 +266,8 @@ class Daemon:
         traced = self.traced.get(episode.cgroup_id) if episode is not None else None
         if traced is not None:
             traced.builder.observe(event)
+            if traced.kind == "registered":
+                self.unsaved.add(traced.cgroup_id)
 
     def _route(self, event, doc) -> None:
         episode = getattr(event, "episode", None)
@@ -292,7 +303,69 @@ class Daemon:
         session.account(verdict, self.tracer, traced.cgroup_id, alone=False)
         verdict.connects_refused = self.tracer.probes.refused().get(traced.cgroup_id, 0)
         verdict.denied = self.tracer.probes.denied().get(traced.cgroup_id, 0)
-        return verdict
+        return merge(traced.carried, verdict) if traced.carried is not None else verdict
+
+    # -- registered episodes' verdicts, kept across restarts -----------------------------
+    def _save_verdict(self, traced: Traced, stopped: bool = False) -> None:
+        """stopped: written by a clean stop, so nothing was counted after it (the next daemon reads the
+        records left in the pinned ring buffer itself)."""
+        verdict = self._verdict(traced)
+        traced.saved_alerts, traced.saved_at = len(verdict.alerts) + len(verdict.containment), time.monotonic()
+        self.unsaved.discard(traced.cgroup_id)
+        try:
+            safefiles.private_dir(self.verdicts_dir.parent, "state directory")
+            safefiles.private_dir(self.verdicts_dir, "state directory")
+            safefiles.write_atomically(self.verdicts_dir / f"{traced.id}.json", json.dumps({
+                "id": traced.id, "cgroup": str(traced.cgroup), "cgroup_id": traced.cgroup_id, "stopped": stopped,
+                "verdict": verdict.__dict__}).encode(), "verdict state")
+        except (safefiles.UnsafePathError, OSError) as e:
+            if traced.id not in self.unsaveable:
+                self.unsaveable.add(traced.id)
+                log.warning("episode %s: cannot save its verdict (a restart would lose it): %s", traced.id,
+                            getattr(e, "strerror", None) or e)
+
+    def _save_due_verdicts(self) -> None:
+        now = time.monotonic()
+        for cgroup_id in list(self.unsaved):
+            traced = self.traced.get(cgroup_id)
+            if traced is None:
+                self.unsaved.discard(cgroup_id)
+                continue
+            v = traced.builder.verdict
+            alerted = len(v.alerts) + len(v.containment) + (len(traced.carried.alerts) + len(traced.carried.containment)
+                                                            if traced.carried is not None else 0)
+            if alerted != traced.saved_alerts or now - traced.saved_at >= VERDICT_SAVE_S:
+                self._save_verdict(traced)
+
+    def _carry_verdict(self, traced: Traced) -> None:
+        """A registered episode traced again after a restart carries its verdict over; after an unclean
+        death the counts since the dead daemon's last save, and what it had read but not handled, may be
+        missing: the verdict says so (RESTART_LOSS) rather than look complete."""
+        path = self.verdicts_dir / f"{traced.id}.json"
+        if path.exists():
+            try:
+                with open(safefiles.open_for_reading(path), encoding="utf-8") as f:
+                    data = json.load(f)
+                if data["cgroup_id"] == traced.cgroup_id:
+                    carried = from_dict(data["verdict"])
+                    if not data["stopped"]:
+                        carried.account({**carried.losses, RESTART_LOSS: carried.losses.get(RESTART_LOSS, 0) + 1})
+                        log.warning("episode %s: its previous daemon did not stop cleanly; its verdict is carried "
+                                    "over, marked incomplete (%s)", traced.id, RESTART_LOSS)
+                    traced.carried = carried
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("episode %s: its saved verdict %s cannot be read (%s): it starts afresh", traced.id,
+                            path, getattr(e, "strerror", None) or e)
+        self._save_verdict(traced)        # from now on, an unclean death is seen by the next daemon
+
+    def _forget_verdicts(self) -> None:
+        """Saved verdicts of episodes no longer registered (removed while no daemon ran)."""
+        if not self.verdicts_dir.is_dir():
+            return
+        registered = {reg.id for reg in self.registry.list()}
+        for path in self.verdicts_dir.glob("*.json"):
+            if path.stem not in registered:
+                path.unlink(missing_ok=True)
 
     # -- episodes ---------------------------------------------------------------------
     def _trace(self, episode_id: str, kind: str, cgroup: Path, labels: dict, policy_table: dict | None,
@@ -405,6 +478,8 @@ class Daemon:
             self._unsubscribe(conn, traced.cgroup_id)
             conn.send(message)
         if traced.kind == "registered":
+            (self.verdicts_dir / f"{traced.id}.json").unlink(missing_ok=True)
+            self.unsaved.discard(traced.cgroup_id)
             self.final[traced.id] = verdict.__dict__
             while len(self.final) > FINAL_VERDICTS_KEPT:
                 self.final.pop(next(iter(self.final)))
@@ -445,6 +520,7 @@ class Daemon:
                 traced = self._trace(episode_id, "registered", cgroups.resolve(reg.cgroup), reg.labels, reg.policy)
                 self.registered[episode_id] = traced.cgroup_id
                 self.final.pop(episode_id, None)
+                self._carry_verdict(traced)
             except (cgroups.CgroupError, OSError, ConfigError) as e:
                 log.warning("episode %s: cannot trace cgroup %s: %s", episode_id, reg.cgroup, e)
                 self.warned.add((episode_id, reg.cgroup))
@@ -567,6 +643,7 @@ class Daemon:
     def run(self, stop) -> None:
         self._restore_runs()
         self.sync()
+        self._forget_verdicts()
         if self.tracer.probes.resumed:
             session.report_resumption(self.tracer, {t.id: cgid for cgid, t in self.traced.items()})
         next_sync = next_owner_check = time.monotonic()
@@ -582,11 +659,18 @@ class Daemon:
                 next_owner_check = now + OWNER_CHECK_S
                 self._check_owners()
             self._snapshots()
+            self._save_due_verdicts()
             self._flush_conns()
 
     def close(self, clean: bool) -> None:
         """A clean stop ends the clients' episodes (nobody would resume them): each client gets its final
-        verdict, then a goodbye. After a failure they stay pinned and recorded for the next daemon."""
+        verdict, then a goodbye. After a failure they stay pinned and recorded for the next daemon.
+        Registered episodes' verdicts are saved, marked as a clean stop only when it is one."""
+        if clean:
+            self.tracer.drain()                     # what the ring buffer holds counts before the save
+        for traced in list(self.traced.values()):
+            if traced.kind == "registered":
+                self._save_verdict(traced, stopped=clean)
         if clean:
             for traced in list(self.traced.values()):
                 if traced.kind == "registered":

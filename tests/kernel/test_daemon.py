@@ -260,6 +260,43 @@ def test_episode_add_takes_effect_at_once_and_its_verdict_is_there_at_any_time(d
     assert json.loads(after.stdout)["connections"] == 1, after       # the final one, kept after rm
 
 
+def test_a_registered_episodes_verdict_survives_restarts(daemon, episode_cgroup, tmp_path):
+    """Carried over a clean stop (complete) and a kill -9 (incomplete: tracer_restart), then given by rm."""
+    cgroup = episode_cgroup(f"daemon-carry-{os.getpid()}")
+    assert run_eptrace("episode", "add", "--id", "ep-carry", "--cgroup", cgroup, state_dir=daemon.state).returncode == 0
+    ports = [free_port() for _ in range(3)]
+    raw_socket = "import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP).close(); "
+    saved = daemon.state / "verdicts" / "ep-carry.json"
+
+    def connect(code: str, port: int, connections: int) -> dict:
+        assert harness.spawn_in_cgroup(cgroup, [PYTHON, "-c", code + CONNECT, port]).wait(30) == 0
+        wait_until(lambda: json.loads(saved.read_text())["verdict"]["connections"] == connections, 30,
+                   "the verdict saved")
+        return daemon.request("verdict", id="ep-carry")["verdict"]
+
+    before = connect(raw_socket, ports[0], 1)
+    assert [a["rule"] for a in before["alerts"]] == ["raw_socket"] and before["complete"], before
+    assert stop(daemon.proc) == 0                                # clean: nothing was left unhandled
+    daemon.start()
+    after_clean = connect("", ports[1], 2)
+    assert [a["rule"] for a in after_clean["alerts"]] == ["raw_socket"], after_clean
+    assert after_clean["complete"] and after_clean["destination_count"] == 2, after_clean
+    kill(daemon.proc)                                            # kill -9: what it had not saved may be missing
+    daemon.start()
+    after_kill = connect("", ports[2], 3)
+    assert after_kill["destinations"] == [f"127.0.0.1:{p}/tcp" for p in ports], after_kill
+    assert len(after_kill["alerts"]) == 1, after_kill
+    assert not after_kill["complete"] and after_kill["incomplete_reasons"] == ["tracer_restart"], after_kill
+    human = run_eptrace("episode", "verdict", "--id", "ep-carry", state_dir=daemon.state)
+    assert "INCOMPLETE" in human.stdout and "tracer_restart 1" in human.stdout, human.stdout
+    final = tmp_path / "final.json"
+    rm = run_eptrace("episode", "rm", "--id", "ep-carry", "--verdict", final, state_dir=daemon.state)
+    assert rm.returncode == 0, rm.stderr
+    v = json.loads(final.read_text())
+    assert v["connections"] == 3 and v["losses"] == {"tracer_restart": 1} and not v["clean"], v
+    assert not saved.exists(), "the saved verdict of a removed episode was left behind"
+
+
 # ---- restart ------------------------------------------------------------------------------------------------
 
 def test_a_killed_daemon_is_restarted_and_its_client_loses_nothing(daemon):
