@@ -305,10 +305,23 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
     policy = _policy(policy_path)
     metrics_listen = _metrics_address(metrics_listen)
     user = _user(run_as) if run_as else None
-    _require_root()
-    _check_written_paths(verdict=verdict_path, capture=capture_path)
-    conn = _daemon(daemon_mode, {"--config": config_path, "--capture": capture_path,
-                                 "--metrics-listen": metrics_listen})
+    in_process_only = {"--config": config_path, "--capture": capture_path, "--metrics-listen": metrics_listen}
+    if os.geteuid() != 0:               # a socket-group member: through the daemon, which does what needs root
+        if user is not None and (user.uid, user.gid) != (os.geteuid(), os.getegid()):
+            raise Failure(f"--user {run_as} needs root (this run is not root)", EXIT_NOT_ROOT)
+        user = None
+        if daemon_mode == "never":
+            _require_root()
+        _check_written_paths(verdict=verdict_path, capture=capture_path)
+        conn = _daemon(daemon_mode, in_process_only)
+        if conn is None:
+            raise Failure("eptrace loads eBPF programs and must run as root: try again with sudo, or through "
+                          "an eptrace daemon whose --socket-group you are in" + (
+                              f" (without {', '.join(o for o, v in in_process_only.items() if v)})"
+                              if any(in_process_only.values()) else ""), EXIT_NOT_ROOT)
+    else:
+        _check_written_paths(verdict=verdict_path, capture=capture_path)
+        conn = _daemon(daemon_mode, in_process_only)
     fanout = _outputs(outputs, schema, config)
     if conn is not None:
         from . import client, control

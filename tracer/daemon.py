@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import selectors
+import signal
 import socket
 import struct
 import time
@@ -54,6 +55,7 @@ class Traced:
     labels: dict
     builder: VerdictBuilder
     owner_pid: int | None = None          # run, cgroup: the client's pid
+    owner_uid: int | None = None          # and its uid (a group member may end and resume only its own)
     owner: Conn | None = None             # its connection (None while it reconnects)
     record: Path | None = None            # its file under runs/
     ending: Ending | None = None
@@ -105,6 +107,22 @@ def _groups_of(pid: int) -> set[int]:
     except OSError:
         return set()
     return gids
+
+
+class Refused(Exception):
+    """A request this peer may not make (a socket-group member asking for another's episode): status 4."""
+
+
+def _status_ids(pid: int) -> tuple[int, set[int]]:
+    """(parent pid, {real, effective, saved, fs uids}) of a process, from /proc."""
+    ppid, uids = -1, set()
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("PPid:"):
+                ppid = int(line.split()[1])
+            elif line.startswith("Uid:"):
+                uids = {int(u) for u in line.split()[1:]}
+    return ppid, uids
 
 
 def _alive(pid: int | None) -> bool:
@@ -386,7 +404,8 @@ class Daemon:
         traced.record = self.runs_dir / f"{traced.cgroup.name}.json"
         safefiles.write_atomically(traced.record, json.dumps({
             "id": traced.id, "kind": traced.kind, "cgroup": str(traced.cgroup), "labels": traced.labels,
-            "policy": policy_table, "on_alert": on_alert, "owner_pid": traced.owner_pid}).encode(), "run record")
+            "policy": policy_table, "on_alert": on_alert, "owner_pid": traced.owner_pid,
+            "owner_uid": traced.owner_uid}).encode(), "run record")
 
     def _restore_runs(self) -> None:
         """Episodes that clients started under a daemon that died: traced again (their probes stayed
@@ -404,6 +423,7 @@ class Daemon:
                 traced = self._trace(validate_id(data["id"]), data["kind"], cgroup, parse_labels(
                     [f"{k}={v}" for k, v in data.get("labels", {}).items()]), data.get("policy"),
                     data.get("on_alert"), owner_pid=data.get("owner_pid"))
+                traced.owner_uid = data.get("owner_uid", 0)
                 traced.record = path
                 log.warning("episode %s (%s %s): traced again after a restart; waiting for its client (pid %s)",
                             traced.id, traced.kind, cgroup, traced.owner_pid)
@@ -539,6 +559,8 @@ class Daemon:
             if handler is None:
                 raise ValueError(f"unknown op {op!r}")
             handler(conn, request)
+        except Refused as e:
+            conn.reply(type="error", status=4, error=str(e))
         except (ValueError, TypeError, KeyError, RegistryError, ConfigError, cgroups.CgroupError,
                 safefiles.UnsafePathError, OSError) as e:
             message = getattr(e, "strerror", None) or str(e)
@@ -546,8 +568,8 @@ class Daemon:
 
     def _op_start(self, conn: Conn, request: dict) -> None:
         """A new episode: a fresh cgroup for the command the client runs, or an existing cgroup."""
-        if conn.uid != 0:
-            raise ValueError("only root may start an episode (its command must be moved into its cgroup)")
+        if conn.uid != 0 and request.get("cgroup"):
+            raise Refused("only root may trace an existing cgroup; a socket-group member may start a fresh one")
         episode_id = validate_id(request["id"])
         labels = parse_labels([f"{k}={v}" for k, v in (request.get("labels") or {}).items()])
         policy_table, on_alert = request.get("policy"), request.get("on_alert")
@@ -565,6 +587,7 @@ class Daemon:
         try:
             traced = self._trace(episode_id, kind, cgroup, labels, policy_table, on_alert, owner=conn,
                                  owner_pid=conn.pid)
+            traced.owner_uid = conn.uid
         except BaseException:
             if kind == "run":
                 session.remove_run_cgroup(cgroup)
@@ -576,9 +599,36 @@ class Daemon:
 
     def _owned(self, conn: Conn, request: dict) -> Traced:
         traced = self.traced.get(int(request["cgroup_id"]))
-        if traced is None or traced.kind == "registered" or traced.owner_pid != conn.pid:
-            raise ValueError(f"no episode with cgroup id {request['cgroup_id']} started by this client")
+        if traced is None or traced.kind == "registered":
+            raise ValueError(f"no episode with cgroup id {request['cgroup_id']} started by a client")
+        if (traced.owner_pid, traced.owner_uid) != (conn.pid, conn.uid):
+            raise Refused(f"the episode with cgroup id {request['cgroup_id']} was not started by this client")
         return traced
+
+    def _op_admit(self, conn: Conn, request: dict) -> None:
+        """Move the client's command into its episode's fresh cgroup (a socket-group member cannot): the
+        command must be the client's own child, of the client's uid, held before its exec."""
+        traced = self._owned(conn, request)
+        if traced.kind != "run":
+            raise ValueError("only a fresh cgroup's command is admitted")
+        pid = int(request["pid"])
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            raise ValueError(f"no process {pid}") from None
+        try:
+            ppid, uids = _status_ids(pid)
+            if ppid != conn.pid or uids != {conn.uid}:
+                raise Refused(f"process {pid} is not a child of this client with its uid: not admitted")
+            # the pidfd pins what `pid` names: alive after the check and after the move, it was the same process
+            signal.pidfd_send_signal(pidfd, 0)
+            (traced.cgroup / "cgroup.procs").write_text(str(pid))
+            signal.pidfd_send_signal(pidfd, 0)
+        except ProcessLookupError:
+            raise ValueError(f"process {pid} exited before it was admitted") from None
+        finally:
+            os.close(pidfd)
+        conn.reply(type="admitted", pid=pid, cgroup_id=traced.cgroup_id)
 
     def _op_resume(self, conn: Conn, request: dict) -> None:
         """A client reconnecting after a restart takes its episode back."""
@@ -604,9 +654,12 @@ class Daemon:
     def _op_subscribe(self, conn: Conn, request: dict) -> None:
         episode_id = request.get("id")
         if episode_id is None:
+            if conn.uid != 0:
+                raise Refused("only root may subscribe to every episode's documents")
             self.everything.add(conn)
         else:
-            found = [t.cgroup_id for t in self.traced.values() if t.id == episode_id]
+            found = [t.cgroup_id for t in self.traced.values() if t.id == episode_id and
+                     (conn.uid == 0 or (t.owner_pid, t.owner_uid) == (conn.pid, conn.uid))]
             if not found:
                 raise ValueError(f"no episode {episode_id!r} is traced")
             for cgroup_id in found:
