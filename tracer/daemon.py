@@ -5,7 +5,8 @@ Everything runs in one thread: the loop reads the ring buffer for at most LOOP_M
 socket without blocking, advances the episodes being ended, and flushes what clients are owed.
 The probes are pinned in the watch directory and the episodes that clients started are recorded in
 <state dir>/runs/: a daemon that is killed and restarted re-opens both, delivers what was recorded
-meanwhile, and its clients reconnect (resume) to the same episodes.
+meanwhile, and its clients reconnect (resume) to the same episodes. Registered episodes' verdicts are
+saved in <state dir>/verdicts/ and carried over by the next daemon.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import struct
 import time
 from dataclasses import dataclass, field
@@ -64,6 +66,7 @@ class Traced:
     carried: Verdict | None = None        # registered: its verdict under the daemons before this one
     saved_alerts: int = 0                 # registered: alerts and containments in its last saved verdict
     saved_at: float = 0.0
+    counted_afresh: bool = False          # registered: the kernel's counters restarted since `carried` (clean stop)
 
 
 @dataclass
@@ -162,7 +165,10 @@ class Daemon:
         directory = path.parent
         directory.mkdir(mode=0o755 if self.group_id is None else 0o750, parents=True, exist_ok=True)
         if self.group_id is not None:
-            os.chown(directory, 0, self.group_id)
+            st = os.lstat(directory)
+            if not st.st_mode & stat.S_IWOTH:   # the socket's own directory (a RuntimeDirectory 0700), never /tmp
+                os.chown(directory, 0, self.group_id)
+                os.chmod(directory, stat.S_IMODE(st.st_mode) & 0o700 | 0o050)   # the group may reach the socket
         if path.exists() or path.is_symlink():
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -315,26 +321,37 @@ class Daemon:
                                    verdict=self._verdict(traced).__dict__)
         self.changed.clear()
 
-    def _verdict(self, traced: Traced) -> Verdict:
+    def _verdict(self, traced: Traced, refused: dict | None = None, denied: dict | None = None) -> Verdict:
+        """refused, denied: the kernel's per-episode counters, when the caller read them for many episodes."""
         verdict = Verdict(**{**traced.builder.verdict.__dict__})
         verdict.destinations = list(verdict.destinations)
         session.account(verdict, self.tracer, traced.cgroup_id, alone=False)
-        verdict.connects_refused = self.tracer.probes.refused().get(traced.cgroup_id, 0)
-        verdict.denied = self.tracer.probes.denied().get(traced.cgroup_id, 0)
-        return merge(traced.carried, verdict) if traced.carried is not None else verdict
+        verdict.connects_refused = (self.tracer.probes.refused() if refused is None else refused).get(traced.cgroup_id, 0)
+        verdict.denied = (self.tracer.probes.denied() if denied is None else denied).get(traced.cgroup_id, 0)
+        carried = traced.carried
+        if carried is None:
+            return verdict
+        merged = merge(carried, verdict)
+        if traced.counted_afresh:           # the kernel's counters restarted from zero: they add up
+            merged.connects_refused = carried.connects_refused + verdict.connects_refused
+            merged.denied = carried.denied + verdict.denied
+            merged.account({r: carried.losses.get(r, 0) + verdict.losses.get(r, 0)
+                            for r in {*carried.losses, *verdict.losses}})
+        return merged
 
     # -- registered episodes' verdicts, kept across restarts -----------------------------
-    def _save_verdict(self, traced: Traced, stopped: bool = False) -> None:
-        """stopped: written by a clean stop, so nothing was counted after it (the next daemon reads the
-        records left in the pinned ring buffer itself)."""
-        verdict = self._verdict(traced)
+    def _save_verdict(self, traced: Traced, stopped: bool = False, refused: dict | None = None,
+                      denied: dict | None = None) -> None:
+        """stopped: written by a clean stop, after the ring buffer was drained: nothing was left unhandled."""
+        verdict = self._verdict(traced, refused, denied)
         traced.saved_alerts, traced.saved_at = len(verdict.alerts) + len(verdict.containment), time.monotonic()
         self.unsaved.discard(traced.cgroup_id)
         try:
             safefiles.private_dir(self.verdicts_dir.parent, "state directory")
             safefiles.private_dir(self.verdicts_dir, "state directory")
             safefiles.write_atomically(self.verdicts_dir / f"{traced.id}.json", json.dumps({
-                "id": traced.id, "cgroup": str(traced.cgroup), "cgroup_id": traced.cgroup_id, "stopped": stopped,
+                "id": traced.id, "cgroup": str(traced.cgroup), "cgroup_id": traced.cgroup_id,
+                "registration": self._registration_inode(traced.id), "stopped": stopped,
                 "verdict": verdict.__dict__}).encode(), "verdict state")
         except (safefiles.UnsafePathError, OSError) as e:
             if traced.id not in self.unsaveable:
@@ -343,17 +360,24 @@ class Daemon:
                             getattr(e, "strerror", None) or e)
 
     def _save_due_verdicts(self) -> None:
+        if not self.unsaved:
+            return
         now = time.monotonic()
+        due = []
         for cgroup_id in list(self.unsaved):
             traced = self.traced.get(cgroup_id)
             if traced is None:
                 self.unsaved.discard(cgroup_id)
                 continue
-            v = traced.builder.verdict
-            alerted = len(v.alerts) + len(v.containment) + (len(traced.carried.alerts) + len(traced.carried.containment)
-                                                            if traced.carried is not None else 0)
+            v, carried = traced.builder.verdict, traced.carried
+            alerted = len(v.alerts) + len(v.containment) + (
+                len(carried.alerts) + len(carried.containment) if carried is not None else 0)
             if alerted != traced.saved_alerts or now - traced.saved_at >= VERDICT_SAVE_S:
-                self._save_verdict(traced)
+                due.append(traced)
+        if due:                             # the kernel's counter maps read once for all of them
+            refused, denied = self.tracer.probes.refused(), self.tracer.probes.denied()
+            for traced in due:
+                self._save_verdict(traced, refused=refused, denied=denied)
 
     def _carry_verdict(self, traced: Traced) -> None:
         """A registered episode traced again after a restart carries its verdict over; after an unclean
@@ -364,8 +388,9 @@ class Daemon:
             try:
                 with open(safefiles.open_for_reading(path), encoding="utf-8") as f:
                     data = json.load(f)
-                if data["cgroup_id"] == traced.cgroup_id:
+                if (data["cgroup_id"], data["registration"]) == (traced.cgroup_id, self._registration_inode(traced.id)):
                     carried = from_dict(data["verdict"])
+                    traced.counted_afresh = self.tracer.probes.resumed is False
                     if not data["stopped"]:
                         carried.account({**carried.losses, RESTART_LOSS: carried.losses.get(RESTART_LOSS, 0) + 1})
                         log.warning("episode %s: its previous daemon did not stop cleanly; its verdict is carried "
@@ -375,6 +400,14 @@ class Daemon:
                 log.warning("episode %s: its saved verdict %s cannot be read (%s): it starts afresh", traced.id,
                             path, getattr(e, "strerror", None) or e)
         self._save_verdict(traced)        # from now on, an unclean death is seen by the next daemon
+
+    def _registration_inode(self, episode_id: str) -> int | None:
+        """Its registration file's inode: a verdict carries over to the same registration only, not to one
+        removed and added again while no daemon ran (each `episode add` links a new file)."""
+        try:
+            return (self.registry.dir / f"{episode_id}.json").stat().st_ino
+        except OSError:
+            return None
 
     def _forget_verdicts(self) -> None:
         """Saved verdicts of episodes no longer registered (removed while no daemon ran)."""

@@ -458,9 +458,11 @@ def test_a_socket_group_member_runs_through_the_daemon_but_touches_only_its_own(
     d = Daemon(tmp_path)
     other = None
     try:
+        d.socket.parent.mkdir(mode=0o700)          # as systemd's RuntimeDirectory makes it
         d.start("--socket-group", group)
-        st = d.socket.stat()
-        assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == grp.getgrnam(group).gr_gid, (oct(st.st_mode), st)
+        for path, mode in ((d.socket, 0o660), (d.socket.parent, 0o750)):
+            st = path.stat()
+            assert stat.S_IMODE(st.st_mode) == mode and st.st_gid == grp.getgrnam(group).gr_gid, (path, st)
         as_member = ["runuser", "-u", user, "--"]
         r = run_eptrace("episode", "verdict", "--id", "ep-none", prefix=as_member)
         assert "no registered episode" in assert_one_line_error(r, 2)      # let in: read access
@@ -479,6 +481,12 @@ def test_a_socket_group_member_runs_through_the_daemon_but_touches_only_its_own(
         assert {doc["labels"]["episode_id"] for doc in docs if doc["event"]["kind"] != "metric"} == {"ep-member"}
         v = json.loads((home / "ep-member.json").read_text())
         assert v["exit_code"] == 7 and v["connections"] == 1 and v["complete"], v
+        api = ("import sys; from tracer.api import run_episode; v = run_episode('ep-member-api', [sys.executable, "
+               "'-c', sys.argv[1], sys.argv[2]], outputs=['file:' + sys.argv[3]], daemon='require', grace_s=1); "
+               "print(v.destinations)")
+        r = subprocess.run(as_member + [sys.executable, "-c", api, CONNECT, str(port), f"{home}/api.ndjson"],
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == f"['127.0.0.1:{port}/tcp']", r.stderr
         # what needs root in the client: one line, exit 4
         for options in (("--user", "root"), ("--daemon", "never")):
             r = run_eptrace("run", "--episode", "ep-m2", *options, "--", "true", prefix=as_member)
