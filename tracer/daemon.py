@@ -352,7 +352,8 @@ class Daemon:
             safefiles.write_atomically(self.verdicts_dir / f"{traced.id}.json", json.dumps({
                 "id": traced.id, "cgroup": str(traced.cgroup), "cgroup_id": traced.cgroup_id,
                 "registration": self._registration_inode(traced.id), "stopped": stopped,
-                "verdict": verdict.__dict__}).encode(), "verdict state")
+                "verdict": verdict.__dict__}).encode(), "verdict state", durable=False)   # no fsync: a daemon's
+            # death leaves it in the page cache; a host crash takes the pins and the episodes' cgroups too
         except (safefiles.UnsafePathError, OSError) as e:
             if traced.id not in self.unsaveable:
                 self.unsaveable.add(traced.id)
@@ -379,7 +380,7 @@ class Daemon:
             for traced in due:
                 self._save_verdict(traced, refused=refused, denied=denied)
 
-    def _carry_verdict(self, traced: Traced) -> None:
+    def _carry_verdict(self, traced: Traced, refused: dict, denied: dict) -> None:
         """A registered episode traced again after a restart carries its verdict over; after an unclean
         death the counts since the dead daemon's last save, and what it had read but not handled, may be
         missing: the verdict says so (RESTART_LOSS) rather than look complete."""
@@ -399,7 +400,7 @@ class Daemon:
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.warning("episode %s: its saved verdict %s cannot be read (%s): it starts afresh", traced.id,
                             path, getattr(e, "strerror", None) or e)
-        self._save_verdict(traced)        # from now on, an unclean death is seen by the next daemon
+        self._save_verdict(traced, refused=refused, denied=denied)   # an unclean death is seen from now on
 
     def _registration_inode(self, episode_id: str) -> int | None:
         """Its registration file's inode: a verdict carries over to the same registration only, not to one
@@ -556,6 +557,7 @@ class Daemon:
     def sync(self) -> None:
         """Registered episodes: trace new registrations, end removed ones (watch's poll, now also at once)."""
         wanted = {reg.id: reg for reg in self.registry.list()}
+        counts = None                       # the kernel's counter maps, read once for the new registrations
         for episode_id, cgid in list(self.registered.items()):
             traced = self.traced.get(cgid)
             gone = traced is None or not traced.cgroup.is_dir()
@@ -573,7 +575,8 @@ class Daemon:
                 traced = self._trace(episode_id, "registered", cgroups.resolve(reg.cgroup), reg.labels, reg.policy)
                 self.registered[episode_id] = traced.cgroup_id
                 self.final.pop(episode_id, None)
-                self._carry_verdict(traced)
+                counts = counts or (self.tracer.probes.refused(), self.tracer.probes.denied())
+                self._carry_verdict(traced, *counts)
             except (cgroups.CgroupError, OSError, ConfigError) as e:
                 log.warning("episode %s: cannot trace cgroup %s: %s", episode_id, reg.cgroup, e)
                 self.warned.add((episode_id, reg.cgroup))
@@ -754,9 +757,10 @@ class Daemon:
         Registered episodes' verdicts are saved, marked as a clean stop only when it is one."""
         if clean:
             self.tracer.drain()                     # what the ring buffer holds counts before the save
+        counts = (self.tracer.probes.refused(), self.tracer.probes.denied()) if self.registered else ({}, {})
         for traced in list(self.traced.values()):
             if traced.kind == "registered":
-                self._save_verdict(traced, stopped=clean)
+                self._save_verdict(traced, clean, *counts)
         if clean:
             for traced in list(self.traced.values()):
                 if traced.kind == "registered":

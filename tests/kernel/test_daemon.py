@@ -487,6 +487,9 @@ def test_a_socket_group_member_runs_through_the_daemon_but_touches_only_its_own(
         r = subprocess.run(as_member + [sys.executable, "-c", api, CONNECT, str(port), f"{home}/api.ndjson"],
                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and r.stdout.strip() == f"['127.0.0.1:{port}/tcp']", r.stderr
+        r = run_eptrace("run", "--daemon", "auto", "--episode", "ep-member-auto", "--output",
+                        f"file:{home}/auto.ndjson", "--", "true", prefix=as_member)
+        assert r.returncode == 0, r.stderr                              # auto: the daemon answers, so through it
         # what needs root in the client: one line, exit 4
         for options in (("--user", "root"), ("--daemon", "never")):
             r = run_eptrace("run", "--episode", "ep-m2", *options, "--", "true", prefix=as_member)
