@@ -756,12 +756,6 @@ class Daemon:
         verdict, then a goodbye. After a failure they stay pinned and recorded for the next daemon.
         Registered episodes' verdicts are saved, marked as a clean stop only when it is one."""
         if clean:
-            self.tracer.drain()                     # what the ring buffer holds counts before the save
-        counts = (self.tracer.probes.refused(), self.tracer.probes.denied()) if self.registered else ({}, {})
-        for traced in list(self.traced.values()):
-            if traced.kind == "registered":
-                self._save_verdict(traced, clean, *counts)
-        if clean:
             for traced in list(self.traced.values()):
                 if traced.kind == "registered":
                     continue
@@ -770,6 +764,11 @@ class Daemon:
                 if traced.kind == "run":
                     self._kill(traced)
                 self._finish(traced)
+            self.tracer.finish()        # the ring buffer drained, pending attempts resolved: before the save
+        counts = (self.tracer.probes.refused(), self.tracer.probes.denied()) if self.registered else ({}, {})
+        for traced in list(self.traced.values()):
+            if traced.kind == "registered":
+                self._save_verdict(traced, clean, *counts)
         for conn in list(self.conns.values()):
             conn.reply(type="bye", error="the eptrace daemon stops")
             try:
