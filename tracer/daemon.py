@@ -57,8 +57,8 @@ class Traced:
     labels: dict
     builder: VerdictBuilder
     owner_pid: int | None = None          # run, cgroup: the client's pid
-    owner_uid: int | None = None          # and its uid (a group member may end and resume only its own)
     owner: Conn | None = None             # its connection (None while it reconnects)
+    owner_uid: int | None = None          # the client's uid (a group member may end and resume only its own)
     record: Path | None = None            # its file under runs/
     ending: Ending | None = None
     pending: list = field(default_factory=list)   # documents while its client reconnects (after a restart)
@@ -426,7 +426,8 @@ class Daemon:
         episode = self.tracer.add_episode(episode_id, cgroup, labels, policy, on_alert=on_alert,
                                           fail_closed=kind == "run")      # as run is in-process
         builder = VerdictBuilder(episode_id, cgroup_id=episode.cgroup_id)
-        traced = Traced(episode_id, kind, cgroup, episode.cgroup_id, dict(labels), builder, owner_pid, owner)
+        traced = Traced(episode_id, kind, cgroup, episode.cgroup_id, dict(labels), builder, owner_pid=owner_pid,
+                        owner=owner, owner_uid=owner.uid if owner is not None else None)
         self.traced[episode.cgroup_id] = traced
         if owner is not None:
             self._subscribe(owner, episode.cgroup_id)
@@ -623,7 +624,6 @@ class Daemon:
         try:
             traced = self._trace(episode_id, kind, cgroup, labels, policy_table, on_alert, owner=conn,
                                  owner_pid=conn.pid)
-            traced.owner_uid = conn.uid
         except BaseException:
             if kind == "run":
                 session.remove_run_cgroup(cgroup)
