@@ -211,7 +211,8 @@ Exit status:
   0   success (run: the command's own status is passed through)
   2   bad input: an invalid episode id, label, output, config or cgroup; no daemon (--daemon require)
   3   run --fail-on-alert: the episode raised an alert (see --verdict)
-  4   not running as root, or refused by the daemon's socket
+  4   not running as root (run: unless through a daemon whose --socket-group you are in), or refused
+      by the daemon's socket or by the daemon (another client's episode)
   5   the kernel refused the probes (see: eptrace doctor)
   6   run --fail-on-incomplete: the episode's record is incomplete (records lost, argv unread; see --verdict)
 """
@@ -292,6 +293,9 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
     When events go to stdout, CMD's own stdout is sent to stderr so that the stream stays clean.
     The probes fail closed: if eptrace dies, CMD's episode is killed, and its connects are refused
     meanwhile. Use --user so that CMD runs unprivileged and cannot signal eptrace at all.
+    Without root, run works only through a daemon whose --socket-group you are in (the daemon moves
+    CMD into its cgroup); a raw_sockets = false policy then sets no_new_privs (setuid programs in CMD
+    lose their privileges).
 
     \b
     Examples:
