@@ -351,7 +351,7 @@ class Daemon:
             safefiles.private_dir(self.verdicts_dir, "state directory")
             safefiles.write_atomically(self.verdicts_dir / f"{traced.id}.json", json.dumps({
                 "id": traced.id, "cgroup": str(traced.cgroup), "cgroup_id": traced.cgroup_id,
-                "registration": self._registration_inode(traced.id), "stopped": stopped,
+                "registration": self._registration_identity(traced.id), "stopped": stopped,
                 "verdict": verdict.__dict__}).encode(), "verdict state", durable=False)   # no fsync: a daemon's
             # death leaves it in the page cache; a host crash takes the pins and the episodes' cgroups too
         except (safefiles.UnsafePathError, OSError) as e:
@@ -389,7 +389,7 @@ class Daemon:
             try:
                 with open(safefiles.open_for_reading(path), encoding="utf-8") as f:
                     data = json.load(f)
-                if (data["cgroup_id"], data["registration"]) == (traced.cgroup_id, self._registration_inode(traced.id)):
+                if (data["cgroup_id"], data["registration"]) == (traced.cgroup_id, self._registration_identity(traced.id)):
                     carried = from_dict(data["verdict"])
                     traced.counted_afresh = self.tracer.probes.resumed is False
                     if not data["stopped"]:
@@ -402,13 +402,14 @@ class Daemon:
                             path, getattr(e, "strerror", None) or e)
         self._save_verdict(traced, refused=refused, denied=denied)   # an unclean death is seen from now on
 
-    def _registration_inode(self, episode_id: str) -> int | None:
-        """Its registration file's inode: a verdict carries over to the same registration only, not to one
-        removed and added again while no daemon ran (each `episode add` links a new file)."""
+    def _registration_identity(self, episode_id: str) -> str | None:
+        """Its registration file's inode and ctime: a verdict carries over to the same registration only, not
+        to one removed and added again while no daemon ran (each `episode add` links a new file)."""
         try:
-            return (self.registry.dir / f"{episode_id}.json").stat().st_ino
+            st = (self.registry.dir / f"{episode_id}.json").stat()
         except OSError:
             return None
+        return f"{st.st_ino}:{st.st_ctime_ns}"
 
     def _forget_verdicts(self) -> None:
         """Saved verdicts of episodes no longer registered (removed while no daemon ran)."""
