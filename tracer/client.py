@@ -181,9 +181,10 @@ class Admission:
                 admitted = b"1"
             finally:
                 conn.close()
-        except control.DaemonError as e:
+        except (control.DaemonError, OSError, ValueError) as e:
             self.error = str(e)
-        os.write(self.go_w, admitted)
+        finally:                        # whatever happened: the held child must not wait forever
+            os.write(self.go_w, admitted)
 
     def close(self) -> None:
         for fd in (self.pid_w, self.go_r):
