@@ -230,7 +230,8 @@ Exit status:
   0   success (run: the command's own status is passed through)
   2   bad input: an invalid episode id, label, output, config or cgroup; no daemon (--daemon require)
   3   run --fail-on-alert: the episode raised an alert (see --verdict)
-  4   not running as root, or refused by the daemon's socket
+  4   not running as root (run: unless through a daemon whose --socket-group you are in), or refused
+      by the daemon's socket or by the daemon (another client's episode)
   5   the kernel refused the probes (see: eptrace doctor)
   6   run --fail-on-incomplete: the episode's record is incomplete (records lost, argv unread; see --verdict)
 """
@@ -312,6 +313,9 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
     When events go to stdout, CMD's own stdout is sent to stderr so that the stream stays clean.
     The probes fail closed: if eptrace dies, CMD's episode is killed, and its connects are refused
     meanwhile. Use --user so that CMD runs unprivileged and cannot signal eptrace at all.
+    Without root, run works only through a daemon whose --socket-group you are in (the daemon moves
+    CMD into its cgroup); a raw_sockets = false policy then sets no_new_privs (setuid programs in CMD
+    lose their privileges).
 
     \b
     Examples:
@@ -325,9 +329,25 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
     policy = _policy(policy_path)
     metrics_listen = _metrics_address(metrics_listen)
     user = _user(run_as) if run_as else None
-    _require_root()
-    _check_written_paths(verdict=verdict_path, capture=capture_path)
-    conn = _daemon(daemon_mode, {"--metrics-listen": metrics_listen}, config if config_path else None)
+    in_process_only = {"--metrics-listen": metrics_listen}
+    if os.geteuid() != 0:               # a socket-group member: through the daemon, which does what needs root
+        if user is not None and (user.uid, user.gid) != (os.geteuid(), os.getegid()):
+            raise Failure(f"--user {run_as} needs root (this run is not root)", EXIT_NOT_ROOT)
+        user = None
+        if daemon_mode == "never":
+            _require_root()
+        _check_written_paths(verdict=verdict_path, capture=capture_path)
+        conn = _daemon(daemon_mode, in_process_only, config if config_path else None)
+        if conn is None:
+            raise Failure("eptrace loads eBPF programs and must run as root: try again with sudo, or through "
+                          "an eptrace daemon whose --socket-group you are in" + (
+                              f" (without {', '.join(o for o, v in in_process_only.items() if v)})"
+                              if any(in_process_only.values()) else
+                              " (with a --config whose tracer settings are the daemon's)" if config_path else ""),
+                          EXIT_NOT_ROOT)
+    else:
+        _check_written_paths(verdict=verdict_path, capture=capture_path)
+        conn = _daemon(daemon_mode, in_process_only, config if config_path else None)
     fanout = _outputs(outputs, schema, config)
     capture = _capture(capture_path, fanout)
     if conn is not None:

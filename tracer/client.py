@@ -8,6 +8,7 @@ its episode back (resume) and carries the verdict over (tracer.verdict.merge).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -181,6 +182,54 @@ def config_differences(conn: control.Connection, config) -> list[str]:
         return [f"(the daemon cannot compare: {e})"]
 
 
+class Admission:
+    """A client that is not root (a socket-group member) cannot move its command into the episode cgroup the
+    daemon made: CMD's child writes its pid and waits before exec (preexec_fn), a thread asks the daemon to
+    admit it (the daemon checks that it is this client's child, of its uid), then lets it go on."""
+
+    def __init__(self, episode: Episode, packet_filter=None):
+        self.episode, self.packet_filter = episode, packet_filter
+        self.pid_r, self.pid_w = os.pipe()
+        self.go_r, self.go_w = os.pipe()
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._admit, name="eptrace-admit", daemon=True)
+        self._thread.start()
+
+    def preexec(self) -> None:          # in the child, before exec
+        os.close(self.pid_r)
+        os.close(self.go_w)
+        os.write(self.pid_w, str(os.getpid()).encode())
+        os.close(self.pid_w)
+        if os.read(self.go_r, 1) != b"1":
+            raise OSError(errno.EPERM, "not admitted into its episode by the eptrace daemon")
+        if self.packet_filter is not None:
+            self.packet_filter.install(no_new_privs=True)
+
+    def _admit(self) -> None:
+        pid = os.read(self.pid_r, 32)
+        if not pid:                     # no child (it could not be forked)
+            return
+        admitted = b"0"
+        try:
+            conn = control.Connection()
+            try:
+                conn.request("admit", cgroup_id=self.episode.cgroup_id, pid=int(pid))
+                admitted = b"1"
+            finally:
+                conn.close()
+        except (control.DaemonError, OSError, ValueError) as e:
+            self.error = str(e)
+        finally:                        # whatever happened: the held child must not wait forever
+            os.write(self.go_w, admitted)
+
+    def close(self) -> None:
+        for fd in (self.pid_w, self.go_r):
+            os.close(fd)
+        self._thread.join(10)
+        for fd in (self.pid_r, self.go_w):
+            os.close(fd)
+
+
 def run_episode(conn: control.Connection, episode_id: str, argv: list[str], outputs, labels=None,
                 grace_s: float = 10.0, user=None, policy: dict | None = None, on_alert: str | None = None,
                 capture=None) -> Verdict:
@@ -202,15 +251,26 @@ def run_episode(conn: control.Connection, episode_id: str, argv: list[str], outp
 def _run_command(episode: Episode, argv: list[str], outputs, grace_s: float, user, policy: dict | None) -> Verdict:
     from .session import command_setup
     from .policy import parse as parse_policy
-    enter_cgroup, env, child_stdout = command_setup(episode.cgroup, user, outputs,
-                                                    parse_policy(policy) if policy else None)
+    parsed = parse_policy(policy) if policy else None
+    admission = None
+    if os.geteuid() == 0:
+        enter_cgroup, env, child_stdout = command_setup(episode.cgroup, user, outputs, parsed)
+    else:                               # the daemon moves CMD into its cgroup
+        from .session import _packet_socket_filter
+        _, env, child_stdout = command_setup(episode.cgroup, None, outputs)
+        admission = Admission(episode, _packet_socket_filter(parsed))
+        enter_cgroup = admission.preexec
     try:
         child = subprocess.Popen(argv, preexec_fn=enter_cgroup, stdout=child_stdout, env=env)
     except (OSError, subprocess.SubprocessError) as e:
-        log.error("cannot start %s: %s", argv[0], getattr(e, "strerror", None) or e)
+        why = admission.error if admission is not None and admission.error else getattr(e, "strerror", None) or e
+        log.error("cannot start %s: %s", argv[0], why)
         verdict = episode.end(0.0)
         verdict.exit_code = 127 if isinstance(e, FileNotFoundError) else 126
         return verdict
+    finally:
+        if admission is not None:
+            admission.close()
     forwarded = []
 
     def forward(signum, _frame) -> None:      # like in-process: CMD gets SIGINT/SIGTERM, we go on

@@ -5,7 +5,8 @@ Everything runs in one thread: the loop reads the ring buffer for at most LOOP_M
 socket without blocking, advances the episodes being ended, and flushes what clients are owed.
 The probes are pinned in the watch directory and the episodes that clients started are recorded in
 <state dir>/runs/: a daemon that is killed and restarted re-opens both, delivers what was recorded
-meanwhile, and its clients reconnect (resume) to the same episodes.
+meanwhile, and its clients reconnect (resume) to the same episodes. Registered episodes' verdicts are
+saved in <state dir>/verdicts/ and carried over by the next daemon.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import json
 import logging
 import os
 import selectors
+import signal
 import socket
+import stat
 import struct
 import time
 from dataclasses import dataclass, field
@@ -28,7 +31,7 @@ from .events import Metric
 from .kernel import cgroups
 from .policy import parse as policy_of
 from .registry import Registry, RegistryError, parse_labels, state_dir, validate_id
-from .verdict import Verdict, VerdictBuilder
+from .verdict import Verdict, VerdictBuilder, from_dict, merge
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,9 @@ MAX_PENDING = 64 << 20       # bytes of documents kept for a client that reconne
 MAX_BUFFERED = 64 << 20       # bytes owed to one connection before it is dropped as too slow
 FINAL_VERDICTS_KEPT = 1024    # verdicts of ended episodes kept for 'episode rm' and 'episode verdict'
 RUNS_DIR = "runs"             # <state dir>/runs/<cgroup name>.json: the episodes clients started
+VERDICTS_DIR = "verdicts"     # <state dir>/verdicts/<id>.json: registered episodes' verdicts so far
+VERDICT_SAVE_S = 1.0          # a registered episode's counts are saved at most this often (an alert: at once)
+RESTART_LOSS = "tracer_restart"   # a daemon died uncleanly: what it had counted since its last save may be missing
 
 
 @dataclass
@@ -53,11 +59,16 @@ class Traced:
     builder: VerdictBuilder
     owner_pid: int | None = None          # run, cgroup: the client's pid
     owner: Conn | None = None             # its connection (None while it reconnects)
+    owner_uid: int | None = None          # the client's uid (a group member may end and resume only its own)
     record: Path | None = None            # its file under runs/
     ending: Ending | None = None
     pending: list = field(default_factory=list)   # documents while its client reconnects (after a restart)
     pending_bytes: int = 0
     sequence: int = 0                     # its documents so far: the seq its subscribers get with each
+    carried: Verdict | None = None        # registered: its verdict under the daemons before this one
+    saved_alerts: int = 0                 # registered: alerts and containments in its last saved verdict
+    saved_at: float = 0.0
+    counted_afresh: bool = False          # registered: the kernel's counters restarted since `carried` (clean stop)
 
 
 @dataclass
@@ -103,6 +114,22 @@ def _groups_of(pid: int) -> set[int]:
     return gids
 
 
+class Refused(Exception):
+    """A request this peer may not make (a socket-group member asking for another's episode): status 4."""
+
+
+def _status_ids(pid: int) -> tuple[int, set[int]]:
+    """(parent pid, {real, effective, saved, fs uids}) of a process, from /proc."""
+    ppid, uids = -1, set()
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("PPid:"):
+                ppid = int(line.split()[1])
+            elif line.startswith("Uid:"):
+                uids = {int(u) for u in line.split()[1:]}
+    return ppid, uids
+
+
 def _alive(pid: int | None) -> bool:
     return pid is not None and Path(f"/proc/{pid}").exists()
 
@@ -125,10 +152,13 @@ class Daemon:
         self.everything: set[Conn] = set()            # connections subscribed to every document
         self.changed: set[int] = set()                # episodes with documents since their owner's snapshot
         self.ending: set[int] = set()                 # episodes being ended
+        self.unsaved: set[int] = set()                # registered episodes with events since their verdict was saved
+        self.unsaveable: set[str] = set()             # episode ids whose verdict could not be saved (logged once)
         self.selector = selectors.DefaultSelector()
         self.counters = {"connections": 0, "refused_peers": 0, "episodes_started": 0, "episodes_ended": 0,
                          "clients_dropped": 0, "requests": 0, "documents_not_kept_for_clients": 0}
         self.runs_dir = state_dir() / RUNS_DIR
+        self.verdicts_dir = state_dir() / VERDICTS_DIR
         tracer.on_document = self._route
         tracer.observers.append(self._observe)        # one observer: per event, one episode's builder
         self.listener = self._listen()
@@ -140,7 +170,10 @@ class Daemon:
         directory = path.parent
         directory.mkdir(mode=0o755 if self.group_id is None else 0o750, parents=True, exist_ok=True)
         if self.group_id is not None:
-            os.chown(directory, 0, self.group_id)
+            st = os.lstat(directory)
+            if not st.st_mode & stat.S_IWOTH:   # the socket's own directory (a RuntimeDirectory 0700), never /tmp
+                os.chown(directory, 0, self.group_id)
+                os.chmod(directory, stat.S_IMODE(st.st_mode) & 0o700 | 0o050)   # the group may reach the socket
         if path.exists() or path.is_symlink():
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -265,6 +298,8 @@ class Daemon:
         traced = self.traced.get(episode.cgroup_id) if episode is not None else None
         if traced is not None:
             traced.builder.observe(event)
+            if traced.kind == "registered":
+                self.unsaved.add(traced.cgroup_id)
 
     def _route(self, event, doc) -> None:
         episode = getattr(event, "episode", None)
@@ -297,13 +332,104 @@ class Daemon:
                                    verdict=self._verdict(traced).__dict__)
         self.changed.clear()
 
-    def _verdict(self, traced: Traced) -> Verdict:
+    def _verdict(self, traced: Traced, refused: dict | None = None, denied: dict | None = None) -> Verdict:
+        """refused, denied: the kernel's per-episode counters, when the caller read them for many episodes."""
         verdict = Verdict(**{**traced.builder.verdict.__dict__})
         verdict.destinations = list(verdict.destinations)
         session.account(verdict, self.tracer, traced.cgroup_id, alone=False)
-        verdict.connects_refused = self.tracer.probes.refused().get(traced.cgroup_id, 0)
-        verdict.denied = self.tracer.probes.denied().get(traced.cgroup_id, 0)
-        return verdict
+        verdict.connects_refused = (self.tracer.probes.refused() if refused is None else refused).get(traced.cgroup_id, 0)
+        verdict.denied = (self.tracer.probes.denied() if denied is None else denied).get(traced.cgroup_id, 0)
+        carried = traced.carried
+        if carried is None:
+            return verdict
+        merged = merge(carried, verdict)
+        if traced.counted_afresh:           # the kernel's counters restarted from zero: they add up
+            merged.connects_refused = carried.connects_refused + verdict.connects_refused
+            merged.denied = carried.denied + verdict.denied
+            merged.account({r: carried.losses.get(r, 0) + verdict.losses.get(r, 0)
+                            for r in {*carried.losses, *verdict.losses}})
+        return merged
+
+    # -- registered episodes' verdicts, kept across restarts -----------------------------
+    def _save_verdict(self, traced: Traced, stopped: bool = False, refused: dict | None = None,
+                      denied: dict | None = None) -> None:
+        """stopped: written by a clean stop, after the ring buffer was drained: nothing was left unhandled."""
+        verdict = self._verdict(traced, refused, denied)
+        traced.saved_alerts, traced.saved_at = len(verdict.alerts) + len(verdict.containment), time.monotonic()
+        self.unsaved.discard(traced.cgroup_id)
+        try:
+            safefiles.private_dir(self.verdicts_dir.parent, "state directory")
+            safefiles.private_dir(self.verdicts_dir, "state directory")
+            safefiles.write_atomically(self.verdicts_dir / f"{traced.id}.json", json.dumps({
+                "id": traced.id, "cgroup": str(traced.cgroup), "cgroup_id": traced.cgroup_id,
+                "registration": self._registration_identity(traced.id), "stopped": stopped,
+                "verdict": verdict.__dict__}).encode(), "verdict state", durable=False)   # no fsync: a daemon's
+            # death leaves it in the page cache; a host crash takes the pins and the episodes' cgroups too
+        except (safefiles.UnsafePathError, OSError) as e:
+            if traced.id not in self.unsaveable:
+                self.unsaveable.add(traced.id)
+                log.warning("episode %s: cannot save its verdict (a restart would lose it): %s", traced.id,
+                            getattr(e, "strerror", None) or e)
+
+    def _save_due_verdicts(self) -> None:
+        if not self.unsaved:
+            return
+        now = time.monotonic()
+        due = []
+        for cgroup_id in list(self.unsaved):
+            traced = self.traced.get(cgroup_id)
+            if traced is None:
+                self.unsaved.discard(cgroup_id)
+                continue
+            v, carried = traced.builder.verdict, traced.carried
+            alerted = len(v.alerts) + len(v.containment) + (
+                len(carried.alerts) + len(carried.containment) if carried is not None else 0)
+            if alerted != traced.saved_alerts or now - traced.saved_at >= VERDICT_SAVE_S:
+                due.append(traced)
+        if due:                             # the kernel's counter maps read once for all of them
+            refused, denied = self.tracer.probes.refused(), self.tracer.probes.denied()
+            for traced in due:
+                self._save_verdict(traced, refused=refused, denied=denied)
+
+    def _carry_verdict(self, traced: Traced, refused: dict, denied: dict) -> None:
+        """A registered episode traced again after a restart carries its verdict over; after an unclean
+        death the counts since the dead daemon's last save, and what it had read but not handled, may be
+        missing: the verdict says so (RESTART_LOSS) rather than look complete."""
+        path = self.verdicts_dir / f"{traced.id}.json"
+        if path.exists():
+            try:
+                with open(safefiles.open_for_reading(path), encoding="utf-8") as f:
+                    data = json.load(f)
+                if (data["cgroup_id"], data["registration"]) == (traced.cgroup_id, self._registration_identity(traced.id)):
+                    carried = from_dict(data["verdict"])
+                    traced.counted_afresh = self.tracer.probes.resumed is False
+                    if not data["stopped"]:
+                        carried.account({**carried.losses, RESTART_LOSS: carried.losses.get(RESTART_LOSS, 0) + 1})
+                        log.warning("episode %s: its previous daemon did not stop cleanly; its verdict is carried "
+                                    "over, marked incomplete (%s)", traced.id, RESTART_LOSS)
+                    traced.carried = carried
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("episode %s: its saved verdict %s cannot be read (%s): it starts afresh", traced.id,
+                            path, getattr(e, "strerror", None) or e)
+        self._save_verdict(traced, refused=refused, denied=denied)   # an unclean death is seen from now on
+
+    def _registration_identity(self, episode_id: str) -> str | None:
+        """Its registration file's inode and ctime: a verdict carries over to the same registration only, not
+        to one removed and added again while no daemon ran (each `episode add` links a new file)."""
+        try:
+            st = (self.registry.dir / f"{episode_id}.json").stat()
+        except OSError:
+            return None
+        return f"{st.st_ino}:{st.st_ctime_ns}"
+
+    def _forget_verdicts(self) -> None:
+        """Saved verdicts of episodes no longer registered (removed while no daemon ran)."""
+        if not self.verdicts_dir.is_dir():
+            return
+        registered = {reg.id for reg in self.registry.list()}
+        for path in self.verdicts_dir.glob("*.json"):
+            if path.stem not in registered:
+                path.unlink(missing_ok=True)
 
     # -- episodes ---------------------------------------------------------------------
     def _trace(self, episode_id: str, kind: str, cgroup: Path, labels: dict, policy_table: dict | None,
@@ -312,7 +438,8 @@ class Daemon:
         episode = self.tracer.add_episode(episode_id, cgroup, labels, policy, on_alert=on_alert,
                                           fail_closed=kind == "run")      # as run is in-process
         builder = VerdictBuilder(episode_id, cgroup_id=episode.cgroup_id)
-        traced = Traced(episode_id, kind, cgroup, episode.cgroup_id, dict(labels), builder, owner_pid, owner)
+        traced = Traced(episode_id, kind, cgroup, episode.cgroup_id, dict(labels), builder, owner_pid=owner_pid,
+                        owner=owner, owner_uid=owner.uid if owner is not None else None)
         self.traced[episode.cgroup_id] = traced
         if owner is not None:
             self._subscribe(owner, episode.cgroup_id)
@@ -324,7 +451,8 @@ class Daemon:
         traced.record = self.runs_dir / f"{traced.cgroup.name}.json"
         safefiles.write_atomically(traced.record, json.dumps({
             "id": traced.id, "kind": traced.kind, "cgroup": str(traced.cgroup), "labels": traced.labels,
-            "policy": policy_table, "on_alert": on_alert, "owner_pid": traced.owner_pid}).encode(), "run record")
+            "policy": policy_table, "on_alert": on_alert, "owner_pid": traced.owner_pid,
+            "owner_uid": traced.owner_uid}).encode(), "run record")
 
     def _restore_runs(self) -> None:
         """Episodes that clients started under a daemon that died: traced again (their probes stayed
@@ -342,6 +470,7 @@ class Daemon:
                 traced = self._trace(validate_id(data["id"]), data["kind"], cgroup, parse_labels(
                     [f"{k}={v}" for k, v in data.get("labels", {}).items()]), data.get("policy"),
                     data.get("on_alert"), owner_pid=data.get("owner_pid"))
+                traced.owner_uid = data.get("owner_uid", 0)
                 traced.record = path
                 log.warning("episode %s (%s %s): traced again after a restart; waiting for its client (pid %s)",
                             traced.id, traced.kind, cgroup, traced.owner_pid)
@@ -422,6 +551,8 @@ class Daemon:
             self.captures.remove(cgroup_id=traced.cgroup_id)
             self._captures_changed()
         if traced.kind == "registered":
+            (self.verdicts_dir / f"{traced.id}.json").unlink(missing_ok=True)
+            self.unsaved.discard(traced.cgroup_id)
             self.final[traced.id] = verdict.__dict__
             while len(self.final) > FINAL_VERDICTS_KEPT:
                 self.final.pop(next(iter(self.final)))
@@ -446,6 +577,7 @@ class Daemon:
     def sync(self) -> None:
         """Registered episodes: trace new registrations, end removed ones (watch's poll, now also at once)."""
         wanted = {reg.id: reg for reg in self.registry.list()}
+        counts = None                       # the kernel's counter maps, read once for the new registrations
         for episode_id, cgid in list(self.registered.items()):
             traced = self.traced.get(cgid)
             gone = traced is None or not traced.cgroup.is_dir()
@@ -463,6 +595,8 @@ class Daemon:
                 traced = self._trace(episode_id, "registered", cgroups.resolve(reg.cgroup), reg.labels, reg.policy)
                 self.registered[episode_id] = traced.cgroup_id
                 self.final.pop(episode_id, None)
+                counts = counts or (self.tracer.probes.refused(), self.tracer.probes.denied())
+                self._carry_verdict(traced, *counts)
             except (cgroups.CgroupError, OSError, ConfigError) as e:
                 log.warning("episode %s: cannot trace cgroup %s: %s", episode_id, reg.cgroup, e)
                 self.warned.add((episode_id, reg.cgroup))
@@ -481,6 +615,8 @@ class Daemon:
             if handler is None:
                 raise ValueError(f"unknown op {op!r}")
             handler(conn, request)
+        except Refused as e:
+            conn.reply(type="error", status=4, error=str(e))
         except (ValueError, TypeError, KeyError, RegistryError, ConfigError, cgroups.CgroupError,
                 safefiles.UnsafePathError, OSError) as e:
             message = getattr(e, "strerror", None) or str(e)
@@ -488,8 +624,8 @@ class Daemon:
 
     def _op_start(self, conn: Conn, request: dict) -> None:
         """A new episode: a fresh cgroup for the command the client runs, or an existing cgroup."""
-        if conn.uid != 0:
-            raise ValueError("only root may start an episode (its command must be moved into its cgroup)")
+        if conn.uid != 0 and request.get("cgroup"):
+            raise Refused("only root may trace an existing cgroup; a socket-group member may start a fresh one")
         episode_id = validate_id(request["id"])
         labels = parse_labels([f"{k}={v}" for k, v in (request.get("labels") or {}).items()])
         policy_table, on_alert = request.get("policy"), request.get("on_alert")
@@ -520,9 +656,36 @@ class Daemon:
 
     def _owned(self, conn: Conn, request: dict) -> Traced:
         traced = self.traced.get(int(request["cgroup_id"]))
-        if traced is None or traced.kind == "registered" or traced.owner_pid != conn.pid:
-            raise ValueError(f"no episode with cgroup id {request['cgroup_id']} started by this client")
+        if traced is None or traced.kind == "registered":
+            raise ValueError(f"no episode with cgroup id {request['cgroup_id']} started by a client")
+        if (traced.owner_pid, traced.owner_uid) != (conn.pid, conn.uid):
+            raise Refused(f"the episode with cgroup id {request['cgroup_id']} was not started by this client")
         return traced
+
+    def _op_admit(self, conn: Conn, request: dict) -> None:
+        """Move the client's command into its episode's fresh cgroup (a socket-group member cannot): the
+        command must be the client's own child, of the client's uid, held before its exec."""
+        traced = self._owned(conn, request)
+        if traced.kind != "run":
+            raise ValueError("only a fresh cgroup's command is admitted")
+        pid = int(request["pid"])
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            raise ValueError(f"no process {pid}") from None
+        try:
+            ppid, uids = _status_ids(pid)
+            if ppid != conn.pid or uids != {conn.uid}:
+                raise Refused(f"process {pid} is not a child of this client with its uid: not admitted")
+            # the pidfd pins what `pid` names: alive after the check and after the move, it was the same process
+            signal.pidfd_send_signal(pidfd, 0)
+            (traced.cgroup / "cgroup.procs").write_text(str(pid))
+            signal.pidfd_send_signal(pidfd, 0)
+        except ProcessLookupError:
+            raise ValueError(f"process {pid} exited before it was admitted") from None
+        finally:
+            os.close(pidfd)
+        conn.reply(type="admitted", pid=pid, cgroup_id=traced.cgroup_id)
 
     def _op_resume(self, conn: Conn, request: dict) -> None:
         """A client reconnecting after a restart takes its episode back."""
@@ -565,9 +728,12 @@ class Daemon:
     def _op_subscribe(self, conn: Conn, request: dict) -> None:
         episode_id = request.get("id")
         if episode_id is None:
+            if conn.uid != 0:
+                raise Refused("only root may subscribe to every episode's documents")
             self.everything.add(conn)
         else:
-            found = [t.cgroup_id for t in self.traced.values() if t.id == episode_id]
+            found = [t.cgroup_id for t in self.traced.values() if t.id == episode_id and
+                     (conn.uid == 0 or (t.owner_pid, t.owner_uid) == (conn.pid, conn.uid))]
             if not found:
                 raise ValueError(f"no episode {episode_id!r} is traced")
             for cgroup_id in found:
@@ -611,6 +777,7 @@ class Daemon:
     def run(self, stop) -> None:
         self._restore_runs()
         self.sync()
+        self._forget_verdicts()
         if self.tracer.probes.resumed:
             session.report_resumption(self.tracer, {t.id: cgid for cgid, t in self.traced.items()})
         next_sync = next_owner_check = time.monotonic()
@@ -626,11 +793,13 @@ class Daemon:
                 next_owner_check = now + OWNER_CHECK_S
                 self._check_owners()
             self._snapshots()
+            self._save_due_verdicts()
             self._flush_conns()
 
     def close(self, clean: bool) -> None:
         """A clean stop ends the clients' episodes (nobody would resume them): each client gets its final
-        verdict, then a goodbye. After a failure they stay pinned and recorded for the next daemon."""
+        verdict, then a goodbye. After a failure they stay pinned and recorded for the next daemon.
+        Registered episodes' verdicts are saved, marked as a clean stop only when it is one."""
         if clean:
             for traced in list(self.traced.values()):
                 if traced.kind == "registered":
@@ -640,6 +809,11 @@ class Daemon:
                 if traced.kind == "run":
                     self._kill(traced)
                 self._finish(traced)
+            self.tracer.finish()        # the ring buffer drained, pending attempts resolved: before the save
+        counts = (self.tracer.probes.refused(), self.tracer.probes.denied()) if self.registered else ({}, {})
+        for traced in list(self.traced.values()):
+            if traced.kind == "registered":
+                self._save_verdict(traced, clean, *counts)
         for conn in list(self.conns.values()):
             conn.reply(type="bye", error="the eptrace daemon stops")
             try:

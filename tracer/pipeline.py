@@ -84,6 +84,7 @@ class Tracer:
         self.episode_activity: dict[int, Counter[str]] = {}
         self._removed_losses: dict[str, dict[str, int]] = {}   # episodes removed since the last metric
         self.observers: list = []          # callables that see every emitted event (verdicts)
+        self.finished = False              # finish() ran (the daemon finishes before it saves its verdicts)
         self.on_document = None            # callable(event, document): the daemon's clients get theirs
         self._on_alert: dict[int, str] = {}             # episode cgroup id -> its own on_alert (a client's)
         self.policies: dict[int, Policy] = {}           # episode cgroup id -> its policy (own or the config's)
@@ -462,7 +463,10 @@ class Tracer:
         self.outputs.flush()
 
     def finish(self) -> None:
-        """Resolve what is pending, report the final counters and flush."""
+        """Resolve what is pending, report the final counters and flush (once)."""
+        if self.finished:
+            return
+        self.finished = True
         self.drain()
         self._sweep(time.monotonic_ns(), final=True)
         self.emit_stats()

@@ -140,8 +140,9 @@ class AtomicFile:
     def write(self, data: bytes) -> None:
         self.file.write(data)
 
-    def commit(self) -> None:
-        """Flush, sync and rename over the target (checked again: it may have appeared since)."""
+    def commit(self, durable: bool = True) -> None:
+        """Flush, sync (unless not durable: then only a host crash, not a process's death, can lose it) and
+        rename over the target (checked again: it may have appeared since)."""
         if self.file.closed:
             return
         if self.tmp is None:
@@ -149,7 +150,8 @@ class AtomicFile:
             return
         try:
             self.file.flush()
-            os.fsync(self.file.fileno())
+            if durable:
+                os.fsync(self.file.fileno())
             self.file.close()
             check_target(self.path, self.what)
             os.rename(self.tmp, self.path)
@@ -164,14 +166,15 @@ class AtomicFile:
             self.tmp.unlink(missing_ok=True)
 
 
-def write_atomically(path: str | os.PathLike, data: bytes, what: str, mode: int = PRIVATE_FILE) -> None:
+def write_atomically(path: str | os.PathLike, data: bytes, what: str, mode: int = PRIVATE_FILE,
+                     durable: bool = True) -> None:
     f = AtomicFile(path, what, mode)
     try:
         f.write(data)
     except BaseException:
         f.abort()
         raise
-    f.commit()
+    f.commit(durable)
 
 
 def private_dir(path: str | os.PathLike, what: str) -> Path:

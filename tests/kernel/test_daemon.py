@@ -4,6 +4,7 @@ and restarted under a running client; the socket refuses other users."""
 from __future__ import annotations
 
 import errno
+import grp
 import json
 import os
 import secrets
@@ -312,6 +313,43 @@ def test_episode_add_takes_effect_at_once_and_its_verdict_is_there_at_any_time(d
     assert json.loads(after.stdout)["connections"] == 1, after       # the final one, kept after rm
 
 
+def test_a_registered_episodes_verdict_survives_restarts(daemon, episode_cgroup, tmp_path):
+    """Carried over a clean stop (complete) and a kill -9 (incomplete: tracer_restart), then given by rm."""
+    cgroup = episode_cgroup(f"daemon-carry-{os.getpid()}")
+    assert run_eptrace("episode", "add", "--id", "ep-carry", "--cgroup", cgroup, state_dir=daemon.state).returncode == 0
+    ports = [free_port() for _ in range(3)]
+    raw_socket = "import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP).close(); "
+    saved = daemon.state / "verdicts" / "ep-carry.json"
+
+    def connect(code: str, port: int, connections: int) -> dict:
+        assert harness.spawn_in_cgroup(cgroup, [PYTHON, "-c", code + CONNECT, port]).wait(30) == 0
+        wait_until(lambda: json.loads(saved.read_text())["verdict"]["connections"] == connections, 30,
+                   "the verdict saved")
+        return daemon.request("verdict", id="ep-carry")["verdict"]
+
+    before = connect(raw_socket, ports[0], 1)
+    assert [a["rule"] for a in before["alerts"]] == ["raw_socket"] and before["complete"], before
+    assert stop(daemon.proc) == 0                                # clean: nothing was left unhandled
+    daemon.start()
+    after_clean = connect("", ports[1], 2)
+    assert [a["rule"] for a in after_clean["alerts"]] == ["raw_socket"], after_clean
+    assert after_clean["complete"] and after_clean["destination_count"] == 2, after_clean
+    kill(daemon.proc)                                            # kill -9: what it had not saved may be missing
+    daemon.start()
+    after_kill = connect("", ports[2], 3)
+    assert after_kill["destinations"] == [f"127.0.0.1:{p}/tcp" for p in ports], after_kill
+    assert len(after_kill["alerts"]) == 1, after_kill
+    assert not after_kill["complete"] and after_kill["incomplete_reasons"] == ["tracer_restart"], after_kill
+    human = run_eptrace("episode", "verdict", "--id", "ep-carry", state_dir=daemon.state)
+    assert "INCOMPLETE" in human.stdout and "tracer_restart 1" in human.stdout, human.stdout
+    final = tmp_path / "final.json"
+    rm = run_eptrace("episode", "rm", "--id", "ep-carry", "--verdict", final, state_dir=daemon.state)
+    assert rm.returncode == 0, rm.stderr
+    v = json.loads(final.read_text())
+    assert v["connections"] == 3 and v["losses"] == {"tracer_restart": 1} and not v["clean"], v
+    assert not saved.exists(), "the saved verdict of a removed episode was left behind"
+
+
 # ---- restart ------------------------------------------------------------------------------------------------
 
 def test_a_killed_daemon_is_restarted_and_its_client_loses_nothing(daemon):
@@ -468,26 +506,113 @@ def test_a_client_that_dies_takes_its_episode_with_it(daemon):
     assert not [e for e in daemon.request("list")["episodes"] if e["id"] == "ep-orphan"]
 
 
-def test_the_socket_group_may_ask_but_not_start(tmp_path, monkeypatch):
-    """--socket-group nogroup: the socket is 0660 root:nogroup, and nobody (whose group it is) is let in."""
+MEMBER_WORKLOAD = CONNECT + r"""
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+cgroup2 = next(line for line in open("/proc/self/cgroup") if line.startswith("0::")).strip()
+print(status["Seccomp"].strip(), status["NoNewPrivs"].strip(), cgroup2, flush=True)
+raise SystemExit(7)
+"""
+# As the group member: what it may not do to another client's episode, and an admit of a process not its own.
+MEMBER_PROBE = r"""
+import json, sys
+from tracer import control
+other, out = int(sys.argv[1]), {}
+c = control.Connection()
+asks = {"end": ("end", {"cgroup_id": other}), "admit": ("admit", {"cgroup_id": other, "pid": 1}),
+        "subscribe": ("subscribe", {"id": "ep-root"}), "subscribe_all": ("subscribe", {"id": None})}
+mine = c.request("start", id="ep-mine")["cgroup_id"]
+asks["admit_init"] = ("admit", {"cgroup_id": mine, "pid": 1})
+for name, (op, fields) in asks.items():
+    try:
+        c.request(op, **fields)
+        out[name] = "allowed"
+    except control.DaemonError as e:
+        out[name] = e.status
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture
+def throwaway_member():
+    """A user of its own, in a group of its own (removed afterwards), and a directory it owns."""
+    name, group = f"ept{os.getpid()}", f"eptg{os.getpid()}"
+    home = Path(f"/tmp/eptrace-test-{name}")
+    subprocess.run(["groupadd", group], check=True)
+    try:
+        subprocess.run(["useradd", "--no-create-home", "--no-user-group", "--shell", "/usr/sbin/nologin", "-G", group,
+                        name], check=True)
+        home.mkdir(mode=0o700)
+        shutil.chown(home, name)
+        yield name, group, home
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
+        subprocess.run(["groupdel", group], capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_a_socket_group_member_runs_through_the_daemon_but_touches_only_its_own(tmp_path, monkeypatch,
+                                                                                throwaway_member):
+    """--socket-group: the socket is 0660 for the group; a member's `run` gets its documents and verdict (the
+    daemon moves its command into the episode cgroup); it cannot end, admit into or watch another's episode."""
+    user, group, home = throwaway_member
     monkeypatch.setenv("EPTRACE_SOCKET", os.environ["EPTRACE_SOCKET"])
     monkeypatch.setenv("EPTRACE_PIN_DIR", os.environ["EPTRACE_PIN_DIR"])
+    monkeypatch.setenv("EPTRACE_DAEMON", "never")
     d = Daemon(tmp_path)
+    other = None
     try:
-        d.start("--socket-group", "nogroup")
-        st = d.socket.stat()
-        assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == 65534, (oct(st.st_mode), st.st_gid)
-        as_nobody = ["runuser", "-u", "nobody", "--"]
-        r = run_eptrace("episode", "verdict", "--id", "ep-none", prefix=as_nobody)
-        line = assert_one_line_error(r, 2)             # let in: the daemon answers, it has no such episode
-        assert "no registered episode" in line, line
-        conn = control.Connection(d.socket)
-        conn.close()
-        code = ("from tracer import control; c = control.Connection(); "
-                "print(c.request('start', id='ep-g')['type'])")
-        r = subprocess.run(as_nobody + [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
-                           timeout=60)
-        assert r.returncode != 0 and "only root may start an episode" in r.stderr, r.stderr
-        assert d.request("health")["counters"]["refused_peers"] == 0
+        d.socket.parent.mkdir(mode=0o700)          # as systemd's RuntimeDirectory makes it
+        d.start("--socket-group", group)
+        for path, mode in ((d.socket, 0o660), (d.socket.parent, 0o750)):
+            st = path.stat()
+            assert stat.S_IMODE(st.st_mode) == mode and st.st_gid == grp.getgrnam(group).gr_gid, (path, st)
+        as_member = ["runuser", "-u", user, "--"]
+        r = run_eptrace("episode", "verdict", "--id", "ep-none", prefix=as_member)
+        assert "no registered episode" in assert_one_line_error(r, 2)      # let in: read access
+        policy = home / "policy.toml"
+        policy.write_text("[policy]\nraw_sockets = false\n")
+        port = free_port()
+        r = run_eptrace("run", "--daemon", "require", "--episode", "ep-member", "--grace", 2, "--policy", policy,
+                        "--output", f"file:{home}/ep-member.ndjson", "--verdict", f"{home}/ep-member.json", "--",
+                        PYTHON, "-c", MEMBER_WORKLOAD, port, prefix=as_member, timeout=120)
+        assert r.returncode == 7, r.stderr                             # the command's own status
+        seccomp, no_new_privs, cgroup = r.stdout.split()
+        assert (seccomp, no_new_privs) == ("2", "1"), r.stdout          # the packet-socket filter, with no_new_privs
+        assert cgroup.startswith("0::/eptrace/ep-member@"), r.stdout     # moved by the daemon before its exec
+        docs = read_docs(home / "ep-member.ndjson")
+        assert ports_attempted(docs) == [port], dump(docs)
+        assert {doc["labels"]["episode_id"] for doc in docs if doc["event"]["kind"] != "metric"} == {"ep-member"}
+        v = json.loads((home / "ep-member.json").read_text())
+        assert v["exit_code"] == 7 and v["connections"] == 1 and v["complete"], v
+        api = ("import sys; from tracer.api import run_episode; v = run_episode('ep-member-api', [sys.executable, "
+               "'-c', sys.argv[1], sys.argv[2]], outputs=['file:' + sys.argv[3]], daemon='require', grace_s=1); "
+               "print(v.destinations)")
+        r = subprocess.run(as_member + [sys.executable, "-c", api, CONNECT, str(port), f"{home}/api.ndjson"],
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == f"['127.0.0.1:{port}/tcp']", r.stderr
+        r = run_eptrace("run", "--daemon", "auto", "--episode", "ep-member-auto", "--output",
+                        f"file:{home}/auto.ndjson", "--", "true", prefix=as_member)
+        assert r.returncode == 0, r.stderr                              # auto: the daemon answers, so through it
+        # what needs root in the client: one line, exit 4
+        for options in (("--user", "root"), ("--daemon", "never")):
+            r = run_eptrace("run", "--episode", "ep-m2", *options, "--", "true", prefix=as_member)
+            assert_one_line_error(r, 4)
+        # another client's episode (root's) is not the member's to end, fill or watch
+        other = start_eptrace("run", "--daemon", "require", "--episode", "ep-root", "--output",
+                              f"file:{tmp_path}/ep-root.ndjson", "--", "sleep", "300", state_dir=d.state,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        listed = wait_until(lambda: [e for e in d.request("list")["episodes"] if e["id"] == "ep-root"], 60, "ep-root")
+        r = subprocess.run(as_member + [sys.executable, "-c", MEMBER_PROBE, str(listed[0]["cgroup_id"])],
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == {"end": 4, "admit": 4, "subscribe": 2, "subscribe_all": 4, "admit_init": 4}, \
+            r.stdout
+        assert [e for e in d.request("list")["episodes"] if e["id"] == "ep-root" and not e["ending"]], "ended"
+        # out of the group: refused, exit 4
+        subprocess.run(["gpasswd", "-d", user, group], check=True, capture_output=True)
+        r = run_eptrace("run", "--daemon", "require", "--episode", "ep-m3", "--", "true", prefix=as_member)
+        assert_one_line_error(r, 4)
     finally:
+        if other is not None:
+            kill(other)
         d.cleanup()
