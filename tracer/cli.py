@@ -399,15 +399,22 @@ def _end_run(verdict, verdict_path: str | None, fail_on_alert: bool, fail_on_inc
               help="The control socket (mode 0600) [default: eptrace's --socket, /run/eptrace/eptrace.sock].")
 @click.option("--socket-group", metavar="GROUP",
               help="Also let this group's members use the socket (mode 0660); other users are refused.")
+@click.option("--detach-on-stop", is_flag=True,
+              help="A clean stop (SIGINT, SIGTERM) also detaches the probes of registered episodes: they go "
+                   "untraced, and not failed closed, until the next daemon, and their verdicts are marked incomplete "
+                   "(untraced_while_stopped). By default they stay attached, recording and failing closed, so that "
+                   "a restart misses nothing.")
 @SCHEMA_OPTION
 def daemon(outputs, stats_interval, config_path, capture_path, metrics_listen, on_alert, socket_path,
-           socket_group, schema) -> None:
+           socket_group, detach_on_stop, schema) -> None:
     """Trace every episode on the host, and serve the clients of the control socket, until SIGINT or SIGTERM.
 
     The probes are loaded once. Registered episodes ('eptrace episode add') are traced as soon as
     they are added, and their registrations survive a restart; 'eptrace run' and tracer.api start
     their episodes through the socket and get their own documents and verdict. The probes stay
     pinned: a daemon that is killed and restarted resumes every episode, and its clients reconnect.
+    A clean stop ends the clients' episodes but leaves the registered ones attached (recording, and
+    failing closed), for the next daemon to resume: see --detach-on-stop.
     'eptrace watch' is the same command.
 
     \b
@@ -439,7 +446,7 @@ def daemon(outputs, stats_interval, config_path, capture_path, metrics_listen, o
     try:
         sys.exit(serve(fanout, registry, Path(os.path.abspath(socket_path)) if socket_path else default_socket(),
                        socket_group, stats_interval_s=stats_interval, config=config, capture=capture,
-                       metrics_listen=metrics_listen))
+                       metrics_listen=metrics_listen, detach_on_stop=detach_on_stop))
     except ProbeError as e:
         raise Failure(str(e), EXIT_KERNEL) from None
     except (ValueError, OSError) as e:        # the metrics address or the socket cannot be bound

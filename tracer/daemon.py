@@ -45,6 +45,7 @@ RUNS_DIR = "runs"             # <state dir>/runs/<cgroup name>.json: the episode
 VERDICTS_DIR = "verdicts"     # <state dir>/verdicts/<id>.json: registered episodes' verdicts so far
 VERDICT_SAVE_S = 1.0          # a registered episode's counts are saved at most this often (an alert: at once)
 RESTART_LOSS = "tracer_restart"   # a daemon died uncleanly: what it had counted since its last save may be missing
+UNTRACED_LOSS = "untraced_while_stopped"   # a daemon stopped with --detach-on-stop: nothing traced it meanwhile
 
 
 @dataclass
@@ -352,8 +353,9 @@ class Daemon:
 
     # -- registered episodes' verdicts, kept across restarts -----------------------------
     def _save_verdict(self, traced: Traced, stopped: bool = False, refused: dict | None = None,
-                      denied: dict | None = None) -> None:
-        """stopped: written by a clean stop, after the ring buffer was drained: nothing was left unhandled."""
+                      denied: dict | None = None, detached: bool = False) -> None:
+        """stopped: written by a clean stop, after the ring buffer was drained: nothing was left unhandled.
+        detached: and that stop detached its probes: the episode goes untraced until the next daemon."""
         verdict = self._verdict(traced, refused, denied)
         traced.saved_alerts, traced.saved_at = len(verdict.alerts) + len(verdict.containment), time.monotonic()
         self.unsaved.discard(traced.cgroup_id)
@@ -362,7 +364,7 @@ class Daemon:
             safefiles.private_dir(self.verdicts_dir, "state directory")
             safefiles.write_atomically(self.verdicts_dir / f"{traced.id}.json", json.dumps({
                 "id": traced.id, "cgroup": str(traced.cgroup), "cgroup_id": traced.cgroup_id,
-                "registration": self._registration_identity(traced.id), "stopped": stopped,
+                "registration": self._registration_identity(traced.id), "stopped": stopped, "detached": detached,
                 "verdict": verdict.__dict__}).encode(), "verdict state", durable=False)   # no fsync: a daemon's
             # death leaves it in the page cache; a host crash takes the pins and the episodes' cgroups too
         except (safefiles.UnsafePathError, OSError) as e:
@@ -407,6 +409,10 @@ class Daemon:
                         carried.account({**carried.losses, RESTART_LOSS: carried.losses.get(RESTART_LOSS, 0) + 1})
                         log.warning("episode %s: its previous daemon did not stop cleanly; its verdict is carried "
                                     "over, marked incomplete (%s)", traced.id, RESTART_LOSS)
+                    elif data.get("detached"):
+                        carried.account({**carried.losses, UNTRACED_LOSS: carried.losses.get(UNTRACED_LOSS, 0) + 1})
+                        log.warning("episode %s: the previous daemon detached its probes when it stopped; its "
+                                    "verdict is carried over, marked incomplete (%s)", traced.id, UNTRACED_LOSS)
                     traced.carried = carried
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.warning("episode %s: its saved verdict %s cannot be read (%s): it starts afresh", traced.id,
@@ -796,10 +802,12 @@ class Daemon:
             self._save_due_verdicts()
             self._flush_conns()
 
-    def close(self, clean: bool) -> None:
+    def close(self, clean: bool, detach: bool = False) -> bool:
         """A clean stop ends the clients' episodes (nobody would resume them): each client gets its final
         verdict, then a goodbye. After a failure they stay pinned and recorded for the next daemon.
-        Registered episodes' verdicts are saved, marked as a clean stop only when it is one."""
+        Registered episodes stay attached (recording, failing closed) for the next daemon unless detach;
+        their verdicts are saved, marked as a clean stop only when it is one. Returns: keep the pins."""
+        keep = bool(self.registered) and not detach
         if clean:
             for traced in list(self.traced.values()):
                 if traced.kind == "registered":
@@ -813,7 +821,7 @@ class Daemon:
         counts = (self.tracer.probes.refused(), self.tracer.probes.denied()) if self.registered else ({}, {})
         for traced in list(self.traced.values()):
             if traced.kind == "registered":
-                self._save_verdict(traced, clean, *counts)
+                self._save_verdict(traced, clean, *counts, detached=clean and not keep)
         for conn in list(self.conns.values()):
             conn.reply(type="bye", error="the eptrace daemon stops")
             try:
@@ -825,20 +833,22 @@ class Daemon:
             conn.sock.close()
         self.listener.close()
         self.socket_path.unlink(missing_ok=True)
+        return keep
 
 
 def serve(outputs, registry: Registry, socket_path: Path, socket_group: str | None = None,
           stats_interval_s: float = 10.0, config: Config | None = None, capture=None,
-          metrics_listen: str | None = None) -> int:
+          metrics_listen: str | None = None, detach_on_stop: bool = False) -> int:
     """Trace every registered episode and serve the control socket until SIGINT/SIGTERM."""
-    def traced_loop(tracer, stop) -> None:
+    def traced_loop(tracer, stop) -> bool:
         daemon = Daemon(tracer, registry, socket_path, socket_group, captures)
         clean = False
         try:
             daemon.run(stop)
             clean = True
         finally:
-            daemon.close(clean)
+            keep = daemon.close(clean, detach=detach_on_stop)
+        return keep
     config = config or Config()
     captures = EpisodeCaptures(capture)     # the tracer's /proc: answers kept only while a capture is made
     return session.trace_host(outputs, traced_loop, stats_interval_s=stats_interval_s, config=config,

@@ -340,23 +340,24 @@ def _wait_for_flows(tracer, grace_s: float, stop: _Stop) -> None:
 def trace_host(outputs, loop, stats_interval_s: float = 10.0, config: Config | None = None,
                capture=None, metrics_listen: str | None = None) -> int:
     """The daemon's session: the host's tracer on the pinned watch state, loop(tracer, stop) until
-    SIGINT/SIGTERM, then close. A clean stop detaches everything; after a failure (or SIGKILL) the
-    pinned probes stay for the next daemon, and keep the episodes traced (and fail-closed) meanwhile."""
+    SIGINT/SIGTERM, then close. A clean stop detaches everything unless loop returns True (episodes the
+    next daemon resumes); after a failure (or SIGKILL) the pinned probes stay for the next daemon, and
+    keep the episodes traced (and fail-closed) meanwhile."""
     config = config or Config()
     tracer = make_tracer(outputs, stats_interval_s, config, capture, pin_dir=pins.watch_dir(),
                          fail_closed=config.tracing.fail_closed)
     metrics = None
-    clean = False
+    detach = False
     stop = _Stop()
     try:
         metrics = serve_metrics(tracer, metrics_listen)
         clean_leftovers(tracer)
-        loop(tracer, stop)
+        keep = loop(tracer, stop)
         tracer.finish()
-        clean = True
+        detach = not keep
         return 0
     finally:
-        _close(tracer, outputs, capture, metrics, keep_pins=not clean)
+        _close(tracer, outputs, capture, metrics, keep_pins=not detach)
 
 
 def report_resumption(tracer, attached: dict[str, int]) -> None:

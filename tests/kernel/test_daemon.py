@@ -314,39 +314,54 @@ def test_episode_add_takes_effect_at_once_and_its_verdict_is_there_at_any_time(d
 
 
 def test_a_registered_episodes_verdict_survives_restarts(daemon, episode_cgroup, tmp_path):
-    """Carried over a clean stop (complete) and a kill -9 (incomplete: tracer_restart), then given by rm."""
+    """Carried over a clean stop (complete: the probes stayed attached and recorded meanwhile), a kill -9
+    (incomplete: tracer_restart) and a --detach-on-stop stop (incomplete: untraced_while_stopped), then
+    given by rm."""
     cgroup = episode_cgroup(f"daemon-carry-{os.getpid()}")
     assert run_eptrace("episode", "add", "--id", "ep-carry", "--cgroup", cgroup, state_dir=daemon.state).returncode == 0
-    ports = [free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(5)]
     raw_socket = "import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP).close(); "
     saved = daemon.state / "verdicts" / "ep-carry.json"
 
-    def connect(code: str, port: int, connections: int) -> dict:
+    def connect(code: str, port: int) -> None:
         assert harness.spawn_in_cgroup(cgroup, [PYTHON, "-c", code + CONNECT, port]).wait(30) == 0
+
+    def verdict(connections: int) -> dict:
         wait_until(lambda: json.loads(saved.read_text())["verdict"]["connections"] == connections, 30,
                    "the verdict saved")
         return daemon.request("verdict", id="ep-carry")["verdict"]
 
-    before = connect(raw_socket, ports[0], 1)
+    connect(raw_socket, ports[0])
+    before = verdict(1)
     assert [a["rule"] for a in before["alerts"]] == ["raw_socket"] and before["complete"], before
-    assert stop(daemon.proc) == 0                                # clean: nothing was left unhandled
+    assert stop(daemon.proc) == 0                   # clean: nothing was left unhandled, the probes stay
+    connect("", ports[1])                           # while no daemon runs: recorded in the pinned ring
     daemon.start()
-    after_clean = connect("", ports[1], 2)
+    after_clean = verdict(2)
     assert [a["rule"] for a in after_clean["alerts"]] == ["raw_socket"], after_clean
     assert after_clean["complete"] and after_clean["destination_count"] == 2, after_clean
-    kill(daemon.proc)                                            # kill -9: what it had not saved may be missing
-    daemon.start()
-    after_kill = connect("", ports[2], 3)
-    assert after_kill["destinations"] == [f"127.0.0.1:{p}/tcp" for p in ports], after_kill
+    kill(daemon.proc)                               # kill -9: what it had not saved may be missing
+    daemon.start("--detach-on-stop")
+    connect("", ports[2])
+    after_kill = verdict(3)
+    assert after_kill["destinations"] == [f"127.0.0.1:{p}/tcp" for p in ports[:3]], after_kill
     assert len(after_kill["alerts"]) == 1, after_kill
     assert not after_kill["complete"] and after_kill["incomplete_reasons"] == ["tracer_restart"], after_kill
+    assert stop(daemon.proc) == 0                   # clean, but detaching: the next connect goes unseen
+    connect("", ports[3])
+    daemon.start()
+    connect("", ports[4])
+    after_detach = verdict(4)
+    assert after_detach["destinations"] == [f"127.0.0.1:{p}/tcp" for p in ports[:3] + ports[4:]], after_detach
+    assert after_detach["incomplete_reasons"] == ["tracer_restart", "untraced_while_stopped"], after_detach
     human = run_eptrace("episode", "verdict", "--id", "ep-carry", state_dir=daemon.state)
     assert "INCOMPLETE" in human.stdout and "tracer_restart 1" in human.stdout, human.stdout
     final = tmp_path / "final.json"
     rm = run_eptrace("episode", "rm", "--id", "ep-carry", "--verdict", final, state_dir=daemon.state)
     assert rm.returncode == 0, rm.stderr
     v = json.loads(final.read_text())
-    assert v["connections"] == 3 and v["losses"] == {"tracer_restart": 1} and not v["clean"], v
+    assert v["connections"] == 4 and not v["clean"], v
+    assert v["losses"] == {"tracer_restart": 1, "untraced_while_stopped": 1}, v
     assert not saved.exists(), "the saved verdict of a removed episode was left behind"
 
 

@@ -197,7 +197,8 @@ def test_watch_restart_delivers_what_was_recorded_while_it_was_dead(net, tmp_pat
             for d in select(read_docs(ev2), port=port):
                 assert get(d, "labels.episode_id") == eid, d
             assert second.stop() == 0, second.stderr.text()
-    assert not (pin_dir / "watch").exists(), "a clean stop left the pins"
+    # A clean stop leaves a registered episode's probes attached for the next watch (--detach-on-stop: not).
+    assert list((pin_dir / "watch" / "links").glob("cg-*")), "a clean stop detached a registered episode"
 
 
 def test_fail_closed_watch_refuses_while_dead_and_reports_the_count(net, tmp_path, episode_cgroup, pin_dir):
@@ -226,7 +227,7 @@ def test_fail_closed_watch_refuses_while_dead_and_reports_the_count(net, tmp_pat
             kill(client)
         assert out and set(out.split("\n")[:-1]) == {"refused 1"}, out
         assert not accepts(peer), peer.stdout
-        second = start_eptrace(*args, f"file:{ev2}", state_dir=state, stderr=subprocess.PIPE)
+        second = start_eptrace(*args, f"file:{ev2}", "--detach-on-stop", state_dir=state, stderr=subprocess.PIPE)
         try:
             resumed = wait_for_docs(ev2, lambda docs: [d for d in docs if get(d, "eptrace.stats.tracer_resumed")],
                                     60, "the resumption metric")[0]
@@ -323,7 +324,7 @@ def test_fail_closed_stalls_established_flows_ping_and_raw_sockets(net, tmp_path
             client.stdin.write("dead\n")
             client.stdin.flush()
             assert client.stdout.readline().split() == ["dead", "stalled", "noping", "raw-refused", "1"]
-            second = start_eptrace(*args, f"file:{ev2}", state_dir=state, stderr=subprocess.PIPE)
+            second = start_eptrace(*args, f"file:{ev2}", "--detach-on-stop", state_dir=state, stderr=subprocess.PIPE)
             try:
                 resumed = wait_for_docs(ev2, lambda docs: [d for d in docs if get(d, "eptrace.stats.tracer_resumed")],
                                         60, "the resumption metric")[0]
