@@ -70,6 +70,19 @@ def path_of(cache_key: str) -> Path:
 
 
 # -- reading ----------------------------------------------------------------------------------------------
+def _problem(st: os.stat_result, path: Path) -> str | None:
+    """Why a cache file must not be loaded, if it must not: root loads its bytecode into the kernel."""
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file"
+    if st.st_uid not in (0, os.geteuid()):
+        return f"{path} is owned by uid {st.st_uid}, not root"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
+    if st.st_size > MAX_BYTES:
+        return f"{path} is too large ({st.st_size} bytes)"
+    return None
+
+
 def read(cache_key: str) -> dict | None:
     """The entry for cache_key; None when there is none. CacheError when one is there but unsafe or unreadable."""
     path = path_of(cache_key)
@@ -84,15 +97,9 @@ def read(cache_key: str) -> dict | None:
     except OSError as e:
         raise CacheError(f"cannot open {path}: {e.strerror}") from None
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise CacheError(f"{path} is not a regular file")
-        if st.st_uid not in (0, os.geteuid()):
-            raise CacheError(f"{path} is owned by uid {st.st_uid}, not root")
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise CacheError(f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})")
-        if st.st_size > MAX_BYTES:
-            raise CacheError(f"{path} is too large ({st.st_size} bytes)")
+        problem = _problem(os.fstat(f.fileno()), path)
+        if problem:
+            raise CacheError(problem)
         data = f.read()
     try:
         entry = json.loads(data)
@@ -154,6 +161,8 @@ def write(e: dict) -> Path:
     """Write an entry atomically (safefiles), and drop the oldest beyond KEPT."""
     d = safefiles.private_dir(directory(), WHAT)
     path = d / f"{e['key']}.json"
+    if os.path.lexists(path) and _problem(os.lstat(path), path):
+        path.unlink()                   # refused when read: replaced (safefiles would not rename over it)
     safefiles.write_atomically(path, json.dumps(e).encode(), WHAT)
     entries = sorted(d.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in entries[KEPT:]:
