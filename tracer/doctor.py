@@ -201,7 +201,7 @@ def _check_probe_cache() -> Check:
     d = probecache.directory()
     source, cflags = loader.probe_build(loader.RINGBUF_PAGES)
     try:
-        cached = probecache.read(probecache.key(source, cflags, CGROUP_PROGRAMS))
+        cached = probecache.read(probecache.key(source, cflags, CGROUP_PROGRAMS, loader.PROBES_DIR))
     except probecache.CacheError as e:
         return Check("probe cache", False, f"{_one_line(e)}: each start compiles the probes (about 3 s)",
                      f"rm -r {d} (it is written again, root's own, at the next start)", required=False)

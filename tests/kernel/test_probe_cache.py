@@ -164,11 +164,16 @@ def test_an_unusable_cache_file_is_compiled_over_with_a_warning(spoil, cache_dir
         again.close()
 
 
-def test_the_key_changes_with_the_probes_and_the_flags():
+def test_the_key_changes_with_the_probes_the_flags_and_the_headers(tmp_path):
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    (probes / "records.h").write_text("struct r { int a; };")
     source, cflags = "int x;", ["-DRINGBUF_PAGES=8"]
     attach = {"on_connect4": (18, 10)}
-    k = probecache.key(source, cflags, attach)
-    assert k == probecache.key(source, list(cflags), dict(attach))
-    assert k != probecache.key(source + " ", cflags, attach)
-    assert k != probecache.key(source, ["-DRINGBUF_PAGES=16"], attach)
-    assert k != probecache.key(source, cflags, {"on_connect4": (18, 11)})
+    k = probecache.key(source, cflags, attach, probes)
+    assert k == probecache.key(source, list(cflags), dict(attach), probes)
+    assert k != probecache.key(source + " ", cflags, attach, probes)
+    assert k != probecache.key(source, ["-DRINGBUF_PAGES=16"], attach, probes)
+    assert k != probecache.key(source, cflags, {"on_connect4": (18, 11)}, probes)
+    (probes / "records.h").write_text("struct r { long a; };")     # an #included header, not in source
+    assert k != probecache.key(source, cflags, attach, probes)

@@ -225,7 +225,7 @@ def compile_and_pin(maps: Path, links: Path, programs: Path, ringbuf_pages: int)
     timer = _Timer()
     timer.step("import")
     source, cflags = probe_build(ringbuf_pages)
-    cache_key = probecache.key(source, cflags, CGROUP_PROGRAMS)
+    cache_key = probecache.key(source, cflags, CGROUP_PROGRAMS, loader.PROBES_DIR)
     warnings: list[str] = []
     cached, loaded = None, None
     try:

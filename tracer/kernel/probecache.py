@@ -24,6 +24,7 @@ import json
 import os
 import stat
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,10 +59,13 @@ def bcc_version() -> str:
         return "unknown"
 
 
-def key(source: str, cflags: list[str], attach_types: dict[str, tuple[int, int]]) -> str:
+def key(source: str, cflags: list[str], attach_types: dict[str, tuple[int, int]], probes_dir: Path) -> str:
+    """probes_dir: every file in it counts, the headers the source #includes (records.h) among them."""
     with open("/proc/version") as f:
         kernel = f.read()
-    parts = [str(FORMAT), bcc_version(), kernel, json.dumps(attach_types, sort_keys=True), source, *cflags]
+    files = [f"{p.relative_to(probes_dir)}\0{p.read_text(errors='replace')}"
+             for p in sorted(probes_dir.rglob("*")) if p.is_file()]
+    parts = [str(FORMAT), bcc_version(), kernel, json.dumps(attach_types, sort_keys=True), source, *cflags, *files]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
@@ -226,14 +230,23 @@ def load(e: dict, maps_dir: Path) -> Loaded:
                     loaded.created_pins.append(pin)
             loaded.fds.append(fd)
             map_fds[m["name"]] = fd
-        for p in e["programs"]:
+        def load_program(p: dict) -> int:
             insns = bytearray(base64.b64decode(p["insns"], validate=True))
             for index, name in p["maps"]:
                 struct.pack_into("<i", insns, index * 8 + 4, map_fds[name])
-            fd = bpf.prog_load(p["type"], p["kernel_name"].encode(), bytes(insns), e["license"].encode(),
-                               p["expected_attach_type"], e["kern_version"])
-            loaded.programs[p["function"]] = fd
-            tag = bytes(bpf.prog_info(fd).tag).hex()
+            return bpf.prog_load(p["type"], p["kernel_name"].encode(), bytes(insns), e["license"].encode(),
+                                 p["expected_attach_type"], e["kern_version"])
+
+        # The verifier's work is most of a hit: side by side, one program per CPU (ctypes lets go of the GIL).
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            futures = [(p, pool.submit(load_program, p)) for p in e["programs"]]
+        for p, future in futures:
+            if future.exception() is None:
+                loaded.programs[p["function"]] = future.result()     # kept in order, and closed if one failed
+        for p, future in futures:
+            if future.exception() is not None:
+                raise future.exception()
+            tag = bytes(bpf.prog_info(future.result()).tag).hex()
             if tag != p["tag"]:
                 raise CacheError(f"program {p['function']} loaded with tag {tag}, not the cached {p['tag']}")
     except CacheError:
