@@ -12,6 +12,7 @@ import shutil
 import stat
 import subprocess
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,27 @@ def test_a_second_start_loads_the_cached_probes_without_bcc_and_traces(cache_dir
     finally:
         probes.close()
     assert entry.read_bytes() == before         # a hit rewrites nothing
+
+
+def test_tracers_starting_side_by_side_share_an_empty_cache(tmp_path, monkeypatch):
+    """Two tracers that miss at once both compile and write the same entry (each renames a whole file over
+    it): no temporary file is left, and a third tracer loads the entry."""
+    monkeypatch.setenv("EPTRACE_CACHE_DIR", str(tmp_path / "cache"))
+    with ThreadPoolExecutor(2) as pool:
+        started = list(pool.map(lambda _: Probes(), range(2)))
+    try:
+        # both miss (each compiles for about 3 s), unless one was scheduled that much later than the other
+        assert "miss" in [p.cache for p in started] and {p.cache for p in started} <= {"miss", "hit"}, \
+            [p.load_seconds for p in started]
+    finally:
+        for p in started:
+            p.close()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [next((tmp_path / "cache").glob("*.json")).name]
+    third = Probes()
+    try:
+        assert third.cache == "hit", third.load_seconds
+    finally:
+        third.close()
 
 
 def corrupt(path: Path) -> None:

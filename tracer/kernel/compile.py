@@ -7,6 +7,10 @@ pinned), and every cgroup program under PROGRAMS, for the tracer to attach per e
 one JSON object on stdout (each map's type and its key and value types, the tracepoint links, each
 cgroup program's attach type, the time each step took) and exits: the tracer (tracer/kernel/loader.py)
 goes on with libbpf alone. On failure: one line on stderr that names the kernel's reason, status 1.
+
+With unchanged probes, the programs come from the probe cache instead (tracer/kernel/probecache.py: bcc is
+never imported then); after a compile, what bcc loaded is recorded there. The JSON says which ("cache":
+hit, miss, or refused: an entry was there but unusable, with a warning, so the probes were compiled).
 """
 from __future__ import annotations
 

@@ -168,8 +168,13 @@ def write(e: dict) -> Path:
     if os.path.lexists(path) and _problem(os.lstat(path), path):
         path.unlink()                   # refused when read: replaced (safefiles would not rename over it)
     safefiles.write_atomically(path, json.dumps(e).encode(), WHAT)
-    entries = sorted(d.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in entries[KEPT:]:
+    entries = []
+    for p in d.glob("*.json"):
+        try:
+            entries.append((p.stat().st_mtime, p))
+        except FileNotFoundError:
+            pass                        # dropped meanwhile by a tracer starting side by side
+    for _, old in sorted(entries, reverse=True)[KEPT:]:
         old.unlink(missing_ok=True)
     return path
 
