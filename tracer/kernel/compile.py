@@ -84,8 +84,8 @@ def _replace_pin(fd: int, path: Path) -> None:
     bpf.obj_pin(fd, path)
 
 
-# name -> (enum bpf_prog_type, enum bpf_attach_type) of each cgroup program
 BPF_PROG_TYPE_TRACEPOINT = 5
+# name -> (enum bpf_prog_type, enum bpf_attach_type) of each cgroup program
 CGROUP_PROGRAMS = {
     "on_sock_create": (9, 2),           # CGROUP_SOCK, CGROUP_INET_SOCK_CREATE
     "on_sock_release": (9, 34),         # CGROUP_SOCK, CGROUP_INET_SOCK_RELEASE

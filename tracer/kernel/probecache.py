@@ -109,9 +109,11 @@ def read(cache_key: str) -> dict | None:
         entry = json.loads(data)
         if entry.get("format") != FORMAT or entry.get("key") != cache_key:
             raise CacheError(f"{path} is another format or key")
+        if not isinstance(entry["described"]["maps"], dict) or not entry["programs"] or not entry["maps"]:
+            raise CacheError(f"{path} is incomplete")
         return entry
-    except (ValueError, AttributeError) as e:
-        raise CacheError(f"{path} is corrupt: {e}") from None
+    except (ValueError, AttributeError, KeyError, TypeError) as e:
+        raise CacheError(f"{path} is corrupt: {type(e).__name__} {e}") from None
 
 
 # -- recording ----------------------------------------------------------------------------------------------
