@@ -96,7 +96,8 @@ uninstall_eptrace() {
     done < "$MANIFEST"
     local dirs
     dirs="$(awk '$1 == "dir" { print $2 }' "$MANIFEST" | sort -r)"    # children before their parents
-    rm -rf "$DESTDIR$LIBDIR"
+    rm -rf "$DESTDIR$LIBDIR" "$DESTDIR/var/cache/eptrace/probes"    # the probe cache (tracer/kernel/probecache.py)
+    rmdir "$DESTDIR/var/cache/eptrace" 2>/dev/null || true
     for path in $dirs; do
         rmdir "$DESTDIR$path" 2>/dev/null || true        # kept when something else is in it now
     done

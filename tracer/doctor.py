@@ -34,7 +34,7 @@ def run_checks() -> List[Check]:
         checks.append(_guard(fn))
     bcc_check = _guard(_check_bcc)
     checks.append(bcc_check)
-    for fn in (_check_headers, _check_tracefs, _check_cgroup2, _check_bpffs, _check_pins):
+    for fn in (_check_headers, _check_tracefs, _check_cgroup2, _check_bpffs, _check_pins, _check_probe_cache):
         checks.append(_guard(fn))
     root_ok = checks[0].ok
     try:
@@ -192,6 +192,23 @@ def _check_pins() -> Check:
     return Check("pinned state", not stale, "; ".join(parts),
                  "eptrace unpin (detaches the probes it names; a restarted watch resumes its own instead)"
                  if stale else "", required=False)
+
+
+def _check_probe_cache() -> Check:
+    """The probe cache (README: Start-up): whether the next start compiles the probes."""
+    from .kernel import loader, probecache
+    from .kernel.compile import CGROUP_PROGRAMS
+    d = probecache.directory()
+    source, cflags = loader.probe_build(loader.RINGBUF_PAGES)
+    try:
+        cached = probecache.read(probecache.key(source, cflags, CGROUP_PROGRAMS, loader.PROBES_DIR))
+    except probecache.CacheError as e:
+        return Check("probe cache", False, f"{_one_line(e)}: each start compiles the probes (about 3 s)",
+                     f"rm -r {d} (it is written again, root's own, at the next start)", required=False)
+    entries = len(list(d.glob("*.json"))) if d.is_dir() else 0
+    state = ("holds these probes for this kernel (with the default ring buffer): a start skips clang and bcc"
+             if cached else "does not hold these probes for this kernel yet: the next start compiles and caches them")
+    return Check("probe cache", True, f"{d} ({entries} entries) {state}", required=False)
 
 
 # --- BPF program loading --------------------------------------------------------------------------------

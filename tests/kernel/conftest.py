@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,16 @@ def _pin_dir_of_this_session(require_kernel):
     with harness.session_pin_dir() as path:
         os.environ["EPTRACE_PIN_DIR"] = str(path)
         yield path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _probe_cache_of_this_session():
+    """The tracers of the tests share a probe cache of this session's own (tracer/kernel/probecache.py):
+    the first compiles, the others start from the cache; removed at the end, so nothing is left behind."""
+    path = Path(tempfile.mkdtemp(prefix=f"eptrace-probe-cache-{os.getpid()}-"))
+    os.environ["EPTRACE_CACHE_DIR"] = str(path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -88,6 +88,133 @@ def link_update(link_fd: int, prog_fd: int) -> bool:
     return lib.bpf_link_update(link_fd, prog_fd, None) == 0
 
 
+# -- loading without bcc: the raw bpf(2) commands the probe cache needs ------------------------------------
+SYS_BPF = 321                                          # x86_64
+BPF_MAP_CREATE, BPF_PROG_LOAD, BPF_OBJ_GET_INFO_BY_FD, BPF_BTF_LOAD, BPF_BTF_GET_FD_BY_ID = 0, 5, 15, 18, 19
+OBJ_NAME_LEN = 16
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class MapInfo(ctypes.Structure):                       # struct bpf_map_info, in the kernel's uapi
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
+                ("name", ctypes.c_char * OBJ_NAME_LEN), ("ifindex", ctypes.c_uint32),
+                ("btf_vmlinux_value_type_id", ctypes.c_uint32), ("netns_dev", ctypes.c_uint64),
+                ("netns_ino", ctypes.c_uint64), ("btf_id", ctypes.c_uint32), ("btf_key_type_id", ctypes.c_uint32),
+                ("btf_value_type_id", ctypes.c_uint32), ("btf_vmlinux_id", ctypes.c_uint32),
+                ("map_extra", ctypes.c_uint64)]
+
+
+class ProgInfo(ctypes.Structure):                      # the head of struct bpf_prog_info
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_ubyte * 8),
+                ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
+                ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
+                ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32), ("nr_map_ids", ctypes.c_uint32),
+                ("map_ids", ctypes.c_uint64), ("name", ctypes.c_char * OBJ_NAME_LEN)]
+
+
+class BtfInfo(ctypes.Structure):                       # struct bpf_btf_info
+    _fields_ = [("btf", ctypes.c_uint64), ("btf_size", ctypes.c_uint32), ("id", ctypes.c_uint32),
+                ("name", ctypes.c_uint64), ("name_len", ctypes.c_uint32), ("kernel_btf", ctypes.c_uint32)]
+
+
+def _sys_bpf(cmd: int, attr: ctypes.Array, what: str) -> int:
+    result = _libc.syscall(SYS_BPF, cmd, attr, ctypes.sizeof(attr))
+    if result < 0:
+        raise _error(what, result)
+    return result
+
+
+def _attr(size: int, *fields: tuple[int, type, Any]) -> ctypes.Array:
+    """A union bpf_attr of size bytes, zero but for fields: (offset, ctypes type, value)."""
+    attr = (ctypes.c_ubyte * size)()
+    for offset, kind, value in fields:
+        kind.from_buffer(attr, offset).value = value
+    return attr
+
+
+def _info(fd: int, info: ctypes.Structure, what: str) -> None:
+    attr = _attr(16, (0, ctypes.c_uint32, fd), (4, ctypes.c_uint32, ctypes.sizeof(info)),
+                 (8, ctypes.c_uint64, ctypes.addressof(info)))
+    _sys_bpf(BPF_OBJ_GET_INFO_BY_FD, attr, what)
+
+
+def map_info(fd: int) -> MapInfo:
+    info = MapInfo()
+    _info(fd, info, "cannot read a map's definition")
+    return info
+
+
+def prog_info(fd: int) -> ProgInfo:
+    info = ProgInfo()
+    _info(fd, info, "cannot read a program's definition")
+    return info
+
+
+def btf_data(btf_id: int) -> bytes:
+    """The BTF blob loaded as btf_id, as its loader handed it to the kernel."""
+    fd = _sys_bpf(BPF_BTF_GET_FD_BY_ID, _attr(12, (0, ctypes.c_uint32, btf_id)), f"cannot open BTF {btf_id}")
+    try:
+        info = BtfInfo()
+        _info(fd, info, "cannot read BTF")
+        buffer = (ctypes.c_ubyte * info.btf_size)()
+        info = BtfInfo(btf=ctypes.addressof(buffer), btf_size=len(buffer))
+        _info(fd, info, "cannot read BTF")
+        return bytes(buffer)
+    finally:
+        os.close(fd)
+
+
+def _log_tail(log_buf: ctypes.Array) -> str:
+    lines = log_buf.value.decode(errors="replace").strip().splitlines()
+    return " | ".join(lines[-3:])
+
+
+def btf_load(data: bytes) -> int:
+    blob = ctypes.create_string_buffer(data, len(data))
+    log_buf = ctypes.create_string_buffer(1 << 16)
+    attr = _attr(28, (0, ctypes.c_uint64, ctypes.addressof(blob)), (8, ctypes.c_uint64, ctypes.addressof(log_buf)),
+                 (16, ctypes.c_uint32, len(data)), (20, ctypes.c_uint32, len(log_buf)), (24, ctypes.c_uint32, 1))
+    result = _libc.syscall(SYS_BPF, BPF_BTF_LOAD, attr, ctypes.sizeof(attr))
+    if result < 0:
+        raise _error(f"cannot load BTF ({_log_tail(log_buf)})", result)
+    return result
+
+
+def map_create(map_type: int, name: bytes, key_size: int, value_size: int, max_entries: int, flags: int,
+               btf_fd: int = 0, btf_key_type_id: int = 0, btf_value_type_id: int = 0, map_extra: int = 0) -> int:
+    attr = _attr(72, (0, ctypes.c_uint32, map_type), (4, ctypes.c_uint32, key_size), (8, ctypes.c_uint32, value_size),
+                 (12, ctypes.c_uint32, max_entries), (16, ctypes.c_uint32, flags),
+                 (48, ctypes.c_uint32, btf_fd), (52, ctypes.c_uint32, btf_key_type_id),
+                 (56, ctypes.c_uint32, btf_value_type_id), (64, ctypes.c_uint64, map_extra))
+    ctypes.memmove(ctypes.addressof(attr) + 28, name[:OBJ_NAME_LEN - 1], len(name[:OBJ_NAME_LEN - 1]))
+    return _sys_bpf(BPF_MAP_CREATE, attr, f"cannot create map {name.decode(errors='replace')}")
+
+
+def prog_load(prog_type: int, name: bytes, insns: bytes, license: bytes, expected_attach_type: int = 0,
+              kern_version: int = 0) -> int:
+    """Load a program; a refusal names the last lines of the verifier's log."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(license)
+    attr = _attr(72, (0, ctypes.c_uint32, prog_type), (4, ctypes.c_uint32, len(insns) // 8),
+                 (8, ctypes.c_uint64, ctypes.addressof(code)), (16, ctypes.c_uint64, ctypes.addressof(lic)),
+                 (40, ctypes.c_uint32, kern_version), (68, ctypes.c_uint32, expected_attach_type))
+    ctypes.memmove(ctypes.addressof(attr) + 48, name[:OBJ_NAME_LEN - 1], len(name[:OBJ_NAME_LEN - 1]))
+    result = _libc.syscall(SYS_BPF, BPF_PROG_LOAD, attr, ctypes.sizeof(attr))
+    if result >= 0:
+        return result
+    err = ctypes.get_errno()
+    log_buf = ctypes.create_string_buffer(1 << 20)    # again with the verifier's log, to say why
+    ctypes.c_uint32.from_buffer(attr, 24).value = 1
+    ctypes.c_uint32.from_buffer(attr, 28).value = len(log_buf)
+    ctypes.c_uint64.from_buffer(attr, 32).value = ctypes.addressof(log_buf)
+    result = _libc.syscall(SYS_BPF, BPF_PROG_LOAD, attr, ctypes.sizeof(attr))
+    if result >= 0:
+        return result
+    raise BpfError(err, f"cannot load program {name.decode(errors='replace')}: {os.strerror(err)} "
+                        f"({_log_tail(log_buf)})")
+
+
 # -- types: bcc's ctypes, described and rebuilt -------------------------------------------------------
 def describe_type(t: type) -> Any:
     """A JSON-able description of a ctypes type (structs, unions, arrays, bit fields, scalars)."""

@@ -7,6 +7,10 @@ pinned), and every cgroup program under PROGRAMS, for the tracer to attach per e
 one JSON object on stdout (each map's type and its key and value types, the tracepoint links, each
 cgroup program's attach type, the time each step took) and exits: the tracer (tracer/kernel/loader.py)
 goes on with libbpf alone. On failure: one line on stderr that names the kernel's reason, status 1.
+
+With unchanged probes, the programs come from the probe cache instead (tracer/kernel/probecache.py: bcc is
+never imported then); after a compile, what bcc loaded is recorded there. The JSON says which ("cache":
+hit, miss, or refused: an entry was there but unusable, with a warning, so the probes were compiled).
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import bpf, loader
+from .. import safefiles
+from . import bpf, loader, probecache
 from .loader import probe_build
 
 BPF_PERF_EVENT = 41                                    # enum bpf_attach_type: a tracepoint's perf event
@@ -79,8 +84,43 @@ def _replace_pin(fd: int, path: Path) -> None:
     bpf.obj_pin(fd, path)
 
 
-def compile_and_pin(maps: Path, links: Path, programs: Path, ringbuf_pages: int) -> dict:
-    from bcc import BPF, TRACEFS, BPFAttachType, BPFProgType  # Debian's python3-bpfcc
+BPF_PROG_TYPE_TRACEPOINT = 5
+# name -> (enum bpf_prog_type, enum bpf_attach_type) of each cgroup program
+CGROUP_PROGRAMS = {
+    "on_sock_create": (9, 2),           # CGROUP_SOCK, CGROUP_INET_SOCK_CREATE
+    "on_sock_release": (9, 34),         # CGROUP_SOCK, CGROUP_INET_SOCK_RELEASE
+    "on_connect4": (18, 10),            # CGROUP_SOCK_ADDR, CGROUP_INET4_CONNECT
+    "on_connect6": (18, 11),            # CGROUP_SOCK_ADDR, CGROUP_INET6_CONNECT
+    "on_sendmsg4": (18, 14),            # CGROUP_SOCK_ADDR, CGROUP_UDP4_SENDMSG
+    "on_sendmsg6": (18, 15),            # CGROUP_SOCK_ADDR, CGROUP_UDP6_SENDMSG
+    "on_bind4": (18, 8),                # CGROUP_SOCK_ADDR, CGROUP_INET4_BIND
+    "on_bind6": (18, 9),                # CGROUP_SOCK_ADDR, CGROUP_INET6_BIND
+    "on_sock_ops": (13, 3),             # SOCK_OPS, CGROUP_SOCK_OPS
+    "on_egress": (8, 1),                # CGROUP_SKB, CGROUP_INET_EGRESS
+    "on_ingress": (8, 0),               # CGROUP_SKB, CGROUP_INET_INGRESS
+}
+
+
+def _tracefs() -> str:
+    return next((d for d in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing") if Path(d, "events").is_dir()),
+                "/sys/kernel/tracing")
+
+
+class _Timer:
+    """The seconds each step took, since the child started."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def step(self, name: str) -> None:
+        self.seconds[name] = time.monotonic() - STARTED - sum(self.seconds.values())
+
+
+def _compile_with_bcc(maps: Path, source: str, cflags: list[str], timer: _Timer, cache_key: str,
+                      warnings: list[str]) -> tuple[dict, dict[str, int], dict | None]:
+    """bcc compiles and loads the probes: the maps' description, each program's fd by function name, and
+    the cache entry of what was loaded (None, with a warning, when it cannot be recorded)."""
+    from bcc import BPF  # Debian's python3-bpfcc
     from bcc import lib as libbcc
     libbcc.bpf_num_tables.argtypes, libbcc.bpf_num_tables.restype = [ctypes.c_void_p], ctypes.c_ulonglong
     libbcc.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong]
@@ -91,36 +131,21 @@ def compile_and_pin(maps: Path, links: Path, programs: Path, ringbuf_pages: int)
             """bcc would attach each tracepoint through a perf event fd, which cannot be pinned (and
             detaching it again costs a grace period each): they are linked below instead."""
 
-    A, P = BPFAttachType, BPFProgType
-    cgroup_programs = {
-        "on_sock_create": (P.CGROUP_SOCK, A.CGROUP_INET_SOCK_CREATE),
-        "on_sock_release": (P.CGROUP_SOCK, A.CGROUP_INET_SOCK_RELEASE),
-        "on_connect4": (P.CGROUP_SOCK_ADDR, A.CGROUP_INET4_CONNECT),
-        "on_connect6": (P.CGROUP_SOCK_ADDR, A.CGROUP_INET6_CONNECT),
-        "on_sendmsg4": (P.CGROUP_SOCK_ADDR, A.CGROUP_UDP4_SENDMSG),
-        "on_sendmsg6": (P.CGROUP_SOCK_ADDR, A.CGROUP_UDP6_SENDMSG),
-        "on_bind4": (P.CGROUP_SOCK_ADDR, A.CGROUP_INET4_BIND),
-        "on_bind6": (P.CGROUP_SOCK_ADDR, A.CGROUP_INET6_BIND),
-        "on_sock_ops": (P.SOCK_OPS, A.CGROUP_SOCK_OPS),
-        "on_egress": (P.CGROUP_SKB, A.CGROUP_INET_EGRESS),
-        "on_ingress": (P.CGROUP_SKB, A.CGROUP_INET_INGRESS),
-    }
-    seconds = {"import": time.monotonic() - STARTED}
-    source, cflags = probe_build(ringbuf_pages)
-    cflags.append(f'-DPIN_DIR="{maps}"')
+    timer.step("import bcc")
     messages: list[str] = []
     try:
         with _libbcc_messages(messages):
-            compiled = Compiler(text=source.encode(), cflags=cflags)
+            compiled = Compiler(text=source.encode(), cflags=[*cflags, f'-DPIN_DIR="{maps}"'])
     except Exception as e:  # bcc raises bare Exceptions
         raise _error("cannot compile or load the probes", e, messages) from e
+    timer.step("compile")
 
-    seconds["compile"] = time.monotonic() - STARTED - sum(seconds.values())
     described: dict[str, dict] = {}
-    tracepoints: list[str] = []
+    tables: dict[str, bool] = {}                        # every map by name: pinned or the probes' scratch
     for i in range(libbcc.bpf_num_tables(compiled.module)):
         name = libbcc.bpf_table_name(compiled.module, i)
-        if not (maps / name.decode()).exists():
+        tables[name.decode()] = (maps / name.decode()).exists()
+        if not tables[name.decode()]:
             continue                # the probes' own scratch space: the tracer reaches only pinned maps
         map_id = libbcc.bpf_table_id(compiled.module, name)
         entry: dict = {"type": libbcc.bpf_table_type_id(compiled.module, map_id),
@@ -135,34 +160,105 @@ def compile_and_pin(maps: Path, links: Path, programs: Path, ringbuf_pages: int)
             pass                    # no plain key or value (a ring buffer, socket storage): not looked up
         described[name.decode()] = entry
 
+    functions: dict[str, tuple[int, int]] = {}          # name -> (program type, expected attach type or -1)
+    for i in range(libbcc.bpf_num_functions(compiled.module)):
+        fn_name = libbcc.bpf_function_name(compiled.module, i)
+        if fn_name.startswith(TRACEPOINT_PREFIX):
+            functions[fn_name.decode()] = (BPF_PROG_TYPE_TRACEPOINT, -1)
+    functions.update(CGROUP_PROGRAMS)
+    programs: dict[str, int] = {}
     messages.clear()
     try:
         with _libbcc_messages(messages):
-            for i in range(libbcc.bpf_num_functions(compiled.module)):
-                fn_name = libbcc.bpf_function_name(compiled.module, i)
-                if not fn_name.startswith(TRACEPOINT_PREFIX):
-                    continue
-                category, event_name = fn_name[len(TRACEPOINT_PREFIX):].decode().split("__", 1)
-                fn = compiled.load_func(fn_name, BPF.TRACEPOINT)
-                event = _tracepoint_event(TRACEFS, category, event_name)
-                try:
-                    link = bpf.link_create(fn.fd, event, BPF_PERF_EVENT)
-                finally:
-                    os.close(event)         # the link holds the event
-                tracepoints.append(f"tp-{category}-{event_name}")
-                _replace_pin(link, links / tracepoints[-1])
-                os.close(link)
-            seconds["tracepoints"] = time.monotonic() - STARTED - sum(seconds.values())
-            for name, (prog_type, attach_type) in cgroup_programs.items():
-                fn = compiled.load_func(name.encode(), prog_type, attach_type=attach_type)
-                _replace_pin(fn.fd, programs / name)
-    except (CompileError, OSError) as e:
-        raise CompileError(str(e)) from e
+            for name, (prog_type, attach_type) in functions.items():
+                programs[name] = compiled.load_func(name.encode(), prog_type, attach_type=attach_type).fd
     except Exception as e:
         raise _error("cannot load a program", e, messages) from e
-    seconds["cgroup programs"] = time.monotonic() - STARTED - sum(seconds.values())
-    return {"seconds": seconds, "maps": described, "tracepoints": tracepoints,
-            "programs": {name: attach for name, (_, attach) in cgroup_programs.items()}}
+    timer.step("load")
+
+    try:
+        names_by_fd = {libbcc.bpf_table_fd(compiled.module, name.encode()): name for name in tables}
+        recorded = probecache.entry(
+            cache_key, [probecache.describe_map(name, fd, tables[name]) for fd, name in names_by_fd.items()],
+            [probecache.describe_program(name, programs[name], compiled.dump_func(name.encode()),
+                                         max(attach_type, 0), names_by_fd)
+             for name, (_, attach_type) in functions.items()],
+            _as_bytes(libbcc.bpf_module_license(compiled.module)),
+            libbcc.bpf_module_kern_version(compiled.module), {"maps": described})
+    except (probecache.CacheError, OSError) as e:
+        warnings.append(f"the probes are not cached: {e}")
+        recorded = None
+    # The programs' fds stay open (bcc holds them) until this child exits, after linking and pinning.
+    return described, programs, recorded
+
+
+def _as_bytes(license) -> bytes:
+    return license if isinstance(license, bytes) else ctypes.string_at(license)
+
+
+def _link_and_pin(prog_fds: dict[str, int], links: Path, programs: Path, timer: _Timer) -> list[str]:
+    """Link each tracepoint program under links and pin each cgroup program under programs: the tracepoint
+    link names."""
+    tracefs = _tracefs()
+    tracepoints: list[str] = []
+    try:
+        for fn_name, fd in prog_fds.items():
+            if not fn_name.startswith(TRACEPOINT_PREFIX.decode()):
+                continue
+            category, event_name = fn_name[len(TRACEPOINT_PREFIX):].split("__", 1)
+            event = _tracepoint_event(tracefs, category, event_name)
+            try:
+                link = bpf.link_create(fd, event, BPF_PERF_EVENT)
+            finally:
+                os.close(event)         # the link holds the event
+            tracepoints.append(f"tp-{category}-{event_name}")
+            _replace_pin(link, links / tracepoints[-1])
+            os.close(link)
+        timer.step("tracepoints")
+        for name in CGROUP_PROGRAMS:
+            _replace_pin(prog_fds[name], programs / name)
+    except OSError as e:
+        raise CompileError(str(e)) from e
+    timer.step("cgroup programs")
+    return tracepoints
+
+
+def compile_and_pin(maps: Path, links: Path, programs: Path, ringbuf_pages: int) -> dict:
+    """Load the probes, from the probe cache when it has them (tracer/kernel/probecache.py), else with bcc
+    (then recorded in the cache); link and pin them. The JSON the tracer reads."""
+    timer = _Timer()
+    timer.step("import")
+    source, cflags = probe_build(ringbuf_pages)
+    cache_key = probecache.key(source, cflags, CGROUP_PROGRAMS, loader.PROBES_DIR)
+    warnings: list[str] = []
+    cached, loaded = None, None
+    try:
+        cached = probecache.read(cache_key)
+        if cached is not None:
+            loaded = probecache.load(cached, maps)
+    except probecache.CacheError as e:
+        warnings.append(f"probe cache not used, compiling instead: {e}")
+    if loaded is not None:
+        timer.step("cache hit")
+        cache = "hit"
+        described, prog_fds, recorded = cached["described"]["maps"], loaded.programs, None
+    else:
+        timer.step("cache miss")
+        cache = "miss" if cached is None and not warnings else "refused"
+        described, prog_fds, recorded = _compile_with_bcc(maps, source, cflags, timer, cache_key, warnings)
+    try:
+        tracepoints = _link_and_pin(prog_fds, links, programs, timer)
+    finally:
+        if loaded is not None:
+            loaded.close()
+    if recorded is not None:
+        try:
+            probecache.write(recorded)
+        except (OSError, safefiles.UnsafePathError) as e:
+            warnings.append(f"cannot write the probe cache: {e}")
+        timer.step("cache write")
+    return {"seconds": timer.seconds, "cache": cache, "warnings": warnings, "maps": described,
+            "tracepoints": tracepoints, "programs": {name: attach for name, (_, attach) in CGROUP_PROGRAMS.items()}}
 
 
 def main(argv: list[str]) -> int:

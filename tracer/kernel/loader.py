@@ -122,6 +122,10 @@ class Probes:
         try:
             started = time.monotonic()
             compiled = _compile(maps, handoff / "links", handoff / pins.PROGRAMS_DIR, ringbuf_pages)
+            for warning in compiled["warnings"]:
+                log.warning("%s", warning)
+            self.cache: str = compiled["cache"]           # hit: loaded from the probe cache, without bcc
+            self.load_seconds: dict[str, float] = compiled["seconds"]
             log.debug("compiling child: %.2f s in all; %s", time.monotonic() - started,
                       ", ".join(f"{step} {s:.2f} s" for step, s in compiled["seconds"].items()))
             for name, d in compiled["maps"].items():
