@@ -28,7 +28,7 @@ from typing import Callable
 
 from ..config import Limits
 from ..policy import DENIED_CUT, LISTEN, POLICY_RULES, Policy, compile_rules, name_hash
-from . import bpf, cgroups, pins
+from . import bpf, cgroups, pins, probecache
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class Probes:
             self._lock_fd = pins.lock(handoff)
         except (pins.PinError, OSError) as e:
             raise ProbeError(str(e)) from None
-        maps = handoff / pins.maps_dir_name(source, cflags)
+        maps = handoff / pins.maps_dir_name(source, [*cflags, *probecache.probe_files(PROBES_DIR)])
         # Maps of other probes (another eptrace version) are never re-opened: their layout may differ.
         old_maps = [d for d in handoff.glob(pins.MAPS_PREFIX + "*") if d != maps]
         for d in (maps, handoff / "links", handoff / pins.PROGRAMS_DIR):

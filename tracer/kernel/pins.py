@@ -56,9 +56,10 @@ def ensure_bpffs(path: Path) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
-def maps_dir_name(source: str, cflags: list[str]) -> str:
-    """Maps are re-opened only by the same probes: the name carries a digest of what was compiled."""
-    return MAPS_PREFIX + hashlib.sha256("\0".join([source, *cflags]).encode()).hexdigest()[:12]
+def maps_dir_name(source: str, parts: list[str]) -> str:
+    """Maps are re-opened only by the same probes: the name carries a digest of what was compiled
+    (parts: the flags and every file of the probes directory, whose headers set the maps' layouts)."""
+    return MAPS_PREFIX + hashlib.sha256("\0".join([source, *parts]).encode()).hexdigest()[:12]
 
 
 def watch_dir() -> Path:

@@ -59,13 +59,17 @@ def bcc_version() -> str:
         return "unknown"
 
 
+def probe_files(probes_dir: Path) -> list[str]:
+    """Every file of the probes directory, named: the headers the source #includes (records.h) among them."""
+    return [f"{p.relative_to(probes_dir)}\0{p.read_text(errors='replace')}"
+            for p in sorted(probes_dir.rglob("*")) if p.is_file()]
+
+
 def key(source: str, cflags: list[str], attach_types: dict[str, tuple[int, int]], probes_dir: Path) -> str:
-    """probes_dir: every file in it counts, the headers the source #includes (records.h) among them."""
     with open("/proc/version") as f:
         kernel = f.read()
-    files = [f"{p.relative_to(probes_dir)}\0{p.read_text(errors='replace')}"
-             for p in sorted(probes_dir.rglob("*")) if p.is_file()]
-    parts = [str(FORMAT), bcc_version(), kernel, json.dumps(attach_types, sort_keys=True), source, *cflags, *files]
+    parts = [str(FORMAT), bcc_version(), kernel, json.dumps(attach_types, sort_keys=True), source, *cflags,
+             *probe_files(probes_dir)]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
