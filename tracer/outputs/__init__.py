@@ -2,19 +2,14 @@
 from __future__ import annotations
 
 import grp
+import importlib
 from typing import Callable
 
 from tracer import safefiles
 from tracer.outputs.base import Fanout, KindFilter, Output, OutputError, Transform
 from tracer.outputs.file import FileOutput, check_file_target
-from tracer.outputs.delivery import DEFAULT_SPOOL_MB, DeliveryOutput
 from tracer.outputs.secrets import redact
 from tracer.outputs.stdout import StdoutOutput
-from tracer.outputs.syslog import parse_syslog_spec
-from tracer.outputs.forward import parse_forward_spec
-from tracer.outputs.http import parse_http_spec
-from tracer.outputs.kafka import parse_kafka_spec
-from tracer.outputs.relp import parse_relp_spec
 from tracer.registry import state_dir
 
 __all__ = ["Fanout", "FileOutput", "KindFilter", "Transform", "Output", "OutputError", "OutputSpecError", "StdoutOutput",
@@ -31,25 +26,27 @@ ACCEPTED_FORMS = ("'-' (stdout), 'file:PATH', 'file:PATH?max_mb=N&keep=K&group=G
 
 
 # Network outputs: a sender per protocol, each driven by the delivery core (queue, spool, retries).
-NETWORK_SENDERS = ((("syslog+relp://",), parse_relp_spec),
-                   (("syslog+",), parse_syslog_spec),
-                   (("kafka://",), parse_kafka_spec),
-                   (("hec://", "hecs://", "es://", "ess://"), parse_http_spec),
-                   (("forward://",), parse_forward_spec))
+# (prefixes, module under tracer.outputs, its spec parser): imported only when such an output is asked
+# for, so that a command writing to a file or stdout (a run client) does not load ssl, http or Kafka.
+NETWORK_SENDERS = ((("syslog+relp://",), "relp", "parse_relp_spec"),
+                   (("syslog+",), "syslog", "parse_syslog_spec"),
+                   (("kafka://",), "kafka", "parse_kafka_spec"),
+                   (("hec://", "hecs://", "es://", "ess://"), "http", "parse_http_spec"),
+                   (("forward://",), "forward", "parse_forward_spec"))
 
 
 class OutputSpecError(ValueError):
     """An --output value that is not one of the accepted forms."""
 
 
-def parse_output_spec(spec: str, spool_mb: float = DEFAULT_SPOOL_MB) -> Output:
+def parse_output_spec(spec: str, spool_mb: float | None = None) -> Output:
     """'-' -> stdout; 'file:PATH[?max_mb=N&keep=K&group=G]' -> FileOutput (N, K positive integers, G a group);
     'syslog+tcp|tls|udp://...', 'hec[s]://...', 'es[s]://...', 'forward://...' -> syslog, Splunk HEC,
     Elasticsearch, Fluent Forward through the delivery core (queue, spool under the state dir)."""
     return _plan(spec, spool_mb)[1]()
 
 
-def _plan(spec: str, spool_mb: float) -> tuple[str, Callable[[], Output]]:
+def _plan(spec: str, spool_mb: float | None) -> tuple[str, Callable[[], Output]]:
     """The output's name and what makes it, once the whole spec is checked; nothing is made here."""
     if spec == "-":
         return "stdout", StdoutOutput
@@ -65,8 +62,11 @@ def _plan(spec: str, spool_mb: float) -> tuple[str, Callable[[], Output]]:
         group = options.get("group")
         return f"file:{path}", lambda: FileOutput(path, max_mb=options.get("max_mb"), keep=options.get("keep", 5),
                                                   group=group)
-    for prefixes, parse_sender in NETWORK_SENDERS:
+    for prefixes, module, parser in NETWORK_SENDERS:
         if spec.startswith(prefixes):
+            from tracer.outputs.delivery import DEFAULT_SPOOL_MB as default_spool_mb, DeliveryOutput
+            parse_sender = getattr(importlib.import_module(f"tracer.outputs.{module}"), parser)
+            spool_mb = default_spool_mb if spool_mb is None else spool_mb
             try:
                 sender = parse_sender(spec)     # their errors never echo a token, password or key
             except ValueError as e:
@@ -81,7 +81,7 @@ def _plan(spec: str, spool_mb: float) -> tuple[str, Callable[[], Output]]:
     raise OutputSpecError(f"unknown output {redact(spec)!r}; accepted forms: {ACCEPTED_FORMS}")
 
 
-def parse_output_specs(specs: list[str], spool_mb: float = DEFAULT_SPOOL_MB) -> list[Output]:
+def parse_output_specs(specs: list[str], spool_mb: float | None = None) -> list[Output]:
     """All outputs for a list of specs; no specs means stdout. The same sink twice is an error.
     Every spec is checked before any output is made, so a bad one leaves no spool or file behind."""
     if not specs:
