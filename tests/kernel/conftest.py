@@ -72,6 +72,14 @@ def _pin_dir_of_this_session(require_kernel):
         yield path
 
 
+@pytest.fixture(autouse=True)
+def _no_pinned_watch_left_to_the_next_test(_pin_dir_of_this_session):
+    """A watch stopped cleanly keeps its registered episodes' probes pinned for the next one: each test starts
+    without what an earlier test's watch left (its tracers are gone by then)."""
+    yield
+    shutil.rmtree(_pin_dir_of_this_session / "watch", ignore_errors=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _probe_cache_of_this_session():
     """The tracers of the tests share a probe cache of this session's own (tracer/kernel/probecache.py):
