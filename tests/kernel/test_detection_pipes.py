@@ -38,11 +38,17 @@ if certs != "-":
     tls.load_cert_chain(*certs.split(","))
     conn = tls.wrap_socket(conn, server_side=True)
 print("peer", addr[0], addr[1], flush=True)
-time.sleep(1.0)
+# The shell's prompt first (up to 10 s): a pty wrapper (script) flushes what reaches its terminal before
+# it is set up, so a command sent too early under load is lost.
+conn.settimeout(10)
+try:
+    buf = conn.recv(65536)
+except (TimeoutError, socket.timeout):
+    buf = b""
+time.sleep(0.2)
 conn.settimeout(15)
 conn.sendall(command)
 print("sent", repr(time.time()), flush=True)
-buf = b""
 while b"pwned-42" not in buf:
     data = conn.recv(65536)
     if not data:
