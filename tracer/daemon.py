@@ -131,6 +131,16 @@ def _status_ids(pid: int) -> tuple[int, set[int]]:
     return ppid, uids
 
 
+def _started_by(traced: Traced, conn: Conn) -> bool:
+    """Did this client (its pid and uid) start the episode?"""
+    return (traced.owner_pid, traced.owner_uid) == (conn.pid, conn.uid)
+
+
+def _alerts_so_far(traced: Traced) -> int:
+    """Alerts and containments in its verdict, those carried over from earlier daemons included."""
+    return sum(len(v.alerts) + len(v.containment) for v in (traced.builder.verdict, traced.carried) if v is not None)
+
+
 def _alive(pid: int | None) -> bool:
     return pid is not None and Path(f"/proc/{pid}").exists()
 
@@ -357,7 +367,7 @@ class Daemon:
         """stopped: written by a clean stop, after the ring buffer was drained: nothing was left unhandled.
         detached: and that stop detached its probes: the episode goes untraced until the next daemon."""
         verdict = self._verdict(traced, refused, denied)
-        traced.saved_alerts, traced.saved_at = len(verdict.alerts) + len(verdict.containment), time.monotonic()
+        traced.saved_alerts, traced.saved_at = _alerts_so_far(traced), time.monotonic()
         self.unsaved.discard(traced.cgroup_id)
         try:
             safefiles.private_dir(self.verdicts_dir.parent, "state directory")
@@ -383,10 +393,7 @@ class Daemon:
             if traced is None:
                 self.unsaved.discard(cgroup_id)
                 continue
-            v, carried = traced.builder.verdict, traced.carried
-            alerted = len(v.alerts) + len(v.containment) + (
-                len(carried.alerts) + len(carried.containment) if carried is not None else 0)
-            if alerted != traced.saved_alerts or now - traced.saved_at >= VERDICT_SAVE_S:
+            if _alerts_so_far(traced) != traced.saved_alerts or now - traced.saved_at >= VERDICT_SAVE_S:
                 due.append(traced)
         if due:                             # the kernel's counter maps read once for all of them
             refused, denied = self.tracer.probes.refused(), self.tracer.probes.denied()
@@ -405,14 +412,12 @@ class Daemon:
                 if (data["cgroup_id"], data["registration"]) == (traced.cgroup_id, self._registration_identity(traced.id)):
                     carried = from_dict(data["verdict"])
                     traced.counted_afresh = self.tracer.probes.resumed is False
-                    if not data["stopped"]:
-                        carried.account({**carried.losses, RESTART_LOSS: carried.losses.get(RESTART_LOSS, 0) + 1})
-                        log.warning("episode %s: its previous daemon did not stop cleanly; its verdict is carried "
-                                    "over, marked incomplete (%s)", traced.id, RESTART_LOSS)
-                    elif data.get("detached"):
-                        carried.account({**carried.losses, UNTRACED_LOSS: carried.losses.get(UNTRACED_LOSS, 0) + 1})
-                        log.warning("episode %s: the previous daemon detached its probes when it stopped; its "
-                                    "verdict is carried over, marked incomplete (%s)", traced.id, UNTRACED_LOSS)
+                    gap = (RESTART_LOSS, "did not stop cleanly") if not data["stopped"] else \
+                        (UNTRACED_LOSS, "detached its probes when it stopped") if data.get("detached") else None
+                    if gap is not None:
+                        carried.account({**carried.losses, gap[0]: carried.losses.get(gap[0], 0) + 1})
+                        log.warning("episode %s: its previous daemon %s; its verdict is carried over, marked "
+                                    "incomplete (%s)", traced.id, gap[1], gap[0])
                     traced.carried = carried
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.warning("episode %s: its saved verdict %s cannot be read (%s): it starts afresh", traced.id,
@@ -664,7 +669,7 @@ class Daemon:
         traced = self.traced.get(int(request["cgroup_id"]))
         if traced is None or traced.kind == "registered":
             raise ValueError(f"no episode with cgroup id {request['cgroup_id']} started by a client")
-        if (traced.owner_pid, traced.owner_uid) != (conn.pid, conn.uid):
+        if not _started_by(traced, conn):
             raise Refused(f"the episode with cgroup id {request['cgroup_id']} was not started by this client")
         return traced
 
@@ -739,7 +744,7 @@ class Daemon:
             self.everything.add(conn)
         else:
             found = [t.cgroup_id for t in self.traced.values() if t.id == episode_id and
-                     (conn.uid == 0 or (t.owner_pid, t.owner_uid) == (conn.pid, conn.uid))]
+                     (conn.uid == 0 or _started_by(t, conn))]
             if not found:
                 raise ValueError(f"no episode {episode_id!r} is traced")
             for cgroup_id in found:
