@@ -133,7 +133,7 @@ class Episode:
                           RECONNECT_AFTER_COMMAND_S, self.episode_id)
                 return False
             try:
-                conn = control.Connection()
+                conn = control.Connection(self.conn.path)       # the same daemon socket
                 answer = conn.request("resume", cgroup_id=self.cgroup_id,
                                       **({"capture": True} if self.capture is not None else {}))
             except (control.NoDaemon, control.DaemonGone):     # not up yet, or the dead one's socket closing
@@ -211,7 +211,7 @@ class Admission:
             return
         admitted = b"0"
         try:
-            conn = control.Connection()
+            conn = control.Connection(self.episode.conn.path)   # the daemon this episode runs under
             try:
                 conn.request("admit", cgroup_id=self.episode.cgroup_id, pid=int(pid))
                 admitted = b"1"
