@@ -148,7 +148,11 @@ class Episode:
                 self._sequence_base = self.sequence
             log.warning("episode %s resumed by the restarted eptrace daemon (%d document(s) recorded meanwhile)",
                         self.episode_id, answer.get("delivered_from_restart", 0))
-            if self.capture is not None:
+            if answer.get("not_kept"):
+                log.error("episode %s: %d document(s) recorded while the daemon was away were not kept for this "
+                          "client (beyond the daemon's limit): its output lacks them", self.episode_id,
+                          answer["not_kept"])
+            if self.capture is not None and not answer.get("capture_carried"):
                 log.warning("the capture of episode %s lacks what the restarted daemon read before it resumed it",
                             self.episode_id)
             return True

@@ -63,8 +63,10 @@ class Traced:
     owner_uid: int | None = None          # the client's uid (a group member may end and resume only its own)
     record: Path | None = None            # its file under runs/
     ending: Ending | None = None
-    pending: list = field(default_factory=list)   # documents while its client reconnects (after a restart)
+    pending: list = field(default_factory=list)   # documents (and capture entries) while its client reconnects
     pending_bytes: int = 0
+    pending_dropped: int = 0              # lines beyond MAX_PENDING: its client is told
+    capture: bool = False                 # run, cgroup: its client writes a capture of it
     sequence: int = 0                     # its documents so far: the seq its subscribers get with each
     carried: Verdict | None = None        # registered: its verdict under the daemons before this one
     saved_alerts: int = 0                 # registered: alerts and containments in its last saved verdict
@@ -323,15 +325,20 @@ class Daemon:
             seq = traced.sequence
             if traced.owner is None and traced.kind != "registered" and traced.ending is None:
                 line = encode_doc(doc.kind, doc.json, seq)
-                if traced.pending_bytes + len(line) <= MAX_PENDING:
-                    traced.pending.append(line)
-                    traced.pending_bytes += len(line)
-                else:
-                    self.counters["documents_not_kept_for_clients"] += 1
+                self._keep_for_client(traced, line)
         subscribed = self.subscribers.get(episode.cgroup_id, ()) if episode is not None else ()
         for conn in (*subscribed, *self.everything) if self.everything else subscribed:
             line = line or encode_doc(doc.kind, doc.json, seq)
             conn.send(line)
+
+    def _keep_for_client(self, traced: Traced, line: bytes) -> None:
+        """A line for a client that reconnects after a restart: it gets them when it resumes."""
+        if traced.pending_bytes + len(line) <= MAX_PENDING:
+            traced.pending.append(line)
+            traced.pending_bytes += len(line)
+        else:
+            traced.pending_dropped += 1
+            self.counters["documents_not_kept_for_clients"] += 1
 
     def _snapshots(self) -> None:
         """Each client that owns a changed episode gets its verdict so far: if the daemon dies, the
@@ -463,7 +470,7 @@ class Daemon:
         safefiles.write_atomically(traced.record, json.dumps({
             "id": traced.id, "kind": traced.kind, "cgroup": str(traced.cgroup), "labels": traced.labels,
             "policy": policy_table, "on_alert": on_alert, "owner_pid": traced.owner_pid,
-            "owner_uid": traced.owner_uid}).encode(), "run record")
+            "owner_uid": traced.owner_uid, "capture": traced.capture}).encode(), "run record")
 
     def _restore_runs(self) -> None:
         """Episodes that clients started under a daemon that died: traced again (their probes stayed
@@ -483,6 +490,8 @@ class Daemon:
                     data.get("on_alert"), owner_pid=data.get("owner_pid"))
                 traced.owner_uid = data.get("owner_uid", 0)
                 traced.record = path
+                if data.get("capture") and self.captures is not None:
+                    self._capture(traced, key=traced)   # kept for its client until it resumes: nothing missed
                 log.warning("episode %s (%s %s): traced again after a restart; waiting for its client (pid %s)",
                             traced.id, traced.kind, cgroup, traced.owner_pid)
             except (OSError, ValueError, KeyError, TypeError, RegistryError, ConfigError, cgroups.CgroupError) as e:
@@ -658,12 +667,13 @@ class Daemon:
             if kind == "run":
                 session.remove_run_cgroup(cgroup)
             raise
+        traced.capture = bool(request.get("capture"))
         self._record(traced, policy_table, on_alert)
         self.counters["episodes_started"] += 1
         conn.reply(type="started", id=episode_id, cgroup=str(cgroup), cgroup_id=traced.cgroup_id,
                    instance=self.instance)
-        if request.get("capture"):          # after the answer; before any record is read (the same turn)
-            self._capture(conn, traced)
+        if traced.capture:                  # after the answer; before any record is read (the same turn)
+            self._capture(traced, key=conn)
 
     def _owned(self, conn: Conn, request: dict) -> Traced:
         traced = self.traced.get(int(request["cgroup_id"]))
@@ -702,25 +712,38 @@ class Daemon:
         """A client reconnecting after a restart takes its episode back."""
         traced = self._owned(conn, request)
         traced.owner = conn
+        carried = self.captures is not None and any(s.key is traced for s in self.captures.sinks.get(traced.cgroup_id, ()))
+        if carried and not request.get("capture"):
+            self.captures.remove(key=traced, cgroup_id=traced.cgroup_id)
+            self._captures_changed()
         conn.reply(type="resumed", id=traced.id, cgroup_id=traced.cgroup_id, instance=self.instance,
-                   delivered_from_restart=len(traced.pending))
+                   delivered_from_restart=len(traced.pending), not_kept=traced.pending_dropped,
+                   capture_carried=carried)
         conn.send(b"".join(traced.pending))       # recorded while it was away: nothing lost
         traced.pending.clear()
-        traced.pending_bytes = 0
-        if request.get("capture"):         # from now on: what this daemon read before is not in it
-            self._capture(conn, traced)
+        traced.pending_bytes = traced.pending_dropped = 0
+        if request.get("capture") and not carried:     # from now on: what this daemon read before is not in it
+            self._capture(traced, key=conn)
         self._subscribe(conn, traced.cgroup_id)
         self.changed.add(traced.cgroup_id)        # and its verdict so far follows
 
-    def _capture(self, conn: Conn, traced: Traced) -> None:
-        """The client gets its episode's capture entries; it writes the file (never the daemon)."""
+    def _capture(self, traced: Traced, key: object) -> None:
+        """The client gets its episode's capture entries; it writes the file (never the daemon). While it
+        reconnects after a restart, they are kept for it with its documents."""
         if self.captures is None:
             raise ValueError("this daemon cannot capture episodes")
         episode = self.tracer.episodes.get(traced.cgroup_id)
-        self.captures.add(EpisodeSink(traced.cgroup_id, episode.cgroup_path, lambda entry: conn.send(encode_capture(entry)),
-                                      conn), self.tracer.clock.offset,
+        self.captures.add(EpisodeSink(traced.cgroup_id, episode.cgroup_path,
+                                      lambda entry: self._to_client(traced, encode_capture(entry)), key),
+                          self.tracer.clock.offset,
                           ["episode", episode.id, episode.cgroup_path, episode.cgroup_id, episode.labels])
         self._captures_changed()
+
+    def _to_client(self, traced: Traced, line: bytes) -> None:
+        if traced.owner is not None:
+            traced.owner.send(line)
+        elif traced.ending is None:
+            self._keep_for_client(traced, line)
 
     def _captures_changed(self) -> None:
         """The tracer writes capture entries only while someone wants them."""
