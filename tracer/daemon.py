@@ -40,6 +40,7 @@ SYNC_INTERVAL_S = 0.5         # registrations are re-read this often (add/rm thr
 OWNER_CHECK_S = 0.5           # how often the daemon looks for clients that died while it was away
 MAX_PENDING = 64 << 20       # bytes of documents kept for a client that reconnects after a restart
 MAX_BUFFERED = 64 << 20       # bytes owed to one connection before it is dropped as too slow
+MEMBER_EPISODES = 64          # episodes a socket-group member's uid may have at once (root: no limit)
 FINAL_VERDICTS_KEPT = 1024    # verdicts of ended episodes kept for 'episode rm' and 'episode verdict'
 RUNS_DIR = "runs"             # <state dir>/runs/<cgroup name>.json: the episodes clients started
 VERDICTS_DIR = "verdicts"     # <state dir>/verdicts/<id>.json: registered episodes' verdicts so far
@@ -646,6 +647,9 @@ class Daemon:
         """A new episode: a fresh cgroup for the command the client runs, or an existing cgroup."""
         if conn.uid != 0 and request.get("cgroup"):
             raise Refused("only root may trace an existing cgroup; a socket-group member may start a fresh one")
+        if conn.uid != 0 and sum(t.owner_uid == conn.uid and t.ending is None for t in self.traced.values()) \
+                >= MEMBER_EPISODES:
+            raise Refused(f"uid {conn.uid} has {MEMBER_EPISODES} episodes already, a socket-group member's most")
         episode_id = validate_id(request["id"])
         labels = parse_labels([f"{k}={v}" for k, v in (request.get("labels") or {}).items()])
         policy_table, on_alert = request.get("policy"), request.get("on_alert")

@@ -26,6 +26,7 @@ from support import free_port
 
 from tracer import control
 from tracer.capture import entries as capture_entries
+from tracer.daemon import MEMBER_EPISODES
 from tracer.decoding import owner_of
 
 CONNECT = "import socket, sys; socket.socket().connect_ex(('127.0.0.1', int(sys.argv[1])))"
@@ -545,6 +546,15 @@ for name, (op, fields) in asks.items():
         out[name] = "allowed"
     except control.DaemonError as e:
         out[name] = e.status
+# a member's episodes at once are limited (its uid's, over every connection): the next start is refused
+more = control.Connection()
+for i in range(int(sys.argv[2]) - 1):
+    (c if i % 2 else more).request("start", id=f"ep-more{i}")
+try:
+    more.request("start", id="ep-too-many")
+    out["beyond_limit"] = "allowed"
+except control.DaemonError as e:
+    out["beyond_limit"] = e.status
 print(json.dumps(out))
 """
 
@@ -619,11 +629,11 @@ def test_a_socket_group_member_runs_through_the_daemon_but_touches_only_its_own(
                               f"file:{tmp_path}/ep-root.ndjson", "--", "sleep", "300", state_dir=d.state,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         listed = wait_until(lambda: [e for e in d.request("list")["episodes"] if e["id"] == "ep-root"], 60, "ep-root")
-        r = subprocess.run(as_member + [sys.executable, "-c", MEMBER_PROBE, str(listed[0]["cgroup_id"])],
-                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        r = subprocess.run(as_member + [sys.executable, "-c", MEMBER_PROBE, str(listed[0]["cgroup_id"]),
+                                        str(MEMBER_EPISODES)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
-        assert json.loads(r.stdout) == {"end": 4, "admit": 4, "subscribe": 2, "subscribe_all": 4, "admit_init": 4}, \
-            r.stdout
+        assert json.loads(r.stdout) == {"end": 4, "admit": 4, "subscribe": 2, "subscribe_all": 4, "admit_init": 4,
+                                        "beyond_limit": 4}, r.stdout
         assert [e for e in d.request("list")["episodes"] if e["id"] == "ep-root" and not e["ending"]], "ended"
         # out of the group: refused, exit 4
         subprocess.run(["gpasswd", "-d", user, group], check=True, capture_output=True)
