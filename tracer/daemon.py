@@ -463,7 +463,8 @@ class Daemon:
         safefiles.write_atomically(traced.record, json.dumps({
             "id": traced.id, "kind": traced.kind, "cgroup": str(traced.cgroup), "labels": traced.labels,
             "policy": policy_table, "on_alert": on_alert, "owner_pid": traced.owner_pid,
-            "owner_uid": traced.owner_uid}).encode(), "run record")
+            "owner_uid": traced.owner_uid}).encode(), "run record", durable=False)
+        # not durable (no fsync): a run's cgroup and pins do not outlive the host, only a daemon's death
 
     def _restore_runs(self) -> None:
         """Episodes that clients started under a daemon that died: traced again (their probes stayed
@@ -545,6 +546,13 @@ class Daemon:
         verdict = self._verdict(traced)
         if traced.kind == "run":
             session.remove_run_cgroup(traced.cgroup)    # before its probes go: nothing runs untraced
+        self._send_episode_metric(traced, verdict)
+        message = encode({"type": "verdict", "final": True, "id": traced.id, "reason": traced.ending.reason
+                          if traced.ending else "ended", "verdict": verdict.__dict__})
+        for conn in list(self.subscribers.get(traced.cgroup_id, ())):
+            self._unsubscribe(conn, traced.cgroup_id)
+            conn.send(message)
+        self._flush_conns()     # the verdict goes now: a client need not wait for the detach (an RCU grace period)
         self.tracer.remove_episode(traced.cgroup_id)
         del self.traced[traced.cgroup_id]
         self.ending.discard(traced.cgroup_id)
@@ -552,12 +560,6 @@ class Daemon:
         if traced.record is not None:
             traced.record.unlink(missing_ok=True)
         self.counters["episodes_ended"] += 1
-        self._send_episode_metric(traced, verdict)
-        message = encode({"type": "verdict", "final": True, "id": traced.id, "reason": traced.ending.reason
-                          if traced.ending else "ended", "verdict": verdict.__dict__})
-        for conn in list(self.subscribers.get(traced.cgroup_id, ())):
-            self._unsubscribe(conn, traced.cgroup_id)
-            conn.send(message)
         if self.captures is not None:
             self.captures.remove(cgroup_id=traced.cgroup_id)
             self._captures_changed()
