@@ -12,10 +12,12 @@ import click
 
 from . import __version__
 from .outputs.secrets import redact
-from .policy import ACTIONS as POLICY_ACTIONS
+from .schema.document import ECS_VERSION, OCSF_VERSION
 from .terminal import printable
-from .schema.ecs import ECS_VERSION
-from .schema.ocsf import OCSF_VERSION
+
+# Only light modules at the top (tests/unit/test_light_imports.py): `eptrace run` through the daemon loads
+# click, tracer.control, tracer.client and what they need; the tracer, the policy, the config, the
+# schema's encoders and the network outputs load in the commands and options that use them.
 
 # Exit statuses, documented in --help.
 EXIT_BAD_INPUT = 2
@@ -54,7 +56,7 @@ def _require_root() -> None:
 
 def _outputs(specs: tuple[str, ...], schema: str = "ecs", config=None):
     """The outputs: --output forms, else the config file's [output] specs, else stdout."""
-    from .session import OutputsError, open_outputs
+    from .outputs import OutputsError, open_outputs
     try:
         return open_outputs(specs, config, schema)
     except OutputsError as e:
@@ -162,7 +164,25 @@ def _config(path: str | None):
 
 CONFIG_HELP = "A TOML file of detection thresholds and allowlists; every key has a default."
 POLICY_HELP = "A TOML file with a [policy] table (README: Containing an episode); it replaces the config's."
-ON_ALERT = click.Choice(list(POLICY_ACTIONS))
+
+
+class OnAlertChoice(click.Choice):
+    """The on_alert actions of tracer.policy.ACTIONS, read only when --on-alert is given or --help is shown."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property
+    def choices(self):
+        from .policy import ACTIONS
+        return list(ACTIONS)
+
+    @choices.setter
+    def choices(self, _value) -> None:      # click.Choice.__init__ assigns it
+        pass
+
+
+ON_ALERT = OnAlertChoice()
 ON_ALERT_HELP = "What to do to an episode on any alert, over its policy's on_alert."
 
 
@@ -194,10 +214,10 @@ METRICS_HELP = "Serve Prometheus metrics on ADDR:PORT (/metrics): records, losse
 
 
 def _user(spec: str):
-    """USER[:GROUP] (names or numbers) -> session.User, with the user's supplementary groups."""
+    """USER[:GROUP] (names or numbers) -> command.User, with the user's supplementary groups."""
     import grp
     import pwd
-    from .session import User
+    from .command import User
     name, _, group = spec.partition(":")
     try:
         entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
@@ -325,7 +345,8 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
     """
     _episode_id(episode_id)
     label_map = _labels(labels)
-    config = _with_on_alert(_config(config_path), on_alert)
+    # Without --config: None until this run traces in-process (the outputs and the daemon need no Config)
+    config = _with_on_alert(_config(config_path), on_alert) if config_path else None
     policy = _policy(policy_path)
     metrics_listen = _metrics_address(metrics_listen)
     user = _user(run_as) if run_as else None
@@ -337,7 +358,7 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
         if daemon_mode == "never":
             _require_root()
         _check_written_paths(verdict=verdict_path, capture=capture_path)
-        conn = _daemon(daemon_mode, in_process_only, config if config_path else None)
+        conn = _daemon(daemon_mode, in_process_only, config)
         if conn is None:
             raise Failure("eptrace loads eBPF programs and must run as root: try again with sudo, or through "
                           "an eptrace daemon whose --socket-group you are in" + (
@@ -347,7 +368,7 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
                           EXIT_NOT_ROOT)
     else:
         _check_written_paths(verdict=verdict_path, capture=capture_path)
-        conn = _daemon(daemon_mode, in_process_only, config if config_path else None)
+        conn = _daemon(daemon_mode, in_process_only, config)
     fanout = _outputs(outputs, schema, config)
     capture = _capture(capture_path, fanout)
     if conn is not None:
@@ -361,6 +382,8 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
         finally:
             fanout.close()
         _end_run(verdict, verdict_path, fail_on_alert, fail_on_incomplete)
+    if config is None:
+        config = _with_on_alert(_config(None), on_alert)
     from .kernel.cgroups import CgroupError
     from .kernel.loader import ProbeError
     from .session import run_episode
@@ -379,7 +402,7 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
 
 def _end_run(verdict, verdict_path: str | None, fail_on_alert: bool, fail_on_incomplete: bool) -> None:
     """The verdict on stderr and to --verdict, then run's exit status."""
-    from .session import write_verdict
+    from .verdict import write_verdict
     click.echo(verdict.human(), err=True)
     write_verdict(verdict, verdict_path)
     if fail_on_alert and verdict.alerted:
@@ -538,8 +561,7 @@ def episode_rm(episode_id, verdict_path) -> None:
     if _tell_daemon("sync", id=episode_id) is not None and verdict_path:
         answer = _tell_daemon("verdict", id=episode_id)
         if answer:
-            from .session import write_verdict
-            from .verdict import from_dict
+            from .verdict import from_dict, write_verdict
             write_verdict(from_dict(answer["verdict"]), verdict_path)
     click.echo(f"removed episode {episode_id}", err=True)
 
