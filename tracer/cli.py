@@ -381,7 +381,7 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
             raise Failure(str(e), e.status) from None
         finally:
             fanout.close()
-        _end_run(verdict, verdict_path, fail_on_alert, fail_on_incomplete)
+        _end_run(verdict, verdict_path, fail_on_alert, fail_on_incomplete, at_once=True)
     if config is None:
         config = _with_on_alert(_config(None), on_alert)
     from .kernel.cgroups import CgroupError
@@ -400,14 +400,26 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
     _end_run(verdict, verdict_path, fail_on_alert, fail_on_incomplete)
 
 
-def _end_run(verdict, verdict_path: str | None, fail_on_alert: bool, fail_on_incomplete: bool) -> None:
-    """The verdict on stderr and to --verdict, then run's exit status."""
+def _end_run(verdict, verdict_path: str | None, fail_on_alert: bool, fail_on_incomplete: bool,
+             at_once: bool = False) -> None:
+    """The verdict on stderr and to --verdict, then run's exit status. at_once: everything is closed already
+    (a daemon's client), so the interpreter's teardown is skipped (a tenth of a run's time through the daemon)."""
     from .verdict import write_verdict
     click.echo(verdict.human(), err=True)
     write_verdict(verdict, verdict_path)
     if fail_on_alert and verdict.alerted:
-        sys.exit(EXIT_ALERTED)
-    sys.exit(EXIT_INCOMPLETE if fail_on_incomplete and not verdict.complete else verdict.exit_code)
+        status = EXIT_ALERTED
+    else:
+        status = EXIT_INCOMPLETE if fail_on_incomplete and not verdict.complete else verdict.exit_code
+    if at_once:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(status)
+    sys.exit(status)
 
 
 @cli.command()
