@@ -63,10 +63,32 @@ def _outputs(specs: tuple[str, ...], schema: str = "ecs", config=None):
         raise Failure(str(e), EXIT_BAD_INPUT) from None
 
 
-def _daemon(mode: str, in_process_only: dict[str, object], config=None):
+def _connect_early(mode: str):
+    """Connect to the daemon for --daemon MODE before run's options are checked, so that its hello is on its way
+    meanwhile. Returns what _daemon calls for the greeted connection (None: no daemon, auto): the errors of
+    connecting wait for that call, after the options' own."""
+    from . import control
+    try:
+        conn = control.connect_if_running(mode, greet=False)
+    except control.DaemonError as e:
+        error = e
+
+        def failed():
+            raise error
+        return failed
+
+    def greeted():
+        if conn is not None:
+            conn.greet()
+        return conn
+    return greeted
+
+
+def _daemon(mode: str, in_process_only: dict[str, object], config=None, connecting=None):
     """The daemon's connection for --daemon MODE, or None (trace in-process). in_process_only: options
     that need a tracer of the run's own; config: a --config, which goes through the daemon only when its
-    tracer settings are the daemon's (its [output], [metrics] and [policy] are the client's own)."""
+    tracer settings are the daemon's (its [output], [metrics] and [policy] are the client's own);
+    connecting: _connect_early's (else connect now)."""
     from . import control
     wanted = [option for option, value in in_process_only.items() if value]
     if wanted:
@@ -75,7 +97,7 @@ def _daemon(mode: str, in_process_only: dict[str, object], config=None):
                           "daemon (use --daemon never)", EXIT_BAD_INPUT)
         return None
     try:
-        conn = control.connect_if_running(mode)
+        conn = connecting() if connecting is not None else control.connect_if_running(mode)
     except control.DaemonError as e:
         raise Failure(str(e), e.status) from None
     if conn is None or config is None:
@@ -343,6 +365,10 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
       sudo eptrace run --episode ep-42 --output file:/var/log/eptrace/ep-42.ndjson -- curl -s http://198.51.100.1/
       sudo eptrace run --episode ep-42 --label run=ppo-7 -- bash -c 'pip download requests'
     """
+    # Connected first (not for in-process runs): the daemon's hello comes while the options are checked
+    connecting = _connect_early(daemon_mode) if daemon_mode != "never" and not metrics_listen else None
+    if connecting is not None:
+        from . import client    # noqa: F401 (meanwhile too)
     _episode_id(episode_id)
     label_map = _labels(labels)
     # Without --config: None until this run traces in-process (the outputs and the daemon need no Config)
@@ -358,7 +384,7 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
         if daemon_mode == "never":
             _require_root()
         _check_written_paths(verdict=verdict_path, capture=capture_path)
-        conn = _daemon(daemon_mode, in_process_only, config)
+        conn = _daemon(daemon_mode, in_process_only, config, connecting)
         if conn is None:
             raise Failure("eptrace loads eBPF programs and must run as root: try again with sudo, or through "
                           "an eptrace daemon whose --socket-group you are in" + (
@@ -368,7 +394,7 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
                           EXIT_NOT_ROOT)
     else:
         _check_written_paths(verdict=verdict_path, capture=capture_path)
-        conn = _daemon(daemon_mode, in_process_only, config)
+        conn = _daemon(daemon_mode, in_process_only, config, connecting)
     fanout = _outputs(outputs, schema, config)
     capture = _capture(capture_path, fanout)
     if conn is not None:
