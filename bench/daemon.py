@@ -36,7 +36,7 @@ from tracer.kernel import cgroups
 
 REPO = Path(__file__).resolve().parents[1]
 EPTRACE = [str(Path(sys.executable).parent / "eptrace")]      # the venv's console script, as users run it
-RUNS = 5
+RUNS = 9                      # run -- true each way: the median of 9 (a shared machine is noisy)
 CONCURRENT = 100
 IDLE = 999
 PHASES = 6
