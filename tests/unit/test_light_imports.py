@@ -73,10 +73,12 @@ def test_run_client_path_loads_no_heavy_module(tmp_path):
     assert json.loads((tmp_path / "v.json").read_text())["episode_id"] == "ep-1"
 
 
-def test_the_check_sees_a_heavy_import():
+def test_the_check_sees_a_heavy_import(tmp_path):
     """The checks above can fail: the in-process session is heavy, and the lazy names still load what they name."""
     session = modules_after("import json, sys, tracer.session; print(json.dumps(sorted(sys.modules)))")
     assert {"tracer.config", "tracer.events", "tracer.policy"} <= set(heavy(session))
+    env = {"PATH": "/usr/bin:/bin", "EPTRACE_STATE_DIR": str(tmp_path / "state")}     # the spool's
     lazy = modules_after("import json, sys; from tracer.schema import EcsEncoder; from tracer.outputs import "
-                         "parse_output_spec as p; p('syslog+tcp://127.0.0.1:1'); print(json.dumps(sorted(sys.modules)))")
+                         "parse_output_spec as p; p('syslog+tcp://127.0.0.1:1'); print(json.dumps(sorted(sys.modules)))",
+                         env=env)
     assert {"tracer.schema.ecs", "tracer.outputs.syslog", "tracer.outputs.delivery"} <= set(heavy(lazy))
