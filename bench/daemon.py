@@ -1,7 +1,10 @@
 """The daemon and its clients (issue 11): `sudo python -m bench.daemon`.
 
 One `eptrace daemon` (its own socket, state and pin directories) and, in the same run:
-- `eptrace run -- true` through the daemon against in-process (median wall time of each);
+- `eptrace run -- true` through the daemon against in-process (median wall time of each), both by the
+  command users run: the venv's console script (.venv/bin/eptrace), its modules byte-compiled first (as an
+  installed package's are: an editable install's are compiled on first use, never under
+  PYTHONDONTWRITEBYTECODE);
 - a run client's peak RSS (ru_maxrss of the client process, from wait4);
 - 100 concurrent run clients, each connecting to a loopback port of its own: all complete, each output
   holds only its own episode's documents;
@@ -14,6 +17,7 @@ Not a test: figures only, on shared and noisy machines. Traffic stays on loopbac
 """
 from __future__ import annotations
 
+import compileall
 import json
 import os
 import secrets
@@ -31,8 +35,8 @@ from tracer import control
 from tracer.kernel import cgroups
 
 REPO = Path(__file__).resolve().parents[1]
-EPTRACE = [sys.executable, "-m", "tracer"]
-RUNS = 5
+EPTRACE = [str(Path(sys.executable).parent / "eptrace")]      # the venv's console script, as users run it
+RUNS = 9                      # run -- true each way: the median of 9 (a shared machine is noisy)
 CONCURRENT = 100
 IDLE = 999
 PHASES = 6
@@ -92,6 +96,9 @@ def listener() -> tuple[socket.socket, threading.Thread]:
 def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("needs root: sudo python -m bench.daemon")
+    if not os.access(EPTRACE[0], os.X_OK):
+        raise SystemExit(f"no {EPTRACE[0]}: run this with the venv's python after 'sudo make setup'")
+    compileall.compile_dir(REPO / "tracer", quiet=1)
     tmp = Path(tempfile.mkdtemp(prefix="eptrace-bench-daemon-"))
     sock = tmp / "eptrace.sock"
     env = {**os.environ, "EPTRACE_SOCKET": str(sock), "EPTRACE_STATE_DIR": str(tmp / "state"),

@@ -138,3 +138,18 @@ def community_id_v1(src_ip: str, src_port: int, dst_ip: str, dst_port: int, prot
     """PyPI communityid (pinned in tests/requirements.txt), not tracer.schema: what the document must carry."""
     import communityid
     return communityid.CommunityID().calc(communityid.FlowTuple(proto, src_ip, dst_ip, src_port, dst_port))
+
+
+# Modules a run client through the daemon never needs (tests/unit/test_light_imports.py, and a real client in
+# tests/kernel/test_daemon.py): the tracer (probes, decoding, state, detection, encoders, the session), the config
+# and the policy, the network outputs, and the libraries behind them. A name covers its submodules.
+HEAVY_FOR_A_CLIENT = frozenset({
+    "bcc", "ctypes", "msgpack", "pyroute2", "ssl", "tomllib", "uuid", "hashlib", "prometheus_client",
+    "confluent_kafka", "tracer.api", "tracer.capture", "tracer.config", "tracer.daemon", "tracer.decoding",
+    "tracer.detect", "tracer.events", "tracer.kernel.bpf", "tracer.kernel.compile", "tracer.kernel.loader",
+    "tracer.kernel.pins", "tracer.kernel.probecache", "tracer.kernel.seccomp", "tracer.metrics_http",
+    "tracer.outputs.delivery", "tracer.outputs.forward", "tracer.outputs.http", "tracer.outputs.kafka",
+    "tracer.outputs.relp", "tracer.outputs.syslog", "tracer.pipeline", "tracer.policy", "tracer.procfs",
+    "tracer.protocols", "tracer.schema.community_id", "tracer.schema.ecs", "tracer.schema.ocsf", "tracer.session",
+    "tracer.state", "tracer.watchdog",
+})

@@ -29,6 +29,7 @@ from pathlib import Path
 from . import control, session
 from .config import Config
 from .kernel import cgroups
+from .outputs import open_outputs
 from .policy import Policy
 from .policy import parse as parse_policy
 from .registry import validate_id
@@ -67,7 +68,7 @@ def run_episode(episode_id: str, argv: list[str], *, outputs: list[str] | None =
     if table is not None:
         policy = parse_policy(table)
     conn = _connection(daemon, config, None if table is not None else policy)
-    fanout = session.open_outputs(list(outputs or []), config)
+    fanout = open_outputs(list(outputs or []), config)
     if conn is not None:
         from . import client
         try:
@@ -94,7 +95,7 @@ class trace_cgroup:
 
     def __enter__(self) -> trace_cgroup:
         conn = _connection(self._daemon, self._config, None if self._table is not None else self._policy)
-        self._outputs = session.open_outputs(self._specs, self._config)
+        self._outputs = open_outputs(self._specs, self._config)
         try:
             if conn is not None:
                 from . import client

@@ -12,10 +12,12 @@ import click
 
 from . import __version__
 from .outputs.secrets import redact
-from .policy import ACTIONS as POLICY_ACTIONS
+from .schema.document import ECS_VERSION, OCSF_VERSION
 from .terminal import printable
-from .schema.ecs import ECS_VERSION
-from .schema.ocsf import OCSF_VERSION
+
+# Only light modules at the top (tests/unit/test_light_imports.py): `eptrace run` through the daemon loads
+# click, tracer.control, tracer.client and what they need; the tracer, the policy, the config, the
+# schema's encoders and the network outputs load in the commands and options that use them.
 
 # Exit statuses, documented in --help.
 EXIT_BAD_INPUT = 2
@@ -54,17 +56,39 @@ def _require_root() -> None:
 
 def _outputs(specs: tuple[str, ...], schema: str = "ecs", config=None):
     """The outputs: --output forms, else the config file's [output] specs, else stdout."""
-    from .session import OutputsError, open_outputs
+    from .outputs import OutputsError, open_outputs
     try:
         return open_outputs(specs, config, schema)
     except OutputsError as e:
         raise Failure(str(e), EXIT_BAD_INPUT) from None
 
 
-def _daemon(mode: str, in_process_only: dict[str, object], config=None):
+def _connect_early(mode: str):
+    """Connect to the daemon for --daemon MODE before run's options are checked, so that its hello is on its way
+    meanwhile. Returns what _daemon calls for the greeted connection (None: no daemon, auto): the errors of
+    connecting wait for that call, after the options' own."""
+    from . import control
+    try:
+        conn = control.connect_if_running(mode, greet=False)
+    except control.DaemonError as e:
+        error = e
+
+        def failed():
+            raise error
+        return failed
+
+    def greeted():
+        if conn is not None:
+            conn.greet()
+        return conn
+    return greeted
+
+
+def _daemon(mode: str, in_process_only: dict[str, object], config=None, connecting=None):
     """The daemon's connection for --daemon MODE, or None (trace in-process). in_process_only: options
     that need a tracer of the run's own; config: a --config, which goes through the daemon only when its
-    tracer settings are the daemon's (its [output], [metrics] and [policy] are the client's own)."""
+    tracer settings are the daemon's (its [output], [metrics] and [policy] are the client's own);
+    connecting: _connect_early's (else connect now)."""
     from . import control
     wanted = [option for option, value in in_process_only.items() if value]
     if wanted:
@@ -73,7 +97,7 @@ def _daemon(mode: str, in_process_only: dict[str, object], config=None):
                           "daemon (use --daemon never)", EXIT_BAD_INPUT)
         return None
     try:
-        conn = control.connect_if_running(mode)
+        conn = connecting() if connecting is not None else control.connect_if_running(mode)
     except control.DaemonError as e:
         raise Failure(str(e), e.status) from None
     if conn is None or config is None:
@@ -162,7 +186,25 @@ def _config(path: str | None):
 
 CONFIG_HELP = "A TOML file of detection thresholds and allowlists; every key has a default."
 POLICY_HELP = "A TOML file with a [policy] table (README: Containing an episode); it replaces the config's."
-ON_ALERT = click.Choice(list(POLICY_ACTIONS))
+
+
+class OnAlertChoice(click.Choice):
+    """The on_alert actions of tracer.policy.ACTIONS, read only when --on-alert is given or --help is shown."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property
+    def choices(self):
+        from .policy import ACTIONS
+        return list(ACTIONS)
+
+    @choices.setter
+    def choices(self, _value) -> None:      # click.Choice.__init__ assigns it
+        pass
+
+
+ON_ALERT = OnAlertChoice()
 ON_ALERT_HELP = "What to do to an episode on any alert, over its policy's on_alert."
 
 
@@ -194,10 +236,10 @@ METRICS_HELP = "Serve Prometheus metrics on ADDR:PORT (/metrics): records, losse
 
 
 def _user(spec: str):
-    """USER[:GROUP] (names or numbers) -> session.User, with the user's supplementary groups."""
+    """USER[:GROUP] (names or numbers) -> command.User, with the user's supplementary groups."""
     import grp
     import pwd
-    from .session import User
+    from .command import User
     name, _, group = spec.partition(":")
     try:
         entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
@@ -323,9 +365,14 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
       sudo eptrace run --episode ep-42 --output file:/var/log/eptrace/ep-42.ndjson -- curl -s http://198.51.100.1/
       sudo eptrace run --episode ep-42 --label run=ppo-7 -- bash -c 'pip download requests'
     """
+    # Connected first (not for in-process runs): the daemon's hello comes while the options are checked
+    connecting = _connect_early(daemon_mode) if daemon_mode != "never" and not metrics_listen else None
+    if connecting is not None:
+        from . import client    # noqa: F401 (meanwhile too)
     _episode_id(episode_id)
     label_map = _labels(labels)
-    config = _with_on_alert(_config(config_path), on_alert)
+    # Without --config: None until this run traces in-process (the outputs and the daemon need no Config)
+    config = _with_on_alert(_config(config_path), on_alert) if config_path else None
     policy = _policy(policy_path)
     metrics_listen = _metrics_address(metrics_listen)
     user = _user(run_as) if run_as else None
@@ -337,7 +384,7 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
         if daemon_mode == "never":
             _require_root()
         _check_written_paths(verdict=verdict_path, capture=capture_path)
-        conn = _daemon(daemon_mode, in_process_only, config if config_path else None)
+        conn = _daemon(daemon_mode, in_process_only, config, connecting)
         if conn is None:
             raise Failure("eptrace loads eBPF programs and must run as root: try again with sudo, or through "
                           "an eptrace daemon whose --socket-group you are in" + (
@@ -347,7 +394,7 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
                           EXIT_NOT_ROOT)
     else:
         _check_written_paths(verdict=verdict_path, capture=capture_path)
-        conn = _daemon(daemon_mode, in_process_only, config if config_path else None)
+        conn = _daemon(daemon_mode, in_process_only, config, connecting)
     fanout = _outputs(outputs, schema, config)
     capture = _capture(capture_path, fanout)
     if conn is not None:
@@ -360,7 +407,9 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
             raise Failure(str(e), e.status) from None
         finally:
             fanout.close()
-        _end_run(verdict, verdict_path, fail_on_alert, fail_on_incomplete)
+        _end_run(verdict, verdict_path, fail_on_alert, fail_on_incomplete, at_once=True)
+    if config is None:
+        config = _with_on_alert(_config(None), on_alert)
     from .kernel.cgroups import CgroupError
     from .kernel.loader import ProbeError
     from .session import run_episode
@@ -377,14 +426,26 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
     _end_run(verdict, verdict_path, fail_on_alert, fail_on_incomplete)
 
 
-def _end_run(verdict, verdict_path: str | None, fail_on_alert: bool, fail_on_incomplete: bool) -> None:
-    """The verdict on stderr and to --verdict, then run's exit status."""
-    from .session import write_verdict
+def _end_run(verdict, verdict_path: str | None, fail_on_alert: bool, fail_on_incomplete: bool,
+             at_once: bool = False) -> None:
+    """The verdict on stderr and to --verdict, then run's exit status. at_once: everything is closed already
+    (a daemon's client), so the interpreter's teardown is skipped (a tenth of a run's time through the daemon)."""
+    from .verdict import write_verdict
     click.echo(verdict.human(), err=True)
     write_verdict(verdict, verdict_path)
     if fail_on_alert and verdict.alerted:
-        sys.exit(EXIT_ALERTED)
-    sys.exit(EXIT_INCOMPLETE if fail_on_incomplete and not verdict.complete else verdict.exit_code)
+        status = EXIT_ALERTED
+    else:
+        status = EXIT_INCOMPLETE if fail_on_incomplete and not verdict.complete else verdict.exit_code
+    if at_once:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(status)
+    sys.exit(status)
 
 
 @cli.command()
@@ -538,8 +599,7 @@ def episode_rm(episode_id, verdict_path) -> None:
     if _tell_daemon("sync", id=episode_id) is not None and verdict_path:
         answer = _tell_daemon("verdict", id=episode_id)
         if answer:
-            from .session import write_verdict
-            from .verdict import from_dict
+            from .verdict import from_dict, write_verdict
             write_verdict(from_dict(answer["verdict"]), verdict_path)
     click.echo(f"removed episode {episode_id}", err=True)
 

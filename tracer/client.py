@@ -15,12 +15,10 @@ import signal
 import subprocess
 import threading
 import time
-import uuid
 from pathlib import Path
 
 from . import control
-from .schema import Document
-from .schema.ecs import restamp
+from .schema.document import Document, restamp
 from .verdict import Verdict, from_dict, merge
 
 log = logging.getLogger(__name__)
@@ -49,7 +47,7 @@ class Episode:
         # The stream is this client's own run: its own eptrace.run.id, and event.sequence from the daemon's
         # count of the episode's documents (gaps show what the daemon could not deliver), continued across
         # daemons (a restarted daemon counts from 1 again).
-        self.run_id = uuid.uuid4().hex[:16]
+        self.run_id = os.urandom(8).hex()
         self.sequence = 0
         self._sequence_base = 0
         self.carried: Verdict | None = None       # from daemons that died during the episode
@@ -113,11 +111,12 @@ class Episode:
             log.warning("the eptrace daemon stops: episode %s ends with it", self.episode_id)
 
     def _send_end_if_due(self) -> None:
+        """The end, once end() asked for it: sent by end() itself, or by the reader after a reconnect. Either
+        thread: the outputs are the reader's alone (it flushes them every FLUSH_INTERVAL_S)."""
         with self._lock:
             if self._end_grace is not None and not self._end_sent:
                 self.conn.send("end", cgroup_id=self.cgroup_id, grace=self._end_grace)
                 self._end_sent = True
-                self.outputs.flush()
 
     def _reconnect(self) -> bool:
         log.warning("the eptrace daemon went away: episode %s stays traced and fail-closed in the kernel; "
@@ -164,6 +163,10 @@ class Episode:
         with self._lock:
             self._command_done_at = time.monotonic()
             self._end_grace = grace_s
+        try:
+            self._send_end_if_due()         # now, not when the reader next looks up from the socket
+        except control.DaemonGone:
+            pass                            # the reader reconnects, and sends it then
         self._thread.join()
         self.conn.close()
         if self.final is not None:
@@ -253,16 +256,17 @@ def run_episode(conn: control.Connection, episode_id: str, argv: list[str], outp
 
 
 def _run_command(episode: Episode, argv: list[str], outputs, grace_s: float, user, policy: dict | None) -> Verdict:
-    from .session import command_setup
-    from .policy import parse as parse_policy
-    parsed = parse_policy(policy) if policy else None
+    from .command import command_setup, packet_socket_filter
+    parsed = None
+    if policy:
+        from .policy import parse as parse_policy
+        parsed = parse_policy(policy)
     admission = None
     if os.geteuid() == 0:
         enter_cgroup, env, child_stdout = command_setup(episode.cgroup, user, outputs, parsed)
     else:                               # the daemon moves CMD into its cgroup
-        from .session import _packet_socket_filter
         _, env, child_stdout = command_setup(episode.cgroup, None, outputs)
-        admission = Admission(episode, _packet_socket_filter(parsed))
+        admission = Admission(episode, packet_socket_filter(parsed))
         enter_cgroup = admission.preexec
     try:
         child = subprocess.Popen(argv, preexec_fn=enter_cgroup, stdout=child_stdout, env=env)

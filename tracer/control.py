@@ -91,7 +91,9 @@ def decode_doc(line: bytes) -> tuple[str, str, int | None] | None:
 class Connection:
     """A client's connection: requests, and the lines the daemon sends back (blocking)."""
 
-    def __init__(self, path: Path | None = None, timeout: float | None = None):
+    def __init__(self, path: Path | None = None, timeout: float | None = None, greet: bool = True):
+        """greet: read the daemon's hello now (else: greet() before the first request; the daemon answers
+        meanwhile)."""
         self.path = path or socket_path()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -108,6 +110,12 @@ class Connection:
             self.sock.close()
             raise NoDaemon(f"cannot reach the eptrace daemon on {self.path}: {e.strerror or e}") from None
         self._buffer = b""
+        self.instance = None
+        if greet:
+            self.greet()
+
+    def greet(self) -> None:
+        """Read the daemon's hello: Refused or DaemonError (the connection closed) when it refuses this client."""
         try:
             hello = self.message()
         except BaseException:
@@ -161,12 +169,12 @@ class Connection:
         self.sock.close()
 
 
-def connect_if_running(mode: str) -> Connection | None:
+def connect_if_running(mode: str, greet: bool = True) -> Connection | None:
     """The daemon's connection for --daemon MODE: auto (None when no daemon listens), never, require."""
     if mode == "never":
         return None
     try:
-        return Connection()
+        return Connection(greet=greet)
     except NoDaemon:
         if mode == "require":
             raise

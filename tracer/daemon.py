@@ -1,8 +1,8 @@
 """eptrace daemon: one tracer for the host. It traces every registered episode (like watch did), and
 the episodes its clients ('eptrace run', tracer.api) start over the control socket (tracer/control.py).
 
-Everything runs in one thread: the loop reads the ring buffer for at most LOOP_MS, then serves the
-socket without blocking, advances the episodes being ended, and flushes what clients are owed.
+Everything runs in one thread: the loop reads the ring buffer for at most LOOP_MS (BUSY_MS while clients
+talk), then serves the socket without blocking, advances the episodes being ended, and flushes what clients are owed.
 The probes are pinned in the watch directory and the episodes that clients started are recorded in
 <state dir>/runs/: a daemon that is killed and restarted re-opens both, delivers what was recorded
 meanwhile, and its clients reconnect (resume) to the same episodes. Registered episodes' verdicts are
@@ -36,6 +36,8 @@ from .verdict import Verdict, VerdictBuilder, from_dict, merge
 log = logging.getLogger(__name__)
 
 LOOP_MS = 10                  # the longest a request waits for the ring-buffer read before it is served
+BUSY_MS = 1                   # ... within BUSY_S of a connection or a request: a client's next request (a run's
+BUSY_S = 0.05                 # start after its hello, its end after its command) is served within a millisecond
 SYNC_INTERVAL_S = 0.5         # registrations are re-read this often (add/rm through the socket: at once)
 OWNER_CHECK_S = 0.5           # how often the daemon looks for clients that died while it was away
 MAX_PENDING = 64 << 20       # bytes of documents kept for a client that reconnects after a restart
@@ -169,6 +171,7 @@ class Daemon:
         self.unsaved: set[int] = set()                # registered episodes with events since their verdict was saved
         self.unsaveable: set[str] = set()             # episode ids whose verdict could not be saved (logged once)
         self.selector = selectors.DefaultSelector()
+        self.busy_until = 0.0                         # monotonic time until which the loop waits BUSY_MS
         self.counters = {"connections": 0, "refused_peers": 0, "episodes_started": 0, "episodes_ended": 0,
                          "clients_dropped": 0, "requests": 0, "documents_not_kept_for_clients": 0}
         self.runs_dir = state_dir() / RUNS_DIR
@@ -230,6 +233,7 @@ class Daemon:
                 sock.close()
                 continue
             conn = Conn(sock, pid, uid)
+            self.busy_until = time.monotonic() + BUSY_S
             self.conns[sock.fileno()] = conn
             self.selector.register(sock, selectors.EVENT_READ, conn)
             self.counters["connections"] += 1
@@ -471,7 +475,8 @@ class Daemon:
         safefiles.write_atomically(traced.record, json.dumps({
             "id": traced.id, "kind": traced.kind, "cgroup": str(traced.cgroup), "labels": traced.labels,
             "policy": policy_table, "on_alert": on_alert, "owner_pid": traced.owner_pid,
-            "owner_uid": traced.owner_uid, "capture": traced.capture}).encode(), "run record")
+            "owner_uid": traced.owner_uid, "capture": traced.capture}).encode(), "run record", durable=False)
+        # not durable (no fsync): a run's cgroup and pins do not outlive the host, only a daemon's death
 
     def _restore_runs(self) -> None:
         """Episodes that clients started under a daemon that died: traced again (their probes stayed
@@ -555,6 +560,13 @@ class Daemon:
         verdict = self._verdict(traced)
         if traced.kind == "run":
             session.remove_run_cgroup(traced.cgroup)    # before its probes go: nothing runs untraced
+        self._send_episode_metric(traced, verdict)
+        message = encode({"type": "verdict", "final": True, "id": traced.id, "reason": traced.ending.reason
+                          if traced.ending else "ended", "verdict": verdict.__dict__})
+        for conn in list(self.subscribers.get(traced.cgroup_id, ())):
+            self._unsubscribe(conn, traced.cgroup_id)
+            conn.send(message)
+        self._flush_conns()     # the verdict goes now: a client need not wait for the detach (an RCU grace period)
         self.tracer.remove_episode(traced.cgroup_id)
         del self.traced[traced.cgroup_id]
         self.ending.discard(traced.cgroup_id)
@@ -562,12 +574,6 @@ class Daemon:
         if traced.record is not None:
             traced.record.unlink(missing_ok=True)
         self.counters["episodes_ended"] += 1
-        self._send_episode_metric(traced, verdict)
-        message = encode({"type": "verdict", "final": True, "id": traced.id, "reason": traced.ending.reason
-                          if traced.ending else "ended", "verdict": verdict.__dict__})
-        for conn in list(self.subscribers.get(traced.cgroup_id, ())):
-            self._unsubscribe(conn, traced.cgroup_id)
-            conn.send(message)
         if self.captures is not None:
             self.captures.remove(cgroup_id=traced.cgroup_id)
             self._captures_changed()
@@ -625,6 +631,7 @@ class Daemon:
     # -- requests ---------------------------------------------------------------------
     def _handle(self, conn: Conn, line: bytes) -> None:
         self.counters["requests"] += 1
+        self.busy_until = time.monotonic() + BUSY_S
         try:
             request = json.loads(line)
             if not isinstance(request, dict):
@@ -820,7 +827,7 @@ class Daemon:
             session.report_resumption(self.tracer, {t.id: cgid for cgid, t in self.traced.items()})
         next_sync = next_owner_check = time.monotonic()
         while stop.signum is None:
-            self.tracer.poll(LOOP_MS)
+            self.tracer.poll(BUSY_MS if time.monotonic() < self.busy_until else LOOP_MS)
             self._serve()
             self._advance_endings()
             now = time.monotonic()

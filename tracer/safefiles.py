@@ -15,7 +15,6 @@ Each refusal is an UnsafePathError with a one-line message that names the path a
 from __future__ import annotations
 
 import os
-import secrets
 import stat
 from pathlib import Path
 
@@ -132,7 +131,7 @@ class AtomicFile:
             self.tmp = None
             self.file = open(DEVNULL, "wb")
             return
-        self.tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.urandom(4).hex()}.tmp")
         fd = os.open(self.tmp, _WRITE_FLAGS | os.O_EXCL, mode)
         os.fchmod(fd, mode)
         self.file = os.fdopen(fd, "wb")

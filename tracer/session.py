@@ -7,19 +7,18 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
+from .command import User, command_setup
 from .config import Config
 from .events import Metric
-from .kernel import cgroups, pins, seccomp
+from .kernel import cgroups, pins
 from .policy import Policy
 from .registry import Registry, validate_id
 from .verdict import Verdict, VerdictBuilder
@@ -28,36 +27,6 @@ from .watchdog import DONE
 log = logging.getLogger(__name__)
 
 RUN_PARENT = "eptrace"          # run's fresh cgroups live under <cgroup2>/eptrace/, as <id>@<pid>
-
-
-class OutputsError(Exception):
-    """An output spec or its destination is wrong (bad input)."""
-
-
-def open_outputs(specs: list[str] | tuple[str, ...], config: Config | None = None, schema: str = "ecs"):
-    """The session's outputs: the specs, else the config's [output] specs, else stdout; with the
-    config's spool_mb for network outputs."""
-    from .outputs import Fanout, OutputError, OutputSpecError, Transform, parse_output_specs
-    config = config or Config()
-    try:
-        fanout = Fanout(parse_output_specs(list(specs) or list(config.output.specs), config.output.spool_mb))
-    except (OutputSpecError, OutputError, OSError) as e:
-        raise OutputsError(str(e)) from None
-    if schema == "ocsf":
-        from .schema.ocsf import convert
-        return Transform(fanout, convert)
-    return fanout
-
-
-def write_verdict(verdict: Verdict, path: str | None) -> None:
-    """The session's last step: the verdict as JSON to path (tracer.safefiles), when asked."""
-    if not path:
-        return
-    from .safefiles import UnsafePathError, write_atomically
-    try:
-        write_atomically(path, (verdict.to_json() + "\n").encode(), "--verdict")
-    except (OSError, UnsafePathError) as e:
-        log.error("cannot write the verdict to %s: %s", path, e)
 
 
 def make_tracer(outputs, stats_interval_s: float, config: Config | None = None, capture=None,
@@ -172,16 +141,6 @@ class _Stop:
         self.signum = signum
 
 
-@dataclass(frozen=True)
-class User:
-    """Who CMD runs as (run --user): set after it joins its cgroup, before exec."""
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-    name: str | None = None
-    home: str | None = None
-
-
 def _start_watchdog(cgroup: Path, pin_dir: Path) -> tuple[subprocess.Popen, int]:
     """The process that kills the episode if this one dies (tracer/watchdog.py): outside the
     episode cgroup, in its own session; the pipe's write end is ours alone (not inherited)."""
@@ -255,42 +214,6 @@ def run_episode(episode_id: str, argv: list[str], outputs, labels: dict[str, str
         if cgroup is not None:
             remove_run_cgroup(cgroup)      # before the probes go: nothing runs untraced
         _close(tracer, outputs, capture, metrics)
-
-
-def _packet_socket_filter(policy: Policy | None) -> seccomp.Installer | None:
-    """raw_sockets = false: the command's socket(AF_PACKET, ...) fails with EPERM (the probes' kill stays
-    the backstop, and the only way for registered episodes)."""
-    if policy is None or policy.raw_sockets:
-        return None
-    program = seccomp.packet_socket_filter()
-    if program is None:
-        log.warning("no seccomp filter for %s: AF_PACKET sockets are refused by a kill", platform.machine())
-        return None
-    return seccomp.Installer(program)
-
-
-def command_setup(cgroup: Path, user: User | None, outputs, policy: Policy | None = None):
-    """(preexec_fn, env, stdout) for CMD: it joins the episode cgroup before exec (so that its exec is
-    traced), installs the packet-socket filter of its policy, then becomes user; its stdout goes to stderr
-    when stdout carries the event stream."""
-    procs_file = str(cgroup / "cgroup.procs")
-    packet_filter = _packet_socket_filter(policy)
-
-    def enter_cgroup() -> None:     # runs in the child before exec
-        with open(procs_file, "w") as f:
-            f.write(str(os.getpid()))
-        if packet_filter is not None:   # while still root: no no_new_privs needed
-            packet_filter.install()
-        if user is not None:        # after joining: an unprivileged process cannot move itself
-            os.setgroups(user.groups)
-            os.setgid(user.gid)
-            os.setuid(user.uid)
-
-    env = None
-    if user is not None and user.name:
-        env = {**os.environ, "USER": user.name, "LOGNAME": user.name, "HOME": user.home or "/"}
-    child_stdout = sys.stderr if any(o.name == "stdout" for o in outputs.outputs) else None
-    return enter_cgroup, env, child_stdout
 
 
 def account(verdict: Verdict, tracer, cgroup_id: int, alone: bool) -> None:

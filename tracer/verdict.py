@@ -3,10 +3,12 @@ orchestrator that decides its reward (stderr summary, --verdict JSON, API)."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 
-from .events import Alert, NetworkEvent
 from .terminal import printable
+
+log = logging.getLogger(__name__)
 
 MAX_DESTINATIONS = 200      # listed in full up to this many
 DISTINCT_DESTINATIONS = 262144   # the count is exact up to this many (memory); beyond, every one counts
@@ -87,6 +89,8 @@ class VerdictBuilder:
 
     def __init__(self, episode_id: str, cgroup_id: int | None = None):
         """cgroup_id: only that episode's events (a daemon may trace two episodes of one id)."""
+        from .events import Alert, NetworkEvent    # here: a verdict's reader (a daemon's client) needs no events
+        self._kinds = (Alert, NetworkEvent)
         self.verdict = Verdict(episode_id)
         self.cgroup_id = cgroup_id
         self._destinations: set[str] = set()
@@ -97,6 +101,7 @@ class VerdictBuilder:
                 (self.cgroup_id is not None and episode.cgroup_id != self.cgroup_id):
             return
         v = self.verdict
+        Alert, NetworkEvent = self._kinds
         if isinstance(event, Alert) and event.containment is not None:
             v.containment.append(event.containment)
         elif isinstance(event, Alert):
@@ -146,3 +151,14 @@ def merge(earlier: Verdict, later: Verdict) -> Verdict:
     v.denied = max(earlier.denied, later.denied)
     v.account({r: max(earlier.losses.get(r, 0), later.losses.get(r, 0)) for r in {*earlier.losses, *later.losses}})
     return v
+
+
+def write_verdict(verdict: Verdict, path: str | None) -> None:
+    """The session's last step: the verdict as JSON to path (tracer.safefiles), when asked."""
+    if not path:
+        return
+    from .safefiles import UnsafePathError, write_atomically
+    try:
+        write_atomically(path, (verdict.to_json() + "\n").encode(), "--verdict")
+    except (OSError, UnsafePathError) as e:
+        log.error("cannot write the verdict to %s: %s", path, e)

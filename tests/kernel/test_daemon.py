@@ -22,7 +22,7 @@ import harness
 from eptrace_helpers import (REPO_ROOT, LineReader, alerts, assert_contract, assert_one_line_error, dump, get, kill,
                              read_docs, run_eptrace, select, start_eptrace, stop, wait_for_docs, wait_until)
 from harness import HOST_IP, METADATA_IP, PYTHON
-from support import free_port
+from support import HEAVY_FOR_A_CLIENT, free_port
 
 from tracer import control
 from tracer.capture import entries as capture_entries
@@ -46,16 +46,22 @@ for host in (sys.argv[1], sys.argv[2]):
         s.recv(100)
 print("done", flush=True)
 '''
-# eptrace's command line in this process, reporting at exit whether bcc or the loader were imported, and VmHWM.
+# eptrace's command line in this process, reporting at exit (a client's os._exit too) whether bcc or the loader
+# were imported, every module it imported, and VmHWM.
 CLIENT_PROBE = r'''
-import atexit, json, sys
+import atexit, json, os, sys
 path = sys.argv[1]
 def report():
     hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
     with open(path, "w") as f:
         json.dump({"bcc": "bcc" in sys.modules, "loader": "tracer.kernel.loader" in sys.modules,
-                   "vmhwm_kb": hwm}, f)
+                   "modules": sorted(sys.modules), "vmhwm_kb": hwm}, f)
 atexit.register(report)
+exit_now = os._exit
+def report_and_exit(status):
+    report()
+    exit_now(status)
+os._exit = report_and_exit
 sys.argv = ["eptrace"] + sys.argv[2:]
 from tracer.cli import main
 main()
@@ -197,6 +203,8 @@ def test_a_run_client_gets_its_own_documents_and_verdict_without_loading_the_pro
     wait_for_docs(daemon.events, lambda all_docs: port in ports_attempted(all_docs))
     probe = json.loads(report.read_text())
     assert probe["bcc"] is False and probe["loader"] is False, probe
+    heavy = [m for m in probe["modules"] if any(m == h or m.startswith(h + ".") for h in HEAVY_FOR_A_CLIENT)]
+    assert heavy == [], heavy           # a light client (tests/unit/test_light_imports.py): its run time is issue 11's
     assert probe["vmhwm_kb"] < 80 * 1024, probe         # the 40 MB target is bench's; this catches a probe load
     listed = daemon.request("list")["episodes"]
     assert not [e for e in listed if e["id"] == "ep-d1"], listed       # ended: untraced, cgroup gone

@@ -11,7 +11,8 @@ import msgpack
 from tracer import control
 from tracer.detect.rules import REVERSE_SHELL
 from tracer.events import Alert, Episode, Metric
-from tracer.schema.ecs import EcsEncoder, restamp
+from tracer.schema.document import restamp
+from tracer.schema.ecs import EcsEncoder
 from tracer.verdict import Verdict, from_dict, merge
 
 REPO = Path(__file__).resolve().parents[2]

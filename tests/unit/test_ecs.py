@@ -5,7 +5,8 @@ import re
 import pytest
 
 from tracer.events import Endpoint, Episode, Metric, NetworkEvent, Process, ProcessEvent
-from tracer.schema import ECS_VERSION, EcsEncoder, community_id, format_human, to_json
+from tracer.schema import ECS_VERSION, EcsEncoder, format_human, to_json
+from tracer.schema.community_id import community_id
 
 TS = 1_795_820_445_123_456_789  # 2026-11-27T23:00:45.123456789Z
 TIMESTAMP_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")

@@ -1,4 +1,5 @@
-"""Outputs: where ECS documents go. `parse_output_spec` turns `--output` values into outputs."""
+"""Outputs: where ECS documents go. `open_outputs` makes a session's outputs (`parse_output_spec` turns `--output`
+values into outputs). Light to import: a network output's sender loads only when one is asked for."""
 from __future__ import annotations
 
 import grp
@@ -10,10 +11,9 @@ from tracer.outputs.base import Fanout, KindFilter, Output, OutputError, Transfo
 from tracer.outputs.file import FileOutput, check_file_target
 from tracer.outputs.secrets import redact
 from tracer.outputs.stdout import StdoutOutput
-from tracer.registry import state_dir
 
-__all__ = ["Fanout", "FileOutput", "KindFilter", "Transform", "Output", "OutputError", "OutputSpecError", "StdoutOutput",
-           "parse_output_spec", "parse_output_specs"]
+__all__ = ["Fanout", "FileOutput", "KindFilter", "Transform", "Output", "OutputError", "OutputSpecError", "OutputsError",
+           "StdoutOutput", "open_outputs", "parse_output_spec", "parse_output_specs"]
 
 ACCEPTED_FORMS = ("'-' (stdout), 'file:PATH', 'file:PATH?max_mb=N&keep=K&group=G', 'syslog+tcp://HOST:PORT', "
                   "'syslog+udp://HOST:PORT', 'syslog+tls://HOST:PORT?ca=FILE[&cert=FILE&key=FILE]', "
@@ -37,6 +37,27 @@ NETWORK_SENDERS = ((("syslog+relp://",), "relp", "parse_relp_spec"),
 
 class OutputSpecError(ValueError):
     """An --output value that is not one of the accepted forms."""
+
+
+class OutputsError(Exception):
+    """An output spec or its destination is wrong (bad input)."""
+
+
+def open_outputs(specs: list[str] | tuple[str, ...], config=None, schema: str = "ecs"):
+    """The session's outputs: the specs, else the config's [output] specs (a tracer.config.Config; None: the
+    defaults), else stdout; with the config's spool_mb for network outputs."""
+    if config is not None:
+        specs, spool_mb = list(specs) or list(config.output.specs), config.output.spool_mb
+    else:
+        specs, spool_mb = list(specs), None
+    try:
+        fanout = Fanout(parse_output_specs(specs, spool_mb))
+    except (OutputSpecError, OutputError, OSError) as e:
+        raise OutputsError(str(e)) from None
+    if schema == "ocsf":
+        from tracer.schema.ocsf import convert
+        return Transform(fanout, convert)
+    return fanout
 
 
 def parse_output_spec(spec: str, spool_mb: float | None = None) -> Output:
@@ -71,6 +92,7 @@ def _plan(spec: str, spool_mb: float | None) -> tuple[str, Callable[[], Output]]
                 sender = parse_sender(spec)     # their errors never echo a token, password or key
             except ValueError as e:
                 raise OutputSpecError(redact(str(e))) from None
+            from tracer.registry import state_dir
             spool_dir = state_dir() / "spool"
             try:
                 safefiles.check_private_dir(spool_dir, "spool directory")

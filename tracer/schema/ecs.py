@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from tracer.events import Alert, Episode, Metric, NetworkEvent, Process, ProcessEvent
 from tracer.schema.community_id import community_id
+from tracer.schema.document import ECS_VERSION, Document
 from tracer.terminal import printable
 
-ECS_VERSION = "9.4.0"
 AGENT_NAME = "eptrace"
 
 # event.action -> (event.category, event.type). Values are ECS allowed values;
@@ -76,35 +75,6 @@ def format_timestamp(ns: int) -> str:
 def to_json(doc: dict[str, Any]) -> str:
     """One compact JSON line (no trailing newline)."""
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Document:
-    """One ECS document, already serialized: outputs write `json` as it is."""
-    json: str          # one compact line, no newline
-    kind: str          # event.kind: event, metric, alert
-
-    def fields(self) -> dict[str, Any]:
-        return json.loads(self.json)
-
-
-_SEQUENCE = ',"sequence":'
-_RUN = '"eptrace":{"run":{"id":'
-
-
-def restamp(text: str, sequence: int, run_id: str) -> str:
-    """Another run's document (the daemon's) as one of this run's (a daemon client's): event.sequence and
-    eptrace.run.id become this run's, and the daemon's go to eptrace.daemon.run_id and .sequence for
-    correlation; event.id stays (unique already). The fields are found where _head and _context put them,
-    before any text from the sandbox (which is JSON-escaped: its quotes cannot match)."""
-    at = text.index(_SEQUENCE) + len(_SEQUENCE)
-    end = text.index(",", at)
-    theirs = text[at:end]
-    text = f"{text[:at]}{int(sequence)}{text[end:]}"
-    at = text.index(_RUN) + len(_RUN)
-    end = text.index("}", at)
-    return (f"{text[:at]}{_j(run_id)}}},\"daemon\":{{\"run_id\":{text[at:end]},\"sequence\":{theirs}}}"
-            f"{text[end + 1:]}")
 
 
 # One encoder, built once: json.dumps with options would build a new one per call.

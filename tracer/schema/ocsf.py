@@ -13,9 +13,8 @@ import json
 import time
 from typing import Any
 
-from tracer.schema.ecs import Document
+from tracer.schema.document import OCSF_VERSION, Document
 
-OCSF_VERSION = "1.8.0"
 # device and actor belong to the host profile in Network Activity and Detection Finding.
 PROFILES = ["host"]
 
