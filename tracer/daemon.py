@@ -29,7 +29,7 @@ from .config import Config, ConfigError, tracer_settings
 from .control import MAX_LINE, PROTOCOL_VERSION, encode, encode_capture, encode_doc
 from .events import Metric
 from .kernel import cgroups
-from .policy import parse as policy_of
+from .policy import ACTIONS, parse as policy_of
 from .registry import Registry, RegistryError, parse_labels, state_dir, validate_id
 from .verdict import Verdict, VerdictBuilder, from_dict, merge
 
@@ -662,8 +662,8 @@ class Daemon:
         policy_table, on_alert = request.get("policy"), request.get("on_alert")
         if policy_table is not None:
             policy_of(policy_table)                 # checked before anything is made
-        if on_alert not in (None, "none", "deny_network", "kill", "freeze"):
-            raise ValueError(f"on_alert {on_alert!r}")
+        if on_alert is not None and on_alert not in ACTIONS:
+            raise ValueError(f"on_alert {on_alert!r}: one of {', '.join(ACTIONS)}")
         existing = request.get("cgroup")
         if existing:
             cgroup, kind = cgroups.resolve(existing), "cgroup"

@@ -285,6 +285,17 @@ def test_exit_statuses_and_fail_on_alert_are_the_same_as_in_process(daemon, net,
     assert same["require"] == same["never"], same          # the same documents as in-process
     # a command that cannot start: 127, as in-process
     assert client(daemon, "ep-nocmd", "/nonexistent/command").returncode == 127
+    # --on-alert: every action goes through the daemon and is taken as in-process ("cut" was once refused)
+    taken = {}
+    for mode in ("require", "never"):
+        episode = f"ep-cut-{mode}"
+        r = run_eptrace("run", "--daemon", mode, "--episode", episode, "--grace", 2, "--on-alert", "cut", "--output",
+                        f"file:{daemon.tmp / episode}.ndjson", "--verdict", f"{daemon.tmp / episode}.json", "--",
+                        *argv, state_dir=daemon.state, timeout=180)
+        assert r.returncode == 9, r.stderr
+        v = verdict_of(daemon, episode)
+        taken[mode] = [(c.get("action"), c.get("rule")) for c in v["containment"]]
+    assert taken["require"] == taken["never"] and taken["never"][0][0] == "cut", taken
 
 
 # ---- registered episodes ------------------------------------------------------------------------------------
