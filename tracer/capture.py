@@ -298,6 +298,9 @@ class ReplayProbes:
     def lost(self) -> dict[str, int]:
         return {}
 
+    def ring_unread_max(self) -> int:
+        return 0
+
     def refused(self) -> dict[int, int]:
         return {}
 

@@ -66,6 +66,9 @@ class StatsCollector:
                       "layouts).", (), [((), stats.get("records_undecodable", 0))])
         yield counter("records_failed_total", "Records whose handling raised in the tracer (a bug: the "
                       "episode's verdict is incomplete).", (), [((), stats.get("records_failed", 0))])
+        yield gauge("ring_unread_max_bytes", "The most bytes the reader found unread in the ring buffer at once "
+                    "(its worst lag; records are lost when it reaches the ring's size).", (),
+                    [((), stats.get("ring_unread_max_bytes", 0))])
         if self.per_episode:
             yield counter("episode_losses_total", "What each episode's record lacks, by reason (nonzero only).",
                           ("episode", "reason"), [((item["episode_id"], r), n)

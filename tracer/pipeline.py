@@ -415,6 +415,7 @@ class Tracer:
             "records_undecodable": self.stats["records_undecodable"],
             "records_failed": self.stats["records_failed"],
             "records_without_episode": self.stats["records_without_episode"],
+            "ring_unread_max_bytes": self.probes.ring_unread_max(),
             "connects_refused": sum(refused.values()),   # while no tracer was alive
             "egress_denied": sum(denied.values()),        # refused by episode policies
             "containment_actions": self.stats["containment_actions"],

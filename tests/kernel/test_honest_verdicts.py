@@ -219,9 +219,8 @@ def test_a_flood_is_refused_and_spares_the_other_episode(net, tmp_path, episode_
     assert all(get(d, "event.outcome") == "success" for d in attempts), dump(attempts)
     assert len(select(docs, "connection_established", episode="ep-victim", port=port)) == 100
     by_episode = losses_of(metric)
-    # The victim lost nothing (its long `python -c` argv may have been read from /proc: no gap), but for a
-    # trace of ringbuf_full (below): its 100 connections are all there (above).
-    assert set(gaps(by_episode.get("ep-victim", {}))) <= {"ringbuf_full"}, by_episode
+    # The victim lost nothing (its long `python -c` argv may have been read from /proc: no gap).
+    assert not gaps(by_episode.get("ep-victim", {})), by_episode
     flood_losses = by_episode["ep-flood"]
     if kind == "dns":
         # Each query is one payload record; the first two are evidence, the others took a token or were refused.
@@ -229,15 +228,12 @@ def test_a_flood_is_refused_and_spares_the_other_episode(net, tmp_path, episode_
         assert flood_losses["budget"] >= sent - 2 - allowed, (sent, seconds, flood_losses)
         assert set(gaps(flood_losses)) <= {"budget", "ring_share"}, flood_losses   # and nothing else was lost
     else:
-        # Evidence takes no budget: the share refused it. The ring can still be full for an instant (1 to 18
-        # records against 70,000 refused by the share, with the libbpf reader; cause not found: a bigger ring
-        # with a lower watermark, and a second reservation when the kernel says there is room, did not
-        # remove it): a trace, charged to the episode that lost it (the victim once in about ten runs).
+        # Evidence takes no budget: the share refused it, and nothing else was lost.
         assert flood_losses["ring_share"] > 0, (sent, seconds, flood_losses)
-        assert set(gaps(flood_losses)) <= {"ring_share", "budget", "ringbuf_full"}, flood_losses
-    full = get(metric, "eptrace.stats.records_lost_by_reason.ringbuf_full")
-    assert full * 100 <= by_episode["ep-flood"].get("ring_share", 0) + 100, (full, by_episode)
-    assert full == sum(losses.get("ringbuf_full", 0) for losses in by_episode.values()), (full, by_episode)
+        assert set(gaps(flood_losses)) <= {"ring_share", "budget"}, flood_losses
+    # The share kept the ring from filling. (A "ring full for an instant" seen here was the reader's
+    # consumer position read half-written by the probes: tracer/kernel/bpf.py, test_ringbuf.py.)
+    assert get(metric, "eptrace.stats.records_lost_by_reason.ringbuf_full") == 0, metric
 
 
 def losses_of(metric: dict) -> dict[str, dict[str, int]]:

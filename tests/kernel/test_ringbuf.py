@@ -18,7 +18,7 @@ CONNECTIONS = 2000
 
 # Loopback connect/accept/close in one process, in batches of argv[1]; with argv[2] == "step" it waits for a
 # line on stdin before each batch and prints "batch" after it.
-WORKLOAD = r'''
+WORKLOAD_OF = r'''
 import socket, sys
 batch, step = int(sys.argv[1]), sys.argv[2] == "step"
 listener = socket.create_server(("127.0.0.1", 0), backlog=128)
@@ -32,7 +32,8 @@ for _ in range(%d // batch):
         c.close()
     if step:
         print("batch", flush=True)
-''' % CONNECTIONS
+'''
+WORKLOAD = WORKLOAD_OF % CONNECTIONS
 
 
 @pytest.fixture
@@ -128,3 +129,37 @@ def test_records_wrapping_around_the_buffer_arrive_whole(small_probes, episode_c
     assert got.of(proc.pid) == expected(CONNECTIONS)
     assert sum(map(len, got.raws)) > 40 * 32 * 1024   # the buffer wrapped dozens of times
     assert_nothing_lost(small_probes, cgid)
+
+
+MANY = 30000
+
+
+@pytest.fixture
+def mid_probes():
+    p = Probes(ringbuf_pages=4096)   # 16 MiB
+    yield p
+    p.close()
+
+
+def test_the_reader_moving_on_never_shows_the_probes_a_full_ring(mid_probes, episode_cgroup):
+    """The probes check the consumer position at every reservation while the reader advances it: written
+    in two steps (zero, then the value, as struct.pack_into("<Q") does), it read as 0 in between, and once
+    more than the ring's size had gone through, a reservation then failed as ringbuf_full. Here the workload
+    runs freely, about 30 MB through a 16 MiB ring that the reader keeps close to empty (the workload would
+    fill it in a second and a half at least): a ringbuf_full is a reservation that saw a full ring that was not."""
+    got = Collector()
+    mid_probes.open_records(got)
+    cg = episode_cgroup("ringbuf-moving")
+    cgid = mid_probes.attach(cg)
+    proc = harness.spawn_in_cgroup(cg, [PYTHON, "-c", WORKLOAD_OF % MANY, "100", "free"])
+    try:
+        poll_until(mid_probes, lambda: proc.poll() is not None, timeout=300)
+        assert proc.wait(timeout=1) == 0
+        poll_until(mid_probes, lambda: got.of(proc.pid) == expected(MANY), timeout=10)
+        mid_probes.poll(0)
+    finally:
+        proc.kill()
+    assert_nothing_lost(mid_probes, cgid)
+    assert got.of(proc.pid) == expected(MANY)
+    assert sum(map(len, got.raws)) > 24 * 1024 * 1024   # well past the ring's size: a position read as 0
+                                                        # is then "full"

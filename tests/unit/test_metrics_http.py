@@ -5,6 +5,7 @@ import pytest
 from tracer.metrics_http import MetricsServer, exposition
 
 STATS = {"records_received": 10, "records_lost": 0, "records_lost_by_reason": {"ringbuf_full": 0},
+         "ring_unread_max_bytes": 1048576,
          "events_emitted": 8, "alerts": 1, "episodes": 2, "flows_open": 3,
          "outputs": [{"output": 'syslog+tcp://"x":1', "sent": 7, "dropped": {"spool_full": 2}, "queued": 4,
                       "spooled_bytes": 100, "latency_s": 0.25},
@@ -20,8 +21,9 @@ def test_exposition_has_every_counter_and_escapes_labels():
     assert 'eptrace_output_delivery_latency_seconds{output="syslog+tcp://\\"x\\":1"} 0.25' in text
     assert 'eptrace_output_dropped_total{output="hec://h:8088",reason="rejected:hec_invalid_event"} 3' in text
     assert 'reason="rejected"}' not in text
-    assert text.count("# TYPE") == 15 and text.endswith("\n")
+    assert text.count("# TYPE") == 16 and text.endswith("\n")
     assert "eptrace_records_failed_total 0" in text
+    assert "eptrace_ring_unread_max_bytes 1.048576e+06" in text
 
 
 def test_server_serves_metrics_and_404_elsewhere():
@@ -58,7 +60,7 @@ def test_per_episode_series_and_turning_them_off():
     assert 'eptrace_episode_losses_total{episode="ep-1",reason="budget"} 4' in text
     off = exposition(EPISODES, per_episode=False)
     assert "episode=" not in off and "eptrace_episode_connections_total" not in off
-    assert "eptrace_records_received_total 10" in off and off.count("# TYPE") == 14   # the losses family too
+    assert "eptrace_records_received_total 10" in off and off.count("# TYPE") == 15   # the losses family too
 
 
 def test_server_without_per_episode_series():

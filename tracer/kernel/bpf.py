@@ -12,7 +12,6 @@ import logging
 import mmap
 import os
 import select
-import struct
 from typing import Any, Callable, Iterator
 
 log = logging.getLogger(__name__)
@@ -322,9 +321,16 @@ class RingBuffer:
     def __init__(self, map_fd: int, data_size: int, handle: Callable[[bytes], None]):
         page = mmap.PAGESIZE
         self._handle, self._size = handle, data_size
+        self.unread_max = 0                             # the most bytes found unread at once: the reader's worst lag
         self._consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._producer = mmap.mmap(map_fd, page + data_size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
         self._data = memoryview(self._producer)[page:]
+        # The positions are read and written as one aligned 8-byte load or store, as the kernel does: the
+        # probes read consumer_pos at every reservation, and struct.pack_into("<Q") writes zeroes first, then
+        # byte by byte, so that a reservation in between saw the ring full (the losses of issue 12).
+        self._consumer_pos = memoryview(self._consumer)[:8].cast("Q")
+        self._producer_pos = memoryview(self._producer)[:8].cast("Q")
+        self._headers = self._data.cast("I")            # a record's header: 8-byte aligned, its length first
         self._epoll = select.epoll()
         self._epoll.register(map_fd, select.EPOLLIN)    # woken only when the probes ask (BPF_RB_FORCE_WAKEUP
                                                         # or a full buffer): the poll timeout paces reading
@@ -337,14 +343,16 @@ class RingBuffer:
         # x86-64 keeps loads and stores in order: plain reads and writes are the acquire and release
         # the kernel's ring protocol asks for.
         size, data = self._size, self._data
-        consumer = struct.unpack_from("<Q", self._consumer)[0]
+        consumer = self._consumer_pos[0]
         while True:
-            producer = struct.unpack_from("<Q", self._producer)[0]
+            producer = self._producer_pos[0]
             if consumer >= producer:
                 return
+            if producer - consumer > self.unread_max:
+                self.unread_max = producer - consumer
             while consumer < producer:
                 at = consumer & (size - 1)
-                header = struct.unpack_from("<I", data, at)[0]
+                header = self._headers[at >> 2]
                 if header & self.BUSY:
                     return                      # still being written: the next consume() reads it
                 length = header & ~self.DISCARD
@@ -353,7 +361,7 @@ class RingBuffer:
                 # a record that runs past the end of the buffer goes on at its start
                 record = bytes(data[start:end]) if end <= size else bytes(data[start:]) + bytes(data[:end - size])
                 consumer += (length + self.HEADER + 7) & ~7
-                struct.pack_into("<Q", self._consumer, 0, consumer)
+                self._consumer_pos[0] = consumer
                 if not header & self.DISCARD:
                     try:
                         self._handle(record)
@@ -363,7 +371,8 @@ class RingBuffer:
     def close(self) -> None:
         if self._epoll is not None:
             self._epoll.close()
-            self._data.release()
+            for view in (self._headers, self._consumer_pos, self._producer_pos, self._data):
+                view.release()
             self._producer.close()
             self._consumer.close()
             self._epoll = None

@@ -472,6 +472,10 @@ class Probes:
         self._ring.consume()
         self._beat()
 
+    def ring_unread_max(self) -> int:
+        """The most bytes the reader has found unread in the ring buffer at once (its worst lag)."""
+        return self._ring.unread_max if self._ring is not None else 0
+
     def lost(self) -> dict[str, int]:
         """Records the kernel could not send, by reason, summed over CPUs."""
         table = self.maps["lost"]
