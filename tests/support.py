@@ -150,6 +150,6 @@ HEAVY_FOR_A_CLIENT = frozenset({
     "tracer.kernel.pins", "tracer.kernel.probecache", "tracer.kernel.seccomp", "tracer.metrics_http",
     "tracer.outputs.delivery", "tracer.outputs.forward", "tracer.outputs.http", "tracer.outputs.kafka",
     "tracer.outputs.relp", "tracer.outputs.syslog", "tracer.pipeline", "tracer.policy", "tracer.procfs",
-    "tracer.protocols", "tracer.schema.community_id", "tracer.schema.ecs", "tracer.schema.ocsf", "tracer.session",
-    "tracer.state", "tracer.watchdog",
+    "tracer.protocols", "tracer.registry", "tracer.schema.community_id", "tracer.schema.ecs", "tracer.schema.ocsf",
+    "tracer.session", "tracer.state", "tracer.watchdog",
 })

@@ -134,7 +134,7 @@ SCHEMA_OPTION = click.option("--schema", type=click.Choice(["ecs", "ocsf"]), def
 
 
 def _episode_id(episode_id: str) -> str:
-    from .registry import RegistryError, validate_id
+    from .episode_names import RegistryError, validate_id
     try:
         return validate_id(episode_id)
     except RegistryError as e:
@@ -142,7 +142,7 @@ def _episode_id(episode_id: str) -> str:
 
 
 def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
-    from .registry import RegistryError, parse_labels
+    from .episode_names import RegistryError, parse_labels
     try:
         return parse_labels(pairs)
     except RegistryError as e:

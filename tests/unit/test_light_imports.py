@@ -14,9 +14,9 @@ from support import HEAVY_FOR_A_CLIENT
 REPO = Path(__file__).resolve().parents[2]
 
 # What run's client path may load of eptrace's own: a new module here is a decision (is it light?), not an accident.
-CLIENT_MODULES = {"tracer", "tracer.cli", "tracer.client", "tracer.command", "tracer.control", "tracer.kernel",
-                  "tracer.kernel.cgroups", "tracer.outputs", "tracer.outputs.base", "tracer.outputs.file",
-                  "tracer.outputs.secrets", "tracer.outputs.stdout", "tracer.registry", "tracer.safefiles",
+CLIENT_MODULES = {"tracer", "tracer.cli", "tracer.client", "tracer.command", "tracer.control",
+                  "tracer.outputs", "tracer.outputs.base", "tracer.outputs.file",
+                  "tracer.outputs.secrets", "tracer.outputs.stdout", "tracer.episode_names", "tracer.safefiles",
                   "tracer.schema", "tracer.schema.document", "tracer.terminal", "tracer.verdict"}
 
 # run's client path without a daemon: its imports, then what it calls on the way (outputs to stdout and to a
