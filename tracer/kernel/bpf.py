@@ -332,8 +332,8 @@ class RingBuffer:
         self._producer_pos = memoryview(self._producer)[:8].cast("Q")
         self._headers = self._data.cast("I")            # a record's header: 8-byte aligned, its length first
         self._epoll = select.epoll()
-        self._epoll.register(map_fd, select.EPOLLIN)    # woken only when the probes ask (BPF_RB_FORCE_WAKEUP
-                                                        # or a full buffer): the poll timeout paces reading
+        self._epoll.register(map_fd, select.EPOLLIN)    # every submit is BPF_RB_NO_WAKEUP: the poll timeout,
+                                                        # not the kernel, paces reading
 
     def poll(self, timeout_ms: int) -> None:
         self._epoll.poll(timeout_ms / 1000)
