@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .episode_names import ACTIONS
 from .outputs.secrets import redact
 from .schema.document import ECS_VERSION, OCSF_VERSION
 from .terminal import printable
@@ -186,25 +187,7 @@ def _config(path: str | None):
 
 CONFIG_HELP = "A TOML file of detection thresholds and allowlists; every key has a default."
 POLICY_HELP = "A TOML file with a [policy] table (README: Containing an episode); it replaces the config's."
-
-
-class OnAlertChoice(click.Choice):
-    """The on_alert actions of tracer.policy.ACTIONS, read only when --on-alert is given or --help is shown."""
-
-    def __init__(self) -> None:
-        super().__init__(())
-
-    @property
-    def choices(self):
-        from .policy import ACTIONS
-        return list(ACTIONS)
-
-    @choices.setter
-    def choices(self, _value) -> None:      # click.Choice.__init__ assigns it
-        pass
-
-
-ON_ALERT = OnAlertChoice()
+ON_ALERT = click.Choice(list(ACTIONS))
 ON_ALERT_HELP = "What to do to an episode on any alert, over its policy's on_alert."
 
 

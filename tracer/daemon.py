@@ -27,9 +27,10 @@ from . import __version__, safefiles, session
 from .capture import EpisodeCaptures, EpisodeSink
 from .config import Config, ConfigError, tracer_settings
 from .control import MAX_LINE, PROTOCOL_VERSION, encode, encode_capture, encode_doc
+from .episode_names import ACTIONS
 from .events import Metric
 from .kernel import cgroups
-from .policy import ACTIONS, parse as policy_of
+from .policy import parse as policy_of
 from .registry import Registry, RegistryError, parse_labels, state_dir, validate_id
 from .verdict import Verdict, VerdictBuilder, from_dict, merge
 

@@ -1,6 +1,6 @@
-"""Episode ids and labels: what `run`, `episode add`, the API and the daemon accept.
+"""Episode ids, labels and on_alert actions: what `run`, `episode add`, the API and the daemon accept.
 
-Apart from the registry, so that a run client checks them without loading it.
+Apart from the registry and the policy, so that a run client checks them without loading either.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from .terminal import CONTROL
 
 EPISODE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 LABEL_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+ACTIONS = ("none", "deny_network", "cut", "kill", "freeze")      # on_alert: a policy's, or --on-alert's
 
 
 class RegistryError(Exception):

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError
-
-ACTIONS = ("none", "deny_network", "cut", "kill", "freeze")
+from .episode_names import ACTIONS
 LISTEN = ("any", "local", "none")
 KEYS = ("default", "allow", "deny", "raw_sockets", "listen", "on_alert")
 PROTOCOLS = {"tcp": 6, "udp": 17}
