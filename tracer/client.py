@@ -53,6 +53,7 @@ class Episode:
         self.carried: Verdict | None = None       # from daemons that died during the episode
         self.latest: Verdict | None = None        # this daemon's verdict so far
         self.final: Verdict | None = None
+        self.not_kept = 0                         # documents a restarted daemon could not keep for this client
         self._end_grace: float | None = None
         self._end_sent = False
         self._command_done_at: float | None = None
@@ -101,8 +102,7 @@ class Episode:
         message = json.loads(line)
         kind = message.get("type")
         if kind == "verdict" and message.get("final"):
-            verdict = from_dict(message["verdict"])
-            self.final = merge(self.carried, verdict) if self.carried else verdict
+            self.final = self._with_own_losses(from_dict(message["verdict"]))
         elif kind == "verdict":
             self.latest = from_dict(message["verdict"])
         elif kind == "error":
@@ -147,6 +147,7 @@ class Episode:
                 self._sequence_base = self.sequence
             log.warning("episode %s resumed by the restarted eptrace daemon (%d document(s) recorded meanwhile)",
                         self.episode_id, answer.get("delivered_from_restart", 0))
+            self.not_kept += answer.get("not_kept", 0)
             if answer.get("not_kept"):
                 log.error("episode %s: %d document(s) recorded while the daemon was away were not kept for this "
                           "client (beyond the daemon's limit): its output lacks them", self.episode_id,
@@ -171,9 +172,16 @@ class Episode:
         self.conn.close()
         if self.final is not None:
             return self.final
-        verdict = self.latest or Verdict(self.episode_id)
-        verdict = merge(self.carried, verdict) if self.carried else verdict
+        verdict = self._with_own_losses(self.latest or Verdict(self.episode_id))
         verdict.account({**verdict.losses, "daemon_gone": 1})
+        return verdict
+
+    def _with_own_losses(self, verdict: Verdict) -> Verdict:
+        """This daemon's verdict, with the earlier daemons' carried over, and what this client's output lacks:
+        documents a restarted daemon could not keep for it make the record incomplete, not just a log line."""
+        verdict = merge(self.carried, verdict) if self.carried else verdict
+        if self.not_kept:
+            verdict.account({**verdict.losses, "documents_not_kept": self.not_kept})
         return verdict
 
 

@@ -144,3 +144,52 @@ def test_a_client_numbers_its_stream_as_the_daemon_counted_so_that_undelivered_d
     assert [d["event"]["sequence"] for d in sink.docs] == [1, 2, 5]
     assert {d["eptrace"]["run"]["id"] for d in sink.docs} == {ep.run_id} != {"daemon-run"}
     assert [d["eptrace"]["daemon"]["sequence"] for d in sink.docs] == [1, 2, 5]
+
+
+def test_documents_a_restarted_daemon_could_not_keep_make_the_clients_verdict_incomplete(tmp_path):
+    """A daemon (one speaking the protocol on a real socket) dies after the start; the restarted one resumes
+    the episode with 3 documents it could not keep (beyond its limit): the client's output lacks them, so its
+    verdict is incomplete (documents_not_kept), not clean."""
+    import socket
+    import threading
+
+    from support import Collect
+
+    from tracer import client
+    from tracer.outputs import Fanout
+    from tracer.verdict import Verdict
+    path = tmp_path / "daemon.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(2)
+    requests = []
+
+    def daemon() -> None:
+        sock, _ = server.accept()              # the first daemon: it dies after the start
+        with sock, sock.makefile("rwb") as f:
+            f.write(control.encode({"type": "hello", "instance": "first"}))
+            f.flush()
+            requests.append(json.loads(f.readline()))
+            f.write(control.encode({"type": "started", "cgroup": "/x", "cgroup_id": 5, "instance": "first"}))
+            f.flush()
+        sock, _ = server.accept()              # the restarted one
+        with sock, sock.makefile("rwb") as f:
+            f.write(control.encode({"type": "hello", "instance": "second"}))
+            f.flush()
+            requests.append(json.loads(f.readline()))
+            f.write(control.encode({"type": "resumed", "id": "ep-kept", "cgroup_id": 5, "instance": "second",
+                                    "delivered_from_restart": 0, "not_kept": 3, "capture_carried": False}))
+            f.flush()
+            requests.append(json.loads(f.readline()))
+            f.write(control.encode({"type": "verdict", "final": True, "id": "ep-kept",
+                                    "verdict": Verdict("ep-kept", exit_code=0).__dict__}))
+            f.flush()
+    thread = threading.Thread(target=daemon)
+    thread.start()
+    ep = client.Episode(control.Connection(path, timeout=10), Fanout([Collect()]), "ep-kept")
+    verdict = ep.end(0.0)
+    thread.join(10)
+    server.close()
+    assert [r["op"] for r in requests] == ["start", "resume", "end"], requests
+    assert verdict.losses == {"documents_not_kept": 3} and not verdict.complete, verdict
+    assert verdict.incomplete_reasons == ["documents_not_kept"]
