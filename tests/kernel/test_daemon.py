@@ -46,6 +46,12 @@ for host in (sys.argv[1], sys.argv[2]):
         s.recv(100)
 print("done", flush=True)
 '''
+# As CONNECT_TWICE, with the second reply optional: a cut drops that flow's packets (the peer stalls, no reset),
+# and it may land before the echo or after it.
+CONNECT_TWICE_CUT_OR_NOT = CONNECT_TWICE.replace("        s.recv(100)", """        try:
+            s.recv(100)
+        except TimeoutError:
+            print("stalled", flush=True)""")
 # eptrace's command line in this process, reporting at exit (a client's os._exit too) whether bcc or the loader
 # were imported, every module it imported, and VmHWM.
 CLIENT_PROBE = r'''
@@ -287,6 +293,8 @@ def test_exit_statuses_and_fail_on_alert_are_the_same_as_in_process(daemon, net,
     assert client(daemon, "ep-nocmd", "/nonexistent/command").returncode == 127
     # --on-alert: every action goes through the daemon and is taken as in-process ("cut" was once refused)
     taken = {}
+    argv = net.sandbox_prefix() + [PYTHON, "-c", CONNECT_TWICE_CUT_OR_NOT + "raise SystemExit(9)", HOST_IP, METADATA_IP,
+                                   8080]
     for mode in ("require", "never"):
         episode = f"ep-cut-{mode}"
         r = run_eptrace("run", "--daemon", mode, "--episode", episode, "--grace", 2, "--on-alert", "cut", "--output",
