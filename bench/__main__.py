@@ -109,13 +109,19 @@ def peer_side_by_side(parent: Path, eptrace: Figures) -> Figures | None:
 def bulk(untraced: Path, events_file: Path) -> None:
     phases, stats, _, _ = storm(untraced, events_file, BULK_SECONDS, bulk=True)
     f = Figures.of(pair_rates(phases, "bytes"))
+    cpu = Figures.of(pair_rates(phases, "bytes", per="cpu_seconds"))
     lost = stats.get("records_lost", 0)
     print(f"  bulk transfer: one loopback TCP connection per phase sending at full speed, both ends on CPU 0, "
           f"alternating as the storm does: {f.pairs} pairs of 0.25 s phases")
     print(f"    untraced {f.untraced_rate * 8 / 1e9:6.2f} Gbit/s, traced {f.traced_rate * 8 / 1e9:6.2f} Gbit/s; "
           f"{lost} records lost")
     print(f"    traced/untraced     {f.ratio:10.3f}      target >= 0.97   {verdict(f.ratio >= 0.97)}"
-          f"   ({quartiles(f.ratio_quartiles)})")
+          f"   ({quartiles(f.ratio_quartiles)}; by the wall clock)")
+    # The wall clock of a 0.25 s phase holds whatever the hypervisor and the other tenants took from CPU 0;
+    # bytes per second CPU 0 spent on the transfer (the scheduler's clock, steal excluded) do not.
+    print(f"    traced/untraced     {cpu.ratio:10.3f}      target >= 0.97   {verdict(cpu.ratio >= 0.97)}"
+          f"   ({quartiles(cpu.ratio_quartiles)}; bytes per second of CPU 0 on the transfer, "
+          f"{cpu.untraced_rate * 8 / 1e9:.2f} Gbit/s of it untraced)")
     # The ratio's quartiles are wide on these VMs: the programs' own time, from the kernel's statistics in
     # a separate round (they cost a clock read per run), says what the per-packet work takes.
     probecost.bulk_share()
