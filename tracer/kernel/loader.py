@@ -285,11 +285,12 @@ class Probes:
         levels[ctypes.c_int(0)] = ctypes.c_uint32(lo)
         levels[ctypes.c_int(1)] = ctypes.c_uint32(hi)
 
-    def unpin_cgroup(self, cgid: int) -> None:
-        """Detach what is pinned for a cgroup id (once no fd of ours holds it)."""
+    def unpin_cgroup(self, cgid: int, names: list[str] | None = None) -> None:
+        """Detach what is pinned for a cgroup id (once no fd of ours holds it): the links of our programs,
+        or the pins named. By name, not by listing: the directory holds 11 links per episode."""
         if self.pin_dir is not None:
-            for pin in (self.pin_dir / "links").glob(f"cg-{cgid}-*"):
-                pin.unlink(missing_ok=True)
+            for name in names if names is not None else [f"cg-{cgid}-{program}" for program in self._programs]:
+                (self.pin_dir / "links" / name).unlink(missing_ok=True)
 
     def forget_others(self) -> list[int]:
         """After a restart, stop tracing the cgroups a dead tracer traced and we do not:
@@ -297,11 +298,14 @@ class Probes:
         if self.pin_dir is None:
             return []
         table = self.maps["episodes"]
-        stale = {int(p.name.split("-")[1]) for p in (self.pin_dir / "links").glob("cg-*")}
-        stale |= {key.value for key in table.keys()}
+        pinned: dict[int, list[str]] = {}           # a dead tracer's links, whatever its programs were named
+        for pin in (self.pin_dir / "links").iterdir():
+            if pin.name.startswith("cg-"):
+                pinned.setdefault(int(pin.name.split("-")[1]), []).append(pin.name)
+        stale = set(pinned) | {key.value for key in table.keys()}
         stale -= set(self._links)
         for cgid in stale:
-            self.unpin_cgroup(cgid)
+            self.unpin_cgroup(cgid, pinned.get(cgid, []))
             try:
                 del table[ctypes.c_uint64(cgid)]
             except KeyError:
@@ -466,11 +470,15 @@ class Probes:
         self._ring = bpf.RingBuffer(events.fd, events.max_entries, handed)
 
     def poll(self, timeout_ms: int) -> None:
-        """Wait up to timeout_ms, then hand over every record there. The probes
-        wake us only when the buffer fills up, so the timeout paces reading."""
+        """Wait up to timeout_ms, then hand over every record there. The probes wake us only for records
+        userspace must act on at once (an exec whose argv is read from /proc): the timeout paces reading."""
         self._ring.poll(timeout_ms)
         self._ring.consume()
         self._beat()
+
+    def wakeup_fd(self) -> int:
+        """Polls readable when a record asked to be read at once: for a loop that waits on other fds too."""
+        return self._ring.fileno()
 
     def ring_unread_max(self) -> int:
         """The most bytes the reader has found unread in the ring buffer at once (its worst lag)."""
