@@ -448,8 +448,11 @@ static __always_inline struct process_record *reserve_process(__u64 episode)
 
 /* Never wake the reader per record: userspace drains the buffer on a 50 ms timer
  * (tracer/pipeline.py POLL_MS), and a wakeup per record would cost the sandbox's
- * CPU. 32 MiB hold over 200k records, seconds of the worst flood measured. */
+ * CPU. 32 MiB hold over 200k records, seconds of the worst flood measured.
+ * Records userspace must act on while a process lives (an exec whose argv it reads
+ * from /proc) wake it at once: they are few, and the timer would often be too late. */
 #define SUBMIT_FLAGS BPF_RB_NO_WAKEUP
+#define SUBMIT_NOW BPF_RB_FORCE_WAKEUP
 
 static __always_inline int is_episode(__u64 cgid)
 {

@@ -13,8 +13,9 @@ struct socket_args {
 BPF_F_TABLE(PINNED("hash", sockets_in_flight), __u64, struct socket_args, sockets_in_flight, 16384, 0);
 /* tgid -> exit_group() status, read when the process's last thread exits. */
 BPF_F_TABLE(PINNED("hash", exit_codes), __u32, __s32, exit_codes, 16384, 0);
-/* tid -> 1: an exec whose argv the kernel could not read (or whose ARGS record was lost).
- * sched_process_exec then holds the new program until userspace has read its argv. */
+/* tid -> ARGV_FAILED: an exec whose argv the kernel could not read (or whose ARGS record was lost);
+ * sched_process_exec then holds the new program until userspace has read its argv. ARGV_CUT: one
+ * too long to read whole, which userspace reads from /proc without a hold. */
 BPF_F_TABLE(PINNED("hash", argv_unread), __u32, __u8, argv_unread, 16384, 0);
 
 #ifndef SIGSTOP
@@ -52,16 +53,16 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
     return 0;
 }
 
-/* Remember (or forget) that this thread's exec has argv the kernel could not read. */
-static __always_inline void note_argv_unread(__u64 episode, __u32 tid, int unread)
+/* Remember (how: ARGV_FAILED or ARGV_CUT) or forget (0) that this thread's exec has argv the kernel could
+ * not read whole. */
+static __always_inline void note_argv_unread(__u64 episode, __u32 tid, __u8 how)
 {
-    if (!unread) {
+    if (!how) {
         if (argv_unread.lookup(&tid))
             argv_unread.delete(&tid);   /* left by an earlier exec of this thread that failed */
         return;
     }
-    __u8 one = 1;
-    if (argv_unread.update(&tid, &one))
+    if (argv_unread.update(&tid, &how))
         count_lost(episode, LOST_ARGV_MAP_FULL);
 }
 
@@ -73,7 +74,7 @@ static __always_inline int record_argv(const char *const *argv)
     __u32 tid = (__u32)bpf_get_current_pid_tgid();
     struct process_record *r = process_record(REC_PROCESS_ARGS, episode);
     if (!r) {
-        note_argv_unread(episode, tid, 1);
+        note_argv_unread(episode, tid, ARGV_FAILED);
         return 0;
     }
     __u64 off = 0;
@@ -101,15 +102,9 @@ static __always_inline int record_argv(const char *const *argv)
     }
     r->data_len = off < ARGS_LEN ? off : ARGS_LEN;
     r->child_pid = how;
-    if (how) {
+    if (how)
         count_lost(episode, LOST_ARGV_UNREAD);
-        /* A failed read is what hiding argv looks like: hold the program for /proc.
-         * A cut one is a long command line (compilers): /proc is read without holding it. */
-        if (how == ARGV_FAILED)
-            note_argv_unread(episode, tid, 1);
-    } else {
-        note_argv_unread(episode, tid, 0);
-    }
+    note_argv_unread(episode, tid, how);
     events.ringbuf_submit(r, SUBMIT_FLAGS);
     return 0;
 }
@@ -127,17 +122,22 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
         return 0;
     r->parent_tgid = args->old_pid;
     __u32 old_tid = args->old_pid;
-    if (argv_unread.lookup(&old_tid)) {
-        argv_unread.delete(&old_tid);
-        /* Stopped before its first instruction; userspace reads its argv, then sends SIGCONT.
-         * The signal goes first, so that the record never announces a hold that is not there. */
-        if (bpf_send_signal(SIGSTOP) == 0)
+    __u8 *unread = argv_unread.lookup(&old_tid);
+    __u64 flags = SUBMIT_FLAGS;
+    if (unread) {
+        /* A failed read is what hiding argv looks like: the program stops before its first instruction,
+         * userspace reads its argv, then sends SIGCONT. The signal goes first, so that the record never
+         * announces a hold that is not there. A cut one is a long command line (compilers): not held.
+         * Either way userspace reads /proc now, while the process is there. */
+        if (*unread == ARGV_FAILED && bpf_send_signal(SIGSTOP) == 0)
             r->child_pid = EXEC_HELD;
+        argv_unread.delete(&old_tid);
+        flags = SUBMIT_NOW;
     }
     __u16 loc = args->data_loc_filename & 0xFFFF;
     long n = bpf_probe_read_str(r->data, PATH_LEN, (char *)args + loc);
     r->data_len = n > 0 ? n : 0;
-    events.ringbuf_submit(r, SUBMIT_FLAGS);
+    events.ringbuf_submit(r, flags);
     return 0;
 }
 

@@ -1,8 +1,9 @@
 """eptrace daemon: one tracer for the host. It traces every registered episode (like watch did), and
 the episodes its clients ('eptrace run', tracer.api) start over the control socket (tracer/control.py).
 
-Everything runs in one thread: the loop reads the ring buffer for at most LOOP_MS (BUSY_MS while clients
-talk), then serves the socket without blocking, advances the episodes being ended, and flushes what clients are owed.
+Everything runs in one thread: the loop waits on the control socket for at most POLL_MS (a request wakes it
+at once), reads the ring buffer, serves the socket without blocking, advances the episodes being ended, and
+flushes what clients are owed.
 The probes are pinned in the watch directory and the episodes that clients started are recorded in
 <state dir>/runs/: a daemon that is killed and restarted re-opens both, delivers what was recorded
 meanwhile, and its clients reconnect (resume) to the same episodes. Registered episodes' verdicts are
@@ -30,15 +31,15 @@ from .control import MAX_LINE, PROTOCOL_VERSION, encode, encode_capture, encode_
 from .episode_names import ACTIONS
 from .events import Metric
 from .kernel import cgroups
+from .pipeline import POLL_MS
 from .policy import parse as policy_of
 from .registry import Registry, RegistryError, parse_labels, state_dir, validate_id
 from .verdict import Verdict, VerdictBuilder, from_dict, merge
 
 log = logging.getLogger(__name__)
 
-LOOP_MS = 10                  # the longest a request waits for the ring-buffer read before it is served
-BUSY_MS = 1                   # ... within BUSY_S of a connection or a request: a client's next request (a run's
-BUSY_S = 0.05                 # start after its hello, its end after its command) is served within a millisecond
+ENDING_MS = 5                 # the loop's pace while an episode ends (its processes and flows are polled)
+RING = "ring"                 # the selector's key data for the ring buffer's wakeups
 SYNC_INTERVAL_S = 0.5         # registrations are re-read this often (add/rm through the socket: at once)
 OWNER_CHECK_S = 0.5           # how often the daemon looks for clients that died while it was away
 MAX_PENDING = 64 << 20       # bytes of documents kept for a client that reconnects after a restart
@@ -172,7 +173,6 @@ class Daemon:
         self.unsaved: set[int] = set()                # registered episodes with events since their verdict was saved
         self.unsaveable: set[str] = set()             # episode ids whose verdict could not be saved (logged once)
         self.selector = selectors.DefaultSelector()
-        self.busy_until = 0.0                         # monotonic time until which the loop waits BUSY_MS
         self.counters = {"connections": 0, "refused_peers": 0, "episodes_started": 0, "episodes_ended": 0,
                          "clients_dropped": 0, "requests": 0, "documents_not_kept_for_clients": 0}
         self.runs_dir = state_dir() / RUNS_DIR
@@ -234,17 +234,18 @@ class Daemon:
                 sock.close()
                 continue
             conn = Conn(sock, pid, uid)
-            self.busy_until = time.monotonic() + BUSY_S
             self.conns[sock.fileno()] = conn
             self.selector.register(sock, selectors.EVENT_READ, conn)
             self.counters["connections"] += 1
             conn.reply(type="hello", daemon=__version__, protocol=PROTOCOL_VERSION, instance=self.instance)
 
-    def _serve(self) -> None:
-        for key, _ in self.selector.select(0):
+    def _serve(self, ready: list) -> None:
+        for key, _ in ready:
             if key.data is None:
                 self._accept()
                 continue
+            if key.data is RING:
+                continue                                # read above, by tracer.poll
             conn = key.data
             try:
                 chunk = conn.sock.recv(1 << 20)
@@ -632,7 +633,6 @@ class Daemon:
     # -- requests ---------------------------------------------------------------------
     def _handle(self, conn: Conn, line: bytes) -> None:
         self.counters["requests"] += 1
-        self.busy_until = time.monotonic() + BUSY_S
         try:
             request = json.loads(line)
             if not isinstance(request, dict):
@@ -826,10 +826,15 @@ class Daemon:
         self._forget_verdicts()
         if self.tracer.probes.resumed:
             session.report_resumption(self.tracer, {t.id: cgid for cgid, t in self.traced.items()})
+        self.selector.register(self.tracer.probes.wakeup_fd(), selectors.EVENT_READ, RING)
         next_sync = next_owner_check = time.monotonic()
         while stop.signum is None:
-            self.tracer.poll(BUSY_MS if time.monotonic() < self.busy_until else LOOP_MS)
-            self._serve()
+            # The probes never wake a reader (BPF_RB_NO_WAKEUP): the wait is on the clients, and its timeout
+            # paces the ring buffer's reading. A slow client's owed bytes are retried at the ending pace too.
+            owed = any(conn.outbuf for conn in self.conns.values())
+            ready = self.selector.select((ENDING_MS if self.ending or owed else POLL_MS) / 1000)
+            self.tracer.poll(0)
+            self._serve(ready)
             self._advance_endings()
             now = time.monotonic()
             if now >= next_sync:

@@ -637,7 +637,7 @@ def test_a_socket_group_member_runs_through_the_daemon_but_touches_only_its_own(
         assert ports_attempted(docs) == [port], dump(docs)
         assert {doc["labels"]["episode_id"] for doc in docs if doc["event"]["kind"] != "metric"} == {"ep-member"}
         v = json.loads((home / "ep-member.json").read_text())
-        assert v["exit_code"] == 7 and v["connections"] == 1 and v["complete"], v
+        assert v["exit_code"] == 7 and v["connections"] == 1 and v["complete"], json.dumps(v)
         api = ("import sys; from tracer.api import run_episode; v = run_episode('ep-member-api', [sys.executable, "
                "'-c', sys.argv[1], sys.argv[2]], outputs=['file:' + sys.argv[3]], daemon='require', grace_s=1); "
                "print(v.destinations)")

@@ -331,9 +331,14 @@ class RingBuffer:
         self._consumer_pos = memoryview(self._consumer)[:8].cast("Q")
         self._producer_pos = memoryview(self._producer)[:8].cast("Q")
         self._headers = self._data.cast("I")            # a record's header: 8-byte aligned, its length first
+        # Edge-triggered: only the few records submitted with a forced wakeup (probes/common.h SUBMIT_NOW)
+        # end a wait early; the rest (BPF_RB_NO_WAKEUP) wait for the timeout, which paces reading.
         self._epoll = select.epoll()
-        self._epoll.register(map_fd, select.EPOLLIN)    # every submit is BPF_RB_NO_WAKEUP: the poll timeout,
-                                                        # not the kernel, paces reading
+        self._epoll.register(map_fd, select.EPOLLIN | select.EPOLLET)
+
+    def fileno(self) -> int:
+        """An fd that polls readable when a record asked to be read at once (for a caller's own wait)."""
+        return self._epoll.fileno()
 
     def poll(self, timeout_ms: int) -> None:
         self._epoll.poll(timeout_ms / 1000)
