@@ -1,8 +1,8 @@
 """eptrace daemon: one tracer for the host. It traces every registered episode (like watch did), and
 the episodes its clients ('eptrace run', tracer.api) start over the control socket (tracer/control.py).
 
-Everything runs in one thread: the loop reads the ring buffer for at most LOOP_MS (BUSY_MS while clients
-talk), then serves the socket without blocking, advances the episodes being ended, and flushes what clients are owed.
+Everything runs in one thread: the loop waits on the ring buffer for at most LOOP_MS (BUSY_MS while clients
+talk; a readable socket ends the wait at once), then serves the socket without blocking, advances the episodes being ended, and flushes what clients are owed.
 The probes are pinned in the watch directory and the episodes that clients started are recorded in
 <state dir>/runs/: a daemon that is killed and restarted re-opens both, delivers what was recorded
 meanwhile, and its clients reconnect (resume) to the same episodes. Registered episodes' verdicts are
@@ -36,9 +36,9 @@ from .verdict import Verdict, VerdictBuilder, from_dict, merge
 
 log = logging.getLogger(__name__)
 
-LOOP_MS = 10                  # the longest a request waits for the ring-buffer read before it is served
-BUSY_MS = 1                   # ... within BUSY_S of a connection or a request: a client's next request (a run's
-BUSY_S = 0.05                 # start after its hello, its end after its command) is served within a millisecond
+LOOP_MS = 10                  # the ring buffer's read pace (a connection or a request wakes the loop at once)
+BUSY_MS = 1                   # ... within BUSY_S of a connection or a request: an ending episode (a run's end
+BUSY_S = 0.05                 # after its command) is looked at every millisecond
 SYNC_INTERVAL_S = 0.5         # registrations are re-read this often (add/rm through the socket: at once)
 OWNER_CHECK_S = 0.5           # how often the daemon looks for clients that died while it was away
 MAX_PENDING = 64 << 20       # bytes of documents kept for a client that reconnects after a restart
@@ -180,6 +180,7 @@ class Daemon:
         tracer.on_document = self._route
         tracer.observers.append(self._observe)        # one observer: per event, one episode's builder
         self.listener = self._listen()
+        tracer.probes.wake_on(self.selector.fileno())     # the selector's epoll: readable when a socket is
         self._captures_changed()
 
     # -- the socket -------------------------------------------------------------------

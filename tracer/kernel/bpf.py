@@ -339,6 +339,10 @@ class RingBuffer:
         self._epoll.poll(timeout_ms / 1000)
         self.consume()
 
+    def wake_on(self, fd: int) -> None:
+        """poll() also returns as soon as fd is readable (level-triggered: its reader must drain it)."""
+        self._epoll.register(fd, select.EPOLLIN)
+
     def consume(self) -> None:
         # x86-64 keeps loads and stores in order: plain reads and writes are the acquire and release
         # the kernel's ring protocol asks for.

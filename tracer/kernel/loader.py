@@ -472,6 +472,10 @@ class Probes:
         self._ring.consume()
         self._beat()
 
+    def wake_on(self, fd: int) -> None:
+        """poll() returns early when fd is readable (the daemon's control sockets: served at once)."""
+        self._ring.wake_on(fd)
+
     def ring_unread_max(self) -> int:
         """The most bytes the reader has found unread in the ring buffer at once (its worst lag)."""
         return self._ring.unread_max if self._ring is not None else 0
