@@ -26,7 +26,7 @@ import json, os, sys
 tmp = sys.argv[1]
 import tracer.cli as cli
 from tracer import client, control
-from tracer.command import command_setup
+from tracer.command import command_setup, spawn
 from tracer.outputs import open_outputs
 from tracer.schema.document import Document, restamp
 from tracer.verdict import from_dict, write_verdict
@@ -39,6 +39,7 @@ fanout = open_outputs(["-", "file:" + os.path.join(tmp, "out.ndjson")])
 text = '{"event":{"id":"x-1","sequence":5,"kind":"event"},"eptrace":{"run":{"id":"d"}}}'
 fanout.write(Document(restamp(text, 1, "r"), "event"))
 command_setup(__import__("pathlib").Path(tmp), None, fanout)
+assert spawn(["true"], __import__("pathlib").Path(tmp), None, fanout).wait() == 0   # not a cgroup: clone3, then Popen
 fanout.close()
 write_verdict(from_dict({"episode_id": "ep-1", "exit_code": 0}), os.path.join(tmp, "v.json"))
 print(json.dumps(sorted(sys.modules)))
