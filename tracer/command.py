@@ -138,11 +138,12 @@ def _clone_into(cgroup: Path, argv: list[str], env, child_stdout, become) -> int
     cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     error_r, error_w = os.pipe2(os.O_CLOEXEC)
     try:
-        args = ctypes.create_string_buffer(struct.pack(CLONE_ARGS, CLONE_VFORK | CLONE_INTO_CGROUP, 0, 0, 0,
-                                                       signal.SIGCHLD, 0, 0, 0, 0, 0, cgroup_fd))
+        packed = struct.pack(CLONE_ARGS, CLONE_VFORK | CLONE_INTO_CGROUP, 0, 0, 0, signal.SIGCHLD, 0, 0, 0, 0, 0,
+                             cgroup_fd)
+        args = ctypes.create_string_buffer(packed, len(packed))
         pid = -1
         try:
-            pid = libc.syscall(ctypes.c_long(SYS_CLONE3), args, ctypes.c_size_t(len(args.raw)))
+            pid = libc.syscall(ctypes.c_long(SYS_CLONE3), args, ctypes.c_size_t(len(packed)))
             if pid == 0:
                 _exec(libc, argv, candidates, env, stdout_fd, error_w, max_fd, become)
         finally:
