@@ -145,12 +145,9 @@ fi
 # eptrace into the venv, editable (the loader finds the probes at <repo>/probes). Dependencies come from
 # apt, so this needs no package index. setuptools older than 64 (Ubuntu 22.04) has no editable wheels
 # for a pyproject-only project: there a .pth file and a console script do the same job.
-# editable_mode=compat: a .pth line naming the repo, as the installed command's sys.path entry (install.sh),
-# rather than setuptools' default import finder, whose own imports (pathlib, importlib.util, urllib.parse, ...)
-# cost every eptrace command about 12 ms of start-up (a run through the daemon takes about 90).
-# Skipped when the same pyproject.toml was already installed from this repo into this venv, the same way.
+# Skipped when the same pyproject.toml was already installed from this repo into this venv.
 STAMP="$VENV/.eptrace-installed"
-want_stamp="$REPO $(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1) compat"
+want_stamp="$REPO $(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)"
 if [ -x "$VENV/bin/eptrace" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$want_stamp" ]; then
     say "venv: eptrace installed (editable)"
 else
@@ -158,8 +155,7 @@ else
     rm -f "$STAMP"
     if "$VENV/bin/python" -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 64)' 2>/dev/null; then
         (cd "$REPO" && PIP_NO_INPUT=1 "$VENV/bin/pip" install -q --disable-pip-version-check --no-index \
-            --no-build-isolation --no-deps --config-settings editable_mode=compat -e "$REPO" >&2) \
-            || die "pip install -e $REPO failed"
+            --no-build-isolation --no-deps -e "$REPO" >&2) || die "pip install -e $REPO failed"
     else
         site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
         printf '%s\n' "$REPO" >"$site/eptrace-dev.pth"
