@@ -9,7 +9,6 @@ its episode back (resume) and carries the verdict over (tracer.verdict.merge).
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import signal
 import subprocess
@@ -17,11 +16,11 @@ import threading
 import time
 from pathlib import Path
 
-from . import control
+from . import control, logs
 from .schema.document import Document, restamp
 from .verdict import Verdict, from_dict, merge
 
-log = logging.getLogger(__name__)
+log = logs.getLogger(__name__)
 
 READ_TIMEOUT_S = 0.2          # how often the reader looks up from the socket (an end to send, a stop)
 FLUSH_INTERVAL_S = 0.25       # the outputs are flushed this often, as the in-process tracer's sweep does

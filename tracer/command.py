@@ -5,14 +5,15 @@ never the tracer."""
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from . import logs
+
+log = logs.getLogger(__name__)
 
 
 @dataclass(frozen=True)
