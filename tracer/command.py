@@ -45,13 +45,17 @@ def command_setup(cgroup: Path, user: User | None, outputs, policy=None):
     traced), installs the packet-socket filter of its policy (a tracer.policy.Policy), then becomes user;
     its stdout goes to stderr when stdout carries the event stream."""
     become, env, child_stdout = _setup(user, outputs, policy)
+    return _joining(cgroup, become), env, child_stdout
+
+
+def _joining(cgroup: Path, become):
     procs_file = str(cgroup / "cgroup.procs")
 
     def enter_cgroup() -> None:     # runs in the child before exec
         with open(procs_file, "w") as f:
             f.write(str(os.getpid()))
         become()
-    return enter_cgroup, env, child_stdout
+    return enter_cgroup
 
 
 def _setup(user: User | None, outputs, policy):
@@ -93,7 +97,10 @@ class Child:
 
     def wait(self) -> int:
         if self.returncode is None:
-            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+            try:
+                self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+            except ChildProcessError:       # SIGCHLD ignored: reaped by the kernel, status lost (as Popen says)
+                self.returncode = 0
         return self.returncode
 
     def send_signal(self, signum: int) -> None:
@@ -112,8 +119,7 @@ def spawn(argv: list[str], cgroup: Path, user: User | None, outputs, policy=None
         if pid is not None:
             return Child(pid)
     import subprocess
-    return subprocess.Popen(argv, preexec_fn=command_setup(cgroup, user, outputs, policy)[0], stdout=child_stdout,
-                            env=env)
+    return subprocess.Popen(argv, preexec_fn=_joining(cgroup, become), stdout=child_stdout, env=env)
 
 
 def _single_threaded() -> bool:
@@ -149,7 +155,10 @@ def _clone_into(cgroup: Path, argv: list[str], env, child_stdout, become) -> int
         [os.path.join(os.fsencode(d), executable) for d in os.get_exec_path(env)]
     stdout_fd = child_stdout.fileno() if child_stdout is not None else None
     max_fd = os.sysconf("SC_OPEN_MAX")
-    cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None                     # Popen's preexec_fn says what is wrong with it
     error_r, error_w = os.pipe2(os.O_CLOEXEC)
     try:
         packed = struct.pack(CLONE_ARGS, CLONE_VFORK | CLONE_INTO_CGROUP, 0, 0, 0, signal.SIGCHLD, 0, 0, 0, 0, 0,
