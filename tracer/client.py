@@ -34,13 +34,12 @@ class Episode:
 
     def __init__(self, conn: control.Connection, outputs, episode_id: str, labels: dict | None = None,
                  policy: dict | None = None, on_alert: str | None = None, cgroup: str | None = None,
-                 capture=None, follow: bool = True, meanwhile=None):
+                 capture=None, follow: bool = True):
         """capture: a tracer.capture.Recorder that gets the episode's capture entries from the daemon; follow:
-        start reading them now (else follow(): run starts CMD first, from a process with no other thread);
-        meanwhile: called while the daemon starts the episode."""
+        start reading them now (else follow(): run starts CMD first, from a process with no other thread)."""
         self.conn, self.outputs, self.episode_id, self.capture = conn, outputs, episode_id, capture
-        started = conn.request("start", meanwhile, id=episode_id, labels=labels or {}, policy=policy,
-                               on_alert=on_alert, cgroup=cgroup, **({"capture": True} if capture is not None else {}))
+        started = conn.request("start", id=episode_id, labels=labels or {}, policy=policy, on_alert=on_alert,
+                               cgroup=cgroup, **({"capture": True} if capture is not None else {}))
         self.cgroup = Path(started["cgroup"])
         self.cgroup_id = started["cgroup_id"]
         self.instance = started["instance"]
@@ -258,8 +257,7 @@ def run_episode(conn: control.Connection, episode_id: str, argv: list[str], outp
     """session.run_episode through the daemon: CMD runs here, in the cgroup the daemon made for it.
     capture: a tracer.capture.Recorder for the episode's capture (this process writes it, and closes it)."""
     try:
-        episode = Episode(conn, outputs, episode_id, labels, policy, on_alert, capture=capture, follow=False,
-                          meanwhile=_load_spawn)
+        episode = Episode(conn, outputs, episode_id, labels, policy, on_alert, capture=capture, follow=False)
     except BaseException:
         if capture is not None:
             capture.abort()
@@ -269,13 +267,6 @@ def run_episode(conn: control.Connection, episode_id: str, argv: list[str], outp
     finally:
         if capture is not None:
             capture.close()
-
-
-def _load_spawn() -> None:
-    """What starts CMD, loaded while the daemon starts its episode (a few ms of imports, in parallel)."""
-    from . import command
-    if os.geteuid() == 0:
-        command.load_clone()
 
 
 def _run_command(episode: Episode, argv: list[str], outputs, grace_s: float, user, policy: dict | None) -> Verdict:

@@ -130,26 +130,13 @@ def _single_threaded() -> bool:
     return False
 
 
-_libc = None
-
-
-def load_clone():
-    """libc for clone3 (ctypes: loaded once, and early by a client, while the daemon starts the episode)."""
-    global _libc
-    if _libc is None:
-        import ctypes
-        libc = ctypes.PyDLL(None, use_errno=True)      # PyDLL: the GIL stays held, so the child has it
-        libc.syscall.restype = ctypes.c_long
-        libc.signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
-        _libc = libc
-    return _libc
-
-
 def _clone_into(cgroup: Path, argv: list[str], env, child_stdout, become) -> int | None:
     """CMD's pid, or None when clone3 failed (nothing was started)."""
     import ctypes
     import struct
-    libc = load_clone()
+    libc = ctypes.PyDLL(None, use_errno=True)      # PyDLL: the GIL stays held, so the child has it
+    libc.syscall.restype = ctypes.c_long
+    libc.signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
     executable = os.fsencode(argv[0])
     candidates = [executable] if os.path.dirname(executable) else \
         [os.path.join(os.fsencode(d), executable) for d in os.get_exec_path(env)]

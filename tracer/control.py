@@ -157,12 +157,9 @@ class Connection:
     def message(self) -> dict:
         return json.loads(self.line())
 
-    def request(self, op: str, meanwhile=None, **fields) -> dict:
-        """Send a request and return its answer (documents in between are not expected here); meanwhile: called
-        while the daemon works on it."""
+    def request(self, op: str, **fields) -> dict:
+        """Send a request and return its answer (documents in between are not expected here)."""
         self.send(op, **fields)
-        if meanwhile is not None:
-            meanwhile()
         answer = self.message()
         if answer.get("type") == "error":
             raise DaemonError(answer.get("error", "error"), answer.get("status", 2))
