@@ -2,7 +2,8 @@
 the episodes its clients ('eptrace run', tracer.api) start over the control socket (tracer/control.py).
 
 Everything runs in one thread: the loop waits on the ring buffer for at most LOOP_MS (BUSY_MS while clients
-talk; a readable socket ends the wait at once), then serves the socket without blocking, advances the episodes being ended, and flushes what clients are owed.
+talk; a readable socket ends the wait at once), then serves the socket without blocking, advances the episodes
+being ended, and flushes what clients are owed.
 The probes are pinned in the watch directory and the episodes that clients started are recorded in
 <state dir>/runs/: a daemon that is killed and restarted re-opens both, delivers what was recorded
 meanwhile, and its clients reconnect (resume) to the same episodes. Registered episodes' verdicts are
