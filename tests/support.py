@@ -142,9 +142,11 @@ def community_id_v1(src_ip: str, src_port: int, dst_ip: str, dst_port: int, prot
 
 # Modules a run client through the daemon never needs (tests/unit/test_light_imports.py, and a real client in
 # tests/kernel/test_daemon.py): the tracer (probes, decoding, state, detection, encoders, the session), the config
-# and the policy, the network outputs, and the libraries behind them. A name covers its submodules.
+# and the policy, the network outputs, and the libraries behind them. A name covers its submodules. Not ctypes: a
+# client as root starts CMD with it (clone3 into the cgroup, tracer/command.py: 2 ms of import for 10-15 ms less).
+# logging: a client that has nothing to say never loads it (tracer/logs.py).
 HEAVY_FOR_A_CLIENT = frozenset({
-    "bcc", "ctypes", "msgpack", "pyroute2", "ssl", "tomllib", "uuid", "hashlib", "prometheus_client",
+    "bcc", "logging", "msgpack", "pyroute2", "ssl", "tomllib", "uuid", "hashlib", "prometheus_client",
     "confluent_kafka", "tracer.api", "tracer.capture", "tracer.config", "tracer.daemon", "tracer.decoding",
     "tracer.detect", "tracer.events", "tracer.kernel.bpf", "tracer.kernel.compile", "tracer.kernel.loader",
     "tracer.kernel.pins", "tracer.kernel.probecache", "tracer.kernel.seccomp", "tracer.metrics_http",

@@ -1,8 +1,8 @@
 """The eptrace command."""
 from __future__ import annotations
 
+import functools
 import json
-import logging
 import math
 import os
 import sys
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, logs
 from .episode_names import ACTIONS
 from .outputs.secrets import redact
 from .schema.document import ECS_VERSION, OCSF_VERSION
@@ -27,7 +27,7 @@ EXIT_NOT_ROOT = 4
 EXIT_KERNEL = 5
 EXIT_INCOMPLETE = 6
 
-log = logging.getLogger("eptrace")
+log = logs.getLogger("eptrace")
 
 
 class Failure(click.ClickException):
@@ -41,13 +41,16 @@ class Failure(click.ClickException):
         click.echo(f"eptrace: error: {printable(redact(self.message))}", err=True)
 
 
-class _LowerLevelFormatter(logging.Formatter):
-    """'eptrace: warning: ...', in the same style as the one-line errors."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        record.levelname = record.levelname.lower()
-        # Messages quote argv, names, paths (one line each) and output specs (never their secrets).
-        return printable(redact(super().format(record)))
+def _set_up_logging(verbose: int, logging) -> None:
+    """Diagnostics on stderr: 'eptrace: warning: ...', in the same style as the one-line errors."""
+    class LowerLevelFormatter(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            record.levelname = record.levelname.lower()
+            # Messages quote argv, names, paths (one line each) and output specs (never their secrets).
+            return printable(redact(super().format(record)))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LowerLevelFormatter("eptrace: %(levelname)s: %(message)s"))
+    logging.basicConfig(level=max(logging.WARNING - 10 * verbose, logging.DEBUG), handlers=[handler])
 
 
 def _require_root() -> None:
@@ -271,7 +274,8 @@ Exit status:
               help="Where the probes are pinned, on bpffs [default: /sys/fs/bpf/eptrace; env EPTRACE_PIN_DIR].")
 @click.option("--socket", "socket_path", envvar="EPTRACE_SOCKET", default=None, metavar="PATH",
               help="The daemon's control socket [default: /run/eptrace/eptrace.sock; env EPTRACE_SOCKET].")
-def cli(verbose: int, state_dir: str | None, pin_dir: str | None, socket_path: str | None) -> None:
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, state_dir: str | None, pin_dir: str | None, socket_path: str | None) -> None:
     """Trace the network activity of AI-agent sandboxes, tagged by episode.
 
     eptrace attaches eBPF programs to the cgroups of sandbox episodes and streams one ECS JSON
@@ -284,9 +288,8 @@ def cli(verbose: int, state_dir: str | None, pin_dir: str | None, socket_path: s
       sudo eptrace episode add --id ep-43 --cgroup /sys/fs/cgroup/unified/sandbox/ep-43
       sudo eptrace daemon --output file:/var/log/eptrace/events.ndjson
     """
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_LowerLevelFormatter("eptrace: %(levelname)s: %(message)s"))
-    logging.basicConfig(level=max(logging.WARNING - 10 * verbose, logging.DEBUG), handlers=[handler])
+    # run loads logging when it first logs, or when it loads more than its client path (run calls logs.ready())
+    logs.configure(functools.partial(_set_up_logging, verbose), deferred=ctx.invoked_subcommand == "run")
     if state_dir:
         os.environ["EPTRACE_STATE_DIR"] = state_dir
     if pin_dir:
@@ -348,6 +351,10 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
       sudo eptrace run --episode ep-42 --output file:/var/log/eptrace/ep-42.ndjson -- curl -s http://198.51.100.1/
       sudo eptrace run --episode ep-42 --label run=ppo-7 -- bash -c 'pip download requests'
     """
+    # Through the daemon, run's client path loads logging only to log: whatever loads more sets it up first
+    if daemon_mode == "never" or metrics_listen or config_path or policy_path or capture_path or schema != "ecs" \
+            or not all(spec == "-" or spec.startswith("file:") for spec in outputs):
+        logs.ready()
     # Connected first (not for in-process runs): the daemon's hello comes while the options are checked
     connecting = _connect_early(daemon_mode) if daemon_mode != "never" and not metrics_listen else None
     if connecting is not None:
@@ -391,6 +398,7 @@ def run(episode_id, outputs, labels, grace, stats_interval, config_path, verdict
         finally:
             fanout.close()
         _end_run(verdict, verdict_path, fail_on_alert, fail_on_incomplete, at_once=True)
+    logs.ready()
     if config is None:
         config = _with_on_alert(_config(None), on_alert)
     from .kernel.cgroups import CgroupError
@@ -421,7 +429,7 @@ def _end_run(verdict, verdict_path: str | None, fail_on_alert: bool, fail_on_inc
     else:
         status = EXIT_INCOMPLETE if fail_on_incomplete and not verdict.complete else verdict.exit_code
     if at_once:
-        logging.shutdown()
+        logs.shutdown()
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

@@ -9,7 +9,6 @@ its episode back (resume) and carries the verdict over (tracer.verdict.merge).
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import signal
 import subprocess
@@ -17,11 +16,11 @@ import threading
 import time
 from pathlib import Path
 
-from . import control
+from . import control, logs
 from .schema.document import Document, restamp
 from .verdict import Verdict, from_dict, merge
 
-log = logging.getLogger(__name__)
+log = logs.getLogger(__name__)
 
 READ_TIMEOUT_S = 0.2          # how often the reader looks up from the socket (an end to send, a stop)
 FLUSH_INTERVAL_S = 0.25       # the outputs are flushed this often, as the in-process tracer's sweep does
@@ -35,8 +34,9 @@ class Episode:
 
     def __init__(self, conn: control.Connection, outputs, episode_id: str, labels: dict | None = None,
                  policy: dict | None = None, on_alert: str | None = None, cgroup: str | None = None,
-                 capture=None):
-        """capture: a tracer.capture.Recorder that gets the episode's capture entries from the daemon."""
+                 capture=None, follow: bool = True):
+        """capture: a tracer.capture.Recorder that gets the episode's capture entries from the daemon; follow:
+        start reading them now (else follow(): run starts CMD first, from a process with no other thread)."""
         self.conn, self.outputs, self.episode_id, self.capture = conn, outputs, episode_id, capture
         started = conn.request("start", id=episode_id, labels=labels or {}, policy=policy, on_alert=on_alert,
                                cgroup=cgroup, **({"capture": True} if capture is not None else {}))
@@ -59,7 +59,13 @@ class Episode:
         self._command_done_at: float | None = None
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._read, name="eptrace-client", daemon=True)
-        self._thread.start()
+        if follow:
+            self.follow()
+
+    def follow(self) -> None:
+        """Start the reader thread (documents to the outputs, the verdict)."""
+        if self._thread.ident is None:
+            self._thread.start()
 
     # -- the reader thread ---------------------------------------------------------
     def _read(self) -> None:
@@ -251,7 +257,7 @@ def run_episode(conn: control.Connection, episode_id: str, argv: list[str], outp
     """session.run_episode through the daemon: CMD runs here, in the cgroup the daemon made for it.
     capture: a tracer.capture.Recorder for the episode's capture (this process writes it, and closes it)."""
     try:
-        episode = Episode(conn, outputs, episode_id, labels, policy, on_alert, capture=capture)
+        episode = Episode(conn, outputs, episode_id, labels, policy, on_alert, capture=capture, follow=False)
     except BaseException:
         if capture is not None:
             capture.abort()
@@ -264,29 +270,31 @@ def run_episode(conn: control.Connection, episode_id: str, argv: list[str], outp
 
 
 def _run_command(episode: Episode, argv: list[str], outputs, grace_s: float, user, policy: dict | None) -> Verdict:
-    from .command import command_setup, packet_socket_filter
+    """CMD in the episode's cgroup (the reader thread starts once it runs: command.spawn wants no other thread)."""
+    from .command import command_setup, packet_socket_filter, spawn
     parsed = None
     if policy:
         from .policy import parse as parse_policy
         parsed = parse_policy(policy)
     admission = None
-    if os.geteuid() == 0:
-        enter_cgroup, env, child_stdout = command_setup(episode.cgroup, user, outputs, parsed)
-    else:                               # the daemon moves CMD into its cgroup
-        _, env, child_stdout = command_setup(episode.cgroup, None, outputs)
-        admission = Admission(episode, packet_socket_filter(parsed))
-        enter_cgroup = admission.preexec
     try:
-        child = subprocess.Popen(argv, preexec_fn=enter_cgroup, stdout=child_stdout, env=env)
+        if os.geteuid() == 0:
+            child = spawn(argv, episode.cgroup, user, outputs, parsed)
+        else:                           # the daemon moves CMD into its cgroup
+            _, env, child_stdout = command_setup(episode.cgroup, None, outputs)
+            admission = Admission(episode, packet_socket_filter(parsed))
+            child = subprocess.Popen(argv, preexec_fn=admission.preexec, stdout=child_stdout, env=env)
     except (OSError, subprocess.SubprocessError) as e:
         why = admission.error if admission is not None and admission.error else getattr(e, "strerror", None) or e
         log.error("cannot start %s: %s", argv[0], why)
+        episode.follow()
         verdict = episode.end(0.0)
         verdict.exit_code = 127 if isinstance(e, FileNotFoundError) else 126
         return verdict
     finally:
         if admission is not None:
             admission.close()
+    episode.follow()
     forwarded = []
 
     def forward(signum, _frame) -> None:      # like in-process: CMD gets SIGINT/SIGTERM, we go on

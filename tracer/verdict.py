@@ -3,12 +3,12 @@ orchestrator that decides its reward (stderr summary, --verdict JSON, API)."""
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import asdict, dataclass, field
 
+from . import logs
 from .terminal import printable
 
-log = logging.getLogger(__name__)
+log = logs.getLogger(__name__)
 
 MAX_DESTINATIONS = 200      # listed in full up to this many
 DISTINCT_DESTINATIONS = 262144   # the count is exact up to this many (memory); beyond, every one counts

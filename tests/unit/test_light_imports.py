@@ -14,7 +14,7 @@ from support import HEAVY_FOR_A_CLIENT
 REPO = Path(__file__).resolve().parents[2]
 
 # What run's client path may load of eptrace's own: a new module here is a decision (is it light?), not an accident.
-CLIENT_MODULES = {"tracer", "tracer.cli", "tracer.client", "tracer.command", "tracer.control",
+CLIENT_MODULES = {"tracer", "tracer.cli", "tracer.client", "tracer.command", "tracer.control", "tracer.logs",
                   "tracer.outputs", "tracer.outputs.base", "tracer.outputs.file",
                   "tracer.outputs.secrets", "tracer.outputs.stdout", "tracer.episode_names", "tracer.safefiles",
                   "tracer.schema", "tracer.schema.document", "tracer.terminal", "tracer.verdict"}
@@ -26,7 +26,7 @@ import json, os, sys
 tmp = sys.argv[1]
 import tracer.cli as cli
 from tracer import client, control
-from tracer.command import command_setup
+from tracer.command import command_setup, spawn
 from tracer.outputs import open_outputs
 from tracer.schema.document import Document, restamp
 from tracer.verdict import from_dict, write_verdict
@@ -42,13 +42,18 @@ command_setup(__import__("pathlib").Path(tmp), None, fanout)
 fanout.close()
 write_verdict(from_dict({"episode_id": "ep-1", "exit_code": 0}), os.path.join(tmp, "v.json"))
 print(json.dumps(sorted(sys.modules)))
+# CMD started: tmp is no cgroup, so clone3 is refused and Popen starts it (that fallback logs, at debug level)
+assert spawn(["true"], __import__("pathlib").Path(tmp), None, fanout).wait() == 0
+print(json.dumps(sorted(sys.modules)))
 '''
 
 
-def modules_after(code: str, *args: str, env: dict | None = None) -> set[str]:
+def modules_after(code: str, *args: str, env: dict | None = None, lines: int = 1) -> set[str] | list[set[str]]:
+    """The modules loaded, as the code's last line lists them (lines > 1: its last lines, each a list)."""
     out = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, check=True,
                          env=env)
-    return set(json.loads(out.stdout.splitlines()[-1]))
+    found = [set(json.loads(line)) for line in out.stdout.splitlines()[-lines:]]
+    return found[0] if lines == 1 else found
 
 
 def heavy(modules: set[str]) -> list[str]:
@@ -65,10 +70,11 @@ def test_importing_the_command_line_loads_no_heavy_module():
 def test_run_client_path_loads_no_heavy_module(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "EPTRACE_SOCKET": str(tmp_path / "none.sock"),
            "EPTRACE_STATE_DIR": str(tmp_path / "state")}
-    modules = modules_after(CLIENT_PATH, str(tmp_path), env=env)
+    modules, started = modules_after(CLIENT_PATH, str(tmp_path), env=env, lines=2)
     assert heavy(modules) == []
-    assert {m for m in modules if m.split(".")[0] == "tracer"} <= CLIENT_MODULES, \
-        sorted({m for m in modules if m.split(".")[0] == "tracer"} - CLIENT_MODULES)
+    assert heavy(started) == ["logging"]        # only the fallback's debug message, ctypes and subprocess are light
+    assert {m for m in started if m.split(".")[0] == "tracer"} <= CLIENT_MODULES, \
+        sorted({m for m in started if m.split(".")[0] == "tracer"} - CLIENT_MODULES)
     assert (tmp_path / "out.ndjson").read_text().count('"sequence":1,') == 1      # the path did run
     assert json.loads((tmp_path / "v.json").read_text())["episode_id"] == "ep-1"
 

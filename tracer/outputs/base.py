@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import abc
-import logging
 
+from tracer import logs
 from tracer.schema import Document
 
-log = logging.getLogger(__name__)
+log = logs.getLogger(__name__)
 
 
 class OutputError(Exception):

@@ -11,14 +11,13 @@
 """
 from __future__ import annotations
 
-import logging
 import os
 
-from tracer import safefiles
+from tracer import logs, safefiles
 from tracer.outputs.base import Output, OutputError
 from tracer.schema import Document
 
-log = logging.getLogger(__name__)
+log = logs.getLogger(__name__)
 
 FLUSH_BYTES = 64 * 1024
 MODE = 0o640

@@ -1,15 +1,15 @@
 """NDJSON on stdout: the default event stream."""
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from typing import TextIO
 
+from tracer import logs
 from tracer.outputs.base import Output
 from tracer.schema import Document
 
-log = logging.getLogger(__name__)
+log = logs.getLogger(__name__)
 
 FLUSH_BYTES = 64 * 1024
 
