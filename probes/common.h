@@ -248,6 +248,7 @@ struct sock_state {
     struct activity a;
     __u64 start_ns;
     __u64 last_update_ns;     /* the last REC_FLOW_UPDATE */
+    __u64 update_interval_ns; /* settings[SET_UPDATE_INTERVAL] as this flow last read it */
     __u64 burst_out_ns;       /* the last data packet out, and in: bursts start after BURST_IDLE_NS */
     __u64 burst_in_ns;
     __u64 packet_policy;      /* the episode's policy as its packets need it (packets.c: packet_policy) */
@@ -483,7 +484,8 @@ static __always_inline __u64 current_episode(void)
     return 0;
 }
 
-/* Is the tracer gone (fail-closed), now? When it is alive and refreshed within every timeout in force,
+/* Is the tracer gone (fail-closed) at now (CLOCK_MONOTONIC, precise or coarse: a coarse clock only makes
+ * a timeout of seconds a tick later)? When the tracer is alive and refreshed within every timeout in force,
  * one array lookup: the episode's own mark is read only once the tracer is late or has exited. */
 static __always_inline int tracer_gone_at(__u64 episode, __u64 now)
 {
@@ -494,7 +496,7 @@ static __always_inline int tracer_gone_at(__u64 episode, __u64 now)
     __u64 timeout = l->timeout_ns, episode_timeout = l->episode_timeout_ns;
     if (!timeout && !episode_timeout)
         return 0;
-    /* Signed: a refresh written after `now` was read is fresh, not 2^64 ns old. */
+    /* Signed: a refresh written after `now` was read (or a coarse `now`) is fresh, not 2^64 ns old. */
     __s64 age = now - l->refreshed_ns;
     int exited = l->tracer_exited;
     if (!exited && (!timeout || age <= (__s64)timeout) && (!episode_timeout || age <= (__s64)episode_timeout))

@@ -330,8 +330,14 @@ static __always_inline void note_icmp_echo(struct __sk_buff *skb, struct sock_st
 
 static __always_inline void report_update(struct __sk_buff *skb, struct sock_state *st, __u64 now)
 {
+    /* Within the interval this flow last read: the setting is not read again (a shorter one written
+     * since applies from this flow's next update on). */
+    if (st->last_update_ns && now - st->last_update_ns < st->update_interval_ns)
+        return;
     __u32 key = SET_UPDATE_INTERVAL;
     __u64 *interval = settings.lookup(&key);
+    if (interval)
+        st->update_interval_ns = *interval;
     if (!interval || !*interval || !st->last_update_ns) {
         if (!st->last_update_ns)
             st->last_update_ns = now;
@@ -695,9 +701,13 @@ static __always_inline int count_packet(struct __sk_buff *skb, int egress)
     }
     /* Fail-closed: with no tracer alive, a flow opened before (an ssh -R tunnel) or a ping socket
      * must not keep talking to other hosts. Loopback is the episode's own business. */
-    __u64 now = 0;                  /* the clock, read once a packet needs it */
+    /* The clock, read once a packet needs it. Coarse (CLOCK_MONOTONIC at the last tick, a few ms behind):
+     * a precise read costs a packet more than anything else here, and every time a packet keeps (silences
+     * of >= 1 s, bursts after 200 ms, the update interval, liveness timeouts of seconds) is far coarser.
+     * Records keep their precise timestamps (fill_header). */
+    __u64 now = 0;
     if (!from_loopback(skb)) {
-        now = bpf_ktime_get_ns();
+        now = bpf_ktime_get_coarse_ns();
         if (tracer_gone_at(st->owner.episode_cgroup_id, now)) {
             refused.increment(st->owner.episode_cgroup_id);
             return 0;
@@ -732,7 +742,7 @@ static __always_inline int count_packet(struct __sk_buff *skb, int egress)
     if (!bytes || !headers)
         return 1;                   /* handshakes and bare ACKs: counted, nothing more */
     if (!now)
-        now = bpf_ktime_get_ns();
+        now = bpf_ktime_get_coarse_ns();
     note_activity(&st->a, now, egress);
     note_burst(skb, st, protocol, bytes, egress, now);
     /* The first data packets each way name the protocol; every DNS query counts. */
