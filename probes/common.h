@@ -256,7 +256,7 @@ struct sock_state {
     __u8 captured_out;        /* data packets captured this way (PAYLOAD_PACKETS at most) */
     __u8 captured_in;
     __u8 routine;             /* ROUTINE_*: a flow to a destination its episode reached before */
-    __u8 pad;
+    __u8 data_last_out;       /* the flow's last data packet went out (packets.c: note_burst's turns) */
 };
 BPF_F_TABLE(PINNED("sk_storage", sockets), int, struct sock_state, sockets, 0,
             BPF_F_NO_PREALLOC | BPF_F_CLONE);

@@ -102,13 +102,16 @@ static __always_inline void note_burst(struct __sk_buff *skb, struct sock_state 
                                        int egress, __u64 now)
 {
     __u64 *last = egress ? &st->burst_out_ns : &st->burst_in_ns;
-    __u64 other = egress ? st->burst_in_ns : st->burst_out_ns;
     __u64 prev = *last;
     *last = now;
+    /* A turn: the flow's previous data packet went the other way (the order of the packets, not of
+     * their times: the per-packet clock is coarse, a ping and its pong often share a tick). */
+    int turn = st->data_last_out != egress;
+    st->data_last_out = egress;
     /* The same burst: no silence, and no turn (the other side has not spoken since). A turn
      * counts on flows to the outside only: a loopback ping-pong would make every packet one. */
     int same = prev && now - prev < BURST_IDLE_NS;
-    if (same && other <= prev)
+    if (same && !turn)
         return;
     int local = is_local_peer(&st->ep);
     if (same && local)
