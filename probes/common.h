@@ -552,6 +552,8 @@ static __always_inline struct sock_state *owned_state(struct bpf_sock *sk, __u64
         count_lost(episode, LOST_NO_STORAGE);
         return 0;
     }
+    if (st->owner.episode_cgroup_id != episode)
+        st->packet_policy = 0;      /* a socket passed to another episode: its packets read that one's policy */
     fill_current_owner(&st->owner, episode);
     st->start_ns = bpf_ktime_get_ns();
     return st;
