@@ -87,7 +87,9 @@ def one_round(probes: Path, parent: Path, seconds: float,
     units = sum(p["seconds"] for p in traced) if bulk else sum(p["connections"] for p in traced)
     delta = {name: (after[name][0] - before[name][0], after[name][1] - before[name][1]) for name in after}
     delta["(tracer userspace CPU)"] = (int(cpu * 1e9), units)
-    return pair_rates(phases, "bytes" if bulk else "connections"), delta, units, \
+    # A phase that moved nothing (the shared VM stalled it) has no rate to compare.
+    pairs = [(t, u) for t, u in pair_rates(phases, "bytes" if bulk else "connections") if t and u]
+    return pairs, delta, units, \
         trace.verdict.losses if trace.verdict else {}
 
 
@@ -142,6 +144,8 @@ def rounds(variants: list[Path], seconds: float, count: int, bulk: bool = False,
             rows = sorted(((ns / n, runs / n, ns / runs, name) for name, (ns, runs) in programs[probes].items()
                            if runs and not name.startswith("(")), reverse=True)
             share = sum(r[0] for r in rows) / 1e9
+            if len(variants) > 1:
+                print(f"{indent}{probes}:")
             print(f"{indent}program time while traced ({n:.1f} s of traced bulk phases, kernel BPF statistics; "
                   f"that run's own ratio {f.ratio:.3f}): {share * 100:.2f}% of CPU 0, so about {1 - share:.3f} of "
                   "the transfer is left to it")

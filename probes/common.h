@@ -57,9 +57,11 @@ static __always_inline struct connect_in_flight *connect_pending(int create)
 
 /* Settings written by userspace: the flow update interval (ns), the ICMP large payload (bytes), the
  * low-value records each episode may send per second (0: no budget) and how many it may send at once;
- * the ring buffer's watermark (bytes unread; 0: no fairness) and each episode's share above it. */
+ * the ring buffer's watermark (bytes unread; 0: no fairness) and each episode's share above it; the
+ * generation of the policies map, bumped after every write to it (packet_policy() in packets.c). */
 enum setting { SET_UPDATE_INTERVAL = 0, SET_ICMP_LARGE = 1, SET_BUDGET_RATE = 2, SET_BUDGET_BURST = 3,
-               SET_SHARE_WATERMARK = 4, SET_SHARE_RATE = 5, SET_SHARE_BURST = 6, SETTINGS = 7 };
+               SET_SHARE_WATERMARK = 4, SET_SHARE_RATE = 5, SET_SHARE_BURST = 6, SET_POLICY_GENERATION = 7,
+               SETTINGS = 8 };
 BPF_F_TABLE(PINNED("array", settings), int, __u64, settings, SETTINGS, 0);
 
 /* BPF_RINGBUF_OUTPUT, with a pin: bcc's macro has no pinned form. */
@@ -246,13 +248,15 @@ struct sock_state {
     struct activity a;
     __u64 start_ns;
     __u64 last_update_ns;     /* the last REC_FLOW_UPDATE */
+    __u64 update_interval_ns; /* settings[SET_UPDATE_INTERVAL] as this flow last read it */
     __u64 burst_out_ns;       /* the last data packet out, and in: bursts start after BURST_IDLE_NS */
     __u64 burst_in_ns;
+    __u64 packet_policy;      /* the episode's policy as its packets need it (packets.c: packet_policy) */
     __u32 flags;
     __u8 captured_out;        /* data packets captured this way (PAYLOAD_PACKETS at most) */
     __u8 captured_in;
     __u8 routine;             /* ROUTINE_*: a flow to a destination its episode reached before */
-    __u8 pad;
+    __u8 data_last_out;       /* the flow's last data packet went out (packets.c: note_burst's turns) */
 };
 BPF_F_TABLE(PINNED("sk_storage", sockets), int, struct sock_state, sockets, 0,
             BPF_F_NO_PREALLOC | BPF_F_CLONE);
@@ -483,20 +487,35 @@ static __always_inline __u64 current_episode(void)
     return 0;
 }
 
-/* Is the tracer gone (fail-closed)? One array lookup and a clock read when it is alive. */
-static __always_inline int tracer_gone(__u64 episode)
+/* Is the tracer gone (fail-closed) at now (CLOCK_MONOTONIC, precise or coarse: a coarse clock only makes
+ * a timeout of seconds a tick later)? When the tracer is alive and refreshed within every timeout in force,
+ * one array lookup: the episode's own mark is read only once the tracer is late or has exited. */
+static __always_inline int tracer_gone_at(__u64 episode, __u64 now)
 {
     int zero = 0;
     struct liveness *l = liveness.lookup(&zero);
     if (!l)
         return 0;
-    __u64 timeout = l->timeout_ns;
-    if (!timeout && l->episode_timeout_ns) {
+    __u64 timeout = l->timeout_ns, episode_timeout = l->episode_timeout_ns;
+    if (!timeout && !episode_timeout)
+        return 0;
+    /* Signed: a refresh written after `now` was read (or a coarse `now`) is fresh, not 2^64 ns old. */
+    __s64 age = now - l->refreshed_ns;
+    int exited = l->tracer_exited;
+    if (!exited && (!timeout || age <= (__s64)timeout) && (!episode_timeout || age <= (__s64)episode_timeout))
+        return 0;
+    if (!timeout) {
         __u32 *flags = episodes.lookup(&episode);
-        if (flags && (*flags & EPISODE_FAIL_CLOSED))
-            timeout = l->episode_timeout_ns;
+        if (!flags || !(*flags & EPISODE_FAIL_CLOSED))
+            return 0;
+        timeout = episode_timeout;
     }
-    return timeout && (l->tracer_exited || bpf_ktime_get_ns() - l->refreshed_ns > timeout);
+    return exited || age > (__s64)timeout;
+}
+
+static __always_inline int tracer_gone(__u64 episode)
+{
+    return tracer_gone_at(episode, bpf_ktime_get_ns());
 }
 
 /* Is the tracer gone? Then count a refusal (a connect, a send, a raw socket, a packet) for the episode. */
@@ -536,6 +555,8 @@ static __always_inline struct sock_state *owned_state(struct bpf_sock *sk, __u64
         count_lost(episode, LOST_NO_STORAGE);
         return 0;
     }
+    if (st->owner.episode_cgroup_id != episode)
+        st->packet_policy = 0;      /* a socket passed to another episode: its packets read that one's policy */
     fill_current_owner(&st->owner, episode);
     st->start_ns = bpf_ktime_get_ns();
     return st;

@@ -98,20 +98,26 @@ static __always_inline int is_local_peer(const struct endpoints *ep)
     return (d[0] | d[1] | d[2] | d[3]) && d[0] == s[0] && d[1] == s[1] && d[2] == s[2] && d[3] == s[3];
 }
 
-static __always_inline void note_burst(struct sock_state *st, __u64 cookie, __u8 protocol, __u32 bytes,
+static __always_inline void note_burst(struct __sk_buff *skb, struct sock_state *st, __u8 protocol, __u32 bytes,
                                        int egress, __u64 now)
 {
     __u64 *last = egress ? &st->burst_out_ns : &st->burst_in_ns;
-    __u64 other = egress ? st->burst_in_ns : st->burst_out_ns;
     __u64 prev = *last;
     *last = now;
+    /* A turn: the flow's previous data packet went the other way (the order of the packets, not of
+     * their times: the per-packet clock is coarse, a ping and its pong often share a tick). */
+    int turn = st->data_last_out != egress;
+    st->data_last_out = egress;
     /* The same burst: no silence, and no turn (the other side has not spoken since). A turn
      * counts on flows to the outside only: a loopback ping-pong would make every packet one. */
-    if (prev && now - prev < BURST_IDLE_NS && (other <= prev || is_local_peer(&st->ep)))
+    int same = prev && now - prev < BURST_IDLE_NS;
+    if (same && !turn)
+        return;
+    int local = is_local_peer(&st->ep);
+    if (same && local)
         return;
     __u64 episode = st->owner.episode_cgroup_id;
     struct burst_window *w = burst_windows.lookup(&episode);
-    int local = is_local_peer(&st->ep);
     if (!w) {
         if (local)
             return;           /* nothing outside has moved yet */
@@ -137,7 +143,7 @@ static __always_inline void note_burst(struct sock_state *st, __u64 cookie, __u8
     struct burst_record *r = reserve_burst(episode);
     if (!r)
         return;
-    fill_header(&r->h, REC_BURST, sizeof(*r), cookie, &st->owner);
+    fill_header(&r->h, REC_BURST, sizeof(*r), bpf_get_socket_cookie(skb), &st->owner);
     r->idle_ns = prev ? now - prev : 0;
     r->bytes = bytes;
     r->egress = egress;
@@ -327,8 +333,14 @@ static __always_inline void note_icmp_echo(struct __sk_buff *skb, struct sock_st
 
 static __always_inline void report_update(struct __sk_buff *skb, struct sock_state *st, __u64 now)
 {
+    /* Within the interval this flow last read: the setting is not read again (a shorter one written
+     * since applies from this flow's next update on). */
+    if (st->last_update_ns && now - st->last_update_ns < st->update_interval_ns)
+        return;
     __u32 key = SET_UPDATE_INTERVAL;
     __u64 *interval = settings.lookup(&key);
+    if (interval)
+        st->update_interval_ns = *interval;
     if (!interval || !*interval || !st->last_update_ns) {
         if (!st->last_update_ns)
             st->last_update_ns = now;
@@ -387,19 +399,49 @@ static __always_inline int from_loopback(struct __sk_buff *skb)
 #define DROP_CONTAINED 1
 #define DROP_CUT 2
 #define DROP_LISTEN 3
-static __always_inline int policy_drops(struct __sk_buff *skb, struct bpf_sock *sk, struct episode_policy *p,
-                                        int egress)
+
+/* What a packet needs of its episode's policy, in one word of the socket's storage with the generation
+ * of the policies map it was read at (settings[SET_POLICY_GENERATION], bumped by userspace after every
+ * write to policies): an array lookup per packet where the policy cost a hash lookup. One word, so that
+ * a CPU that read an older generation can only leave an entry the next packet finds stale. */
+#define PP_LISTEN 0x03            /* LISTEN_* */
+#define PP_CONTAINED 0x04
+#define PP_CUT 0x08
+#define PP_NAMES 0x10
+#define PP_PRESENT 0x20           /* the episode has a policy */
+#define PP_READ 0x40              /* the word holds a policy read at generation word >> 8 */
+#define PP_GENERATION_BITS 56
+static __always_inline __u8 packet_policy(struct sock_state *st)
 {
-    if (p->contained)
+    __u32 key = SET_POLICY_GENERATION;
+    __u64 *written = settings.lookup(&key);
+    __u64 generation = written ? *written & ((1ULL << PP_GENERATION_BITS) - 1) : 0;
+    __u64 cached = *(volatile __u64 *)&st->packet_policy;
+    if (written && (cached & PP_READ) && cached >> 8 == generation)
+        return cached;
+    /* The generation is read before the policy: a write after it leaves a stale entry, never a wrong one. */
+    struct episode_policy *p = episode_policy(st->owner.episode_cgroup_id);
+    __u8 bits = PP_READ;
+    if (p)
+        bits |= PP_PRESENT | (p->listen & PP_LISTEN) | (p->contained ? PP_CONTAINED : 0) |
+                (p->cut ? PP_CUT : 0) | (p->names ? PP_NAMES : 0);
+    *(volatile __u64 *)&st->packet_policy = generation << 8 | bits;
+    return bits;
+}
+
+static __always_inline int policy_drops(struct __sk_buff *skb, struct bpf_sock *sk, __u8 policy, int egress)
+{
+    if (policy & PP_CONTAINED)
         return DROP_CONTAINED;
-    if (p->cut) {
+    if (policy & PP_CUT) {
         __u64 cookie = bpf_get_socket_cookie(skb);
         if (cut_flows.lookup(&cookie))
             return DROP_CUT;
     }
-    if (egress || p->listen == LISTEN_ANY || sk->state != BPF_TCP_LISTEN_STATE)
+    __u8 listen = policy & PP_LISTEN;
+    if (egress || listen == LISTEN_ANY || sk->state != BPF_TCP_LISTEN_STATE)
         return DROP_NONE;
-    return p->listen == LISTEN_NONE || !from_loopback(skb) ? DROP_LISTEN : DROP_NONE;
+    return listen == LISTEN_NONE || !from_loopback(skb) ? DROP_LISTEN : DROP_NONE;
 }
 
 /* A listener's refused connection, once per (episode, source address, listening port): an ACCEPTED record
@@ -652,8 +694,8 @@ static __always_inline int count_packet(struct __sk_buff *skb, int egress)
         st->owner.cgroup_id = bpf_sk_cgroup_id(sk);
         st->start_ns = bpf_ktime_get_ns();
     }
-    struct episode_policy *p = episode_policy(st->owner.episode_cgroup_id);
-    int drop = p ? policy_drops(skb, sk, p, egress) : DROP_NONE;
+    __u8 policy = packet_policy(st);
+    int drop = policy & PP_PRESENT ? policy_drops(skb, sk, policy, egress) : DROP_NONE;
     if (drop) {
         denied.increment(st->owner.episode_cgroup_id);
         if (drop == DROP_LISTEN)
@@ -662,9 +704,17 @@ static __always_inline int count_packet(struct __sk_buff *skb, int egress)
     }
     /* Fail-closed: with no tracer alive, a flow opened before (an ssh -R tunnel) or a ping socket
      * must not keep talking to other hosts. Loopback is the episode's own business. */
-    if (tracer_gone(st->owner.episode_cgroup_id) && !from_loopback(skb)) {
-        refused.increment(st->owner.episode_cgroup_id);
-        return 0;
+    /* The clock, read once a packet needs it. Coarse (CLOCK_MONOTONIC at the last tick, a few ms behind):
+     * a precise read costs a packet more than anything else here, and every time a packet keeps (silences
+     * of >= 1 s, bursts after 200 ms, the update interval, liveness timeouts of seconds) is far coarser.
+     * Records keep their precise timestamps (fill_header). */
+    __u64 now = 0;
+    if (!from_loopback(skb)) {
+        now = bpf_ktime_get_coarse_ns();
+        if (tracer_gone_at(st->owner.episode_cgroup_id, now)) {
+            refused.increment(st->owner.episode_cgroup_id);
+            return 0;
+        }
     }
     if (egress && !st->ep.sport) {
         /* UDP and raw sockets: learn the local end, which no hook reports. */
@@ -680,7 +730,7 @@ static __always_inline int count_packet(struct __sk_buff *skb, int egress)
     __u8 protocol = sk->protocol;
     __u32 headers = header_len(skb, protocol);
     __u32 bytes = skb->len > headers ? skb->len - headers : 0;
-    if (p && p->names && !egress && protocol == IPPROTO_UDP && headers)
+    if ((policy & PP_NAMES) && !egress && protocol == IPPROTO_UDP && headers)
         learn_dns_answer(skb, st->owner.episode_cgroup_id, headers);
     __u32 segs = skb->gso_segs > 1 ? skb->gso_segs : 1;
     if (egress) {
@@ -694,9 +744,10 @@ static __always_inline int count_packet(struct __sk_buff *skb, int egress)
         note_icmp_echo(skb, st, sk->type);
     if (!bytes || !headers)
         return 1;                   /* handshakes and bare ACKs: counted, nothing more */
-    __u64 now = bpf_ktime_get_ns();
+    if (!now)
+        now = bpf_ktime_get_coarse_ns();
     note_activity(&st->a, now, egress);
-    note_burst(st, bpf_get_socket_cookie(skb), protocol, bytes, egress, now);
+    note_burst(skb, st, protocol, bytes, egress, now);
     /* The first data packets each way name the protocol; every DNS query counts. */
     __u8 *captured = egress ? &st->captured_out : &st->captured_in;
     int dns_query = egress && protocol == IPPROTO_UDP && udp_dport(skb, headers) == 53;

@@ -78,7 +78,7 @@ struct socket_record {        /* REC_SOCKET_CREATED */
 /* When a flow talks: enough to tell keep-alive cadence and who speaks first. */
 #define GAP_BUCKETS 8
 struct activity {
-    __u64 last_ns;            /* the last packet, either way */
+    __u64 last_ns;            /* the last data packet, either way (to a tick: packets.c's coarse clock) */
     __u32 exchanges_out;      /* bursts after >= 1 s of silence that the sandbox started */
     __u32 exchanges_in;       /* ... that the peer started */
     __u16 gaps[GAP_BUCKETS];  /* those silences by length: [1,2) [2,4) ... [64,128) >=128 s */
@@ -127,7 +127,7 @@ struct payload_record {       /* REC_PAYLOAD */
 #define BURST_IDLE_NS 200000000ULL
 struct burst_record {         /* REC_BURST; h.ts_ns: the burst's first packet */
     struct record_header h;
-    __u64 idle_ns;            /* the silence before it this way (short at a turn); 0: the first data */
+    __u64 idle_ns;            /* the silence before it this way, to a tick (packets.c's coarse clock); 0: the first data */
     __u32 bytes;              /* payload bytes of that first packet */
     __u8 egress;              /* 1: sandbox -> peer */
     __u8 protocol;            /* IPPROTO_* */

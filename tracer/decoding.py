@@ -184,7 +184,7 @@ class BurstRecord:
     """Data one way after >= BURST_IDLE_NS of silence that way, or after the other side spoke (a turn):
     header.ts_ns is its first packet."""
     header: Header
-    idle_ns: int          # the silence before it this way (short at a turn); 0: the first data this way
+    idle_ns: int          # the silence before it this way, to a clock tick (0 at a turn within one, or the first data)
     bytes: int            # payload bytes of its first packet
     egress: bool
     protocol: int

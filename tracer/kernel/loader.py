@@ -41,7 +41,7 @@ LIVENESS_REFRESH_NS = 200_000_000                      # refreshed this often; t
 RINGBUF_PAGES = Limits().ringbuf_pages     # the default size
 # enum setting in common.h
 SET_UPDATE_INTERVAL, SET_ICMP_LARGE, SET_BUDGET_RATE, SET_BUDGET_BURST = 0, 1, 2, 3
-SET_SHARE_WATERMARK, SET_SHARE_RATE, SET_SHARE_BURST = 4, 5, 6
+SET_SHARE_WATERMARK, SET_SHARE_RATE, SET_SHARE_BURST, SET_POLICY_GENERATION = 4, 5, 6, 7
 EPISODE_TRACED, EPISODE_FAIL_CLOSED = 1, 2      # the episodes map's flags, as common.h defines them
 PRIVATE_PREFIX = "private-"                # the hand-over pin directory of a Probes without one
 _private_dirs = itertools.count()
@@ -161,6 +161,7 @@ class Probes:
         self._progress_ns = time.monotonic_ns()
         self._liveness_thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._generation_lock = threading.Lock()        # two writers must not both write the same next value
         self._links: dict[int, list[int]] = {}          # cgroup id -> link fds
         self._levels: dict[int, int] = {}               # episode cgroup id -> level
         self._budget_burst = self._share_burst = 0      # tokens a new episode starts with
@@ -274,6 +275,7 @@ class Probes:
             except KeyError:
                 pass
         self._clear_policy(cgid)
+        self._policies_written()
         flows = self.maps["cut_flows"]
         for key in [k for k, v in flows.items() if v.value == cgid]:
             del flows[key]
@@ -380,6 +382,15 @@ class Probes:
         leaf.listen, leaf.contained, leaf.cut = LISTEN.index(policy.listen), contained, cut
         leaf.names = bool(policy.names)
         table[ctypes.c_uint64(cgid)] = leaf
+        self._policies_written()
+
+    def _policies_written(self) -> None:
+        """After every write to the policies map: the sockets' copies of it (packets.c: packet_policy)
+        are stale from now on. Read-modify-write: the map is pinned, a restarted tracer goes on counting."""
+        settings = self.maps["settings"]
+        key = ctypes.c_int(SET_POLICY_GENERATION)
+        with self._generation_lock:
+            settings[key] = ctypes.c_uint64(settings[key].value + 1)
 
     def _clear_policy(self, cgid: int) -> list[tuple[str, int, int]]:
         """Remove an episode's rules; returns the destinations a cut denied (they outlive a new policy)."""
@@ -399,6 +410,8 @@ class Probes:
                 del self.maps["policies"][ctypes.c_uint64(cgid)]
             except KeyError:
                 pass
+            else:
+                self._policies_written()
         return cut
 
     def contain(self, cgid: int, policy: Policy | None) -> None:
