@@ -87,9 +87,7 @@ def one_round(probes: Path, parent: Path, seconds: float,
     units = sum(p["seconds"] for p in traced) if bulk else sum(p["connections"] for p in traced)
     delta = {name: (after[name][0] - before[name][0], after[name][1] - before[name][1]) for name in after}
     delta["(tracer userspace CPU)"] = (int(cpu * 1e9), units)
-    # A phase that moved nothing (the shared VM stalled it) has no rate to compare.
-    pairs = [(t, u) for t, u in pair_rates(phases, "bytes" if bulk else "connections") if t and u]
-    return pairs, delta, units, \
+    return pair_rates(phases, "bytes" if bulk else "connections"), delta, units, \
         trace.verdict.losses if trace.verdict else {}
 
 

@@ -198,7 +198,8 @@ def pair_rates(phases: list[dict], unit: str = "connections", sides=("traced", "
     with per="cpu_seconds" per second CPU 0 spent on the storm."""
     pairs: dict[int, dict[str, float]] = {}
     for p in phases:
-        pairs.setdefault(p["pair"], {})[p["side"]] = p[unit] / p[per]
+        if p[unit] and p[per]:              # a phase that moved nothing (the VM stalled it) has no rate
+            pairs.setdefault(p["pair"], {})[p["side"]] = p[unit] / p[per]
     return [(v[sides[0]], v[sides[1]]) for v in pairs.values() if len(v) == 2]
 
 
