@@ -95,6 +95,7 @@ class Conn:
         self.outbuf = bytearray()
         self.episodes: set[int] = set()   # subscribed to these episodes' (cgroup ids)
         self.closed = False
+        self.waiting_to_write = False     # registered for EVENT_WRITE: bytes owed that its socket did not take
 
     def send(self, data: bytes) -> None:
         if not self.closed:
@@ -240,12 +241,12 @@ class Daemon:
             conn.reply(type="hello", daemon=__version__, protocol=PROTOCOL_VERSION, instance=self.instance)
 
     def _serve(self, ready: list) -> None:
-        for key, _ in ready:
+        for key, events in ready:
             if key.data is None:
                 self._accept()
                 continue
-            if key.data is RING:
-                continue                                # read above, by tracer.poll
+            if key.data is RING or not events & selectors.EVENT_READ:
+                continue                                # read above, by tracer.poll; or writable: flushed below
             conn = key.data
             try:
                 chunk = conn.sock.recv(1 << 20)
@@ -278,6 +279,12 @@ class Daemon:
                 if len(conn.outbuf) > MAX_BUFFERED:
                     self.counters["clients_dropped"] += 1
                     self._drop(conn, f"too slow ({len(conn.outbuf)} bytes owed)")
+                    continue
+            if bool(conn.outbuf) != conn.waiting_to_write and not conn.closed:
+                # The loop wakes when a slow client's socket takes bytes again, rather than polling for it.
+                conn.waiting_to_write = bool(conn.outbuf)
+                self.selector.modify(conn.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0),
+                                     conn)
 
     def _subscribe(self, conn: Conn, cgroup_id: int) -> None:
         conn.episodes.add(cgroup_id)
@@ -829,10 +836,9 @@ class Daemon:
         self.selector.register(self.tracer.probes.wakeup_fd(), selectors.EVENT_READ, RING)
         next_sync = next_owner_check = time.monotonic()
         while stop.signum is None:
-            # The probes never wake a reader (BPF_RB_NO_WAKEUP): the wait is on the clients, and its timeout
-            # paces the ring buffer's reading. A slow client's owed bytes are retried at the ending pace too.
-            owed = any(conn.outbuf for conn in self.conns.values())
-            ready = self.selector.select((ENDING_MS if self.ending or owed else POLL_MS) / 1000)
+            # The probes wake the reader only for the few records that cannot wait (SUBMIT_NOW): the wait is
+            # on the clients too, and its timeout paces the ring buffer's reading.
+            ready = self.selector.select((ENDING_MS if self.ending else POLL_MS) / 1000)
             self.tracer.poll(0)
             self._serve(ready)
             self._advance_endings()
