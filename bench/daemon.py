@@ -221,13 +221,14 @@ def scale(sock: Path, daemon_pid: int, parent: Path) -> None:
 
     def phase() -> tuple[float, float]:
         """(connects/s in the episode, daemon CPU us per record)."""
-        before_cpu = cpu_seconds(daemon_pid)
         before = health(sock)["stats"]["records_received"]
+        before_cpu = cpu_seconds(daemon_pid)        # after the health request: its answer (per episode) is not
         out = subprocess.run(["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(active / "cgroup.procs"),
                               sys.executable, "-c", LOOP, str(port)], capture_output=True, text=True, check=True)
         time.sleep(0.3)                     # the daemon reads what is left in the ring buffer
+        cpu = cpu_seconds(daemon_pid) - before_cpu      # ... part of the per-record cost
         records = health(sock)["stats"]["records_received"] - before
-        return float(out.stdout), (cpu_seconds(daemon_pid) - before_cpu) * 1e6 / max(1, records)
+        return float(out.stdout), cpu * 1e6 / max(1, records)
 
     one, many, attach_s, rss_one, rss = [], [], [], 0.0, 0.0
     for stretch in range(STRETCHES):
@@ -257,6 +258,7 @@ def scale(sock: Path, daemon_pid: int, parent: Path) -> None:
           f"daemon CPU per record 1 / 1,000: {cost_1 / cost_n if cost_n else float('inf'):.3f}")
     print(f"  daemon RSS, 1,000 episodes    {rss:7.1f} MB   target <= 250    {verdict(rss <= 250)}   (with 1: "
           f"{rss_one:.1f} MB, of which the ring buffer's 32 MB; no compiler is mapped: see RSS by part)")
+    reader.sock.shutdown(socket.SHUT_RDWR)     # ends drain()'s read, so the daemon sees the client go
     reader.close()
     server.close()
 
