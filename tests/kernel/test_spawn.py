@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -107,7 +108,10 @@ def test_born_in_its_cgroup_with_the_process_popen_gives(episode_cgroup, tmp_pat
     assert born == moved, (born, moved)
     assert born["cgroup"] == "/" + str(cgroup.relative_to(cgroups.cgroup2_mount())), born
     assert born["fds"] == [0, 1, 2], born               # fd 9 (inheritable) closed, as Popen's close_fds does
-    assert born["sig_ignored"] == "0000000000000000", born      # SIGPIPE and SIGXFSZ back to their defaults
+    # SIGPIPE and SIGXFSZ back to their defaults (what else is ignored is inherited from whoever ran the tests:
+    # under make test, signal 32 is, and both ways pass it on alike, as born == moved says)
+    ignored = int(born["sig_ignored"], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1) | 1 << (signal.SIGXFSZ - 1)), born
     assert born["env"] == "inherited", born
     assert (born["seccomp"], born["no_new_privs"]) == (("0", "0") if raw_sockets else ("2", "0")), born   # as root
     if user:
