@@ -92,6 +92,11 @@ def stand_in_source(records: bool) -> str:
 
 def measure(parent: Path, name: str, source: str | None) -> Figures:
     """The storm's figures with the given probe source."""
+    return Figures.of(pair_rates(phases(parent, name, source)))
+
+
+def phases(parent: Path, name: str, source: str | None, bulk: bool = False) -> list[dict]:
+    """storm.py's phases (the connect storm, or with bulk its bulk transfers) with the given probe source."""
     traced, untraced = cgroups.create(parent / f"{name}-traced"), cgroups.create(parent / f"{name}-untraced")
     shipped = loader.probe_source
     if source is not None:
@@ -99,14 +104,15 @@ def measure(parent: Path, name: str, source: str | None) -> Figures:
     try:
         with api.trace_cgroup("bench-floor", traced, outputs=["file:/dev/null"]):
             procs = traced / "cgroup.procs"
-            out = subprocess.run([sys.executable, str(STORM), str(SECONDS), "--untraced", str(untraced)],
+            out = subprocess.run([sys.executable, str(STORM), str(SECONDS), "--untraced", str(untraced),
+                                  *(["--bulk"] if bulk else [])],
                                  capture_output=True, text=True, check=True,
                                  preexec_fn=lambda: procs.write_text("0")).stdout
     finally:
         loader.probe_source = shipped
         cgroups.kill_and_remove(traced)
         cgroups.kill_and_remove(untraced)
-    return Figures.of(pair_rates(json.loads(out)["phases"]))
+    return json.loads(out)["phases"]
 
 
 def main() -> dict[str, Figures]:
