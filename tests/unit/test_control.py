@@ -121,9 +121,7 @@ def test_a_client_numbers_its_stream_as_the_daemon_counted_so_that_undelivered_d
     def daemon() -> None:
         sock, _ = server.accept()
         with sock, sock.makefile("rwb") as f:
-            f.write(control.encode({"type": "hello", "instance": "i"}))
-            f.flush()
-            requests.append(json.loads(f.readline()))
+            requests.append(_greeted(f, "i"))
             f.write(control.encode({"type": "started", "cgroup": "/x", "cgroup_id": 5, "instance": "i"}))
             for seq in (1, 2, 5):
                 f.write(control.encode_doc(docs[seq - 1].kind, docs[seq - 1].json, seq))
@@ -167,16 +165,12 @@ def test_documents_a_restarted_daemon_could_not_keep_make_the_clients_verdict_in
     def daemon() -> None:
         sock, _ = server.accept()              # the first daemon: it dies after the start
         with sock, sock.makefile("rwb") as f:
-            f.write(control.encode({"type": "hello", "instance": "first"}))
-            f.flush()
-            requests.append(json.loads(f.readline()))
+            requests.append(_greeted(f, "first"))
             f.write(control.encode({"type": "started", "cgroup": "/x", "cgroup_id": 5, "instance": "first"}))
             f.flush()
         sock, _ = server.accept()              # the restarted one
         with sock, sock.makefile("rwb") as f:
-            f.write(control.encode({"type": "hello", "instance": "second"}))
-            f.flush()
-            requests.append(json.loads(f.readline()))
+            requests.append(_greeted(f, "second"))
             f.write(control.encode({"type": "resumed", "id": "ep-kept", "cgroup_id": 5, "instance": "second",
                                     "delivered_from_restart": 0, "not_kept": 3, "capture_carried": False}))
             f.flush()
@@ -193,3 +187,10 @@ def test_documents_a_restarted_daemon_could_not_keep_make_the_clients_verdict_in
     assert [r["op"] for r in requests] == ["start", "resume", "end"], requests
     assert verdict.losses == {"documents_not_kept": 3} and not verdict.complete, verdict
     assert verdict.incomplete_reasons == ["documents_not_kept"]
+
+
+def _greeted(f, instance: str) -> dict:
+    """A fake daemon's side of a connection: its hello, then the client's request."""
+    f.write(control.encode({"type": "hello", "instance": instance}))
+    f.flush()
+    return json.loads(f.readline())
