@@ -292,6 +292,9 @@ class ReplayProbes:
     def episode_lost(self, cgid: int) -> dict[str, int]:
         return {}
 
+    def episodes_lost(self) -> dict[int, dict[str, int]]:
+        return {}
+
     def poll(self, timeout_ms: int) -> None:
         pass
 

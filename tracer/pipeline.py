@@ -429,8 +429,9 @@ class Tracer:
         }
         # Per episode, what its record lacks (only episodes with something to report).
         by_episode = dict(self._removed_losses)
+        kernel = self.probes.episodes_lost()        # one pass over the kernel's accounts, not one lookup each
         for episode in self.episodes:
-            counts = self.episode_losses(episode.cgroup_id)
+            counts = self._episode_losses(episode.cgroup_id, kernel.get(episode.cgroup_id, {}))
             if counts:
                 by_episode[episode.id] = counts
         # A list of objects, not a map keyed by episode id: ids are data, never field names (ECS custom fields).

@@ -8,6 +8,7 @@ struct stays defined once, in probes/.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import mmap
 import os
@@ -17,6 +18,8 @@ from typing import Any, Callable, Iterator
 log = logging.getLogger(__name__)
 
 PERCPU_MAP_TYPES = {5, 6, 10}           # enum bpf_map_type: percpu_hash, percpu_array, lru_percpu_hash
+BATCH_MAP_TYPES = {1, 2, 5, 6, 9, 10}   # hash, array, percpu_hash, percpu_array, lru_hash, lru_percpu_hash
+BATCH = 1024                            # entries read per BPF_MAP_LOOKUP_BATCH
 BPF_F_ALLOW_MULTI = 2
 
 
@@ -35,6 +38,8 @@ def _lib() -> ctypes.CDLL:
         "bpf_map_update_elem": ([ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64], ctypes.c_int),
         "bpf_map_delete_elem": ([ctypes.c_int, ctypes.c_void_p], ctypes.c_int),
         "bpf_map_get_next_key": ([ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int),
+        "bpf_map_lookup_batch": ([ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p], ctypes.c_int),
         "libbpf_num_possible_cpus": ([], ctypes.c_int),
         "bpf_prog_get_fd_by_id": ([ctypes.c_uint32], ctypes.c_int),
     }
@@ -295,6 +300,13 @@ class Map:
         return found
 
     def items(self) -> list:
+        """Every (key, value): a thousand per system call where the kernel can, else two per entry (the
+        daemon reads its episodes' counters this way at every health request and metric document)."""
+        if self.map_type in BATCH_MAP_TYPES:
+            try:
+                return self._items_batched()
+            except BpfError:
+                pass                # ENOSPC: a hash bucket larger than the batch; the key by key walk below
         pairs = []
         for key in self.keys():
             try:
@@ -302,6 +314,29 @@ class Map:
             except KeyError:        # deleted meanwhile
                 pass
         return pairs
+
+    def _items_batched(self) -> list:
+        count = min(self.max_entries, BATCH)
+        key_size, value_size = ctypes.sizeof(self.Key), ctypes.sizeof(self._value_buffer())
+        keys = (ctypes.c_ubyte * (key_size * count))()
+        values = (ctypes.c_ubyte * (value_size * count))()
+        position = (ctypes.c_ubyte * max(key_size, 8))()     # the kernel's opaque batch token (hash: a bucket)
+        found, pairs, first = ctypes.c_uint32(), [], True
+        while True:
+            found.value = count
+            result = lib.bpf_map_lookup_batch(self.fd, None if first else position, position, keys, values,
+                                              ctypes.byref(found), None)
+            err = ctypes.get_errno() if result < 0 else 0
+            for i in range(found.value):
+                value = (self.Leaf if not self.percpu else ctypes.c_ubyte * value_size).from_buffer_copy(
+                    values, i * value_size)
+                pairs.append((self.Key.from_buffer_copy(keys, i * key_size),
+                              self._percpu_values(value) if self.percpu else value))
+            if result < 0:
+                if err == errno.ENOENT:         # the end of the map
+                    return pairs
+                raise _error(f"cannot read map {self.name}", result)
+            first = False
 
     def close(self) -> None:
         if self.fd >= 0:

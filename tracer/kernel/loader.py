@@ -551,6 +551,15 @@ class Probes:
         """Episode cgroup id -> connects and sends refused while no tracer was alive."""
         return {k.value: v.value for k, v in self.maps["refused"].items()}
 
+    def episodes_lost(self) -> dict[int, dict[str, int]]:
+        """Episode cgroup id -> what it lost so far, by reason (nonzero only), for every account at once."""
+        lost = {}
+        for key, account in self.maps["accounts"].items():
+            if any(account.lost):
+                lost[key.value] = {reason: int(account.lost[i]) for i, reason in enumerate(LOSS_REASONS)
+                                   if account.lost[i]}
+        return lost
+
     def episode_lost(self, cgid: int) -> dict[str, int]:
         """What one episode lost so far, by reason (zeros when it has no account)."""
         try:
