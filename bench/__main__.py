@@ -21,7 +21,7 @@ from . import detection, floors, memory, outputs, peer, probecost, watch
 from .storm import Figures, pair_rates
 
 STORM_SECONDS = 30.0     # 60 alternating phases of 0.25 s each side
-BULK_SECONDS = 30.0      # 60 pairs of bulk transfers of 0.25 s
+BULK_SECONDS = 30.0      # about 300 pairs of 64 MiB phases on two long-lived connections
 STARTUP_ALLOWANCE = 4.0  # eptrace run's own start, before the storm's first phase
 STORM = Path(__file__).with_name("storm.py")
 EPTRACE = [sys.executable, "-m", "tracer"]
@@ -111,8 +111,8 @@ def bulk(untraced: Path, events_file: Path, parent: Path) -> None:
     f = Figures.of(pair_rates(phases, "bytes"))
     cpu = Figures.of(pair_rates(phases, "bytes", per="cpu_seconds"))
     lost = stats.get("records_lost", 0)
-    print(f"  bulk transfer: one loopback TCP connection per phase sending at full speed, both ends on CPU 0, "
-          f"alternating as the storm does: {f.pairs} pairs of 0.25 s phases")
+    print(f"  bulk transfer: two long-lived loopback TCP connections, one opened in the episode and one not, "
+          f"both ends on CPU 0, taking turns (ABBA) to deliver 64 MiB at full speed: {f.pairs} pairs of phases")
     print(f"    untraced {f.untraced_rate * 8 / 1e9:6.2f} Gbit/s, traced {f.traced_rate * 8 / 1e9:6.2f} Gbit/s; "
           f"{lost} records lost")
     print(f"    traced/untraced     {f.ratio:10.3f}      target >= 0.97   {verdict(f.ratio >= 0.97)}"

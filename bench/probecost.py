@@ -14,8 +14,8 @@ the kernel's work around them (a hook's dispatch, a socket storage cloned for an
 accepted socket) and the tracer's userspace are not in it, but are in the storm's cost.
 No record budget: every connection's records are made.
 
-With --bulk, the phases are storm.py's bulk transfers (one loopback TCP connection sending at full
-speed, both ends on CPU 0) and each program's time is given per traced second: its share of CPU 0,
+With --bulk, the phases are storm.py's bulk transfers (64 MiB at full speed on one of two long-lived
+loopback connections, both ends on CPU 0) and each program's time is given per traced second: its share of CPU 0,
 which the per-packet programs take from the transfer (make bench prints it under its bulk ratio).
 
 Usage: python -m bench.probecost [--seconds S] [--rounds R] [--bulk] [PROBES_DIR ...]

@@ -4,7 +4,8 @@ Usage:
   storm.py SECONDS                      -> "connections=N seconds=S"
   storm.py SECONDS --untraced CGROUP    -> one JSON line of phases, see below
   storm.py SECONDS --untraced CGROUP --bulk
-                                        -> the same, each phase one bulk transfer at full speed
+                                        -> the same, each phase 64 MiB at full speed on one of two
+                                           long-lived connections, the traced side's or the other's
   storm.py SECONDS --gated              -> phases "peer" and "alone" in this cgroup; before each one it
                                            prints {"next": SIDE} and waits for a line on stdin (the
                                            caller starts or stops a peer tracer there, untimed)
@@ -37,11 +38,16 @@ PHASE_SECONDS = 0.25
 GATED_PHASE_SECONDS = 0.5   # fewer, longer phases: the peer's start between them takes seconds
 BATCH = 50
 BULK_CHUNK = 256 * 1024
+BULK_PHASE_BYTES = 256 * BULK_CHUNK     # 64 MiB: 20-30 ms at loopback speed here
+BULK_BUFFERS = 4 * 2**20                # each socket's send and receive buffer (the kernel doubles it)
+BULK_WARMUP_PHASES = 4                  # each connection's window grows before phases are kept
 
 
-def listener() -> socket.socket:
+def listener(buffers: int | None = None) -> socket.socket:
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if buffers:
+        fixed_buffers(s, buffers)
     s.bind(("127.0.0.1", 0))
     s.listen(4096)
     return s
@@ -76,33 +82,48 @@ def connect_for(addr, seconds: float) -> tuple[int, float]:
             return count, time.perf_counter() - start
 
 
+def fixed_buffers(s: socket.socket, size: int) -> None:
+    """Fixed buffers, no autotuning: two connections left to tune themselves settle apart and differ in
+    speed by up to 9% for their whole life, with nothing traced (measured here)."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
 def serve_bulk_forever(listeners: list[socket.socket]) -> None:
-    """Reads each transfer to its end, then answers the byte count (so the sender times delivery)."""
+    """Reads every connection's bytes and answers a byte each time one has delivered another BULK_PHASE_BYTES
+    (the sender's phase ends when the bytes are delivered, not merely buffered)."""
     sel = selectors.DefaultSelector()
     for s in listeners:
         sel.register(s, selectors.EVENT_READ)
+    received: dict[socket.socket, int] = {}
     buf = bytearray(BULK_CHUNK)
     while True:
         for key, _ in sel.select():
-            conn, _ = key.fileobj.accept()
-            total = 0
-            while n := conn.recv_into(buf):
-                total += n
-            conn.sendall(total.to_bytes(8, "big"))
-            conn.close()
+            s = key.fileobj
+            if s in listeners:
+                conn, _ = s.accept()
+                received[conn] = 0
+                sel.register(conn, selectors.EVENT_READ)
+                continue
+            n = s.recv_into(buf)
+            if not n:
+                sel.unregister(s)
+                s.close()
+                continue
+            before, received[s] = received[s], received[s] + n
+            if received[s] // BULK_PHASE_BYTES > before // BULK_PHASE_BYTES:
+                s.sendall(b"k")
 
 
-def send_for(addr, seconds: float) -> tuple[int, float]:
-    """One connection sending at full speed for `seconds`: (bytes delivered, seconds until acknowledged)."""
+def send_phase(conn: socket.socket) -> tuple[int, float]:
+    """BULK_PHASE_BYTES at full speed on a connection already open: (bytes, seconds until delivered)."""
     chunk = bytes(BULK_CHUNK)
     start = time.perf_counter()
-    deadline = start + seconds
-    with socket.create_connection(addr) as s:
-        while time.perf_counter() < deadline:
-            s.sendall(chunk)
-        s.shutdown(socket.SHUT_WR)
-        delivered = int.from_bytes(s.recv(8), "big")
-    return delivered, time.perf_counter() - start
+    for _ in range(BULK_PHASE_BYTES // BULK_CHUNK):
+        conn.sendall(chunk)
+    if conn.recv(1) != b"k":
+        raise RuntimeError("bulk receiver went away")
+    return BULK_PHASE_BYTES, time.perf_counter() - start
 
 
 def on_cpu_ns(pids: list[int]) -> int:
@@ -148,23 +169,26 @@ def orders(seconds: float, phase_seconds: float, first: str, second: str):
 def alternating(seconds: float, untraced: Path, bulk: bool) -> None:
     traced = own_cgroup()
     me = os.getpid()
-    listeners = {"traced": listener()}
+    buffers = BULK_BUFFERS if bulk else None
+    listeners = {"traced": listener(buffers)}
     move([me], untraced)
-    listeners["untraced"] = listener()
+    listeners["untraced"] = listener(buffers)
     acceptor = os.fork()
     if acceptor == 0:
         (serve_bulk_forever if bulk else accept_forever)(list(listeners.values()))
     cgroup_of = {"traced": traced, "untraced": untraced}
-    unit, work = ("bytes", send_for) if bulk else ("connections", connect_for)
     phases = []
     # CPU 0's time on the storm: both ends, and the softirqs it leaves to ksoftirqd/0 (loopback delivers
     # in softirq; this kernel has no IRQ time accounting, so the rest is charged to the sending task).
     on_cpu0 = [me, acceptor, ksoftirqd(0)]
     try:
-        for pair, side in orders(seconds, PHASE_SECONDS, "traced", "untraced"):
-            move([me, acceptor], cgroup_of[side])
+        if bulk:
+            unit, steps = "bytes", bulk_phases(seconds, listeners, cgroup_of, [me, acceptor])
+        else:
+            unit, steps = "connections", storm_phases(seconds, listeners, cgroup_of, [me, acceptor])
+        for pair, side, work in steps:
             cpu_before = on_cpu_ns(on_cpu0)
-            count, elapsed = work(listeners[side].getsockname(), PHASE_SECONDS)
+            count, elapsed = work()
             phases.append({"pair": pair, "side": side, unit: count, "seconds": elapsed,
                            "cpu_seconds": (on_cpu_ns(on_cpu0) - cpu_before) / 1e9})
     finally:
@@ -172,6 +196,38 @@ def alternating(seconds: float, untraced: Path, bulk: bool) -> None:
         os.kill(acceptor, 9)
         os.waitpid(acceptor, 0)
     print(json.dumps({"phases": phases}), flush=True)
+
+
+def storm_phases(seconds: float, listeners: dict, cgroup_of: dict, pids: list[int]):
+    """(pair, side, work) of the connect storm: new connections from the side's cgroup for PHASE_SECONDS."""
+    for pair, side in orders(seconds, PHASE_SECONDS, "traced", "untraced"):
+        move(pids, cgroup_of[side])
+        yield pair, side, lambda side=side: connect_for(listeners[side].getsockname(), PHASE_SECONDS)
+
+
+def bulk_phases(seconds: float, listeners: dict, cgroup_of: dict, pids: list[int]):
+    """(pair, side, work) of the bulk transfer: one long-lived connection per side, opened from its cgroup
+    (a socket belongs to the cgroup it was made in, so its packets are traced or not for its whole life),
+    each phase BULK_PHASE_BYTES on the side's connection. No connection set-up or slow start in a phase,
+    and phases short enough for many pairs: the per-packet cost is a few percent, within the noise of
+    fewer, longer phases here."""
+    conns = {}
+    for side in ("traced", "untraced"):
+        move(pids, cgroup_of[side])
+        conns[side] = socket.socket()
+        fixed_buffers(conns[side], BULK_BUFFERS)
+        conns[side].connect(listeners[side].getsockname())
+        for _ in range(BULK_WARMUP_PHASES):
+            send_phase(conns[side])
+    deadline = time.monotonic() + seconds
+    pair = 0
+    while time.monotonic() < deadline:
+        for side in (("traced", "untraced") if pair % 2 == 0 else ("untraced", "traced")):
+            move(pids, cgroup_of[side])     # the syscalls' own hooks see the side too
+            yield pair, side, lambda side=side: send_phase(conns[side])
+        pair += 1
+    for conn in conns.values():
+        conn.close()
 
 
 def gated(seconds: float) -> None:
