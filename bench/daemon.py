@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 import time
 from pathlib import Path
 
@@ -39,19 +40,21 @@ EPTRACE = [str(Path(sys.executable).parent / "eptrace")]      # the venv's conso
 RUNS = 9                      # run -- true each way: the median of 9 (a shared machine is noisy)
 CONCURRENT = 100
 IDLE = 999
-STRETCHES = 5                 # 1 episode, 1,000, 1, 1,000, 1: load drifts on shared machines
-PHASES = 5                    # connect loops per stretch
-CONNECTS = 2000
+STRETCHES = 9                 # 1 episode, 1,000, 1, ... 1: load drifts on shared machines
+PHASES = 4                    # connect loops per stretch
+CONNECTS = 4000
+SETTLE = 2.0                  # seconds after 999 episodes start or end: the kernel's cleanup of their
+                              # links and cgroups runs in workers for a while, on either CPU
 LOOP = f'''
 import os, socket, sys, time
 os.sched_setaffinity(0, {{0}})      # the sandbox's CPU; the daemon reads its records on the other
 port = int(sys.argv[1])
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 for i in range({CONNECTS}):
     s = socket.socket()
     s.connect(("127.0.0.1", port))
     s.close()
-print({CONNECTS} / (time.perf_counter() - start))
+print({CONNECTS} / (time.perf_counter() - start), (time.process_time() - cpu) * 1e6 / {CONNECTS})
 '''
 
 
@@ -219,8 +222,7 @@ def scale(sock: Path, daemon_pid: int, parent: Path) -> None:
             pass
     threading.Thread(target=drain, daemon=True).start()
 
-    def phase() -> tuple[float, float]:
-        """(connects/s in the episode, daemon CPU us per record)."""
+    def phase() -> Phase:
         before = health(sock)["stats"]["records_received"]
         before_cpu = cpu_seconds(daemon_pid)        # after the health request: its answer (per episode) is not
         out = subprocess.run(["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(active / "cgroup.procs"),
@@ -228,12 +230,14 @@ def scale(sock: Path, daemon_pid: int, parent: Path) -> None:
         time.sleep(0.3)                     # the daemon reads what is left in the ring buffer
         cpu = cpu_seconds(daemon_pid) - before_cpu      # ... part of the per-record cost
         records = health(sock)["stats"]["records_received"] - before
-        return float(out.stdout), cpu * 1e6 / max(1, records)
+        rate, loop_us = map(float, out.stdout.split())
+        return Phase(rate, loop_us, cpu * 1e6 / max(1, records))
 
-    one, many, attach_s, rss_one, rss = [], [], [], 0.0, 0.0
+    stretches: list[list[Phase]] = []
+    attach_s, rss_one, rss = [], 0.0, 0.0
     for stretch in range(STRETCHES):
         if stretch % 2 == 0:
-            one += [phase() for _ in range(PHASES)]
+            stretches.append([phase() for _ in range(PHASES)])
             rss_one = rss_one or rss_mb(daemon_pid)
             continue
         conn = control.Connection(sock)     # kept open: its episodes live as long as it does
@@ -241,26 +245,52 @@ def scale(sock: Path, daemon_pid: int, parent: Path) -> None:
         for i in range(IDLE):
             conn.request("start", id=f"idle-{i}", cgroup=str(cgroups.create(parent / f"idle-{stretch}-{i}")))
         attach_s.append(time.monotonic() - started)
-        time.sleep(1)
-        many += [phase() for _ in range(PHASES)]
+        time.sleep(SETTLE)
+        stretches.append([phase() for _ in range(PHASES)])
         rss = max(rss, rss_mb(daemon_pid))
         conn.close()                        # the 999 end with their client's connection
         while health(sock)["episodes"] > 1:
             time.sleep(0.5)
-    rate_1, rate_n = statistics.median(r for r, _ in one), statistics.median(r for r, _ in many)
-    cost_1, cost_n = statistics.median(c for _, c in one), statistics.median(c for _, c in many)
-    ratio = rate_n / rate_1
-    print(f"  1 episode traced: {rate_1:8.0f} connects/s in it, daemon {cost_1:5.1f} us CPU per record; "
-          f"{IDLE + 1} traced: {rate_n:8.0f} connects/s, {cost_n:5.1f} us per record (medians of {len(one)} and "
-          f"{len(many)} phases of {CONNECTS} connects, in {STRETCHES} stretches that alternate, 1 first; the "
-          f"{IDLE} idle ones attached in {' and '.join(f'{a:.1f}' for a in attach_s)} s)")
-    print(f"    connect rate 1,000 / 1      {ratio:7.3f}      target >= 0.95   {verdict(ratio >= 0.95)};   "
-          f"daemon CPU per record 1 / 1,000: {cost_1 / cost_n if cost_n else float('inf'):.3f}")
+        time.sleep(SETTLE)
+    rate, loop_us, daemon_us = (ratios(stretches, field) for field in ("rate", "loop_us", "daemon_us"))
+    one = [p for s in stretches[0::2] for p in s]
+    many = [p for s in stretches[1::2] for p in s]
+
+    def median(phases, field):
+        return statistics.median(getattr(p, field) for p in phases)
+    print(f"  1 episode traced: {median(one, 'rate'):8.0f} connects/s in it, {median(one, 'loop_us'):.1f} us of "
+          f"its CPU a connect, daemon {median(one, 'daemon_us'):5.1f} us CPU per record; {IDLE + 1} traced: "
+          f"{median(many, 'rate'):8.0f} connects/s, {median(many, 'loop_us'):.1f} us, "
+          f"{median(many, 'daemon_us'):5.1f} us per record (medians of {len(one)} and {len(many)} phases of "
+          f"{CONNECTS} connects, in {STRETCHES} stretches that alternate, 1 first; the {IDLE} idle ones attached "
+          f"in {', '.join(f'{a:.1f}' for a in attach_s)} s)")
+    print("    each 1,000 stretch over the 1-episode stretches either side of it (the machine's load drifts over "
+          "the minute this takes; a stretch's neighbours saw the load closest to its own), median and stretches:")
+    for label, values, target in (("connect rate 1,000 / 1", rate, True),
+                                  ("loop CPU a connect 1 / 1,000", [1 / v for v in loop_us], True),
+                                  ("daemon CPU a record 1 / 1,000", [1 / v for v in daemon_us], False)):
+        m = statistics.median(values)
+        mark = f"target >= 0.95   {verdict(m >= 0.95)}" if target else " " * 23
+        print(f"    {label:30s} {m:7.3f}   {mark}   ({', '.join(f'{v:.3f}' for v in values)})")
     print(f"  daemon RSS, 1,000 episodes    {rss:7.1f} MB   target <= 250    {verdict(rss <= 250)}   (with 1: "
           f"{rss_one:.1f} MB, of which the ring buffer's 32 MB; no compiler is mapped: see RSS by part)")
     reader.sock.shutdown(socket.SHUT_RDWR)     # ends drain()'s read, so the daemon sees the client go
     reader.close()
     server.close()
+
+
+@dataclass(frozen=True)
+class Phase:
+    rate: float                 # connects a second in the active episode
+    loop_us: float              # the connect loop's own CPU a connect (the sandbox's side)
+    daemon_us: float            # the daemon's CPU a record
+
+
+def ratios(stretches: list[list[Phase]], field: str) -> list[float]:
+    """Each odd (1,000-episode) stretch's median over the mean of its two neighbours' medians."""
+    def med(k):
+        return statistics.median(getattr(p, field) for p in stretches[k])
+    return [med(k) / statistics.mean((med(k - 1), med(k + 1))) for k in range(1, len(stretches), 2)]
 
 
 def health(sock: Path) -> dict:
