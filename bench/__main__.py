@@ -49,13 +49,18 @@ def storm(untraced: Path, events_file: Path, seconds: float = STORM_SECONDS,
     wall = time.monotonic() - start
     if proc.returncode != 0:
         raise SystemExit(f"eptrace run failed ({proc.returncode}): {stderr.strip()}")
+    return json.loads(stdout)["phases"], final_stats(events_file), wall, rss.get("parts")
+
+
+def final_stats(events_file: Path) -> dict:
+    """The tracer's counters from its last metric document."""
     stats = {}
     with open(events_file) as f:
         for line in f:
             doc = json.loads(line)
             if doc["event"]["kind"] == "metric":
                 stats = doc["eptrace"]["stats"]
-    return json.loads(stdout)["phases"], stats, wall, rss.get("parts")
+    return stats
 
 
 def startup_seconds(cache_dir: Path) -> float:
@@ -84,25 +89,29 @@ def quartiles(pair: tuple[float, float], digits: int = 3) -> str:
     return f"quartiles {pair[0]:.{digits}f}-{pair[1]:.{digits}f}"
 
 
-def peer_side_by_side(parent: Path, eptrace: Figures) -> Figures | None:
-    """tcplife's figures (None when it cannot run here)."""
+def peer_side_by_side(untraced: Path, events_file: Path) -> Figures | None:
+    """tcplife's figures (None when it cannot run here), with eptrace's from the same gated storm."""
     if not peer.available():
         print(f"  peer: {peer.TCPLIFE} is not installed (bpfcc-tools, see scripts/setup.sh): not compared")
         return None
+    eptrace_run = [*EPTRACE, "run", "--episode", "bench-peer", "--output", f"file:{events_file}", "--"]
     try:
-        pairs, lines, lost = peer.storm(cgroups.create(parent / "peer"), STORM)
+        phases, lines, lost = peer.storm(STORM, eptrace_run, untraced)
     except RuntimeError as e:
         print(f"  peer: not compared: {e}")
         return None
-    tcplife = Figures.of(pairs)
-    print(f"  the peer, side by side: the same storm with bcc's {peer.TCPLIFE} running host-wide or not, "
-          f"{tcplife.pairs} pairs of 0.5 s phases (its starts untimed); it printed {lines:,} lines, "
-          f"lost {lost} samples")
+    tcplife = Figures.of(pair_rates(phases, sides=("peer", "alone")))
+    eptrace = Figures.of(pair_rates(phases, sides=("traced", "alone")))
+    print(f"  the peer, side by side: a gated storm in 0.5 s phases, {tcplife.pairs} pairs in ABBA order: bcc's "
+          f"{peer.TCPLIFE} running host-wide or not (its starts untimed), and beside each phase without it one "
+          f"traced by eptrace; it printed {lines:,} lines, lost {lost} samples; eptrace lost "
+          f"{final_stats(events_file).get('records_lost', 0)} records")
     for name, f in (("eptrace", eptrace), ("tcplife", tcplife)):
         print(f"    {name:8s} traced/untraced {f.ratio:6.3f} ({quartiles(f.ratio_quartiles)})   "
               f"{f.cost:5.1f} us per connection ({quartiles(f.cost_quartiles, 1)})")
     share = eptrace.cost / tcplife.cost if tcplife.cost > 0 else float("inf")
-    print(f"    eptrace's cost per connection / tcplife's {share:6.2f}     target <= 0.5    {verdict(share <= 0.5)}")
+    print(f"    eptrace's cost per connection / tcplife's {share:6.2f}     target <= 0.5    {verdict(share <= 0.5)}"
+          f"   (both against the same phases without either)")
     return tcplife
 
 
@@ -145,7 +154,7 @@ def main() -> None:
             phases, stats, wall, rss = storm(untraced_cgroup, Path(tmp) / "events.ndjson")
             report_storm(phases, stats, wall, startups(), rss)
             eptrace = Figures.of(pair_rates(phases))
-            tcplife = peer_side_by_side(parent, eptrace)
+            tcplife = peer_side_by_side(untraced_cgroup, Path(tmp) / "peer.ndjson")
             bulk(untraced_cgroup, Path(tmp) / "bulk.ndjson", parent)
         finally:
             cgroups.kill_and_remove(parent)

@@ -8,6 +8,12 @@ never timed: a phase begins only once its probe is attached and its perf buffers
 are open. Pairs go in ABBA order, so one start serves two adjacent peer phases.
 tcplife prints a line per closed socket to a pipe that this process drains, as
 a terminal or a log collector would.
+
+The storm runs in an eptrace episode, its peer and alone phases in a cgroup
+eptrace does not trace, and beside each alone phase one back in the episode:
+eptrace's cost and tcplife's are then each measured against the same alone
+phases, seconds apart, and their ratio does not swing with the machine's state
+between two separate storms (which on these VMs moves either cost by a third).
 """
 from __future__ import annotations
 
@@ -21,10 +27,8 @@ import threading
 import time
 from pathlib import Path
 
-from .storm import pair_rates
-
 TCPLIFE = "tcplife-bpfcc"
-SECONDS = 12.0          # 12 pairs of 0.5 s phases, 7 starts of tcplife
+SECONDS = 16.0          # 16 pairs of 0.5 s phases, 9 starts of tcplife
 READY_TIMEOUT = 120.0
 
 
@@ -87,11 +91,13 @@ class Tcplife:
             t.join(timeout=5)
 
 
-def storm(cgroup: Path, storm_py: Path) -> tuple[list[tuple[float, float]], int, int]:
-    """(pairs of (with tcplife, alone) connections/s, lines tcplife printed, samples it lost)."""
-    procs = cgroup / "cgroup.procs"
-    run = subprocess.Popen([sys.executable, str(storm_py), str(SECONDS), "--gated"], stdin=subprocess.PIPE,
-                           stdout=subprocess.PIPE, text=True, preexec_fn=lambda: procs.write_text("0"))
+def storm(storm_py: Path, eptrace_run: list[str], untraced: Path) -> tuple[list[dict], int, int]:
+    """(the gated storm's phases, lines tcplife printed, samples it lost). The storm runs under
+    `eptrace_run` (an eptrace run command line up to its "--"), and its "peer" and "alone" phases in
+    `untraced`, so that its "traced" phases measure eptrace beside the same "alone" ones."""
+    run = subprocess.Popen([*eptrace_run, sys.executable, str(storm_py), str(SECONDS), "--gated",
+                            "--untraced", str(untraced)],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     peer: Tcplife | None = None
     lines, lost = 0, 0
     try:
@@ -117,4 +123,4 @@ def storm(cgroup: Path, storm_py: Path) -> tuple[list[tuple[float, float]], int,
         if run.poll() is None:
             run.kill()
         run.wait()
-    return pair_rates(phases, sides=("peer", "alone")), lines, lost
+    return phases, lines, lost

@@ -9,6 +9,9 @@ Usage:
   storm.py SECONDS --gated              -> phases "peer" and "alone" in this cgroup; before each one it
                                            prints {"next": SIDE} and waits for a line on stdin (the
                                            caller starts or stops a peer tracer there, untimed)
+  storm.py SECONDS --gated --untraced CGROUP
+                                        -> the same in CGROUP, with a phase "traced" in this (traced)
+                                           cgroup beside each "alone" one
 
 Both processes are pinned to CPU 0, so that the figures show what eptrace costs
 the sandbox's own CPU (the probes run there, in its syscalls and softirqs) and
@@ -230,19 +233,41 @@ def bulk_phases(seconds: float, listeners: dict, cgroup_of: dict, pids: list[int
         conn.close()
 
 
-def gated(seconds: float) -> None:
-    lst = listener()
+def gated(seconds: float, untraced: Path | None = None) -> None:
+    """Phases "peer" and "alone", gated by the caller. With `untraced` (the storm then runs in a traced
+    episode): every phase is run in `untraced`, and each "alone" one is followed or preceded (in turn) by a
+    "traced" phase back in the episode, so eptrace and the peer are measured against the same "alone"
+    phases, seconds apart."""
+    traced = own_cgroup()
+    me = os.getpid()
+    listeners = {"traced": listener()}
+    if untraced is not None:
+        move([me], untraced)
+        listeners["alone"] = listeners["peer"] = listener()
+    else:
+        listeners["alone"] = listeners["peer"] = listeners["traced"]
     acceptor = os.fork()
     if acceptor == 0:
-        accept_forever([lst])
+        accept_forever(list(set(listeners.values())))
+    cgroup_of = {"traced": traced, "alone": untraced, "peer": untraced}
     phases = []
+
+    def phase(pair: int, side: str) -> None:
+        if untraced is not None:
+            move([me, acceptor], cgroup_of[side])
+        count, elapsed = connect_for(listeners[side].getsockname(), GATED_PHASE_SECONDS)
+        phases.append({"pair": pair, "side": side, "connections": count, "seconds": elapsed})
     try:
         for pair, side in orders(seconds, GATED_PHASE_SECONDS, "peer", "alone"):
             print(json.dumps({"next": side}), flush=True)
             sys.stdin.readline()
-            count, elapsed = connect_for(lst.getsockname(), GATED_PHASE_SECONDS)
-            phases.append({"pair": pair, "side": side, "connections": count, "seconds": elapsed})
+            if side == "alone" and untraced is not None:
+                for sub in (("traced", "alone") if pair % 2 == 0 else ("alone", "traced")):
+                    phase(pair, sub)
+            else:
+                phase(pair, side)
     finally:
+        move([me, acceptor], traced)
         os.kill(acceptor, 9)
         os.waitpid(acceptor, 0)
     print(json.dumps({"phases": phases}), flush=True)
@@ -256,7 +281,7 @@ def pair_rates(phases: list[dict], unit: str = "connections", sides=("traced", "
     for p in phases:
         if p[unit] and p[per]:              # a phase that moved nothing (the VM stalled it) has no rate
             pairs.setdefault(p["pair"], {})[p["side"]] = p[unit] / p[per]
-    return [(v[sides[0]], v[sides[1]]) for v in pairs.values() if len(v) == 2]
+    return [(v[sides[0]], v[sides[1]]) for v in pairs.values() if sides[0] in v and sides[1] in v]
 
 
 @dataclass(frozen=True)
@@ -284,8 +309,8 @@ def main() -> None:
     os.sched_setaffinity(0, {0})
     if len(sys.argv) >= 4 and sys.argv[2] == "--untraced":
         alternating(seconds, Path(sys.argv[3]), bulk=sys.argv[4:] == ["--bulk"])
-    elif sys.argv[2:] == ["--gated"]:
-        gated(seconds)
+    elif sys.argv[2:3] == ["--gated"]:
+        gated(seconds, Path(sys.argv[4]) if sys.argv[3:4] == ["--untraced"] else None)
     else:
         simple(seconds)
 
