@@ -28,8 +28,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tracer import control
@@ -255,9 +255,6 @@ def scale(sock: Path, daemon_pid: int, parent: Path) -> None:
     rate, loop_us, daemon_us = (ratios(stretches, field) for field in ("rate", "loop_us", "daemon_us"))
     one = [p for s in stretches[0::2] for p in s]
     many = [p for s in stretches[1::2] for p in s]
-
-    def median(phases, field):
-        return statistics.median(getattr(p, field) for p in phases)
     print(f"  1 episode traced: {median(one, 'rate'):8.0f} connects/s in it, {median(one, 'loop_us'):.1f} us of "
           f"its CPU a connect, daemon {median(one, 'daemon_us'):5.1f} us CPU per record; {IDLE + 1} traced: "
           f"{median(many, 'rate'):8.0f} connects/s, {median(many, 'loop_us'):.1f} us, "
@@ -286,11 +283,15 @@ class Phase:
     daemon_us: float            # the daemon's CPU a record
 
 
+def median(phases: list[Phase], field: str) -> float:
+    return statistics.median(getattr(p, field) for p in phases)
+
+
 def ratios(stretches: list[list[Phase]], field: str) -> list[float]:
     """Each odd (1,000-episode) stretch's median over the mean of its two neighbours' medians."""
-    def med(k):
-        return statistics.median(getattr(p, field) for p in stretches[k])
-    return [med(k) / statistics.mean((med(k - 1), med(k + 1))) for k in range(1, len(stretches), 2)]
+    return [median(stretches[k], field) / statistics.mean((median(stretches[k - 1], field),
+                                                           median(stretches[k + 1], field)))
+            for k in range(1, len(stretches), 2)]
 
 
 def health(sock: Path) -> dict:

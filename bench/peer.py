@@ -1,7 +1,7 @@
 """The peer side by side: bcc's tcplife on the same connect storm, in the same `make bench` run.
 
 tcplife traces every TCP socket of the host (a tracepoint, no cgroup filter), so
-its phases alternate in time rather than by cgroup: the storm (storm.py --gated)
+its phases alternate in time rather than by cgroup: the storm (storm.py --gated --untraced)
 stops before each phase and this module starts tcplife before a "peer" phase and
 stops it before an "alone" one. Its start (compiling its probe, seconds) is
 never timed: a phase begins only once its probe is attached and its perf buffers

@@ -6,12 +6,12 @@ Usage:
   storm.py SECONDS --untraced CGROUP --bulk
                                         -> the same, each phase 64 MiB at full speed on one of two
                                            long-lived connections, the traced side's or the other's
-  storm.py SECONDS --gated              -> phases "peer" and "alone" in this cgroup; before each one it
-                                           prints {"next": SIDE} and waits for a line on stdin (the
-                                           caller starts or stops a peer tracer there, untimed)
   storm.py SECONDS --gated --untraced CGROUP
-                                        -> the same in CGROUP, with a phase "traced" in this (traced)
-                                           cgroup beside each "alone" one
+                                        -> phases "peer" and "alone" in CGROUP, and beside each "alone"
+                                           one a "traced" phase in this (traced) cgroup; before each
+                                           peer or alone phase it prints {"next": SIDE} and waits for a
+                                           line on stdin (the caller starts or stops a peer tracer
+                                           there, untimed)
 
 Both processes are pinned to CPU 0, so that the figures show what eptrace costs
 the sandbox's own CPU (the probes run there, in its syscalls and softirqs) and
@@ -233,35 +233,30 @@ def bulk_phases(seconds: float, listeners: dict, cgroup_of: dict, pids: list[int
         conn.close()
 
 
-def gated(seconds: float, untraced: Path | None = None) -> None:
-    """Phases "peer" and "alone", gated by the caller. With `untraced` (the storm then runs in a traced
-    episode): every phase is run in `untraced`, and each "alone" one is followed or preceded (in turn) by a
-    "traced" phase back in the episode, so eptrace and the peer are measured against the same "alone"
-    phases, seconds apart."""
+def gated(seconds: float, untraced: Path) -> None:
+    """Phases "peer" and "alone" in `untraced`, gated by the caller, and beside each "alone" one (after or
+    before it, in turn) a "traced" phase back in this process's cgroup, a traced episode: eptrace and the
+    peer are measured against the same "alone" phases, seconds apart."""
     traced = own_cgroup()
     me = os.getpid()
     listeners = {"traced": listener()}
-    if untraced is not None:
-        move([me], untraced)
-        listeners["alone"] = listeners["peer"] = listener()
-    else:
-        listeners["alone"] = listeners["peer"] = listeners["traced"]
+    move([me], untraced)
+    listeners["alone"] = listeners["peer"] = listener()
     acceptor = os.fork()
     if acceptor == 0:
-        accept_forever(list(set(listeners.values())))
+        accept_forever([listeners["traced"], listeners["alone"]])
     cgroup_of = {"traced": traced, "alone": untraced, "peer": untraced}
     phases = []
 
     def phase(pair: int, side: str) -> None:
-        if untraced is not None:
-            move([me, acceptor], cgroup_of[side])
+        move([me, acceptor], cgroup_of[side])
         count, elapsed = connect_for(listeners[side].getsockname(), GATED_PHASE_SECONDS)
         phases.append({"pair": pair, "side": side, "connections": count, "seconds": elapsed})
     try:
         for pair, side in orders(seconds, GATED_PHASE_SECONDS, "peer", "alone"):
             print(json.dumps({"next": side}), flush=True)
             sys.stdin.readline()
-            if side == "alone" and untraced is not None:
+            if side == "alone":
                 for sub in (("traced", "alone") if pair % 2 == 0 else ("alone", "traced")):
                     phase(pair, sub)
             else:
@@ -309,8 +304,8 @@ def main() -> None:
     os.sched_setaffinity(0, {0})
     if len(sys.argv) >= 4 and sys.argv[2] == "--untraced":
         alternating(seconds, Path(sys.argv[3]), bulk=sys.argv[4:] == ["--bulk"])
-    elif sys.argv[2:3] == ["--gated"]:
-        gated(seconds, Path(sys.argv[4]) if sys.argv[3:4] == ["--untraced"] else None)
+    elif len(sys.argv) == 5 and sys.argv[2:4] == ["--gated", "--untraced"]:
+        gated(seconds, Path(sys.argv[4]))
     else:
         simple(seconds)
 
